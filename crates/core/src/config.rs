@@ -1,0 +1,72 @@
+//! Flags both servers share (DESIGN.md §7). Every flag also reads an `INFERMESH_` env var:
+//! Kubernetes injects `<SERVICE>_PORT=tcp://...` variables that unprefixed names collide with.
+
+use std::{net::IpAddr, time::Duration};
+
+/// Listening, message-size and shutdown settings of one gRPC server.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Address the gRPC server binds.
+    #[arg(long, env = "INFERMESH_GRPC_ADDRESS", default_value = "0.0.0.0")]
+    pub grpc_address: IpAddr,
+
+    /// gRPC port (Triton's default is 8001). 0 picks a free port and logs the bound address.
+    #[arg(long, env = "INFERMESH_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+
+    /// Largest gRPC message accepted or sent, in bytes. Triton accepts up to 2 GiB; a larger
+    /// request is answered RESOURCE_EXHAUSTED before it is buffered.
+    #[arg(long, env = "INFERMESH_GRPC_MAX_MESSAGE_BYTES", default_value_t = i32::MAX as usize)]
+    pub grpc_max_message_bytes: usize,
+
+    /// After SIGTERM, how long to keep serving while health already says NOT_SERVING, so
+    /// Kubernetes endpoints and gateways stop sending before new requests are refused.
+    #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// After the grace period, how long in-flight requests and open streams get to finish
+    /// before the process exits anyway.
+    #[arg(long, env = "INFERMESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Close each client connection (with GOAWAY, after its requests finish) once it is this
+    /// old, so long-lived clients re-balance across replicas. 0 keeps connections forever.
+    #[arg(long, env = "INFERMESH_MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// Log format: "text" for people, "json" for log pipelines. The filter is RUST_LOG.
+    #[arg(long, env = "INFERMESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+/// Parses "250ms", "5s", "2m", "1h", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; expected e.g. 250ms, 5s, 2m"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("'{s}': unknown unit '{other}'; use ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}

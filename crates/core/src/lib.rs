@@ -1,0 +1,18 @@
+//! What the infermesh worker and gateway share: tensors and datatypes, request validation,
+//! the error → gRPC status mapping, flags, health, logging, and `serve()` with its shutdown
+//! sequence.
+
+pub mod config;
+pub mod datatype;
+pub mod error;
+pub mod lifecycle;
+pub mod serve;
+pub mod status_map;
+pub mod telemetry;
+pub mod tensor;
+
+pub use config::ServerArgs;
+pub use datatype::DataType;
+pub use error::{Error, Result};
+pub use lifecycle::Lifecycle;
+pub use tensor::{Tensor, TensorData};

@@ -1,0 +1,122 @@
+//! `serve()`: one accept loop and one shutdown sequence for every infermesh server.
+//!
+//! Shutdown (DESIGN.md §7): signal → health NOT_SERVING at once → keep serving for
+//! `--shutdown-grace` → refuse new requests with UNAVAILABLE → GOAWAY every connection and
+//! let in-flight requests and streams finish within `--drain-timeout` → return.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{body::Body, service::Routes, transport::Server};
+
+use crate::{config::ServerArgs, Lifecycle};
+
+/// Binds the gRPC listener from the flags (port 0 picks one).
+pub async fn bind(args: &ServerArgs) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(args.grpc_address, args.grpc_port)).await
+}
+
+/// Serves `routes` plus `grpc.health.v1` and reflection (v1 and v1alpha, since grpcurl
+/// 1.8 speaks only v1alpha) on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    routes: Routes,
+    listener: TcpListener,
+    args: &ServerArgs,
+    lifecycle: Lifecycle,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    file_descriptor_sets: &[&[u8]],
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for fds in file_descriptor_sets
+        .iter()
+        .copied()
+        .chain([tonic_health::pb::FILE_DESCRIPTOR_SET])
+    {
+        v1 = v1.register_encoded_file_descriptor_set(fds);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(fds);
+    }
+    let v1 = v1.build_v1().expect("descriptor sets compiled into the binary are valid");
+    let v1alpha = v1alpha
+        .build_v1alpha()
+        .expect("descriptor sets compiled into the binary are valid");
+
+    let routes = routes
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha);
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::status_map::message_too_large::<Body> as fn(_) -> _,
+        ));
+    if !args.max_connection_age.is_zero() {
+        builder = builder.max_connection_age(args.max_connection_age);
+    }
+
+    // Our own accept loop: TCP_NODELAY per connection (tonic applies it only to listeners it
+    // binds itself); accept errors such as EMFILE are logged and the loop goes on.
+    let incoming = TcpListenerStream::new(listener).filter_map(|conn| async move {
+        match conn {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Some(Ok::<_, std::io::Error>(stream))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                None
+            }
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    tokio::select! {
+        res = &mut server => return res,
+        () = shutdown => {}
+    }
+    tracing::info!(grace = ?args.shutdown_grace, "shutdown: health NOT_SERVING, still serving");
+    lifecycle.drain().await;
+    tokio::select! {
+        res = &mut server => return res,
+        () = tokio::time::sleep(args.shutdown_grace) => {}
+    }
+    tracing::info!(timeout = ?args.drain_timeout, "shutdown: refusing new requests, draining");
+    lifecycle.refuse();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(args.drain_timeout, server).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::warn!("shutdown: drain timeout passed with requests still open; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,13 @@
+//! The KServe v2 / Triton gRPC protocol (`package inference`), generated at build time.
+
+#![allow(clippy::all, clippy::pedantic)]
+
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection and used to parse
+/// `config.pbtxt` files in protobuf text format.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
+
+pub use inference::*;

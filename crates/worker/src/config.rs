@@ -1,0 +1,49 @@
+//! The worker's flags. Triton's names where Triton has one.
+
+use std::path::PathBuf;
+
+use infermesh_core::ServerArgs;
+
+/// Serve ONNX models from a Triton-layout model repository over the KServe v2 / Triton
+/// gRPC protocol.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "infermesh-worker", version)]
+pub struct WorkerConfig {
+    /// Model repository in Triton's layout: <dir>/<model>/<version>/model.onnx.
+    #[arg(long, env = "INFERMESH_MODEL_REPOSITORY")]
+    pub model_repository: PathBuf,
+
+    /// ONNX Runtime shared library (libonnxruntime.so). Falls back to ORT_DYLIB_PATH, then
+    /// to the copy beside the binary or the one `scripts/fetch-ort.sh` downloads.
+    #[arg(long, env = "INFERMESH_ONNXRUNTIME_LIB")]
+    pub onnxruntime_lib: Option<PathBuf>,
+
+    /// Instance kind for models without a config: auto uses CUDA when it really
+    /// initialises and falls back to CPU (logged); gpu fails the load without CUDA.
+    #[arg(long, env = "INFERMESH_DEFAULT_INSTANCE_KIND", value_enum, default_value = "auto")]
+    pub default_instance_kind: InstanceKind,
+
+    /// max_batch_size given to models without a config whose inputs and outputs all start
+    /// with an open dim (Triton's auto-complete does the same with its default of 4; larger
+    /// suits batching CPU models). 0 serves such models unbatched.
+    #[arg(long, env = "INFERMESH_DEFAULT_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub default_max_batch_size: usize,
+
+    /// ONNX Runtime intra-op threads per instance; 0 lets ONNX Runtime use one per core.
+    #[arg(long, env = "INFERMESH_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+
+    /// Requests that may wait for an instance, per model; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "INFERMESH_MAX_QUEUE_SIZE", default_value_t = 1024)]
+    pub max_queue_size: usize,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InstanceKind {
+    Auto,
+    Cpu,
+    Gpu,
+}

@@ -1,0 +1,114 @@
+//! The infermesh worker: a Triton-layout model repository served over the KServe v2 /
+//! Triton gRPC protocol, with ONNX Runtime sessions each owned by its own OS thread.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod instance;
+pub mod model;
+pub mod repository;
+pub mod service;
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+};
+
+pub use config::{InstanceKind, WorkerConfig};
+use engine::onnx::{self, DeviceRequest};
+pub use error::Error;
+use infermesh_core::{serve, Lifecycle};
+use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use model::LoadOptions;
+use repository::Repository;
+use service::WorkerService;
+use tokio::net::TcpListener;
+
+/// Picks the ONNX Runtime library: flag/env, then ORT_DYLIB_PATH, then known places.
+pub fn onnxruntime_library(config: &WorkerConfig) -> Result<PathBuf, Error> {
+    if let Some(p) = &config.onnxruntime_lib {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(p.into());
+    }
+    onnx::default_library_candidates()
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Startup(
+                "ONNX Runtime library not found. Run scripts/fetch-ort.sh (it downloads the onnxruntime \
+                 wheel from PyPI) and pass the path it prints with --onnxruntime-lib or \
+                 INFERMESH_ONNXRUNTIME_LIB."
+                    .into(),
+            )
+        })
+}
+
+/// Runs the worker on `listener` until `shutdown` resolves, then drains (DESIGN.md §7).
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    onnx::init(&onnxruntime_library(&config)?)?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let lifecycle = Lifecycle::new(reporter).await;
+    let repo = Arc::new(Repository::new(config.model_repository.clone()));
+    let found = repo.scan()?;
+    let loaded = Arc::new(AtomicBool::new(false));
+    tracing::info!(
+        address = %listener.local_addr().map_err(|e| Error::Startup(e.to_string()))?,
+        repository = %config.model_repository.display(),
+        models = found.len(),
+        "infermesh worker listening"
+    );
+
+    // Models load in the background so health (NOT_SERVING) and liveness answer at once.
+    let template = LoadOptions {
+        name: String::new(),
+        version: 0,
+        path: PathBuf::new(),
+        instances: 1,
+        device: match config.default_instance_kind {
+            InstanceKind::Auto => DeviceRequest::Auto(0),
+            InstanceKind::Cpu => DeviceRequest::Cpu,
+            InstanceKind::Gpu => DeviceRequest::Gpu(0),
+        },
+        intra_op_threads: config.intra_op_threads,
+        default_max_batch_size: config.default_max_batch_size,
+        queue_capacity: config.max_queue_size,
+    };
+    {
+        let (repo, lifecycle, loaded) = (repo.clone(), lifecycle.clone(), loaded.clone());
+        tokio::spawn(async move {
+            for f in found {
+                let name = f.name.clone();
+                repository::load(&repo, f, &template).await;
+                lifecycle.set(&name, repo.get(&name, "").is_ok()).await;
+            }
+            loaded.store(true, std::sync::atomic::Ordering::SeqCst);
+            lifecycle.set("", true).await;
+            tracing::info!("all models loaded; SERVING");
+        });
+    }
+
+    let service = WorkerService { repo, lifecycle: lifecycle.clone(), loaded };
+    let limit = config.server.grpc_max_message_bytes;
+    let inference = GrpcInferenceServiceServer::new(service)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let routes = tonic::service::Routes::new(inference);
+    serve::serve(
+        routes,
+        listener,
+        &config.server,
+        lifecycle,
+        health,
+        &[infermesh_proto::FILE_DESCRIPTOR_SET],
+        shutdown,
+    )
+    .await
+    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+}

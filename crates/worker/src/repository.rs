@@ -1,0 +1,197 @@
+//! The model repository in Triton's layout: `<root>/<model>/<version>/model.onnx`.
+//! Every model is loaded at start; one that fails is reported with its reason and never
+//! stops the others.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use infermesh_core::Error as RequestError;
+use infermesh_proto as pb;
+
+use crate::{
+    model::{LoadOptions, Model},
+    Error,
+};
+
+/// The state of one model version, as RepositoryIndex reports it.
+#[derive(Clone)]
+pub enum State {
+    Loading,
+    Ready(Arc<Model>),
+    Failed(String),
+}
+
+impl State {
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::Loading => "LOADING",
+            State::Ready(_) => "READY",
+            State::Failed(_) => "UNAVAILABLE",
+        }
+    }
+}
+
+/// Versions of one model; `None` as key means "no usable version directory".
+type Versions = BTreeMap<Option<i64>, State>;
+
+pub struct Repository {
+    root: PathBuf,
+    /// Written on load/unload, read on every request; requests clone the `Arc<Model>` and
+    /// drop the lock before awaiting.
+    models: RwLock<BTreeMap<String, Versions>>,
+}
+
+/// One model directory found on disk.
+pub struct Found {
+    pub name: String,
+    /// The newest version (Triton's default policy, latest 1) and its model file.
+    pub latest: Result<(i64, PathBuf), String>,
+}
+
+impl Repository {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root, models: RwLock::new(BTreeMap::new()) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Lists model directories under the root.
+    pub fn scan(&self) -> Result<Vec<Found>, Error> {
+        let entries = std::fs::read_dir(&self.root).map_err(|e| {
+            Error::Startup(format!("cannot read model repository {}: {e}", self.root.display()))
+        })?;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if !path.is_dir() || name.starts_with('.') {
+                continue;
+            }
+            found.push(Found { name: name.to_string(), latest: latest_version(&path) });
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    pub fn set(&self, name: &str, version: Option<i64>, state: State) {
+        let mut models = self.models.write().expect("repository lock");
+        models.entry(name.to_string()).or_default().insert(version, state);
+    }
+
+    /// The model serving `version` ("" = newest ready).
+    pub fn get(&self, name: &str, version: &str) -> Result<Arc<Model>, RequestError> {
+        let models = self.models.read().expect("repository lock");
+        let Some(versions) = models.get(name) else {
+            let known = models.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(RequestError::NotFound(format!("unknown model '{name}'; this server has: {known}")));
+        };
+        let state = if version.is_empty() {
+            versions
+                .values()
+                .rev()
+                .find(|s| matches!(s, State::Ready(_)))
+                .or_else(|| versions.values().next_back())
+        } else {
+            let v: i64 = version.parse().map_err(|_| {
+                RequestError::InvalidArgument(format!(
+                    "model '{name}': version '{version}' is not a number"
+                ))
+            })?;
+            versions.get(&Some(v))
+        };
+        match state {
+            Some(State::Ready(m)) => Ok(m.clone()),
+            Some(State::Loading) => Err(RequestError::Unavailable(format!("model '{name}' is still loading"))),
+            Some(State::Failed(reason)) => Err(RequestError::Unavailable(format!(
+                "model '{name}' is not ready: {reason}"
+            ))),
+            None => {
+                let have = versions.keys().flatten().map(i64::to_string).collect::<Vec<_>>().join(", ");
+                Err(RequestError::NotFound(format!(
+                    "model '{name}' has no version {version}; versions: {have}"
+                )))
+            }
+        }
+    }
+
+    /// Every model version with its state, for RepositoryIndex.
+    pub fn index(&self) -> Vec<pb::repository_index_response::ModelIndex> {
+        let models = self.models.read().expect("repository lock");
+        models
+            .iter()
+            .flat_map(|(name, versions)| {
+                versions.iter().map(move |(v, state)| pb::repository_index_response::ModelIndex {
+                    name: name.clone(),
+                    version: v.map(|v| v.to_string()).unwrap_or_default(),
+                    state: state.label().into(),
+                    reason: match state {
+                        State::Failed(r) => r.clone(),
+                        _ => String::new(),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    pub fn ready_models(&self) -> Vec<Arc<Model>> {
+        let models = self.models.read().expect("repository lock");
+        models
+            .values()
+            .flat_map(|v| v.values())
+            .filter_map(|s| match s {
+                State::Ready(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn latest_version(model_dir: &Path) -> Result<(i64, PathBuf), String> {
+    let entries = std::fs::read_dir(model_dir).map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let v: i64 = e.file_name().to_str()?.parse().ok()?;
+            let file = e.path().join("model.onnx");
+            (v >= 0 && file.is_file()).then_some((v, file))
+        })
+        .max_by_key(|(v, _)| *v)
+        .ok_or_else(|| {
+            format!(
+                "no version directory with a model.onnx under {} (expected <model>/<version>/model.onnx)",
+                model_dir.display()
+            )
+        })
+}
+
+/// Loads one found model into the repository, reporting failure instead of returning it.
+pub async fn load(repo: &Repository, found: Found, template: &LoadOptions) {
+    let (version, path) = match found.latest {
+        Ok(v) => v,
+        Err(reason) => {
+            tracing::error!(model = %found.name, %reason, "model failed to load");
+            repo.set(&found.name, None, State::Failed(reason));
+            return;
+        }
+    };
+    repo.set(&found.name, Some(version), State::Loading);
+    let opts = LoadOptions { name: found.name.clone(), version, path, ..template.clone() };
+    let result = tokio::task::spawn_blocking(move || Model::load(&opts))
+        .await
+        .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
+    match result {
+        Ok(model) => {
+            tracing::info!(model = %found.name, version, providers = ?model.providers, "model ready");
+            repo.set(&found.name, Some(version), State::Ready(Arc::new(model)));
+        }
+        Err(e) => {
+            tracing::error!(model = %found.name, version, reason = %e, "model failed to load");
+            repo.set(&found.name, Some(version), State::Failed(e.to_string()));
+        }
+    }
+}

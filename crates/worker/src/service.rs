@@ -1,0 +1,189 @@
+//! `inference.GRPCInferenceService` for the worker.
+
+mod stream;
+
+use std::sync::Arc;
+
+use infermesh_core::{tensor::decode_inputs, Error as RequestError, Lifecycle};
+use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{repository::Repository, Error};
+
+/// Protocol extensions this server implements, as ServerMetadata lists them. Only what is
+/// implemented: perf_analyzer changes its behaviour by this list.
+const EXTENSIONS: &[&str] = &["model_configuration"];
+
+#[derive(Clone)]
+pub struct WorkerService {
+    pub repo: Arc<Repository>,
+    pub lifecycle: Lifecycle,
+    /// Set once every model found at start has finished loading (ready or failed).
+    pub loaded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+impl WorkerService {
+    /// Runs one inference request; shared by ModelInfer and each message of a stream.
+    pub async fn infer(&self, req: pb::ModelInferRequest) -> std::result::Result<pb::ModelInferResponse, Error> {
+        self.lifecycle.admit()?;
+        let model = self.repo.get(&req.model_name, &req.model_version)?;
+        let inputs = decode_inputs(&req.inputs, &req.raw_input_contents)?;
+        let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
+        let outputs = model.infer(inputs, &asked).await?;
+        Ok(pb::ModelInferResponse {
+            model_name: model.name.clone(),
+            model_version: model.version.to_string(),
+            id: req.id,
+            parameters: Default::default(),
+            raw_output_contents: outputs.iter().map(|t| t.to_raw()).collect(),
+            outputs: outputs
+                .into_iter()
+                .map(|t| pb::model_infer_response::InferOutputTensor {
+                    name: t.name,
+                    datatype: t.datatype.as_str().into(),
+                    shape: t.shape,
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::SeqCst) && !self.lifecycle.is_draining()
+    }
+}
+
+fn unimplemented<T>(what: &str) -> Result<T> {
+    Err(Status::unimplemented(format!("{what} is not supported by infermesh")))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for WorkerService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<pb::ServerLiveResponse> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<pb::ServerReadyResponse> {
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.is_ready() }))
+    }
+
+    async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Result<pb::ModelReadyResponse> {
+        let req = req.into_inner();
+        let ready = self.repo.get(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "infermesh".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, req: Request<pb::ModelMetadataRequest>) -> Result<pb::ModelMetadataResponse> {
+        let req = req.into_inner();
+        let model = self.repo.get(&req.name, &req.version).map_err(Status::from)?;
+        Ok(Response::new(model.metadata()))
+    }
+
+    async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Result<pb::ModelConfigResponse> {
+        let req = req.into_inner();
+        let model = self.repo.get(&req.name, &req.version).map_err(Status::from)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(model.config.clone()) }))
+    }
+
+    async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Result<pb::ModelInferResponse> {
+        Ok(Response::new(self.infer(req.into_inner()).await?))
+    }
+
+    type ModelStreamInferStream = stream::ResponseStream;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Self::ModelStreamInferStream> {
+        self.lifecycle.admit().map_err(Status::from)?;
+        Ok(Response::new(stream::serve(self.clone(), req.into_inner())))
+    }
+
+    async fn model_statistics(&self, _: Request<pb::ModelStatisticsRequest>) -> Result<pb::ModelStatisticsResponse> {
+        unimplemented("ModelStatistics")
+    }
+
+    async fn repository_index(&self, _: Request<pb::RepositoryIndexRequest>) -> Result<pb::RepositoryIndexResponse> {
+        Ok(Response::new(pb::RepositoryIndexResponse { models: self.repo.index() }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<pb::RepositoryModelLoadResponse> {
+        Err(RequestError::Unavailable(
+            "explicit model control is disabled (--model-control-mode none)".into(),
+        )
+        .into())
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<pb::RepositoryModelUnloadResponse> {
+        Err(RequestError::Unavailable(
+            "explicit model control is disabled (--model-control-mode none)".into(),
+        )
+        .into())
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<pb::SystemSharedMemoryStatusResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<pb::SystemSharedMemoryRegisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<pb::SystemSharedMemoryUnregisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<pb::CudaSharedMemoryStatusResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<pb::CudaSharedMemoryRegisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<pb::CudaSharedMemoryUnregisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn trace_setting(&self, _: Request<pb::TraceSettingRequest>) -> Result<pb::TraceSettingResponse> {
+        unimplemented("TraceSetting")
+    }
+
+    async fn log_settings(&self, _: Request<pb::LogSettingsRequest>) -> Result<pb::LogSettingsResponse> {
+        unimplemented("LogSettings")
+    }
+}
