@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests: real servers on 127.0.0.1:0, real clients.
 
+pub mod tensors;
+
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
