@@ -5,7 +5,10 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["inference/grpc_service.proto", "inference/model_config.proto"];
+    let files = [
+        "inference/grpc_service.proto",
+        "inference/model_config.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

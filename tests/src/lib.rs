@@ -53,7 +53,11 @@ impl Worker {
         let task = tokio::spawn(infermesh_worker::run(config, listener, async {
             let _ = stopped.await;
         }));
-        let worker = Worker { addr, stop: Some(stop), task };
+        let worker = Worker {
+            addr,
+            stop: Some(stop),
+            task,
+        };
         worker.wait_ready().await;
         worker
     }
@@ -81,7 +85,10 @@ impl Worker {
                     }
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "worker did not become ready in 60 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker did not become ready in 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -7,7 +7,12 @@ use infermesh_proto::{
 };
 
 /// A raw input: name, datatype, shape and little-endian bytes.
-pub fn raw(name: &str, datatype: &str, shape: &[i64], data: impl Into<Bytes>) -> (InferInputTensor, Bytes) {
+pub fn raw(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    data: impl Into<Bytes>,
+) -> (InferInputTensor, Bytes) {
     (
         InferInputTensor {
             name: name.into(),
@@ -20,15 +25,22 @@ pub fn raw(name: &str, datatype: &str, shape: &[i64], data: impl Into<Bytes>) ->
 }
 
 pub fn f32s(v: &[f32]) -> Bytes {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into()
+    v.iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 pub fn read_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 pub fn read_i64(b: &[u8]) -> Vec<i64> {
-    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Length-prefixed BYTES elements.
@@ -54,7 +66,10 @@ pub fn request(model: &str, inputs: Vec<(InferInputTensor, Bytes)>) -> ModelInfe
 pub fn ask_outputs(mut req: ModelInferRequest, names: &[&str]) -> ModelInferRequest {
     req.outputs = names
         .iter()
-        .map(|n| InferRequestedOutputTensor { name: n.to_string(), ..Default::default() })
+        .map(|n| InferRequestedOutputTensor {
+            name: n.to_string(),
+            ..Default::default()
+        })
         .collect();
     req
 }
@@ -77,8 +92,19 @@ pub fn digits_samples() -> (Vec<Vec<f32>>, Vec<i64>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect();
-    let labels = v["labels"].as_array().unwrap().iter().map(|l| l.as_i64().unwrap()).collect();
+    let labels = v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_i64().unwrap())
+        .collect();
     (rows, labels)
 }

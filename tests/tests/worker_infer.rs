@@ -16,7 +16,10 @@ async fn digits_classifier_predicts_the_expected_labels() {
     let probs = read_f32(output(&resp, "probabilities"));
     assert_eq!(probs.len(), 80);
     for row in probs.chunks(10) {
-        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4, "probabilities sum to 1: {row:?}");
+        assert!(
+            (row.iter().sum::<f32>() - 1.0).abs() < 1e-4,
+            "probabilities sum to 1: {row:?}"
+        );
     }
     worker.stop().await.unwrap();
 }
@@ -26,18 +29,30 @@ async fn metadata_and_config_describe_the_graph() {
     let worker = Worker::start(&models(), &[]).await;
     let mut client = worker.client().await;
     let meta = client
-        .model_metadata(ModelMetadataRequest { name: "mlp".into(), version: String::new() })
+        .model_metadata(ModelMetadataRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(meta.versions, ["1"]);
     assert_eq!(meta.platform, "onnxruntime_onnx");
-    assert_eq!((meta.inputs[0].name.as_str(), meta.inputs[0].datatype.as_str()), ("input", "FP32"));
+    assert_eq!(
+        (
+            meta.inputs[0].name.as_str(),
+            meta.inputs[0].datatype.as_str()
+        ),
+        ("input", "FP32")
+    );
     assert_eq!(meta.inputs[0].shape, [-1, 784]);
     assert_eq!(meta.outputs[0].shape, [-1, 10]);
 
     let config = client
-        .model_config(ModelConfigRequest { name: "mlp".into(), version: "1".into() })
+        .model_config(ModelConfigRequest {
+            name: "mlp".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -45,12 +60,22 @@ async fn metadata_and_config_describe_the_graph() {
         .unwrap();
     assert_eq!(config.max_batch_size, 8);
     assert_eq!(config.input[0].dims, [784]);
-    assert_eq!(config.input[0].data_type, infermesh_proto::DataType::TypeFp32 as i32);
+    assert_eq!(
+        config.input[0].data_type,
+        infermesh_proto::DataType::TypeFp32 as i32
+    );
     assert_eq!(config.instance_group[0].count, 1);
 
-    let server = client.server_metadata(ServerMetadataRequest {}).await.unwrap().into_inner();
+    let server = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(server.name, "infermesh");
-    assert!(!server.extensions.iter().any(|e| e == "statistics"), "only implemented extensions are listed");
+    assert!(
+        !server.extensions.iter().any(|e| e == "statistics"),
+        "only implemented extensions are listed"
+    );
     worker.stop().await.unwrap();
 }
 
@@ -79,14 +104,24 @@ async fn every_datatype_round_trips_through_a_real_model() {
     for (i, (name, dt, size)) in types.iter().enumerate() {
         // Two rows of three elements; bool bytes must be 0/1, others any pattern.
         let data: Vec<u8> = (0..6 * size)
-            .map(|j| if *dt == "BOOL" { (j % 2) as u8 } else { (j * 7 + i) as u8 })
+            .map(|j| {
+                if *dt == "BOOL" {
+                    (j % 2) as u8
+                } else {
+                    (j * 7 + i) as u8
+                }
+            })
             .collect();
         expected.push((format!("out_{name}"), data.clone()));
         inputs.push(raw(&format!("in_{name}"), dt, &[2, 3], data));
     }
     let words: [&[u8]; 6] = [b"a", b"", b"\xce\xbb x", b"longer string", b"5", b"six"];
     inputs.push(raw("in_bytes", "BYTES", &[2, 3], strings(&words)));
-    let resp = client.model_infer(request("all_types", inputs)).await.unwrap().into_inner();
+    let resp = client
+        .model_infer(request("all_types", inputs))
+        .await
+        .unwrap()
+        .into_inner();
     for (name, data) in expected {
         assert_eq!(output(&resp, &name).as_ref(), &data[..], "{name}");
         let meta = resp.outputs.iter().find(|o| o.name == name).unwrap();
@@ -101,21 +136,43 @@ async fn typed_contents_strings_fp16_and_output_subsets() {
     let worker = Worker::start(&models(), &[]).await;
     let mut client = worker.client().await;
     let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
-    let h: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0].iter().flat_map(|&v| half(v)).collect();
+    let h: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0]
+        .iter()
+        .flat_map(|&v| half(v))
+        .collect();
     let mut req = request(
         "multi_io",
         vec![
             raw("text", "BYTES", &[2, 1], strings(&[b"hi", b"there"])),
-            raw("x", "FP32", &[2, 4], f32s(&[0., 1., 2., 3., 4., 5., 6., 7.])),
-            raw("k", "INT32", &[2, 1], vec![41u8, 0, 0, 0, 255, 255, 255, 255]),
+            raw(
+                "x",
+                "FP32",
+                &[2, 4],
+                f32s(&[0., 1., 2., 3., 4., 5., 6., 7.]),
+            ),
+            raw(
+                "k",
+                "INT32",
+                &[2, 1],
+                vec![41u8, 0, 0, 0, 255, 255, 255, 255],
+            ),
             raw("h", "FP16", &[2, 2], h),
         ],
     );
     let resp = client.model_infer(req.clone()).await.unwrap().into_inner();
-    assert_eq!(output(&resp, "text_twice"), &strings(&[b"hi", b"hi", b"there", b"there"]));
-    assert_eq!(read_f32(output(&resp, "y")), [1., 3., 5., 7., 9., 11., 13., 15.]);
+    assert_eq!(
+        output(&resp, "text_twice"),
+        &strings(&[b"hi", b"hi", b"there", b"there"])
+    );
+    assert_eq!(
+        read_f32(output(&resp, "y")),
+        [1., 3., 5., 7., 9., 11., 13., 15.]
+    );
     assert_eq!(output(&resp, "k_plus").as_ref(), [42, 0, 0, 0, 0, 0, 0, 0]);
-    let neg: Vec<u8> = [-1.5f32, 2.0, -0.25, -8.0].iter().flat_map(|&v| half(v)).collect();
+    let neg: Vec<u8> = [-1.5f32, 2.0, -0.25, -8.0]
+        .iter()
+        .flat_map(|&v| half(v))
+        .collect();
     assert_eq!(output(&resp, "h_neg").as_ref(), &neg[..]);
 
     // The same request with typed contents for what has a typed field (FP16 has none).
@@ -123,16 +180,29 @@ async fn typed_contents_strings_fp16_and_output_subsets() {
     for input in &mut req.inputs {
         let c = infermesh_proto::InferTensorContents::default();
         input.contents = Some(match input.name.as_str() {
-            "text" => infermesh_proto::InferTensorContents { bytes_contents: vec!["hi".into(), "there".into()], ..c },
-            "x" => infermesh_proto::InferTensorContents { fp32_contents: vec![0., 1., 2., 3., 4., 5., 6., 7.], ..c },
-            "k" => infermesh_proto::InferTensorContents { int_contents: vec![41, -1], ..c },
+            "text" => infermesh_proto::InferTensorContents {
+                bytes_contents: vec!["hi".into(), "there".into()],
+                ..c
+            },
+            "x" => infermesh_proto::InferTensorContents {
+                fp32_contents: vec![0., 1., 2., 3., 4., 5., 6., 7.],
+                ..c
+            },
+            "k" => infermesh_proto::InferTensorContents {
+                int_contents: vec![41, -1],
+                ..c
+            },
             _ => c,
         });
     }
     req.inputs.retain(|i| i.name != "h");
     let err = client.model_infer(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("missing input 'h'"), "{}", err.message());
+    assert!(
+        err.message().contains("missing input 'h'"),
+        "{}",
+        err.message()
+    );
 
     // Requested-output subset: only y comes back.
     let mut req = request(

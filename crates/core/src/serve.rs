@@ -25,7 +25,9 @@ pub async fn serve(
     listener: TcpListener,
     args: &ServerArgs,
     lifecycle: Lifecycle,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     file_descriptor_sets: &[&[u8]],
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -39,7 +41,9 @@ pub async fn serve(
         v1 = v1.register_encoded_file_descriptor_set(fds);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(fds);
     }
-    let v1 = v1.build_v1().expect("descriptor sets compiled into the binary are valid");
+    let v1 = v1
+        .build_v1()
+        .expect("descriptor sets compiled into the binary are valid");
     let v1alpha = v1alpha
         .build_v1alpha()
         .expect("descriptor sets compiled into the binary are valid");

@@ -200,7 +200,9 @@ fn decode_typed(
     let mut out = BytesMut::with_capacity(count * dt.size().unwrap_or(0));
     let range = |v: i64, lo: i64, hi: i64| {
         if v < lo || v > hi {
-            Err(invalid!("input '{name}': value {v} is out of range for {dt}"))
+            Err(invalid!(
+                "input '{name}': value {v} is out of range for {dt}"
+            ))
         } else {
             Ok(v)
         }

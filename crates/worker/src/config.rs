@@ -7,7 +7,7 @@ use infermesh_core::ServerArgs;
 /// Serve ONNX models from a Triton-layout model repository over the KServe v2 / Triton
 /// gRPC protocol.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "infermesh-worker", version)]
+#[command(name = "infermesh-worker", version, args_override_self = true)]
 pub struct WorkerConfig {
     /// Model repository in Triton's layout: <dir>/<model>/<version>/model.onnx.
     #[arg(long, env = "INFERMESH_MODEL_REPOSITORY")]
@@ -20,7 +20,12 @@ pub struct WorkerConfig {
 
     /// Instance kind for models without a config: auto uses CUDA when it really
     /// initialises and falls back to CPU (logged); gpu fails the load without CUDA.
-    #[arg(long, env = "INFERMESH_DEFAULT_INSTANCE_KIND", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "INFERMESH_DEFAULT_INSTANCE_KIND",
+        value_enum,
+        default_value = "auto"
+    )]
     pub default_instance_kind: InstanceKind,
 
     /// max_batch_size given to models without a config whose inputs and outputs all start

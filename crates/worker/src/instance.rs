@@ -33,7 +33,12 @@ impl Queue {
     }
 
     /// Enqueues without waiting: a full queue answers RESOURCE_EXHAUSTED at once.
-    pub async fn submit(&self, model: &str, inputs: Vec<Tensor>, outputs: Vec<String>) -> Result<Vec<Tensor>, Error> {
+    pub async fn submit(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+        outputs: Vec<String>,
+    ) -> Result<Vec<Tensor>, Error> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { inputs, outputs, reply }) {
             Ok(()) => {}
@@ -48,14 +53,21 @@ impl Queue {
                 return Err(RequestError::Unavailable(format!("model '{model}' is being unloaded")).into())
             }
         }
-        rx.await
-            .map_err(|_| Error::Runtime(format!("model '{model}': instance stopped while running the request")))?
+        rx.await.map_err(|_| {
+            Error::Runtime(format!(
+                "model '{model}': instance stopped while running the request"
+            ))
+        })?
     }
 }
 
 /// Starts one instance thread. `load` runs on that thread (engines are built where they
 /// live); the result of load + warm-up comes back before the thread takes jobs.
-pub fn spawn<E, F>(label: String, load: F, jobs: Receiver<Job>) -> Result<(GraphSpec, Provider), Error>
+pub fn spawn<E, F>(
+    label: String,
+    load: F,
+    jobs: Receiver<Job>,
+) -> Result<(GraphSpec, Provider), Error>
 where
     E: Engine,
     F: FnOnce() -> Result<(E, GraphSpec), Error> + Send + 'static,
@@ -105,10 +117,19 @@ fn warm_up<E: Engine>(engine: &mut E, spec: &GraphSpec) -> Result<(), Error> {
                 Some(size) => TensorData::Fixed(vec![0u8; count * size].into()),
                 None => TensorData::Strings(vec![bytes::Bytes::new(); count]),
             };
-            Tensor { name: io.name.clone(), datatype: io.datatype, shape, data }
+            Tensor {
+                name: io.name.clone(),
+                datatype: io.datatype,
+                shape,
+                data,
+            }
         })
         .collect::<Vec<_>>();
-    let outputs = spec.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
+    let outputs = spec
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .collect::<Vec<_>>();
     engine
         .run(&inputs, &outputs)
         .map(|_| ())

@@ -94,7 +94,11 @@ pub async fn run(
         });
     }
 
-    let service = WorkerService { repo, lifecycle: lifecycle.clone(), loaded };
+    let service = WorkerService {
+        repo,
+        lifecycle: lifecycle.clone(),
+        loaded,
+    };
     let limit = config.server.grpc_max_message_bytes;
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(limit)

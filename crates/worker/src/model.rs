@@ -30,11 +30,16 @@ impl Signature {
     /// is batchable along it, up to `default_max_batch_size`.
     pub fn from_graph(graph: &GraphSpec, default_max_batch_size: usize) -> Self {
         let all = graph.inputs.iter().chain(&graph.outputs);
-        let batchable = default_max_batch_size > 0 && all.clone().all(|io| io.dims.first() == Some(&-1));
+        let batchable =
+            default_max_batch_size > 0 && all.clone().all(|io| io.dims.first() == Some(&-1));
         let strip = |ios: &[IoSpec]| {
             ios.iter()
                 .map(|io| IoSpec {
-                    dims: if batchable { io.dims[1..].to_vec() } else { io.dims.clone() },
+                    dims: if batchable {
+                        io.dims[1..].to_vec()
+                    } else {
+                        io.dims.clone()
+                    },
                     ..io.clone()
                 })
                 .collect()
@@ -92,7 +97,11 @@ impl Model {
         for i in 0..opts.instances.max(1) {
             let (path, session) = (opts.path.clone(), session.clone());
             let label = format!("{}-{}-{i}", opts.name, opts.version);
-            let (spec, provider) = instance::spawn(label, move || OnnxEngine::load(&path, &session), jobs.clone())?;
+            let (spec, provider) = instance::spawn(
+                label,
+                move || OnnxEngine::load(&path, &session),
+                jobs.clone(),
+            )?;
             graph.get_or_insert(spec);
             providers.push(provider);
         }
@@ -110,7 +119,11 @@ impl Model {
     }
 
     /// Validates the request against the signature and runs it on some instance.
-    pub async fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Result<Vec<Tensor>, Error> {
+    pub async fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: &[String],
+    ) -> Result<Vec<Tensor>, Error> {
         validate::inputs(&self.name, &self.signature, &inputs)?;
         let outputs = validate::outputs(&self.name, &self.signature, outputs)?;
         self.queue.submit(&self.name, inputs, outputs).await

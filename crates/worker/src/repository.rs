@@ -53,7 +53,10 @@ pub struct Found {
 
 impl Repository {
     pub fn new(root: PathBuf) -> Self {
-        Self { root, models: RwLock::new(BTreeMap::new()) }
+        Self {
+            root,
+            models: RwLock::new(BTreeMap::new()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -63,16 +66,24 @@ impl Repository {
     /// Lists model directories under the root.
     pub fn scan(&self) -> Result<Vec<Found>, Error> {
         let entries = std::fs::read_dir(&self.root).map_err(|e| {
-            Error::Startup(format!("cannot read model repository {}: {e}", self.root.display()))
+            Error::Startup(format!(
+                "cannot read model repository {}: {e}",
+                self.root.display()
+            ))
         })?;
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             if !path.is_dir() || name.starts_with('.') {
                 continue;
             }
-            found.push(Found { name: name.to_string(), latest: latest_version(&path) });
+            found.push(Found {
+                name: name.to_string(),
+                latest: latest_version(&path),
+            });
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
@@ -80,7 +91,10 @@ impl Repository {
 
     pub fn set(&self, name: &str, version: Option<i64>, state: State) {
         let mut models = self.models.write().expect("repository lock");
-        models.entry(name.to_string()).or_default().insert(version, state);
+        models
+            .entry(name.to_string())
+            .or_default()
+            .insert(version, state);
     }
 
     /// The model serving `version` ("" = newest ready).
@@ -88,7 +102,9 @@ impl Repository {
         let models = self.models.read().expect("repository lock");
         let Some(versions) = models.get(name) else {
             let known = models.keys().cloned().collect::<Vec<_>>().join(", ");
-            return Err(RequestError::NotFound(format!("unknown model '{name}'; this server has: {known}")));
+            return Err(RequestError::NotFound(format!(
+                "unknown model '{name}'; this server has: {known}"
+            )));
         };
         let state = if version.is_empty() {
             versions
@@ -106,12 +122,19 @@ impl Repository {
         };
         match state {
             Some(State::Ready(m)) => Ok(m.clone()),
-            Some(State::Loading) => Err(RequestError::Unavailable(format!("model '{name}' is still loading"))),
+            Some(State::Loading) => Err(RequestError::Unavailable(format!(
+                "model '{name}' is still loading"
+            ))),
             Some(State::Failed(reason)) => Err(RequestError::Unavailable(format!(
                 "model '{name}' is not ready: {reason}"
             ))),
             None => {
-                let have = versions.keys().flatten().map(i64::to_string).collect::<Vec<_>>().join(", ");
+                let have = versions
+                    .keys()
+                    .flatten()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 Err(RequestError::NotFound(format!(
                     "model '{name}' has no version {version}; versions: {have}"
                 )))
@@ -125,15 +148,17 @@ impl Repository {
         models
             .iter()
             .flat_map(|(name, versions)| {
-                versions.iter().map(move |(v, state)| pb::repository_index_response::ModelIndex {
-                    name: name.clone(),
-                    version: v.map(|v| v.to_string()).unwrap_or_default(),
-                    state: state.label().into(),
-                    reason: match state {
-                        State::Failed(r) => r.clone(),
-                        _ => String::new(),
+                versions.iter().map(
+                    move |(v, state)| pb::repository_index_response::ModelIndex {
+                        name: name.clone(),
+                        version: v.map(|v| v.to_string()).unwrap_or_default(),
+                        state: state.label().into(),
+                        reason: match state {
+                            State::Failed(r) => r.clone(),
+                            _ => String::new(),
+                        },
                     },
-                })
+                )
             })
             .collect()
     }
@@ -152,7 +177,8 @@ impl Repository {
 }
 
 fn latest_version(model_dir: &Path) -> Result<(i64, PathBuf), String> {
-    let entries = std::fs::read_dir(model_dir).map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
+    let entries = std::fs::read_dir(model_dir)
+        .map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
     entries
         .flatten()
         .filter_map(|e| {
@@ -180,7 +206,12 @@ pub async fn load(repo: &Repository, found: Found, template: &LoadOptions) {
         }
     };
     repo.set(&found.name, Some(version), State::Loading);
-    let opts = LoadOptions { name: found.name.clone(), version, path, ..template.clone() };
+    let opts = LoadOptions {
+        name: found.name.clone(),
+        version,
+        path,
+        ..template.clone()
+    };
     let result = tokio::task::spawn_blocking(move || Model::load(&opts))
         .await
         .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));

@@ -26,8 +26,12 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 
 impl WorkerService {
     /// Runs one inference request; shared by ModelInfer and each message of a stream.
-    pub async fn infer(&self, req: pb::ModelInferRequest) -> std::result::Result<pb::ModelInferResponse, Error> {
-        self.lifecycle.admit()?;
+    /// Admission is checked by the caller: a stream opened before shutdown keeps being
+    /// served while it drains.
+    pub async fn infer(
+        &self,
+        req: pb::ModelInferRequest,
+    ) -> std::result::Result<pb::ModelInferResponse, Error> {
         let model = self.repo.get(&req.model_name, &req.model_version)?;
         let inputs = decode_inputs(&req.inputs, &req.raw_input_contents)?;
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
@@ -56,26 +60,42 @@ impl WorkerService {
 }
 
 fn unimplemented<T>(what: &str) -> Result<T> {
-    Err(Status::unimplemented(format!("{what} is not supported by infermesh")))
+    Err(Status::unimplemented(format!(
+        "{what} is not supported by infermesh"
+    )))
 }
 
 #[tonic::async_trait]
 impl GrpcInferenceService for WorkerService {
-    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<pb::ServerLiveResponse> {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<pb::ServerLiveResponse> {
         Ok(Response::new(pb::ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<pb::ServerReadyResponse> {
-        Ok(Response::new(pb::ServerReadyResponse { ready: self.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<pb::ServerReadyResponse> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Result<pb::ModelReadyResponse> {
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<pb::ModelReadyResponse> {
         let req = req.into_inner();
         let ready = self.repo.get(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<pb::ServerMetadataResponse> {
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<pb::ServerMetadataResponse> {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "infermesh".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -83,19 +103,37 @@ impl GrpcInferenceService for WorkerService {
         }))
     }
 
-    async fn model_metadata(&self, req: Request<pb::ModelMetadataRequest>) -> Result<pb::ModelMetadataResponse> {
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<pb::ModelMetadataResponse> {
         let req = req.into_inner();
-        let model = self.repo.get(&req.name, &req.version).map_err(Status::from)?;
+        let model = self
+            .repo
+            .get(&req.name, &req.version)
+            .map_err(Status::from)?;
         Ok(Response::new(model.metadata()))
     }
 
-    async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Result<pb::ModelConfigResponse> {
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<pb::ModelConfigResponse> {
         let req = req.into_inner();
-        let model = self.repo.get(&req.name, &req.version).map_err(Status::from)?;
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(model.config.clone()) }))
+        let model = self
+            .repo
+            .get(&req.name, &req.version)
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model.config.clone()),
+        }))
     }
 
-    async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Result<pb::ModelInferResponse> {
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<pb::ModelInferResponse> {
+        self.lifecycle.admit().map_err(Status::from)?;
         Ok(Response::new(self.infer(req.into_inner()).await?))
     }
 
@@ -109,12 +147,20 @@ impl GrpcInferenceService for WorkerService {
         Ok(Response::new(stream::serve(self.clone(), req.into_inner())))
     }
 
-    async fn model_statistics(&self, _: Request<pb::ModelStatisticsRequest>) -> Result<pb::ModelStatisticsResponse> {
+    async fn model_statistics(
+        &self,
+        _: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<pb::ModelStatisticsResponse> {
         unimplemented("ModelStatistics")
     }
 
-    async fn repository_index(&self, _: Request<pb::RepositoryIndexRequest>) -> Result<pb::RepositoryIndexResponse> {
-        Ok(Response::new(pb::RepositoryIndexResponse { models: self.repo.index() }))
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<pb::RepositoryIndexResponse> {
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: self.repo.index(),
+        }))
     }
 
     async fn repository_model_load(
@@ -179,11 +225,17 @@ impl GrpcInferenceService for WorkerService {
         unimplemented("CUDA shared memory")
     }
 
-    async fn trace_setting(&self, _: Request<pb::TraceSettingRequest>) -> Result<pb::TraceSettingResponse> {
+    async fn trace_setting(
+        &self,
+        _: Request<pb::TraceSettingRequest>,
+    ) -> Result<pb::TraceSettingResponse> {
         unimplemented("TraceSetting")
     }
 
-    async fn log_settings(&self, _: Request<pb::LogSettingsRequest>) -> Result<pb::LogSettingsResponse> {
+    async fn log_settings(
+        &self,
+        _: Request<pb::LogSettingsRequest>,
+    ) -> Result<pb::LogSettingsResponse> {
         unimplemented("LogSettings")
     }
 }

@@ -71,9 +71,13 @@ fn typed_count_and_mixing_are_rejected() {
         ..Default::default()
     });
     let err = Tensor::decode(&x, None).unwrap_err();
-    assert!(err.to_string().contains("fp32_contents has 2 elements; expected 3"));
+    assert!(err
+        .to_string()
+        .contains("fp32_contents has 2 elements; expected 3"));
     let err = Tensor::decode(&x, Some(&Bytes::from(vec![0u8; 12]))).unwrap_err();
-    assert!(err.to_string().contains("both raw_input_contents and typed contents"));
+    assert!(err
+        .to_string()
+        .contains("both raw_input_contents and typed contents"));
 }
 
 #[test]

@@ -27,7 +27,12 @@ pub fn init(lib: &Path) -> Result<(), Error> {
         return Ok(());
     }
     let env = ort::init_from(lib)
-        .map_err(|e| Error::Runtime(format!("cannot load ONNX Runtime from {}: {e}", lib.display())))?
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "cannot load ONNX Runtime from {}: {e}",
+                lib.display()
+            ))
+        })?
         .with_name("infermesh")
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start ONNX Runtime: {e}")))?;
@@ -40,12 +45,19 @@ pub fn init(lib: &Path) -> Result<(), Error> {
 pub fn default_library_candidates() -> Vec<PathBuf> {
     const NAME: &str = "libonnxruntime.so.1.31.1";
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         out.push(dir.join(NAME));
         out.push(dir.join("../lib").join(NAME));
     }
     out.push(PathBuf::from("/usr/local/lib").join(NAME));
-    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/onnxruntime/lib").join(NAME));
+    out.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../.cache/onnxruntime/lib")
+            .join(NAME),
+    );
     out
 }
 
@@ -75,10 +87,15 @@ impl OnnxEngine {
     /// Builds a session for `path`. Call it on the thread that will own the engine.
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<(Self, GraphSpec), Error> {
         let (session, provider) = match opts.device {
-            DeviceRequest::Cpu => (build(path, opts, None).map_err(load_err(path))?, Provider::Cpu),
+            DeviceRequest::Cpu => (
+                build(path, opts, None).map_err(load_err(path))?,
+                Provider::Cpu,
+            ),
             DeviceRequest::Gpu(d) => (
                 build(path, opts, Some(d)).map_err(|e| {
-                    Error::Load(format!("KIND_GPU asked for CUDA device {d}, which is not usable here: {e}"))
+                    Error::Load(format!(
+                        "KIND_GPU asked for CUDA device {d}, which is not usable here: {e}"
+                    ))
                 })?,
                 Provider::Cuda(d),
             ),
@@ -86,13 +103,24 @@ impl OnnxEngine {
                 Ok(s) => (s, Provider::Cuda(d)),
                 Err(e) => {
                     tracing::warn!(model = %path.display(), reason = %e, "CUDA unavailable; instance falls back to CPU");
-                    (build(path, opts, None).map_err(load_err(path))?, Provider::Cpu)
+                    (
+                        build(path, opts, None).map_err(load_err(path))?,
+                        Provider::Cpu,
+                    )
                 }
             },
         };
         let spec = GraphSpec {
-            inputs: session.inputs().iter().map(|o| io_spec(o.name(), o.dtype())).collect::<Result<_, _>>()?,
-            outputs: session.outputs().iter().map(|o| io_spec(o.name(), o.dtype())).collect::<Result<_, _>>()?,
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| io_spec(o.name(), o.dtype()))
+                .collect::<Result<_, _>>()?,
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| io_spec(o.name(), o.dtype()))
+                .collect::<Result<_, _>>()?,
         };
         Ok((Self { session, provider }, spec))
     }
@@ -107,10 +135,15 @@ fn load_err(path: &Path) -> impl Fn(String) -> Error + '_ {
 fn build(path: &Path, opts: &SessionOptions, cuda: Option<i32>) -> Result<Session, String> {
     let env = ENVIRONMENT.get().ok_or("ONNX Runtime is not initialised")?;
     let mut builder = Session::builder(env)
-        .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
+        .and_then(|b| {
+            b.with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(Into::into)
+        })
         .map_err(|e| e.to_string())?;
     if opts.intra_op_threads > 0 {
-        builder = builder.with_intra_threads(opts.intra_op_threads).map_err(|e| e.to_string())?;
+        builder = builder
+            .with_intra_threads(opts.intra_op_threads)
+            .map_err(|e| e.to_string())?;
     }
     if let Some(device) = cuda {
         builder = with_cuda(builder, device)?;
@@ -119,23 +152,43 @@ fn build(path: &Path, opts: &SessionOptions, cuda: Option<i32>) -> Result<Sessio
 }
 
 #[cfg(feature = "cuda")]
-fn with_cuda(builder: ort::session::builder::SessionBuilder, device: i32) -> Result<ort::session::builder::SessionBuilder, String> {
-    let ep = ort::ep::CUDA::default().with_device_id(device).build().error_on_failure();
-    builder.with_execution_providers([ep]).map_err(|e| e.to_string())
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    device: i32,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    let ep = ort::ep::CUDA::default()
+        .with_device_id(device)
+        .build()
+        .error_on_failure();
+    builder
+        .with_execution_providers([ep])
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_cuda(_: ort::session::builder::SessionBuilder, _: i32) -> Result<ort::session::builder::SessionBuilder, String> {
+fn with_cuda(
+    _: ort::session::builder::SessionBuilder,
+    _: i32,
+) -> Result<ort::session::builder::SessionBuilder, String> {
     Err("this binary was built without the `cuda` feature".into())
 }
 
 fn io_spec(name: &str, t: &ValueType) -> Result<IoSpec, Error> {
     let ValueType::Tensor { ty, shape, .. } = t else {
-        return Err(Error::Load(format!("'{name}' is a {t:?}, not a tensor; only tensor inputs and outputs are served")));
+        return Err(Error::Load(format!(
+            "'{name}' is a {t:?}, not a tensor; only tensor inputs and outputs are served"
+        )));
     };
-    let datatype = from_ort(*ty)
-        .ok_or_else(|| Error::Load(format!("'{name}' has element type {ty:?}, which the protocol has no datatype for")))?;
-    Ok(IoSpec { name: name.to_string(), datatype, dims: shape.to_vec() })
+    let datatype = from_ort(*ty).ok_or_else(|| {
+        Error::Load(format!(
+            "'{name}' has element type {ty:?}, which the protocol has no datatype for"
+        ))
+    })?;
+    Ok(IoSpec {
+        name: name.to_string(),
+        datatype,
+        dims: shape.to_vec(),
+    })
 }
 
 fn from_ort(t: TensorElementType) -> Option<DataType> {
@@ -165,13 +218,16 @@ impl Engine for OnnxEngine {
             .iter()
             .map(|t| Ok((t.name.as_str(), to_value(t)?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        let mut results = self.session.run(values).map_err(|e| Error::Runtime(e.to_string()))?;
+        let mut results = self
+            .session
+            .run(values)
+            .map_err(|e| Error::Runtime(e.to_string()))?;
         outputs
             .iter()
             .map(|name| {
-                let v = results
-                    .remove(name)
-                    .ok_or_else(|| Error::Runtime(format!("ONNX Runtime returned no output '{name}'")))?;
+                let v = results.remove(name).ok_or_else(|| {
+                    Error::Runtime(format!("ONNX Runtime returned no output '{name}'"))
+                })?;
                 from_value(name, &v)
             })
             .collect()
@@ -208,7 +264,9 @@ fn to_value(t: &Tensor) -> Result<SessionInputValue<'_>, Error> {
     match t.datatype {
         DataType::Bool => {
             let v: Vec<bool> = bytes.iter().map(|&b| b != 0).collect();
-            Ok(ort::value::Tensor::from_array((shape, v)).map_err(rt)?.into())
+            Ok(ort::value::Tensor::from_array((shape, v))
+                .map_err(rt)?
+                .into())
         }
         DataType::U8 => fixed::<u8>(shape, bytes),
         DataType::U16 => fixed::<u16>(shape, bytes),
@@ -232,10 +290,14 @@ fn fixed<T: PrimitiveTensorElementType + Pod + std::fmt::Debug>(
     bytes: &Bytes,
 ) -> Result<SessionInputValue<'_>, Error> {
     match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(slice) => Ok(TensorRef::from_array_view((shape, slice)).map_err(rt)?.into()),
+        Ok(slice) => Ok(TensorRef::from_array_view((shape, slice))
+            .map_err(rt)?
+            .into()),
         Err(_) => {
             let owned: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
-            Ok(ort::value::Tensor::from_array((shape, owned)).map_err(rt)?.into())
+            Ok(ort::value::Tensor::from_array((shape, owned))
+                .map_err(rt)?
+                .into())
         }
     }
 }
@@ -244,15 +306,22 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, Error> {
     let ValueType::Tensor { ty, .. } = v.dtype() else {
         return Err(Error::Runtime(format!("output '{name}' is not a tensor")));
     };
-    let datatype = from_ort(*ty).ok_or_else(|| Error::Runtime(format!("output '{name}' has unsupported type {ty:?}")))?;
+    let datatype = from_ort(*ty)
+        .ok_or_else(|| Error::Runtime(format!("output '{name}' has unsupported type {ty:?}")))?;
     let (shape, data) = match datatype {
         DataType::Bytes => {
             let (shape, strings) = v.try_extract_strings().map_err(rt)?;
-            (shape.to_vec(), TensorData::Strings(strings.into_iter().map(Bytes::from).collect()))
+            (
+                shape.to_vec(),
+                TensorData::Strings(strings.into_iter().map(Bytes::from).collect()),
+            )
         }
         DataType::Bool => {
             let (shape, b) = v.try_extract_tensor::<bool>().map_err(rt)?;
-            (shape.to_vec(), TensorData::Fixed(b.iter().map(|&x| x as u8).collect::<Vec<u8>>().into()))
+            (
+                shape.to_vec(),
+                TensorData::Fixed(b.iter().map(|&x| x as u8).collect::<Vec<u8>>().into()),
+            )
         }
         DataType::U8 => extract::<u8>(v)?,
         DataType::U16 => extract::<u16>(v)?,
@@ -267,12 +336,22 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, Error> {
         DataType::F32 => extract::<f32>(v)?,
         DataType::F64 => extract::<f64>(v)?,
     };
-    Ok(Tensor { name: name.to_string(), datatype, shape, data })
+    Ok(Tensor {
+        name: name.to_string(),
+        datatype,
+        shape,
+        data,
+    })
 }
 
-fn extract<T: PrimitiveTensorElementType + Pod>(v: &DynValue) -> Result<(Vec<i64>, TensorData), Error> {
+fn extract<T: PrimitiveTensorElementType + Pod>(
+    v: &DynValue,
+) -> Result<(Vec<i64>, TensorData), Error> {
     let (shape, data) = v.try_extract_tensor::<T>().map_err(rt)?;
-    Ok((shape.to_vec(), TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(data)))))
+    Ok((
+        shape.to_vec(),
+        TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(data))),
+    ))
 }
 
 fn rt(e: ort::Error) -> Error {

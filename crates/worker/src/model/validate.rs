@@ -11,14 +11,27 @@ fn describe(sig: &Signature, io: &IoSpec) -> String {
 }
 
 pub fn inputs(model: &str, sig: &Signature, tensors: &[Tensor]) -> Result<(), Error> {
-    let expected = || sig.inputs.iter().map(|io| describe(sig, io)).collect::<Vec<_>>().join(", ");
+    let expected = || {
+        sig.inputs
+            .iter()
+            .map(|io| describe(sig, io))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if tensors.is_empty() {
-        return Err(invalid!("model '{model}': request has no inputs; expected: {}", expected()));
+        return Err(invalid!(
+            "model '{model}': request has no inputs; expected: {}",
+            expected()
+        ));
     }
     let mut batch: Option<(i64, &str)> = None;
     for t in tensors {
         let Some(io) = sig.inputs.iter().find(|io| io.name == t.name) else {
-            return Err(invalid!("model '{model}': unknown input '{}'; expected: {}", t.name, expected()));
+            return Err(invalid!(
+                "model '{model}': unknown input '{}'; expected: {}",
+                t.name,
+                expected()
+            ));
         };
         if t.datatype != io.datatype {
             return Err(invalid!(
@@ -59,17 +72,19 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[Tensor]) -> Result<(), Er
                 ));
             }
             match batch {
-                Some((first, other)) if first != b => {
-                    return Err(invalid!(
-                        "input '{}': batch size {b} differs from input '{other}' (batch size {first})",
-                        t.name
-                    ))
-                }
+                Some((first, other)) if first != b => return Err(invalid!(
+                    "input '{}': batch size {b} differs from input '{other}' (batch size {first})",
+                    t.name
+                )),
                 _ => batch = Some((b, &t.name)),
             }
         }
     }
-    if let Some(missing) = sig.inputs.iter().find(|io| !tensors.iter().any(|t| t.name == io.name)) {
+    if let Some(missing) = sig
+        .inputs
+        .iter()
+        .find(|io| !tensors.iter().any(|t| t.name == io.name))
+    {
         return Err(invalid!(
             "model '{model}': missing input '{}' ({})",
             missing.name,
@@ -86,8 +101,15 @@ pub fn outputs(model: &str, sig: &Signature, asked: &[String]) -> Result<Vec<Str
     }
     for name in asked {
         if !sig.outputs.iter().any(|o| &o.name == name) {
-            let known = sig.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ");
-            return Err(invalid!("model '{model}': unknown output '{name}'; outputs are: {known}"));
+            let known = sig
+                .outputs
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(invalid!(
+                "model '{model}': unknown output '{name}'; outputs are: {known}"
+            ));
         }
     }
     Ok(asked.to_vec())

@@ -19,7 +19,8 @@ use tonic::{Status, Streaming};
 
 use super::WorkerService;
 
-pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
 
 /// Messages of one stream in flight at once; beyond it the stream stops reading, which
 /// pushes back on the client through HTTP/2 flow control.
@@ -28,7 +29,8 @@ const MAX_IN_FLIGHT: usize = 256;
 pub fn serve(svc: WorkerService, mut inbound: Streaming<pb::ModelInferRequest>) -> ResponseStream {
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     tokio::spawn(async move {
-        let mut ordered: FuturesOrdered<BoxFuture<'static, pb::ModelStreamInferResponse>> = FuturesOrdered::new();
+        let mut ordered: FuturesOrdered<BoxFuture<'static, pb::ModelStreamInferResponse>> =
+            FuturesOrdered::new();
         let mut unordered: FuturesUnordered<BoxFuture<'static, pb::ModelStreamInferResponse>> =
             FuturesUnordered::new();
         let mut reading = true;
@@ -73,19 +75,33 @@ pub fn serve(svc: WorkerService, mut inbound: Streaming<pb::ModelInferRequest>) 
 
 fn wants_unordered(req: &pb::ModelInferRequest) -> bool {
     matches!(
-        req.parameters.get("infermesh_unordered").and_then(|p| p.parameter_choice.as_ref()),
+        req.parameters
+            .get("infermesh_unordered")
+            .and_then(|p| p.parameter_choice.as_ref()),
         Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
     )
 }
 
 async fn answer(svc: WorkerService, req: pb::ModelInferRequest) -> pb::ModelStreamInferResponse {
-    let (id, model_name, model_version) = (req.id.clone(), req.model_name.clone(), req.model_version.clone());
+    let (id, model_name, model_version) = (
+        req.id.clone(),
+        req.model_name.clone(),
+        req.model_version.clone(),
+    );
     match svc.infer(req).await {
-        Ok(resp) => pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
+        Ok(resp) => pb::ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(resp),
+        },
         Err(e) => pb::ModelStreamInferResponse {
             error_message: Status::from(e).message().to_string(),
             // Echo the id so clients can tell which request failed.
-            infer_response: Some(pb::ModelInferResponse { model_name, model_version, id, ..Default::default() }),
+            infer_response: Some(pb::ModelInferResponse {
+                model_name,
+                model_version,
+                id,
+                ..Default::default()
+            }),
         },
     }
 }

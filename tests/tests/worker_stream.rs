@@ -1,0 +1,80 @@
+//! ModelStreamInfer: ids echoed, order kept, a bad message answered with error_message
+//! while the stream goes on.
+
+use futures::StreamExt;
+use infermesh_proto::ModelInferRequest;
+use infermesh_tests::{models, tensors::*, Worker};
+
+fn mlp(id: &str, value: f32) -> ModelInferRequest {
+    let mut r = request(
+        "mlp",
+        vec![raw("input", "FP32", &[1, 784], f32s(&vec![value; 784]))],
+    );
+    r.id = id.into();
+    r
+}
+
+#[tokio::test]
+async fn stream_answers_in_order_with_ids_and_survives_a_bad_message() {
+    let worker = Worker::start(&models(), &[]).await;
+    let mut client = worker.client().await;
+
+    // The unary answers are the reference for each value.
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        let r = client
+            .model_infer(mlp("", i as f32 / 10.0))
+            .await
+            .unwrap()
+            .into_inner();
+        expected.push(read_f32(output(&r, "output")));
+    }
+
+    let mut msgs = Vec::new();
+    for i in 0..20 {
+        msgs.push(mlp(&format!("req-{i}"), i as f32 / 10.0));
+        if i == 7 {
+            let mut bad = mlp("bad-one", 0.0);
+            bad.inputs[0].datatype = "INT8".into();
+            msgs.push(bad);
+        }
+    }
+    let mut responses = client
+        .model_stream_infer(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(item) = responses.next().await {
+        let item = item.expect("stream stays up");
+        let resp = item
+            .infer_response
+            .expect("every answer carries a response with the id");
+        if resp.id == "bad-one" {
+            assert!(
+                item.error_message.contains("input 'input'"),
+                "{}",
+                item.error_message
+            );
+            assert!(
+                item.error_message.contains("expected FP32"),
+                "{}",
+                item.error_message
+            );
+        } else {
+            assert!(item.error_message.is_empty(), "{}", item.error_message);
+            let i: usize = resp.id.strip_prefix("req-").unwrap().parse().unwrap();
+            assert_eq!(
+                read_f32(output(&resp, "output")),
+                expected[i],
+                "{}",
+                resp.id
+            );
+        }
+        seen.push(resp.id);
+    }
+    let mut want: Vec<String> = (0..20).map(|i| format!("req-{i}")).collect();
+    want.insert(8, "bad-one".into());
+    assert_eq!(seen, want, "responses come back in request order");
+    worker.stop().await.unwrap();
+}
