@@ -48,11 +48,14 @@ def digits() -> None:
     )
     # skl2onnx names outputs label / probabilities; keep those names.
     save(model, "digits")
-    samples = x_test[:10]
+    # Eight rows: within the default max_batch_size of models without a config.
+    samples = x_test[:8]
     labels = clf.predict(samples).tolist()
     (ROOT / "digits" / "samples.json").write_text(
         json.dumps({"inputs": samples.tolist(), "labels": labels}, indent=None) + "\n"
     )
+    # One row as `infermesh infer --input input=@models/digits/example.json` takes it.
+    (ROOT / "digits" / "example.json").write_text(json.dumps(samples[:1].tolist()) + "\n")
     print(f"digits: test accuracy {clf.score(x_test, y_test):.3f}")
 
 

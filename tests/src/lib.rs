@@ -32,6 +32,13 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker with extra flags and waits (bounded) until it reports ready.
     pub async fn start(repository: &std::path::Path, extra: &[&str]) -> Worker {
+        let worker = Self::spawn(repository, extra).await;
+        worker.wait_ready().await;
+        worker
+    }
+
+    /// Starts a worker without waiting for readiness.
+    pub async fn spawn(repository: &std::path::Path, extra: &[&str]) -> Worker {
         let mut args = vec![
             "infermesh-worker".to_string(),
             "--model-repository".into(),
@@ -53,13 +60,11 @@ impl Worker {
         let task = tokio::spawn(infermesh_worker::run(config, listener, async {
             let _ = stopped.await;
         }));
-        let worker = Worker {
+        Worker {
             addr,
             stop: Some(stop),
             task,
-        };
-        worker.wait_ready().await;
-        worker
+        }
     }
 
     pub fn url(&self) -> String {

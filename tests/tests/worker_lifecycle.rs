@@ -248,3 +248,50 @@ async fn draining_refuses_new_requests_and_finishes_open_streams() {
         .unwrap()
         .expect("run returns Ok after draining");
 }
+
+/// KIND_GPU where CUDA is not usable (no GPU here, or a build without `cuda`) fails each
+/// model's load with the reason, and the worker does not claim to be ready.
+#[tokio::test]
+async fn gpu_instances_without_a_gpu_fail_the_load_with_a_clear_reason() {
+    let worker = Worker::spawn(&models(), &["--default-instance-kind", "gpu"]).await;
+    let mut client = worker.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let index = loop {
+        let index = client
+            .repository_index(RepositoryIndexRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        if index.len() == 4 && index.iter().all(|m| m.state != "LOADING") {
+            break index;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "models never finished loading: {index:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for m in &index {
+        assert_eq!(m.state, "UNAVAILABLE", "{}", m.name);
+        assert!(
+            m.reason.contains("KIND_GPU") && m.reason.contains("CUDA"),
+            "{}: {}",
+            m.name,
+            m.reason
+        );
+    }
+    assert!(
+        !client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    assert_eq!(
+        health(&worker.url(), "").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    worker.stop().await.unwrap();
+}

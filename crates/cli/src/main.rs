@@ -1,1 +1,47 @@
-fn main() {}
+//! `infermesh`: run a local mesh, call servers, check health.
+
+mod health;
+mod infer;
+mod json;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "infermesh",
+    version,
+    about = "gRPC inference mesh: local mesh, inference calls, health checks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local mesh on a model repository (the bundled models by default), send one
+    /// real request to prove it answers, and serve until Ctrl-C.
+    Up(up::UpArgs),
+    /// Run a worker, exactly like the `infermesh-worker` binary.
+    Worker(Box<infermesh_worker::WorkerConfig>),
+    /// Send one inference request and print the outputs.
+    Infer(infer::InferArgs),
+    /// grpc.health.v1 Check; exits 0 when SERVING (usable as a container HEALTHCHECK).
+    Health(health::HealthArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Up(args) => up::run(args).await,
+        Command::Worker(config) => {
+            infermesh_core::telemetry::init_logging(config.server.log_format);
+            let listener = infermesh_core::serve::bind(&config.server).await?;
+            infermesh_worker::run(*config, listener, infermesh_core::serve::signal()).await?;
+            Ok(())
+        }
+        Command::Infer(args) => infer::run(args).await,
+        Command::Health(args) => health::run(args).await,
+    }
+}

@@ -89,8 +89,14 @@ pub async fn run(
                 lifecycle.set(&name, repo.get(&name, "").is_ok()).await;
             }
             loaded.store(true, std::sync::atomic::Ordering::SeqCst);
-            lifecycle.set("", true).await;
-            tracing::info!("all models loaded; SERVING");
+            let index = repo.index();
+            let any_ready = index.is_empty() || index.iter().any(|m| m.state == "READY");
+            lifecycle.set("", any_ready).await;
+            if any_ready {
+                tracing::info!("model loading finished; SERVING");
+            } else {
+                tracing::error!("no model could be loaded; health stays NOT_SERVING");
+            }
         });
     }
 

@@ -54,8 +54,14 @@ impl WorkerService {
         })
     }
 
+    /// Ready once every model found at start has finished loading, unless none of them
+    /// loaded: a worker that can serve nothing must not get traffic.
     fn is_ready(&self) -> bool {
-        self.loaded.load(std::sync::atomic::Ordering::SeqCst) && !self.lifecycle.is_draining()
+        let loaded = self.loaded.load(std::sync::atomic::Ordering::SeqCst);
+        let index = self.repo.index();
+        loaded
+            && !self.lifecycle.is_draining()
+            && (index.is_empty() || index.iter().any(|m| m.state == "READY"))
     }
 }
 

@@ -86,7 +86,12 @@ pub struct OnnxEngine {
 impl OnnxEngine {
     /// Builds a session for `path`. Call it on the thread that will own the engine.
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<(Self, GraphSpec), Error> {
-        let (session, provider) = match opts.device {
+        // A build without CUDA has nothing to try for KIND_AUTO.
+        let device = match opts.device {
+            DeviceRequest::Auto(_) if !cfg!(feature = "cuda") => DeviceRequest::Cpu,
+            d => d,
+        };
+        let (session, provider) = match device {
             DeviceRequest::Cpu => (
                 build(path, opts, None).map_err(load_err(path))?,
                 Provider::Cpu,

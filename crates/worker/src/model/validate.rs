@@ -72,10 +72,12 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[Tensor]) -> Result<(), Er
                 ));
             }
             match batch {
-                Some((first, other)) if first != b => return Err(invalid!(
+                Some((first, other)) if first != b => {
+                    return Err(invalid!(
                     "input '{}': batch size {b} differs from input '{other}' (batch size {first})",
                     t.name
-                )),
+                ))
+                }
                 _ => batch = Some((b, &t.name)),
             }
         }

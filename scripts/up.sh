@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: fetch ONNX Runtime, build, start a local mesh on the bundled
+# models, prove it answers a real request, and serve until Ctrl-C. Extra arguments go to
+# `infermesh up` (e.g. --check to exit after the request).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+INFERMESH_ONNXRUNTIME_LIB=$(scripts/fetch-ort.sh | tail -n 1)
+export INFERMESH_ONNXRUNTIME_LIB
+exec cargo run --release --locked -p infermesh-cli -- up --model-repository "$root/models" "$@"

