@@ -40,8 +40,18 @@ fn cases() -> Vec<(&'static str, ModelInferRequest, Code, Vec<&'static str>)> {
     });
     let mut unknown_version = good();
     unknown_version.model_version = "7".into();
-    let all_types_bytes =
-        |data: Bytes| request("all_types", vec![raw("in_bytes", "BYTES", &[1, 3], data)]);
+    // multi_io with its BYTES input `text` ([3, 1]) carrying `data`; the rest well formed.
+    let text_input = |data: Bytes| {
+        request(
+            "multi_io",
+            vec![
+                raw("text", "BYTES", &[3, 1], data),
+                raw("x", "FP32", &[3, 4], f32s(&[0.0; 12])),
+                raw("k", "INT32", &[3, 1], vec![0u8; 12]),
+                raw("h", "FP16", &[3, 2], vec![0u8; 12]),
+            ],
+        )
+    };
     let mut overlong = strings(&[b"a", b"b", b"c"]).to_vec();
     overlong[5] = 90; // second element claims 90 bytes
     vec![
@@ -52,7 +62,7 @@ fn cases() -> Vec<(&'static str, ModelInferRequest, Code, Vec<&'static str>)> {
                 vec![raw("input", "FP64", &[1, 784], vec![0u8; 784 * 8])],
             ),
             Code::InvalidArgument,
-            vec!["input 'input'", "FP64", "expected FP32"],
+            vec!["input 'input'", "datatype 'FP64'", "expected FP32"],
         ),
         (
             "wrong rank",
@@ -117,15 +127,15 @@ fn cases() -> Vec<(&'static str, ModelInferRequest, Code, Vec<&'static str>)> {
         ),
         (
             "truncated BYTES prefix",
-            all_types_bytes(strings(&[b"a", b"b", b"c"]).slice(..11)),
+            text_input(strings(&[b"a", b"b", b"c"]).slice(..11)),
             Code::InvalidArgument,
-            vec!["input 'in_bytes'", "element 2", "length prefix"],
+            vec!["input 'text'", "element 2", "length prefix"],
         ),
         (
             "overlong BYTES length",
-            all_types_bytes(overlong.into()),
+            text_input(overlong.into()),
             Code::InvalidArgument,
-            vec!["input 'in_bytes'", "element 1 declares 90 bytes"],
+            vec!["input 'text'", "element 1 declares 90 bytes"],
         ),
         (
             "unknown model",

@@ -4,8 +4,9 @@ mod validate;
 
 use std::path::PathBuf;
 
-use infermesh_core::{DataType, Tensor};
-use infermesh_proto as pb;
+use bytes::Bytes;
+use infermesh_core::{tensor::decode_inputs, DataType, Tensor};
+use infermesh_proto::{self as pb, model_infer_request::InferInputTensor};
 
 use crate::{
     engine::{
@@ -118,14 +119,17 @@ impl Model {
         })
     }
 
-    /// Validates the request against the signature and runs it on some instance.
+    /// Validates the request against the signature, decodes its tensors and runs it on
+    /// some instance.
     pub async fn infer(
         &self,
-        inputs: Vec<Tensor>,
+        inputs: &[InferInputTensor],
+        raw: &[Bytes],
         outputs: &[String],
     ) -> Result<Vec<Tensor>, Error> {
-        validate::inputs(&self.name, &self.signature, &inputs)?;
+        validate::inputs(&self.name, &self.signature, inputs)?;
         let outputs = validate::outputs(&self.name, &self.signature, outputs)?;
+        let inputs = decode_inputs(inputs, raw)?;
         self.queue.submit(&self.name, inputs, outputs).await
     }
 

@@ -4,7 +4,7 @@ mod stream;
 
 use std::sync::Arc;
 
-use infermesh_core::{tensor::decode_inputs, Error as RequestError, Lifecycle};
+use infermesh_core::{Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -33,9 +33,10 @@ impl WorkerService {
         req: pb::ModelInferRequest,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
         let model = self.repo.get(&req.model_name, &req.model_version)?;
-        let inputs = decode_inputs(&req.inputs, &req.raw_input_contents)?;
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
-        let outputs = model.infer(inputs, &asked).await?;
+        let outputs = model
+            .infer(&req.inputs, &req.raw_input_contents, &asked)
+            .await?;
         Ok(pb::ModelInferResponse {
             model_name: model.name.clone(),
             model_version: model.version.to_string(),

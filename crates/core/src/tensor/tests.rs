@@ -83,7 +83,8 @@ fn typed_count_and_mixing_are_rejected() {
 #[test]
 fn request_level_checks() {
     let a = input("a", "UINT8", &[1]);
-    let err = decode_inputs(&[a.clone(), a.clone()], &[]).unwrap_err();
+    let one = Bytes::from_static(&[1]);
+    let err = decode_inputs(&[a.clone(), a.clone()], &[one.clone(), one]).unwrap_err();
     assert!(err.to_string().contains("more than once"));
     let err = decode_inputs(&[a], &[Bytes::from_static(&[1]), Bytes::new()]).unwrap_err();
     assert!(err.to_string().contains("raw_input_contents has 2 entries"));

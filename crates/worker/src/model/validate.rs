@@ -1,7 +1,8 @@
 //! Request checks against a model's signature. Every message names the input, what was
 //! expected and what came.
 
-use infermesh_core::{invalid, Error, Tensor};
+use infermesh_core::{invalid, DataType, Error};
+use infermesh_proto::model_infer_request::InferInputTensor;
 
 use super::Signature;
 use crate::engine::IoSpec;
@@ -10,7 +11,9 @@ fn describe(sig: &Signature, io: &IoSpec) -> String {
     format!("{} {} {:?}", io.name, io.datatype, sig.full_shape(io))
 }
 
-pub fn inputs(model: &str, sig: &Signature, tensors: &[Tensor]) -> Result<(), Error> {
+/// Checks names, datatypes and shapes before any data is decoded, so the first complaint
+/// is about the mismatch a client can fix, not a byte count that follows from it.
+pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Result<(), Error> {
     let expected = || {
         sig.inputs
             .iter()
@@ -33,9 +36,14 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[Tensor]) -> Result<(), Er
                 expected()
             ));
         };
-        if t.datatype != io.datatype {
+        if t.datatype != io.datatype.as_str() {
+            let what = if DataType::parse(&t.datatype).is_some() {
+                "datatype"
+            } else {
+                "unknown datatype"
+            };
             return Err(invalid!(
-                "input '{}': datatype {}; expected {}",
+                "input '{}': {what} '{}'; expected {}",
                 t.name,
                 t.datatype,
                 io.datatype
