@@ -2,8 +2,10 @@
 //! the error → gRPC status mapping, flags, health, logging, and `serve()` with its shutdown
 //! sequence.
 
+pub mod admission;
 pub mod config;
 pub mod datatype;
+pub mod deadline;
 pub mod error;
 pub mod lifecycle;
 pub mod serve;

@@ -42,6 +42,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_MAX_QUEUE_SIZE", default_value_t = 1024)]
     pub max_queue_size: usize,
 
+    /// Bound on request bytes held in memory at once (all models); beyond it requests get
+    /// RESOURCE_EXHAUSTED instead of the process growing toward an out-of-memory kill.
+    /// 0 = unbounded.
+    #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 4 << 30)]
+    pub max_inflight_bytes: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

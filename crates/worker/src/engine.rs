@@ -1,6 +1,7 @@
 //! The engine seam: what one model instance does with one batch. `ort` appears only in
 //! `engine/onnx.rs`; the identity backend (tests, mesh measurements) sits beside it.
 
+pub mod identity;
 pub mod onnx;
 
 use infermesh_core::{DataType, Tensor};

@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A bad or unservable request; carries its own status code.
     #[error(transparent)]

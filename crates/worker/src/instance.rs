@@ -1,72 +1,26 @@
-//! Model instances: each owns one engine on its own OS thread and takes jobs from the
-//! model's shared bounded queue, so inference never runs on the async runtime.
+//! Model instances: each owns one engine on its own OS thread (inference never runs on
+//! the async runtime) and executes the batches the scheduler hands it.
 
-use std::thread;
+use std::{sync::Arc, thread, time::Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use infermesh_core::{Error as RequestError, Tensor, TensorData};
-use tokio::sync::oneshot;
+use crossbeam_channel::Receiver;
+use infermesh_core::{Tensor, TensorData};
 
 use crate::{
+    batch,
     engine::{Engine, GraphSpec, Provider},
+    scheduler::{Batch, Pending},
+    stats::{BatchTimes, Stats},
     Error,
 };
 
-/// One request for an instance. The reply channel doubles as the cancellation signal: a
-/// job whose caller went away is skipped before it reaches the engine.
-pub struct Job {
-    pub inputs: Vec<Tensor>,
-    pub outputs: Vec<String>,
-    pub reply: oneshot::Sender<Result<Vec<Tensor>, Error>>,
-}
-
-/// The sending side of a model's queue. Dropping every `Queue` stops the instance threads.
-#[derive(Clone)]
-pub struct Queue {
-    tx: Sender<Job>,
-}
-
-impl Queue {
-    pub fn bounded(capacity: usize) -> (Self, Receiver<Job>) {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (Self { tx }, rx)
-    }
-
-    /// Enqueues without waiting: a full queue answers RESOURCE_EXHAUSTED at once.
-    pub async fn submit(
-        &self,
-        model: &str,
-        inputs: Vec<Tensor>,
-        outputs: Vec<String>,
-    ) -> Result<Vec<Tensor>, Error> {
-        let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { inputs, outputs, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(RequestError::ResourceExhausted(format!(
-                    "model '{model}': request queue is full ({} waiting); retry later or on another worker",
-                    self.tx.len()
-                ))
-                .into())
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(RequestError::Unavailable(format!("model '{model}' is being unloaded")).into())
-            }
-        }
-        rx.await.map_err(|_| {
-            Error::Runtime(format!(
-                "model '{model}': instance stopped while running the request"
-            ))
-        })?
-    }
-}
-
 /// Starts one instance thread. `load` runs on that thread (engines are built where they
-/// live); the result of load + warm-up comes back before the thread takes jobs.
+/// live); load + warm-up finish before this returns and before the thread takes batches.
 pub fn spawn<E, F>(
     label: String,
     load: F,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Batch>,
+    stats: Arc<Stats>,
 ) -> Result<(GraphSpec, Provider), Error>
 where
     E: Engine,
@@ -74,7 +28,7 @@ where
 {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     thread::Builder::new()
-        .name(label.clone())
+        .name(label)
         .spawn(move || {
             let mut engine = match load().and_then(|(mut engine, spec)| {
                 warm_up(&mut engine, &spec)?;
@@ -89,19 +43,111 @@ where
                     return;
                 }
             };
-            for job in jobs {
-                if job.reply.is_closed() {
-                    tracing::debug!(instance = %label, "skipping a request whose caller went away");
-                    continue;
-                }
-                let result = engine.run(&job.inputs, &job.outputs);
-                let _ = job.reply.send(result);
+            for Batch {
+                items,
+                dispatched,
+                slot,
+            } in jobs
+            {
+                execute(&mut engine, items, dispatched, &stats);
+                drop(slot); // the instance is idle again
             }
         })
         .map_err(|e| Error::Load(format!("cannot start instance thread: {e}")))?;
     ready_rx
         .recv()
         .map_err(|_| Error::Load("instance thread died while loading".into()))?
+}
+
+fn execute<E: Engine>(engine: &mut E, items: Vec<Pending>, dispatched: Instant, stats: &Stats) {
+    let (live, gone): (Vec<Pending>, Vec<Pending>) =
+        items.into_iter().partition(|p| !p.reply.is_closed());
+    gone.iter().for_each(|_| stats.skipped_cancelled());
+    if live.is_empty() {
+        return;
+    }
+    match run(engine, &live) {
+        Ok((parts, times)) => {
+            let done = Instant::now();
+            let rows: usize = live.iter().map(|p| p.rows).sum();
+            let per_request: Vec<_> = live
+                .iter()
+                .map(|p| (dispatched - p.enqueued, done - p.enqueued))
+                .collect();
+            stats.batch_ok(rows as u64, times, &per_request);
+            for (p, outputs) in live.into_iter().zip(parts) {
+                let _ = p.reply.send(Ok(pick(outputs, &p.outputs)));
+            }
+        }
+        // One bad request never fails its neighbours: run each alone.
+        Err(_) if live.len() > 1 => {
+            for p in live {
+                execute(engine, vec![p], dispatched, stats);
+            }
+        }
+        Err(e) => {
+            for p in live {
+                stats.failed(p.enqueued.elapsed());
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Joins, runs and splits one batch; a single request runs on its own tensors (no copy).
+fn run<E: Engine>(
+    engine: &mut E,
+    live: &[Pending],
+) -> Result<(Vec<Vec<Tensor>>, BatchTimes), Error> {
+    // Every output any request asked for, in the first request's order then the others'.
+    let mut wanted: Vec<String> = Vec::new();
+    for p in live {
+        for o in &p.outputs {
+            if !wanted.contains(o) {
+                wanted.push(o.clone());
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let joined;
+    let inputs: &[Tensor] = if live.len() == 1 {
+        &live[0].inputs
+    } else {
+        let parts: Vec<&[Tensor]> = live.iter().map(|p| p.inputs.as_slice()).collect();
+        joined = batch::concat(&parts);
+        &joined
+    };
+    let t1 = Instant::now();
+    let outputs = engine.run(inputs, &wanted)?;
+    let t2 = Instant::now();
+    let parts = if live.len() == 1 {
+        vec![outputs]
+    } else {
+        let rows: Vec<usize> = live.iter().map(|p| p.rows).collect();
+        batch::split(outputs, &rows).map_err(Error::Runtime)?
+    };
+    let times = BatchTimes {
+        input: t1 - t0,
+        infer: t2 - t1,
+        output: t2.elapsed(),
+    };
+    Ok((parts, times))
+}
+
+/// The outputs a request asked for, in its order.
+fn pick(mut outputs: Vec<Tensor>, asked: &[String]) -> Vec<Tensor> {
+    if outputs.len() == asked.len() && outputs.iter().zip(asked).all(|(t, a)| &t.name == a) {
+        return outputs;
+    }
+    asked
+        .iter()
+        .filter_map(|a| {
+            outputs
+                .iter()
+                .position(|t| &t.name == a)
+                .map(|i| outputs.swap_remove(i))
+        })
+        .collect()
 }
 
 /// One run on zeros (batch 1, open dims 1) before the model reports READY, so the first

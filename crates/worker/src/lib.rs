@@ -1,13 +1,17 @@
 //! The infermesh worker: a Triton-layout model repository served over the KServe v2 /
 //! Triton gRPC protocol, with ONNX Runtime sessions each owned by its own OS thread.
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod instance;
 pub mod model;
+pub mod model_config;
 pub mod repository;
+pub mod scheduler;
 pub mod service;
+pub mod stats;
 
 use std::{
     future::Future,
@@ -20,7 +24,7 @@ use engine::onnx::{self, DeviceRequest};
 pub use error::Error;
 use infermesh_core::{serve, Lifecycle};
 use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
-use model::LoadOptions;
+use model::Defaults;
 use repository::Repository;
 use service::WorkerService;
 use tokio::net::TcpListener;
@@ -66,11 +70,7 @@ pub async fn run(
     );
 
     // Models load in the background so health (NOT_SERVING) and liveness answer at once.
-    let template = LoadOptions {
-        name: String::new(),
-        version: 0,
-        path: PathBuf::new(),
-        instances: 1,
+    let defaults = Defaults {
         device: match config.default_instance_kind {
             InstanceKind::Auto => DeviceRequest::Auto(0),
             InstanceKind::Cpu => DeviceRequest::Cpu,
@@ -85,7 +85,7 @@ pub async fn run(
         tokio::spawn(async move {
             for f in found {
                 let name = f.name.clone();
-                repository::load(&repo, f, &template).await;
+                repository::load(&repo, f, &defaults).await;
                 lifecycle.set(&name, repo.get(&name, "").is_ok()).await;
             }
             loaded.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -104,6 +104,7 @@ pub async fn run(
         repo,
         lifecycle: lifecycle.clone(),
         loaded,
+        budget: infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes),
     };
     let limit = config.server.grpc_max_message_bytes;
     let inference = GrpcInferenceServiceServer::new(service)

@@ -1,19 +1,24 @@
-//! A loaded model version: its served signature, its instances, and request validation.
+//! A loaded model version: its configuration and served signature, its instances, its
+//! scheduler and statistics.
 
 mod validate;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use infermesh_core::{tensor::decode_inputs, DataType, Tensor};
+use infermesh_core::{tensor::decode_inputs, Tensor};
 use infermesh_proto::{self as pb, model_infer_request::InferInputTensor};
 
 use crate::{
     engine::{
+        identity::IdentityEngine,
         onnx::{DeviceRequest, OnnxEngine, SessionOptions},
-        GraphSpec, IoSpec, Provider,
+        IoSpec, Provider,
     },
-    instance::{self, Queue},
+    instance,
+    model_config::{self, Backend, BatchPolicy},
+    scheduler::Scheduler,
+    stats::Stats,
     Error,
 };
 
@@ -27,31 +32,6 @@ pub struct Signature {
 }
 
 impl Signature {
-    /// Triton's auto-complete: a graph whose every input and output starts with an open dim
-    /// is batchable along it, up to `default_max_batch_size`.
-    pub fn from_graph(graph: &GraphSpec, default_max_batch_size: usize) -> Self {
-        let all = graph.inputs.iter().chain(&graph.outputs);
-        let batchable =
-            default_max_batch_size > 0 && all.clone().all(|io| io.dims.first() == Some(&-1));
-        let strip = |ios: &[IoSpec]| {
-            ios.iter()
-                .map(|io| IoSpec {
-                    dims: if batchable {
-                        io.dims[1..].to_vec()
-                    } else {
-                        io.dims.clone()
-                    },
-                    ..io.clone()
-                })
-                .collect()
-        };
-        Self {
-            max_batch_size: if batchable { default_max_batch_size } else { 0 },
-            inputs: strip(&graph.inputs),
-            outputs: strip(&graph.outputs),
-        }
-    }
-
     /// The shape clients see in ModelMetadata: -1 first for the batch dim.
     pub fn full_shape(&self, io: &IoSpec) -> Vec<i64> {
         if self.max_batch_size > 0 {
@@ -62,17 +42,24 @@ impl Signature {
     }
 }
 
-/// How to load a model version.
+/// Worker-wide defaults for loading models.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub device: DeviceRequest,
+    pub intra_op_threads: usize,
+    pub default_max_batch_size: usize,
+    pub queue_capacity: usize,
+}
+
+/// One model version to load.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub name: String,
     pub version: i64,
     pub path: PathBuf,
-    pub instances: usize,
-    pub device: DeviceRequest,
-    pub intra_op_threads: usize,
-    pub default_max_batch_size: usize,
-    pub queue_capacity: usize,
+    /// The parsed config.pbtxt, if the model has one.
+    pub config: Option<pb::ModelConfig>,
+    pub defaults: Defaults,
 }
 
 pub struct Model {
@@ -80,57 +67,112 @@ pub struct Model {
     pub version: i64,
     pub signature: Signature,
     pub config: pb::ModelConfig,
+    pub batching: Option<BatchPolicy>,
     /// What each instance really runs on, in instance order.
     pub providers: Vec<Provider>,
-    queue: Queue,
+    pub stats: Arc<Stats>,
+    scheduler: Scheduler,
 }
 
 impl Model {
-    /// Loads every instance (blocking: call from `spawn_blocking`), warm-up included.
+    /// Loads every instance, warm-up included. Blocking: call from `spawn_blocking` (inside
+    /// a tokio runtime, which the scheduler task needs).
     pub fn load(opts: &LoadOptions) -> Result<Model, Error> {
-        let (queue, jobs) = Queue::bounded(opts.queue_capacity);
-        let session = SessionOptions {
-            device: opts.device,
-            intra_op_threads: opts.intra_op_threads,
-        };
+        let given = opts.config.is_some();
+        let config = opts.config.clone().unwrap_or_default();
+        let backend = model_config::backend(&config)?;
+        let devices = model_config::instances(&config, opts.defaults.device)?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let stats = Arc::new(Stats::default());
         let mut graph = None;
-        let mut providers = Vec::with_capacity(opts.instances);
-        for i in 0..opts.instances.max(1) {
-            let (path, session) = (opts.path.clone(), session.clone());
+        let mut providers = Vec::with_capacity(devices.len());
+        for (i, device) in devices.iter().enumerate() {
             let label = format!("{}-{}-{i}", opts.name, opts.version);
-            let (spec, provider) = instance::spawn(
-                label,
-                move || OnnxEngine::load(&path, &session),
-                jobs.clone(),
-            )?;
+            let (jobs, stats) = (jobs_rx.clone(), stats.clone());
+            let (spec, provider) = match backend {
+                Backend::Onnx => {
+                    let path = opts.path.join("model.onnx");
+                    let session = SessionOptions {
+                        device: *device,
+                        intra_op_threads: opts.defaults.intra_op_threads,
+                    };
+                    instance::spawn(
+                        label,
+                        move || OnnxEngine::load(&path, &session),
+                        jobs,
+                        stats,
+                    )?
+                }
+                Backend::Identity => {
+                    let spec = model_config::identity_graph(&config)?;
+                    let engine = IdentityEngine::new(&config)?;
+                    instance::spawn(label, move || Ok((engine, spec)), jobs, stats)?
+                }
+            };
             graph.get_or_insert(spec);
             providers.push(provider);
         }
-        let graph = graph.expect("at least one instance");
-        let signature = Signature::from_graph(&graph, opts.default_max_batch_size);
-        let config = derived_config(opts, &signature, &providers);
+        let graph = graph.ok_or_else(|| Error::Load("instance_group: no instances".into()))?;
+        let mut config = model_config::complete(
+            config,
+            &opts.name,
+            &graph,
+            given,
+            opts.defaults.default_max_batch_size,
+        )?;
+        if config.instance_group.is_empty() {
+            config.instance_group = vec![reported_group(&opts.name, &providers)];
+        }
+        let signature = model_config::signature(&config);
+        let batching = model_config::batch_policy(&config);
+        let capacity = model_config::queue_capacity(&config, opts.defaults.queue_capacity);
+        let scheduler = Scheduler::start(
+            opts.name.clone(),
+            batching.clone(),
+            capacity,
+            providers.len(),
+            jobs_tx,
+            stats.clone(),
+        );
         Ok(Model {
             name: opts.name.clone(),
             version: opts.version,
             signature,
             config,
+            batching,
             providers,
-            queue,
+            stats,
+            scheduler,
         })
     }
 
-    /// Validates the request against the signature, decodes its tensors and runs it on
-    /// some instance.
+    /// Validates the request against the signature, decodes its tensors and runs it.
+    /// `deadline` is the caller's; the config's default queue timeout applies when the
+    /// request has none (or may not override it).
     pub async fn infer(
         &self,
         inputs: &[InferInputTensor],
         raw: &[Bytes],
         outputs: &[String],
+        deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, Error> {
-        validate::inputs(&self.name, &self.signature, inputs)?;
+        let rows = validate::inputs(&self.name, &self.signature, inputs)?;
         let outputs = validate::outputs(&self.name, &self.signature, outputs)?;
         let inputs = decode_inputs(inputs, raw)?;
-        self.queue.submit(&self.name, inputs, outputs).await
+        let deadline = match self
+            .batching
+            .as_ref()
+            .and_then(|b| b.default_timeout.map(|t| (t, b.allow_timeout_override)))
+        {
+            Some((t, allow)) if deadline.is_none() || !allow => Some(Instant::now() + t),
+            _ => deadline,
+        };
+        self.scheduler.submit(inputs, outputs, rows, deadline).await
+    }
+
+    /// Requests waiting for an instance.
+    pub fn queue_depth(&self) -> usize {
+        self.scheduler.depth()
     }
 
     pub fn metadata(&self) -> pb::ModelMetadataResponse {
@@ -149,56 +191,25 @@ impl Model {
     }
 }
 
-/// The configuration Triton's auto-complete would derive from the graph.
-fn derived_config(opts: &LoadOptions, sig: &Signature, providers: &[Provider]) -> pb::ModelConfig {
-    let kind = match providers.first() {
-        Some(Provider::Cuda(_)) => pb::model_instance_group::Kind::Gpu,
-        _ => pb::model_instance_group::Kind::Cpu,
-    };
-    let gpus = providers
+/// The instance_group a config without one is reported with: what really runs.
+fn reported_group(name: &str, providers: &[Provider]) -> pb::ModelInstanceGroup {
+    let gpus: Vec<i32> = providers
         .iter()
         .filter_map(|p| match p {
             Provider::Cuda(d) => Some(*d),
             Provider::Cpu => None,
         })
         .collect();
-    pb::ModelConfig {
-        name: opts.name.clone(),
-        platform: "onnxruntime_onnx".into(),
-        backend: "onnxruntime".into(),
-        max_batch_size: sig.max_batch_size as i32,
-        input: sig
-            .inputs
-            .iter()
-            .map(|io| pb::ModelInput {
-                name: io.name.clone(),
-                data_type: DataType::to_config(io.datatype) as i32,
-                dims: io.dims.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        output: sig
-            .outputs
-            .iter()
-            .map(|io| pb::ModelOutput {
-                name: io.name.clone(),
-                data_type: DataType::to_config(io.datatype) as i32,
-                dims: io.dims.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        instance_group: vec![pb::ModelInstanceGroup {
-            name: opts.name.clone(),
-            count: providers.len() as i32,
-            kind: kind as i32,
-            gpus,
-            ..Default::default()
-        }],
-        version_policy: Some(pb::ModelVersionPolicy {
-            policy_choice: Some(pb::model_version_policy::PolicyChoice::Latest(
-                pb::model_version_policy::Latest { num_versions: 1 },
-            )),
-        }),
+    let kind = if gpus.is_empty() {
+        pb::model_instance_group::Kind::Cpu
+    } else {
+        pb::model_instance_group::Kind::Gpu
+    };
+    pb::ModelInstanceGroup {
+        name: name.to_string(),
+        count: providers.len() as i32,
+        kind: kind as i32,
+        gpus,
         ..Default::default()
     }
 }

@@ -12,8 +12,8 @@ use infermesh_core::Error as RequestError;
 use infermesh_proto as pb;
 
 use crate::{
-    model::{LoadOptions, Model},
-    Error,
+    model::{Defaults, LoadOptions, Model},
+    model_config, Error,
 };
 
 /// The state of one model version, as RepositoryIndex reports it.
@@ -47,8 +47,8 @@ pub struct Repository {
 /// One model directory found on disk.
 pub struct Found {
     pub name: String,
-    /// The newest version (Triton's default policy, latest 1) and its model file.
-    pub latest: Result<(i64, PathBuf), String>,
+    /// Its config.pbtxt, if any, and the version directories its version policy serves.
+    pub plan: Result<(Option<pb::ModelConfig>, Vec<(i64, PathBuf)>), String>,
 }
 
 impl Repository {
@@ -82,7 +82,7 @@ impl Repository {
             }
             found.push(Found {
                 name: name.to_string(),
-                latest: latest_version(&path),
+                plan: plan(&path),
             });
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -176,53 +176,89 @@ impl Repository {
     }
 }
 
-fn latest_version(model_dir: &Path) -> Result<(i64, PathBuf), String> {
+/// Reads a model directory: its config (if any) and the versions its policy selects
+/// (Triton's default: the newest one).
+fn plan(model_dir: &Path) -> Result<(Option<pb::ModelConfig>, Vec<(i64, PathBuf)>), String> {
+    let config = model_config::read(model_dir).map_err(|e| e.to_string())?;
     let entries = std::fs::read_dir(model_dir)
         .map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
-    entries
+    let mut versions: Vec<(i64, PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
             let v: i64 = e.file_name().to_str()?.parse().ok()?;
-            let file = e.path().join("model.onnx");
-            (v >= 0 && file.is_file()).then_some((v, file))
+            (v >= 0 && e.path().is_dir()).then(|| (v, e.path()))
         })
-        .max_by_key(|(v, _)| *v)
-        .ok_or_else(|| {
-            format!(
-                "no version directory with a model.onnx under {} (expected <model>/<version>/model.onnx)",
-                model_dir.display()
-            )
-        })
+        .collect();
+    versions.sort();
+    if versions.is_empty() {
+        return Err(format!(
+            "no version directory under {} (expected <model>/<version>/model.onnx)",
+            model_dir.display()
+        ));
+    }
+    use pb::model_version_policy::PolicyChoice;
+    let policy = config
+        .as_ref()
+        .and_then(|c| c.version_policy.as_ref())
+        .and_then(|p| p.policy_choice.as_ref());
+    let chosen: Vec<(i64, PathBuf)> = match policy {
+        None => versions.split_off(versions.len() - 1),
+        Some(PolicyChoice::Latest(l)) => {
+            let n = (l.num_versions.max(1) as usize).min(versions.len());
+            versions.split_off(versions.len() - n)
+        }
+        Some(PolicyChoice::All(_)) => versions,
+        Some(PolicyChoice::Specific(s)) => {
+            if let Some(missing) = s
+                .versions
+                .iter()
+                .find(|v| !versions.iter().any(|(have, _)| have == *v))
+            {
+                return Err(format!(
+                    "version_policy: specific version {missing} has no directory"
+                ));
+            }
+            versions
+                .into_iter()
+                .filter(|(v, _)| s.versions.contains(v))
+                .collect()
+        }
+    };
+    Ok((config, chosen))
 }
 
-/// Loads one found model into the repository, reporting failure instead of returning it.
-pub async fn load(repo: &Repository, found: Found, template: &LoadOptions) {
-    let (version, path) = match found.latest {
-        Ok(v) => v,
+/// Loads one found model (each version its policy serves) into the repository,
+/// reporting failures instead of returning them.
+pub async fn load(repo: &Repository, found: Found, defaults: &Defaults) {
+    let (config, versions) = match found.plan {
+        Ok(p) => p,
         Err(reason) => {
             tracing::error!(model = %found.name, %reason, "model failed to load");
             repo.set(&found.name, None, State::Failed(reason));
             return;
         }
     };
-    repo.set(&found.name, Some(version), State::Loading);
-    let opts = LoadOptions {
-        name: found.name.clone(),
-        version,
-        path,
-        ..template.clone()
-    };
-    let result = tokio::task::spawn_blocking(move || Model::load(&opts))
-        .await
-        .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
-    match result {
-        Ok(model) => {
-            tracing::info!(model = %found.name, version, providers = ?model.providers, "model ready");
-            repo.set(&found.name, Some(version), State::Ready(Arc::new(model)));
-        }
-        Err(e) => {
-            tracing::error!(model = %found.name, version, reason = %e, "model failed to load");
-            repo.set(&found.name, Some(version), State::Failed(e.to_string()));
+    for (version, path) in versions {
+        repo.set(&found.name, Some(version), State::Loading);
+        let opts = LoadOptions {
+            name: found.name.clone(),
+            version,
+            path,
+            config: config.clone(),
+            defaults: defaults.clone(),
+        };
+        let result = tokio::task::spawn_blocking(move || Model::load(&opts))
+            .await
+            .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
+        match result {
+            Ok(model) => {
+                tracing::info!(model = %found.name, version, providers = ?model.providers, "model ready");
+                repo.set(&found.name, Some(version), State::Ready(Arc::new(model)));
+            }
+            Err(e) => {
+                tracing::error!(model = %found.name, version, reason = %e, "model failed to load");
+                repo.set(&found.name, Some(version), State::Failed(e.to_string()));
+            }
         }
     }
 }

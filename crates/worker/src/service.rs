@@ -2,10 +2,11 @@
 
 mod stream;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
-use infermesh_core::{Error as RequestError, Lifecycle};
+use infermesh_core::{admission::ByteBudget, Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{repository::Repository, Error};
@@ -20,6 +21,8 @@ pub struct WorkerService {
     pub lifecycle: Lifecycle,
     /// Set once every model found at start has finished loading (ready or failed).
     pub loaded: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of requests held in memory, process-wide.
+    pub budget: ByteBudget,
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
@@ -28,14 +31,32 @@ impl WorkerService {
     /// Runs one inference request; shared by ModelInfer and each message of a stream.
     /// Admission is checked by the caller: a stream opened before shutdown keeps being
     /// served while it drains.
+    /// `deadline` comes from the call's `grpc-timeout`; Triton's `timeout` parameter (µs)
+    /// is read here, and the earlier wins.
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
+        let start = Instant::now();
+        let _held = self.budget.acquire(req.encoded_len())?;
         let model = self.repo.get(&req.model_name, &req.model_version)?;
+        let timeout = req
+            .parameters
+            .get("timeout")
+            .and_then(|p| match p.parameter_choice {
+                Some(pb::infer_parameter::ParameterChoice::Int64Param(v)) => Some(v),
+                Some(pb::infer_parameter::ParameterChoice::Uint64Param(v)) => Some(v as i64),
+                _ => None,
+            });
+        let param = infermesh_core::deadline::deadline(&Default::default(), timeout, start);
+        let deadline = match (deadline, param) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         let outputs = model
-            .infer(&req.inputs, &req.raw_input_contents, &asked)
+            .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
             .await?;
         Ok(pb::ModelInferResponse {
             model_name: model.name.clone(),
@@ -141,7 +162,8 @@ impl GrpcInferenceService for WorkerService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
-        Ok(Response::new(self.infer(req.into_inner()).await?))
+        let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
+        Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
     }
 
     type ModelStreamInferStream = stream::ResponseStream;

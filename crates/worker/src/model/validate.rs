@@ -13,7 +13,8 @@ fn describe(sig: &Signature, io: &IoSpec) -> String {
 
 /// Checks names, datatypes and shapes before any data is decoded, so the first complaint
 /// is about the mismatch a client can fix, not a byte count that follows from it.
-pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Result<(), Error> {
+/// Returns the request's batch size (1 for models without batching).
+pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Result<usize, Error> {
     let expected = || {
         sig.inputs
             .iter()
@@ -101,7 +102,7 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Res
             describe(sig, missing)
         ));
     }
-    Ok(())
+    Ok(batch.map_or(1, |(b, _)| b as usize))
 }
 
 /// The outputs to compute: those asked for, else all, in the model's order.

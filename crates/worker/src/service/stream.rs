@@ -88,7 +88,8 @@ async fn answer(svc: WorkerService, req: pb::ModelInferRequest) -> pb::ModelStre
         req.model_name.clone(),
         req.model_version.clone(),
     );
-    match svc.infer(req).await {
+    // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
+    match svc.infer(req, None).await {
         Ok(resp) => pb::ModelStreamInferResponse {
             error_message: String::new(),
             infer_response: Some(resp),

@@ -1,0 +1,90 @@
+//! The identity backend: output i echoes input i. Optional `delay_ms` and `failure_rate`
+//! parameters in config.pbtxt make slow or failing workers for tests, and it measures the
+//! mesh without model cost.
+
+use std::time::Duration;
+
+use infermesh_core::Tensor;
+use infermesh_proto as pb;
+
+use super::{Engine, Provider};
+use crate::Error;
+
+pub struct IdentityEngine {
+    /// (output name, input name) pairs.
+    pairs: Vec<(String, String)>,
+    delay: Duration,
+    failure_rate: f64,
+    runs: u64,
+    failures: u64,
+}
+
+impl IdentityEngine {
+    pub fn new(config: &pb::ModelConfig) -> Result<Self, Error> {
+        let param = |key: &str| config.parameters.get(key).map(|p| p.string_value.as_str());
+        let number = |key: &str| -> Result<Option<f64>, Error> {
+            param(key)
+                .map(|v| {
+                    v.trim().parse::<f64>().map_err(|_| {
+                        Error::Load(format!("parameters '{key}': '{v}' is not a number"))
+                    })
+                })
+                .transpose()
+        };
+        let delay_ms = number("delay_ms")?.unwrap_or(0.0);
+        let failure_rate = number("failure_rate")?.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&failure_rate) || delay_ms < 0.0 {
+            return Err(Error::Load(
+                "parameters: failure_rate must be within 0..1 and delay_ms not negative".into(),
+            ));
+        }
+        Ok(Self {
+            pairs: config
+                .output
+                .iter()
+                .zip(&config.input)
+                .map(|(o, i)| (o.name.clone(), i.name.clone()))
+                .collect(),
+            delay: Duration::from_secs_f64(delay_ms / 1000.0),
+            failure_rate,
+            runs: 0,
+            failures: 0,
+        })
+    }
+}
+
+impl Engine for IdentityEngine {
+    fn run(&mut self, inputs: &[Tensor], outputs: &[String]) -> Result<Vec<Tensor>, Error> {
+        std::thread::sleep(self.delay);
+        self.runs += 1;
+        // Deterministic: after n runs exactly floor(n × rate) have failed.
+        if (self.runs as f64 * self.failure_rate).floor() as u64 > self.failures {
+            self.failures += 1;
+            return Err(Error::Runtime(format!(
+                "identity backend: injected failure (failure_rate {})",
+                self.failure_rate
+            )));
+        }
+        outputs
+            .iter()
+            .map(|name| {
+                let input = self
+                    .pairs
+                    .iter()
+                    .find(|(o, _)| o == name)
+                    .and_then(|(_, i)| inputs.iter().find(|t| &t.name == i))
+                    .ok_or_else(|| {
+                        Error::Runtime(format!("identity backend: no input for output '{name}'"))
+                    })?;
+                Ok(Tensor {
+                    name: name.clone(),
+                    ..input.clone()
+                })
+            })
+            .collect()
+    }
+
+    fn provider(&self) -> Provider {
+        Provider::Cpu
+    }
+}

@@ -1,0 +1,311 @@
+//! The per-model scheduler: one bounded queue and one batching task. Requests wait here
+//! until an instance is idle; then the oldest request and the compatible ones behind it
+//! (same inputs and non-batch dims) form a batch up to max_batch_size, preferring
+//! preferred_batch_size and waiting at most max_queue_delay for more. Requests whose
+//! caller went away or whose deadline passed are dropped before the engine.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use infermesh_core::{Error as RequestError, Tensor};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::{model_config::BatchPolicy, stats::Stats, Error};
+
+/// A request waiting for an instance.
+pub struct Pending {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<String>,
+    pub rows: usize,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<Vec<Tensor>, Error>>,
+}
+
+impl Pending {
+    /// Requests batch together only with the same input names and non-batch dims.
+    fn compatible(&self, other: &Pending) -> bool {
+        self.inputs.len() == other.inputs.len()
+            && self.inputs.iter().all(|a| {
+                other
+                    .inputs
+                    .iter()
+                    .any(|b| a.name == b.name && a.shape.get(1..) == b.shape.get(1..))
+            })
+    }
+}
+
+/// Requests handed to one idle instance. Dropping `slot` marks the instance idle again.
+pub struct Batch {
+    pub items: Vec<Pending>,
+    pub dispatched: Instant,
+    pub slot: OwnedSemaphorePermit,
+}
+
+pub struct Scheduler {
+    model: String,
+    tx: mpsc::UnboundedSender<Pending>,
+    /// Requests accepted and not yet dispatched; bounded by `capacity`.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl Scheduler {
+    /// Starts the batching task. `jobs` feeds the instance threads; `instances` of them.
+    pub fn start(
+        model: String,
+        policy: Option<BatchPolicy>,
+        capacity: usize,
+        instances: usize,
+        jobs: crossbeam_channel::Sender<Batch>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = Batcher {
+            rx,
+            policy,
+            slots: Arc::new(Semaphore::new(instances.max(1))),
+            jobs,
+            queued: queued.clone(),
+            stats,
+            queue: VecDeque::new(),
+            closed: false,
+        };
+        tokio::runtime::Handle::current().spawn(task.run());
+        Self {
+            model,
+            tx,
+            queued,
+            capacity,
+        }
+    }
+
+    /// Queues a validated request and waits for its outputs. A full queue answers
+    /// RESOURCE_EXHAUSTED at once.
+    pub async fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: Vec<String>,
+        rows: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Tensor>, Error> {
+        let model = &self.model;
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(RequestError::ResourceExhausted(format!(
+                "model '{model}': queue is full ({} requests waiting, max_queue_size {}); retry later or on another worker",
+                self.capacity, self.capacity
+            ))
+            .into());
+        }
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            inputs,
+            outputs,
+            rows,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        if self.tx.send(pending).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(
+                RequestError::Unavailable(format!("model '{model}' is being unloaded")).into(),
+            );
+        }
+        rx.await.map_err(|_| {
+            Error::Runtime(format!(
+                "model '{model}': instance stopped while running the request"
+            ))
+        })?
+    }
+
+    /// Requests waiting for an instance now.
+    pub fn depth(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+}
+
+struct Batcher {
+    rx: mpsc::UnboundedReceiver<Pending>,
+    policy: Option<BatchPolicy>,
+    /// One permit per instance: a batch is formed only when an instance is idle, so
+    /// requests keep gathering while all instances are busy.
+    slots: Arc<Semaphore>,
+    jobs: crossbeam_channel::Sender<Batch>,
+    queued: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+    queue: VecDeque<Pending>,
+    closed: bool,
+}
+
+enum Plan {
+    /// Dispatch the first `n` compatible requests (indices into the queue).
+    Now(Vec<usize>),
+    /// Wait for more requests until this instant.
+    Wait(Instant),
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        loop {
+            if self.queue.is_empty() {
+                if self.closed {
+                    return;
+                }
+                match self.rx.recv().await {
+                    Some(p) => self.queue.push_back(p),
+                    None => return,
+                }
+            }
+            self.take_arrivals();
+            self.prune();
+            if self.queue.is_empty() {
+                continue;
+            }
+            // Wait for an idle instance while still taking requests.
+            let slot = tokio::select! {
+                biased;
+                slot = self.slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+                p = self.rx.recv(), if !self.closed => {
+                    match p {
+                        Some(p) => self.queue.push_back(p),
+                        None => self.closed = true,
+                    }
+                    continue;
+                }
+            };
+            self.fill(slot).await;
+        }
+    }
+
+    /// Holding an idle instance: form a batch now, or wait (bounded by the queue delay
+    /// and deadlines) for more requests.
+    async fn fill(&mut self, slot: OwnedSemaphorePermit) {
+        loop {
+            self.take_arrivals();
+            self.prune();
+            if self.queue.is_empty() {
+                return;
+            }
+            match self.plan(Instant::now()) {
+                Plan::Now(indices) => {
+                    let mut items = Vec::with_capacity(indices.len());
+                    for (taken, i) in indices.into_iter().enumerate() {
+                        items.push(self.queue.remove(i - taken).expect("index in queue"));
+                    }
+                    self.queued.fetch_sub(items.len(), Ordering::SeqCst);
+                    let batch = Batch {
+                        items,
+                        dispatched: Instant::now(),
+                        slot,
+                    };
+                    if let Err(e) = self.jobs.send(batch) {
+                        // Every instance thread is gone (model unloading).
+                        for p in e.into_inner().items {
+                            let _ = p.reply.send(Err(RequestError::Unavailable(
+                                "model is being unloaded".into(),
+                            )
+                            .into()));
+                        }
+                    }
+                    return;
+                }
+                Plan::Wait(until) => {
+                    tokio::select! {
+                        p = self.rx.recv(), if !self.closed => match p {
+                            Some(p) => self.queue.push_back(p),
+                            None => self.closed = true,
+                        },
+                        () = tokio::time::sleep_until(until.into()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_arrivals(&mut self) {
+        while let Ok(p) = self.rx.try_recv() {
+            self.queue.push_back(p);
+        }
+    }
+
+    /// Drops requests nobody waits for and answers expired ones, before the engine.
+    fn prune(&mut self) {
+        let now = Instant::now();
+        let before = self.queue.len();
+        let stats = &self.stats;
+        self.queue.retain_mut(|p| {
+            if p.reply.is_closed() {
+                stats.skipped_cancelled();
+                return false;
+            }
+            if p.deadline.is_some_and(|d| d <= now) {
+                stats.skipped_expired(now - p.enqueued);
+                let waited = now - p.enqueued;
+                let (tx, _) = oneshot::channel();
+                let reply = std::mem::replace(&mut p.reply, tx);
+                let _ = reply.send(Err(RequestError::DeadlineExceeded(format!(
+                    "deadline passed after {waited:?} in the queue; the request was not run"
+                ))
+                .into()));
+                return false;
+            }
+            true
+        });
+        self.queued
+            .fetch_sub(before - self.queue.len(), Ordering::SeqCst);
+    }
+
+    fn plan(&self, now: Instant) -> Plan {
+        let Some(policy) = &self.policy else {
+            return Plan::Now(vec![0]);
+        };
+        let head = &self.queue[0];
+        let mut taken = Vec::new();
+        let mut prefix = Vec::new(); // running row totals after each taken request
+        let mut rows = 0;
+        for (i, p) in self.queue.iter().enumerate() {
+            if !p.compatible(head) {
+                continue;
+            }
+            if rows + p.rows > policy.max_batch_size {
+                break;
+            }
+            rows += p.rows;
+            taken.push(i);
+            prefix.push(rows);
+        }
+        if taken.is_empty() {
+            // A request larger than max_batch_size cannot pass validation; be safe anyway.
+            return Plan::Now(vec![0]);
+        }
+        if rows >= policy.max_batch_size {
+            return Plan::Now(taken);
+        }
+        if let Some(&largest) = policy.preferred.last() {
+            if rows >= largest {
+                // The longest prefix that lands exactly on a preferred size, else all.
+                let cut = prefix
+                    .iter()
+                    .rposition(|r| policy.preferred.contains(r))
+                    .map_or(taken.len(), |p| p + 1);
+                taken.truncate(cut);
+                return Plan::Now(taken);
+            }
+        }
+        let due = head.enqueued + policy.max_queue_delay;
+        if now >= due {
+            return Plan::Now(taken);
+        }
+        let earliest_deadline = self.queue.iter().filter_map(|p| p.deadline).min();
+        Plan::Wait(earliest_deadline.map_or(due, |d| d.min(due)))
+    }
+}
