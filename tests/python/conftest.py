@@ -23,7 +23,7 @@ class Worker:
             binary("infermesh-worker"),
             "--model-repository", str(MODELS),
             "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-            "--shutdown-grace", "0s", "--log-format", "json", *extra,
+            "--metrics-port", "0", "--shutdown-grace", "0s", "--log-format", "json", *extra,
         ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.url = None

@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests: real servers on 127.0.0.1:0, real clients.
 
+pub mod repo;
 pub mod tensors;
 
 use std::{path::PathBuf, time::Duration};
@@ -22,9 +23,25 @@ pub fn models() -> PathBuf {
     root().join("models")
 }
 
+/// GET /metrics over plain HTTP/1.1 (no client library needed).
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
 /// A worker running in this process on 127.0.0.1:0.
 pub struct Worker {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), infermesh_worker::Error>>,
 }
@@ -54,16 +71,49 @@ impl Worker {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = WorkerConfig::try_parse_from(args).expect("valid flags");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let listeners = infermesh_worker::Listeners {
+            grpc,
+            metrics: Some(metrics),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(infermesh_worker::run(config, listener, async {
+        let task = tokio::spawn(infermesh_worker::run(config, listeners, async {
             let _ = stopped.await;
         }));
         Worker {
             addr,
+            metrics_addr,
             stop: Some(stop),
             task,
+        }
+    }
+
+    /// The value of one metric sample (exact name and labels as exposed), or None.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = scrape(self.metrics_addr).await;
+        text.lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+    }
+
+    /// Polls a metric until `pred` holds; panics after 30 s.
+    pub async fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = self.metric(series).await {
+                if pred(v) {
+                    return v;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let text = scrape(self.metrics_addr).await;
+                panic!("metric {series} never reached the expected value; /metrics:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -37,8 +37,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args).await,
         Command::Worker(config) => {
             infermesh_core::telemetry::init_logging(config.server.log_format);
-            let listener = infermesh_core::serve::bind(&config.server).await?;
-            infermesh_worker::run(*config, listener, infermesh_core::serve::signal()).await?;
+            let listeners = infermesh_worker::Listeners::bind(&config).await?;
+            infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await?;
             Ok(())
         }
         Command::Infer(args) => infer::run(args).await,

@@ -38,7 +38,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(infermesh_worker::run(config, listener, async {
+    let listeners = infermesh_worker::Listeners {
+        grpc: listener,
+        metrics: None,
+    };
+    let worker = tokio::spawn(infermesh_worker::run(config, listeners, async {
         tokio::select! {
             _ = stop_rx => {}
             () = infermesh_core::serve::signal() => {}

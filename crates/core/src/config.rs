@@ -14,6 +14,18 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_GRPC_PORT", default_value_t = 8001)]
     pub grpc_port: u16,
 
+    /// Serve Prometheus metrics at http://<metrics-address>:<metrics-port>/metrics.
+    #[arg(long, env = "INFERMESH_ALLOW_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_metrics: bool,
+
+    /// Address the metrics endpoint binds.
+    #[arg(long, env = "INFERMESH_METRICS_ADDRESS", default_value = "0.0.0.0")]
+    pub metrics_address: IpAddr,
+
+    /// Metrics port (Triton's default is 8002). 0 picks a free port and logs it.
+    #[arg(long, env = "INFERMESH_METRICS_PORT", default_value_t = 8002)]
+    pub metrics_port: u16,
+
     /// Largest gRPC message accepted or sent, in bytes. Triton accepts up to 2 GiB; a larger
     /// request is answered RESOURCE_EXHAUSTED before it is buffered.
     #[arg(long, env = "INFERMESH_GRPC_MAX_MESSAGE_BYTES", default_value_t = i32::MAX as usize)]

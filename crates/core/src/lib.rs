@@ -8,6 +8,7 @@ pub mod datatype;
 pub mod deadline;
 pub mod error;
 pub mod lifecycle;
+pub mod metrics;
 pub mod serve;
 pub mod status_map;
 pub mod telemetry;

@@ -18,6 +18,16 @@ pub async fn bind(args: &ServerArgs) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(args.grpc_address, args.grpc_port)).await
 }
 
+/// Binds the metrics listener, unless `--allow-metrics false`.
+pub async fn bind_metrics(args: &ServerArgs) -> std::io::Result<Option<TcpListener>> {
+    if !args.allow_metrics {
+        return Ok(None);
+    }
+    TcpListener::bind(SocketAddr::new(args.metrics_address, args.metrics_port))
+        .await
+        .map(Some)
+}
+
 /// Serves `routes` plus `grpc.health.v1` and reflection (v1 and v1alpha, since grpcurl
 /// 1.8 speaks only v1alpha) on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(

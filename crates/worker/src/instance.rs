@@ -49,7 +49,9 @@ where
                 slot,
             } in jobs
             {
+                stats.metrics.instances_busy.inc();
                 execute(&mut engine, items, dispatched, &stats);
+                stats.metrics.instances_busy.dec();
                 drop(slot); // the instance is idle again
             }
         })

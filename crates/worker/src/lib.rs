@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod instance;
+pub mod metrics;
 pub mod model;
 pub mod model_config;
 pub mod repository;
@@ -24,6 +25,7 @@ use engine::onnx::{self, DeviceRequest};
 pub use error::Error;
 use infermesh_core::{serve, Lifecycle};
 use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use metrics::WorkerMetrics;
 use model::Defaults;
 use repository::Repository;
 use service::WorkerService;
@@ -50,26 +52,50 @@ pub fn onnxruntime_library(config: &WorkerConfig) -> Result<PathBuf, Error> {
         })
 }
 
-/// Runs the worker on `listener` until `shutdown` resolves, then drains (DESIGN.md §7).
+/// The sockets a worker serves on; tests bind `127.0.0.1:0` themselves.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics`; `None` serves no metrics.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the flags ask for (port 0 picks a free port).
+    pub async fn bind(config: &WorkerConfig) -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: serve::bind(&config.server).await?,
+            metrics: serve::bind_metrics(&config.server).await?,
+        })
+    }
+}
+
+/// Runs the worker until `shutdown` resolves, then drains (DESIGN.md §7).
 pub async fn run(
     config: WorkerConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     onnx::init(&onnxruntime_library(&config)?)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = WorkerMetrics::register(&mut registry);
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
-    let repo = Arc::new(Repository::new(config.model_repository.clone()));
+    let repo = Arc::new(Repository::new(
+        config.model_repository.clone(),
+        metrics.clone(),
+    ));
     let found = repo.scan()?;
     let loaded = Arc::new(AtomicBool::new(false));
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
-        address = %listener.local_addr().map_err(|e| Error::Startup(e.to_string()))?,
+        address = %local(&listeners.grpc)?,
+        metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         repository = %config.model_repository.display(),
         models = found.len(),
         "infermesh worker listening"
     );
 
-    // Models load in the background so health (NOT_SERVING) and liveness answer at once.
+    // Models load in the background so liveness and health (NOT_SERVING) answer at once.
     let defaults = Defaults {
         device: match config.default_instance_kind {
             InstanceKind::Auto => DeviceRequest::Auto(0),
@@ -79,6 +105,7 @@ pub async fn run(
         intra_op_threads: config.intra_op_threads,
         default_max_batch_size: config.default_max_batch_size,
         queue_capacity: config.max_queue_size,
+        metrics: metrics.clone(),
     };
     {
         let (repo, lifecycle, loaded) = (repo.clone(), lifecycle.clone(), loaded.clone());
@@ -100,20 +127,29 @@ pub async fn run(
         });
     }
 
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = listeners.metrics {
+        let registry = Arc::new(registry);
+        tokio::spawn(infermesh_core::metrics::serve(listener, registry, async {
+            let _ = metrics_stopped.await;
+        }));
+    }
+
     let service = WorkerService {
         repo,
         lifecycle: lifecycle.clone(),
         loaded,
         budget: infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes),
+        metrics,
     };
     let limit = config.server.grpc_max_message_bytes;
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let routes = tonic::service::Routes::new(inference);
-    serve::serve(
+    let served = serve::serve(
         routes,
-        listener,
+        listeners.grpc,
         &config.server,
         lifecycle,
         health,
@@ -121,5 +157,7 @@ pub async fn run(
         shutdown,
     )
     .await
-    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
+    let _ = metrics_stop.send(());
+    served
 }

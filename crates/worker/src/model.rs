@@ -16,6 +16,7 @@ use crate::{
         IoSpec, Provider,
     },
     instance,
+    metrics::{InstanceLabels, WorkerMetrics},
     model_config::{self, Backend, BatchPolicy},
     scheduler::Scheduler,
     stats::Stats,
@@ -49,6 +50,7 @@ pub struct Defaults {
     pub intra_op_threads: usize,
     pub default_max_batch_size: usize,
     pub queue_capacity: usize,
+    pub metrics: WorkerMetrics,
 }
 
 /// One model version to load.
@@ -83,7 +85,9 @@ impl Model {
         let backend = model_config::backend(&config)?;
         let devices = model_config::instances(&config, opts.defaults.device)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(
+            opts.defaults.metrics.model(&opts.name, opts.version),
+        ));
         let mut graph = None;
         let mut providers = Vec::with_capacity(devices.len());
         for (i, device) in devices.iter().enumerate() {
@@ -113,6 +117,19 @@ impl Model {
             providers.push(provider);
         }
         let graph = graph.ok_or_else(|| Error::Load("instance_group: no instances".into()))?;
+        for (i, p) in providers.iter().enumerate() {
+            let labels = InstanceLabels {
+                model: opts.name.clone(),
+                version: opts.version.to_string(),
+                instance: i.to_string(),
+                provider: p.to_string(),
+            };
+            opts.defaults
+                .metrics
+                .instance_provider
+                .get_or_create(&labels)
+                .set(1);
+        }
         let mut config = model_config::complete(
             config,
             &opts.name,

@@ -37,8 +37,55 @@ pub fn parse(text: &str) -> Result<pb::ModelConfig, String> {
     let desc = pool
         .get_message_by_name("inference.ModelConfig")
         .expect("ModelConfig in the descriptor set");
-    let msg = DynamicMessage::parse_text_format(desc, text).map_err(|e| e.to_string())?;
+    let text = colon_before_lists(text);
+    let msg = DynamicMessage::parse_text_format(desc, &text).map_err(|e| e.to_string())?;
     msg.transcode_to().map_err(|e| e.to_string())
+}
+
+/// Protobuf text format lets the colon before a list of messages go (`input [ { ... } ]`),
+/// and Triton's configs nearly always leave it out; prost-reflect's parser wants it. Adds
+/// it after a field name that a `[` follows, outside strings and comments.
+fn colon_before_lists(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                out.push(c);
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        out.extend(chars.next());
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '[' => {
+                let trimmed = out.trim_end();
+                let word = trimmed
+                    .rsplit(|p: char| !(p.is_ascii_alphanumeric() || p == '_'))
+                    .next()
+                    .unwrap_or("");
+                if word.starts_with(|f: char| f.is_ascii_alphabetic() || f == '_') {
+                    out.truncate(trimmed.len());
+                    out.push_str(": ");
+                }
+                out.push('[');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// Which engine runs the model.
@@ -419,3 +466,6 @@ pub fn identity_graph(config: &pb::ModelConfig) -> Result<GraphSpec, Error> {
     }
     Ok(GraphSpec { inputs, outputs })
 }
+
+#[cfg(test)]
+mod tests;

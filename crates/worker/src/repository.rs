@@ -12,6 +12,7 @@ use infermesh_core::Error as RequestError;
 use infermesh_proto as pb;
 
 use crate::{
+    metrics::WorkerMetrics,
     model::{Defaults, LoadOptions, Model},
     model_config, Error,
 };
@@ -39,6 +40,7 @@ type Versions = BTreeMap<Option<i64>, State>;
 
 pub struct Repository {
     root: PathBuf,
+    metrics: WorkerMetrics,
     /// Written on load/unload, read on every request; requests clone the `Arc<Model>` and
     /// drop the lock before awaiting.
     models: RwLock<BTreeMap<String, Versions>>,
@@ -48,13 +50,21 @@ pub struct Repository {
 pub struct Found {
     pub name: String,
     /// Its config.pbtxt, if any, and the version directories its version policy serves.
-    pub plan: Result<(Option<pb::ModelConfig>, Vec<(i64, PathBuf)>), String>,
+    pub plan: Result<Plan, String>,
+}
+
+/// What to load for one model: its config.pbtxt, if any, and the version directories its
+/// version policy serves.
+pub struct Plan {
+    pub config: Option<pb::ModelConfig>,
+    pub versions: Vec<(i64, PathBuf)>,
 }
 
 impl Repository {
-    pub fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf, metrics: WorkerMetrics) -> Self {
         Self {
             root,
+            metrics,
             models: RwLock::new(BTreeMap::new()),
         }
     }
@@ -90,11 +100,20 @@ impl Repository {
     }
 
     pub fn set(&self, name: &str, version: Option<i64>, state: State) {
+        self.metrics.set_state(name, version, state.label());
         let mut models = self.models.write().expect("repository lock");
         models
             .entry(name.to_string())
             .or_default()
             .insert(version, state);
+    }
+
+    /// Whether a model of this name was found (in any state).
+    pub fn knows(&self, name: &str) -> bool {
+        self.models
+            .read()
+            .expect("repository lock")
+            .contains_key(name)
     }
 
     /// The model serving `version` ("" = newest ready).
@@ -178,7 +197,7 @@ impl Repository {
 
 /// Reads a model directory: its config (if any) and the versions its policy selects
 /// (Triton's default: the newest one).
-fn plan(model_dir: &Path) -> Result<(Option<pb::ModelConfig>, Vec<(i64, PathBuf)>), String> {
+fn plan(model_dir: &Path) -> Result<Plan, String> {
     let config = model_config::read(model_dir).map_err(|e| e.to_string())?;
     let entries = std::fs::read_dir(model_dir)
         .map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
@@ -224,13 +243,16 @@ fn plan(model_dir: &Path) -> Result<(Option<pb::ModelConfig>, Vec<(i64, PathBuf)
                 .collect()
         }
     };
-    Ok((config, chosen))
+    Ok(Plan {
+        config,
+        versions: chosen,
+    })
 }
 
 /// Loads one found model (each version its policy serves) into the repository,
 /// reporting failures instead of returning them.
 pub async fn load(repo: &Repository, found: Found, defaults: &Defaults) {
-    let (config, versions) = match found.plan {
+    let Plan { config, versions } = match found.plan {
         Ok(p) => p,
         Err(reason) => {
             tracing::error!(model = %found.name, %reason, "model failed to load");

@@ -6,14 +6,12 @@
 
 use std::{
     collections::VecDeque,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use infermesh_core::{Error as RequestError, Tensor};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::{model_config::BatchPolicy, stats::Stats, Error};
@@ -51,9 +49,11 @@ pub struct Batch {
 pub struct Scheduler {
     model: String,
     tx: mpsc::UnboundedSender<Pending>,
-    /// Requests accepted and not yet dispatched; bounded by `capacity`.
-    queued: Arc<AtomicUsize>,
+    /// Requests accepted and not yet dispatched (exported as queue_depth); bounded by
+    /// `capacity`.
+    queued: Gauge,
     capacity: usize,
+    stats: Arc<Stats>,
 }
 
 impl Scheduler {
@@ -67,14 +67,14 @@ impl Scheduler {
         stats: Arc<Stats>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = stats.metrics.queue_depth.clone();
         let task = Batcher {
             rx,
             policy,
             slots: Arc::new(Semaphore::new(instances.max(1))),
             jobs,
             queued: queued.clone(),
-            stats,
+            stats: stats.clone(),
             queue: VecDeque::new(),
             closed: false,
         };
@@ -84,6 +84,7 @@ impl Scheduler {
             tx,
             queued,
             capacity,
+            stats,
         }
     }
 
@@ -97,8 +98,15 @@ impl Scheduler {
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, Error> {
         let model = &self.model;
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.capacity {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            self.stats.skipped_expired(Duration::ZERO);
+            return Err(RequestError::DeadlineExceeded(format!(
+                "model '{model}': the request's deadline passed before it was queued; it was not run"
+            ))
+            .into());
+        }
+        if self.queued.inc() as usize >= self.capacity {
+            self.queued.dec();
             return Err(RequestError::ResourceExhausted(format!(
                 "model '{model}': queue is full ({} requests waiting, max_queue_size {}); retry later or on another worker",
                 self.capacity, self.capacity
@@ -115,7 +123,7 @@ impl Scheduler {
             reply,
         };
         if self.tx.send(pending).is_err() {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queued.dec();
             return Err(
                 RequestError::Unavailable(format!("model '{model}' is being unloaded")).into(),
             );
@@ -129,7 +137,7 @@ impl Scheduler {
 
     /// Requests waiting for an instance now.
     pub fn depth(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.queued.get().max(0) as usize
     }
 }
 
@@ -140,10 +148,18 @@ struct Batcher {
     /// requests keep gathering while all instances are busy.
     slots: Arc<Semaphore>,
     jobs: crossbeam_channel::Sender<Batch>,
-    queued: Arc<AtomicUsize>,
+    queued: Gauge,
     stats: Arc<Stats>,
     queue: VecDeque<Pending>,
     closed: bool,
+}
+
+/// Sleeps until `t`, or forever when there is none.
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 enum Plan {
@@ -170,7 +186,9 @@ impl Batcher {
             if self.queue.is_empty() {
                 continue;
             }
-            // Wait for an idle instance while still taking requests.
+            // Wait for an idle instance while still taking requests, and answer a queued
+            // request whose deadline passes meanwhile when it passes.
+            let next_deadline = self.queue.iter().filter_map(|p| p.deadline).min();
             let slot = tokio::select! {
                 biased;
                 slot = self.slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
@@ -181,6 +199,7 @@ impl Batcher {
                     }
                     continue;
                 }
+                () = sleep_until_opt(next_deadline) => continue,
             };
             self.fill(slot).await;
         }
@@ -201,7 +220,7 @@ impl Batcher {
                     for (taken, i) in indices.into_iter().enumerate() {
                         items.push(self.queue.remove(i - taken).expect("index in queue"));
                     }
-                    self.queued.fetch_sub(items.len(), Ordering::SeqCst);
+                    self.queued.dec_by(items.len() as i64);
                     let batch = Batch {
                         items,
                         dispatched: Instant::now(),
@@ -260,8 +279,7 @@ impl Batcher {
             }
             true
         });
-        self.queued
-            .fetch_sub(before - self.queue.len(), Ordering::SeqCst);
+        self.queued.dec_by((before - self.queue.len()) as i64);
     }
 
     fn plan(&self, now: Instant) -> Plan {
@@ -287,19 +305,14 @@ impl Batcher {
             // A request larger than max_batch_size cannot pass validation; be safe anyway.
             return Plan::Now(vec![0]);
         }
-        if rows >= policy.max_batch_size {
+        // Triton's order: the largest preferred size that the queue can form exactly, else
+        // max_batch_size, else whatever is there once the oldest has waited long enough.
+        if let Some(cut) = prefix.iter().rposition(|r| policy.preferred.contains(r)) {
+            taken.truncate(cut + 1);
             return Plan::Now(taken);
         }
-        if let Some(&largest) = policy.preferred.last() {
-            if rows >= largest {
-                // The longest prefix that lands exactly on a preferred size, else all.
-                let cut = prefix
-                    .iter()
-                    .rposition(|r| policy.preferred.contains(r))
-                    .map_or(taken.len(), |p| p + 1);
-                taken.truncate(cut);
-                return Plan::Now(taken);
-            }
+        if rows >= policy.max_batch_size {
+            return Plan::Now(taken);
         }
         let due = head.enqueued + policy.max_queue_delay;
         if now >= due {

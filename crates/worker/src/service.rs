@@ -6,14 +6,19 @@ use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{admission::ByteBudget, Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{repository::Repository, Error};
+use crate::{
+    metrics::{ModelLabels, RequestLabels, WorkerMetrics},
+    repository::Repository,
+    Error,
+};
 
 /// Protocol extensions this server implements, as ServerMetadata lists them. Only what is
 /// implemented: perf_analyzer changes its behaviour by this list.
-const EXTENSIONS: &[&str] = &["model_configuration"];
+const EXTENSIONS: &[&str] = &["model_configuration", "statistics"];
 
 #[derive(Clone)]
 pub struct WorkerService {
@@ -23,6 +28,77 @@ pub struct WorkerService {
     pub loaded: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes of requests held in memory, process-wide.
     pub budget: ByteBudget,
+    pub metrics: WorkerMetrics,
+}
+
+/// One request's metrics: recorded when it finishes, or as CANCELLED when its future is
+/// dropped first (the client went away or its grpc-timeout passed).
+struct Record<'a> {
+    metrics: &'a WorkerMetrics,
+    model: String,
+    start: Instant,
+    done: bool,
+    _inflight: GaugeGuard,
+}
+
+impl<'a> Record<'a> {
+    fn new(metrics: &'a WorkerMetrics, model: String) -> Self {
+        let _inflight = GaugeGuard::new(&metrics.inflight_requests, 1);
+        Self {
+            metrics,
+            model,
+            start: Instant::now(),
+            done: false,
+            _inflight,
+        }
+    }
+
+    fn finish(&mut self, result: &std::result::Result<pb::ModelInferResponse, Error>) {
+        let (version, code) = match result {
+            Ok(r) => (r.model_version.clone(), tonic::Code::Ok),
+            Err(e) => (String::new(), Status::from(e.clone()).code()),
+        };
+        self.record(version, code);
+    }
+
+    fn record(&mut self, version: String, code: tonic::Code) {
+        self.done = true;
+        let model = self.model.clone();
+        let labels = RequestLabels {
+            model: model.clone(),
+            version: version.clone(),
+            code: format!("{code:?}"),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&ModelLabels { model, version })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(String::new(), tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// Adds to a gauge for as long as it lives; dropped futures (cancelled calls) still undo it.
+struct GaugeGuard(Gauge, i64);
+
+impl GaugeGuard {
+    fn new(g: &Gauge, n: i64) -> Self {
+        g.inc_by(n);
+        Self(g.clone(), n)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec_by(self.1);
+    }
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
@@ -30,16 +106,35 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 impl WorkerService {
     /// Runs one inference request; shared by ModelInfer and each message of a stream.
     /// Admission is checked by the caller: a stream opened before shutdown keeps being
-    /// served while it drains.
-    /// `deadline` comes from the call's `grpc-timeout`; Triton's `timeout` parameter (µs)
-    /// is read here, and the earlier wins.
+    /// served while it drains. `deadline` comes from the call's `grpc-timeout`.
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
-        let start = Instant::now();
-        let _held = self.budget.acquire(req.encoded_len())?;
+        // Label only models this worker has: request names must not mint new series.
+        let model = if self.repo.knows(&req.model_name) {
+            req.model_name.clone()
+        } else {
+            "(unknown)".into()
+        };
+        let mut record = Record::new(&self.metrics, model);
+        let result = self.run(req, deadline, record.start).await;
+        record.finish(&result);
+        result
+    }
+
+    /// `infer` without the bookkeeping. Triton's `timeout` parameter (µs) is read here and
+    /// the earlier deadline wins.
+    async fn run(
+        &self,
+        req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
+        start: Instant,
+    ) -> std::result::Result<pb::ModelInferResponse, Error> {
+        let size = req.encoded_len();
+        let _held = self.budget.acquire(size)?;
+        let _bytes = GaugeGuard::new(&self.metrics.inflight_bytes, size as i64);
         let model = self.repo.get(&req.model_name, &req.model_version)?;
         let timeout = req
             .parameters
@@ -178,9 +273,28 @@ impl GrpcInferenceService for WorkerService {
 
     async fn model_statistics(
         &self,
-        _: Request<pb::ModelStatisticsRequest>,
+        req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<pb::ModelStatisticsResponse> {
-        unimplemented("ModelStatistics")
+        let req = req.into_inner();
+        let models = if req.name.is_empty() {
+            self.repo.ready_models()
+        } else if req.version.is_empty() {
+            // Every ready version of the model, as Triton does.
+            self.repo.get(&req.name, "").map_err(Status::from)?;
+            let all = self.repo.ready_models();
+            all.into_iter().filter(|m| m.name == req.name).collect()
+        } else {
+            vec![self
+                .repo
+                .get(&req.name, &req.version)
+                .map_err(Status::from)?]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse {
+            model_stats: models
+                .iter()
+                .map(|m| m.stats.to_pb(&m.name, m.version))
+                .collect(),
+        }))
     }
 
     async fn repository_index(

@@ -11,6 +11,8 @@ use std::{
 
 use infermesh_proto as pb;
 
+use crate::metrics::ModelMetrics;
+
 #[derive(Default, Clone, Copy)]
 struct Dur {
     count: u64,
@@ -57,15 +59,31 @@ pub struct BatchTimes {
     pub output: Duration,
 }
 
+/// Triton's statistics for one model version, plus its Prometheus handles.
 #[derive(Default)]
 pub struct Stats {
     inner: Mutex<Inner>,
+    pub metrics: ModelMetrics,
 }
 
 impl Stats {
+    pub fn new(metrics: ModelMetrics) -> Self {
+        Self {
+            inner: Mutex::default(),
+            metrics,
+        }
+    }
+
     /// One engine run of `rows` samples from `requests` requests that all succeeded; `queue`
     /// and `total` hold each request's queue and end-to-end time.
     pub fn batch_ok(&self, rows: u64, times: BatchTimes, per_request: &[(Duration, Duration)]) {
+        self.metrics.batch_size.observe(rows as f64);
+        self.metrics
+            .compute_duration
+            .observe((times.input + times.infer + times.output).as_secs_f64());
+        per_request
+            .iter()
+            .for_each(|(q, _)| self.metrics.queue_duration.observe(q.as_secs_f64()));
         let mut s = self.inner.lock().expect("stats lock");
         let n = per_request.len() as u64;
         s.execution_count += 1;
@@ -92,10 +110,12 @@ impl Stats {
     }
 
     pub fn skipped_cancelled(&self) {
+        self.metrics.skipped_cancelled.inc();
         self.inner.lock().expect("stats lock").skipped_cancelled += 1;
     }
 
     pub fn skipped_expired(&self, total: Duration) {
+        self.metrics.skipped_expired.inc();
         let mut s = self.inner.lock().expect("stats lock");
         s.skipped_expired += 1;
         s.fail.add(1, total);
