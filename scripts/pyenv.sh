@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned test tools (real Triton clients, onnxruntime for reference
-# outputs, grpcurl). Idempotent: skipped when the requirements have not changed.
+# Creates $ROOT/.venv with the pinned test and model-generation tools: real Triton
+# clients (tritonclient, perf_analyzer), onnxruntime for reference outputs, grpcurl.
+# Idempotent: a stamp holding the requirements' hash skips pip when nothing changed,
+# so test scripts can call this on every run at no cost.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
@@ -11,5 +13,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# -q hides progress but pip still prints errors (to stderr); stdout stays clean for callers.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2
+# Catch a set that installed but does not agree (pip only warns about conflicts).
+check=$("$venv/bin/python" -m pip check) || { echo "$check" >&2; exit 1; }
+# Written last, so a failed install is retried on the next run.
 echo "$want" > "$stamp"

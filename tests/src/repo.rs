@@ -33,6 +33,18 @@ impl Repo {
         self
     }
 
+    /// Adds version `version` of model `name` linked to bundled model `from`.
+    pub fn version(self, name: &str, version: u32, from: &str) -> Self {
+        let dir = self.path().join(name).join(version.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(
+            crate::models().join(from).join("1/model.onnx"),
+            dir.join("model.onnx"),
+        )
+        .unwrap();
+        self
+    }
+
     /// An identity-backend model: `name/1/` with only a config.pbtxt.
     pub fn identity(self, name: &str, config: &str) -> Self {
         std::fs::create_dir_all(self.path().join(name).join("1")).unwrap();

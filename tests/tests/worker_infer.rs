@@ -73,7 +73,10 @@ async fn metadata_and_config_describe_the_graph() {
         .into_inner();
     assert_eq!(server.name, "infermesh");
     // Only what is implemented: perf_analyzer changes its behaviour by this list.
-    assert_eq!(server.extensions, ["model_configuration", "statistics"]);
+    assert_eq!(
+        server.extensions,
+        ["model_configuration", "model_repository", "statistics"]
+    );
     worker.stop().await.unwrap();
 }
 

@@ -1,8 +1,10 @@
 //! `infermesh`: run a local mesh, call servers, check health.
 
+mod bench;
 mod health;
 mod infer;
 mod json;
+mod models;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,10 @@ enum Command {
     Worker(Box<infermesh_worker::WorkerConfig>),
     /// Send one inference request and print the outputs.
     Infer(infer::InferArgs),
+    /// Measure: `bench engine` runs ONNX Runtime alone, in-process.
+    Bench(bench::BenchArgs),
+    /// List a server's models with their states (RepositoryIndex).
+    Models(models::ModelsArgs),
     /// grpc.health.v1 Check; exits 0 when SERVING (usable as a container HEALTHCHECK).
     Health(health::HealthArgs),
 }
@@ -43,5 +49,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Infer(args) => infer::run(args).await,
         Command::Health(args) => health::run(args).await,
+        Command::Models(args) => models::run(args).await,
+        Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args)).await?,
     }
 }

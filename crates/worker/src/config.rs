@@ -48,6 +48,30 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 4 << 30)]
     pub max_inflight_bytes: usize,
 
+    /// none: load every model at start, refuse Load/Unload. explicit: load only
+    /// --load-model names at start, then what RepositoryModelLoad/Unload ask. poll: like
+    /// none, and rescan the repository every --repository-poll-secs for changes.
+    #[arg(
+        long,
+        env = "INFERMESH_MODEL_CONTROL_MODE",
+        value_enum,
+        default_value = "none"
+    )]
+    pub model_control_mode: crate::control::ModelControlMode,
+
+    /// With --model-control-mode explicit: a model to load at start (repeatable; * = all).
+    #[arg(
+        long = "load-model",
+        env = "INFERMESH_LOAD_MODEL",
+        value_delimiter = ','
+    )]
+    pub load_model: Vec<String>,
+
+    /// With --model-control-mode poll: seconds between repository scans (Triton's
+    /// default is 15).
+    #[arg(long, env = "INFERMESH_REPOSITORY_POLL_SECS", default_value_t = 15.0)]
+    pub repository_poll_secs: f64,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

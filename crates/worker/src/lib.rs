@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod instance;
@@ -21,6 +22,7 @@ use std::{
 };
 
 pub use config::{InstanceKind, WorkerConfig};
+use control::{Control, ModelControlMode};
 use engine::onnx::{self, DeviceRequest};
 pub use error::Error;
 use infermesh_core::{serve, Lifecycle};
@@ -84,14 +86,13 @@ pub async fn run(
         config.model_repository.clone(),
         metrics.clone(),
     ));
-    let found = repo.scan()?;
     let loaded = Arc::new(AtomicBool::new(false));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
         address = %local(&listeners.grpc)?,
         metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         repository = %config.model_repository.display(),
-        models = found.len(),
+        mode = ?config.model_control_mode,
         "infermesh worker listening"
     );
 
@@ -107,22 +108,32 @@ pub async fn run(
         queue_capacity: config.max_queue_size,
         metrics: metrics.clone(),
     };
+    let control = Arc::new(Control::new(
+        repo.clone(),
+        config.model_control_mode,
+        defaults,
+        lifecycle.clone(),
+    ));
     {
-        let (repo, lifecycle, loaded) = (repo.clone(), lifecycle.clone(), loaded.clone());
+        let (control, lifecycle, loaded) = (control.clone(), lifecycle.clone(), loaded.clone());
+        let (load, poll) = (config.load_model.clone(), config.repository_poll_secs);
         tokio::spawn(async move {
-            for f in found {
-                let name = f.name.clone();
-                repository::load(&repo, f, &defaults).await;
-                lifecycle.set(&name, repo.get(&name, "").is_ok()).await;
+            if let Err(e) = control.initial(&load).await {
+                tracing::error!(error = %e, "loading the model repository failed");
             }
             loaded.store(true, std::sync::atomic::Ordering::SeqCst);
-            let index = repo.index();
+            let index = control.repo.index();
             let any_ready = index.is_empty() || index.iter().any(|m| m.state == "READY");
             lifecycle.set("", any_ready).await;
             if any_ready {
                 tracing::info!("model loading finished; SERVING");
             } else {
                 tracing::error!("no model could be loaded; health stays NOT_SERVING");
+            }
+            if control.mode == ModelControlMode::Poll {
+                control
+                    .poll(std::time::Duration::from_secs_f64(poll.max(0.05)))
+                    .await;
             }
         });
     }
@@ -137,6 +148,7 @@ pub async fn run(
 
     let service = WorkerService {
         repo,
+        control,
         lifecycle: lifecycle.clone(),
         loaded,
         budget: infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes),

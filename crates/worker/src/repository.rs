@@ -11,11 +11,7 @@ use std::{
 use infermesh_core::Error as RequestError;
 use infermesh_proto as pb;
 
-use crate::{
-    metrics::WorkerMetrics,
-    model::{Defaults, LoadOptions, Model},
-    model_config, Error,
-};
+use crate::{metrics::WorkerMetrics, model::Model, model_config, Error};
 
 /// The state of one model version, as RepositoryIndex reports it.
 #[derive(Clone)]
@@ -23,6 +19,8 @@ pub enum State {
     Loading,
     Ready(Arc<Model>),
     Failed(String),
+    /// Unloaded on request or because its files went away; requests in flight finish.
+    Unloaded,
 }
 
 impl State {
@@ -30,7 +28,7 @@ impl State {
         match self {
             State::Loading => "LOADING",
             State::Ready(_) => "READY",
-            State::Failed(_) => "UNAVAILABLE",
+            State::Failed(_) | State::Unloaded => "UNAVAILABLE",
         }
     }
 }
@@ -99,6 +97,42 @@ impl Repository {
         Ok(found)
     }
 
+    /// The versions (with states) recorded for a model.
+    pub fn versions(&self, name: &str) -> Vec<Option<i64>> {
+        let models = self.models.read().expect("repository lock");
+        models
+            .get(name)
+            .map(|v| v.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every model name recorded.
+    pub fn names(&self) -> Vec<String> {
+        self.models
+            .read()
+            .expect("repository lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets one version entry (e.g. the "no version directory" placeholder).
+    pub fn forget(&self, name: &str, version: Option<i64>) {
+        let mut models = self.models.write().expect("repository lock");
+        if let Some(v) = models.get_mut(name) {
+            v.remove(&version);
+        }
+    }
+
+    /// Reads one model directory, if it exists.
+    pub fn scan_one(&self, name: &str) -> Option<Found> {
+        let path = self.root.join(name);
+        path.is_dir().then(|| Found {
+            name: name.to_string(),
+            plan: plan(&path),
+        })
+    }
+
     pub fn set(&self, name: &str, version: Option<i64>, state: State) {
         self.metrics.set_state(name, version, state.label());
         let mut models = self.models.write().expect("repository lock");
@@ -147,6 +181,9 @@ impl Repository {
             Some(State::Failed(reason)) => Err(RequestError::Unavailable(format!(
                 "model '{name}' is not ready: {reason}"
             ))),
+            Some(State::Unloaded) => Err(RequestError::Unavailable(format!(
+                "model '{name}' is unloaded"
+            ))),
             None => {
                 let have = versions
                     .keys()
@@ -174,6 +211,7 @@ impl Repository {
                         state: state.label().into(),
                         reason: match state {
                             State::Failed(r) => r.clone(),
+                            State::Unloaded => "unloaded".into(),
                             _ => String::new(),
                         },
                     },
@@ -197,7 +235,7 @@ impl Repository {
 
 /// Reads a model directory: its config (if any) and the versions its policy selects
 /// (Triton's default: the newest one).
-fn plan(model_dir: &Path) -> Result<Plan, String> {
+pub fn plan(model_dir: &Path) -> Result<Plan, String> {
     let config = model_config::read(model_dir).map_err(|e| e.to_string())?;
     let entries = std::fs::read_dir(model_dir)
         .map_err(|e| format!("cannot read {}: {e}", model_dir.display()))?;
@@ -247,40 +285,4 @@ fn plan(model_dir: &Path) -> Result<Plan, String> {
         config,
         versions: chosen,
     })
-}
-
-/// Loads one found model (each version its policy serves) into the repository,
-/// reporting failures instead of returning them.
-pub async fn load(repo: &Repository, found: Found, defaults: &Defaults) {
-    let Plan { config, versions } = match found.plan {
-        Ok(p) => p,
-        Err(reason) => {
-            tracing::error!(model = %found.name, %reason, "model failed to load");
-            repo.set(&found.name, None, State::Failed(reason));
-            return;
-        }
-    };
-    for (version, path) in versions {
-        repo.set(&found.name, Some(version), State::Loading);
-        let opts = LoadOptions {
-            name: found.name.clone(),
-            version,
-            path,
-            config: config.clone(),
-            defaults: defaults.clone(),
-        };
-        let result = tokio::task::spawn_blocking(move || Model::load(&opts))
-            .await
-            .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
-        match result {
-            Ok(model) => {
-                tracing::info!(model = %found.name, version, providers = ?model.providers, "model ready");
-                repo.set(&found.name, Some(version), State::Ready(Arc::new(model)));
-            }
-            Err(e) => {
-                tracing::error!(model = %found.name, version, reason = %e, "model failed to load");
-                repo.set(&found.name, Some(version), State::Failed(e.to_string()));
-            }
-        }
-    }
 }

@@ -4,13 +4,14 @@ mod stream;
 
 use std::{sync::Arc, time::Instant};
 
-use infermesh_core::{admission::ByteBudget, Error as RequestError, Lifecycle};
+use infermesh_core::{admission::ByteBudget, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    control::Control,
     metrics::{ModelLabels, RequestLabels, WorkerMetrics},
     repository::Repository,
     Error,
@@ -18,11 +19,12 @@ use crate::{
 
 /// Protocol extensions this server implements, as ServerMetadata lists them. Only what is
 /// implemented: perf_analyzer changes its behaviour by this list.
-const EXTENSIONS: &[&str] = &["model_configuration", "statistics"];
+const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
 
 #[derive(Clone)]
 pub struct WorkerService {
     pub repo: Arc<Repository>,
+    pub control: Arc<Control>,
     pub lifecycle: Lifecycle,
     /// Set once every model found at start has finished loading (ready or failed).
     pub loaded: Arc<std::sync::atomic::AtomicBool>,
@@ -299,31 +301,35 @@ impl GrpcInferenceService for WorkerService {
 
     async fn repository_index(
         &self,
-        _: Request<pb::RepositoryIndexRequest>,
+        req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<pb::RepositoryIndexResponse> {
-        Ok(Response::new(pb::RepositoryIndexResponse {
-            models: self.repo.index(),
-        }))
+        let mut models = self.repo.index();
+        if req.into_inner().ready {
+            models.retain(|m| m.state == "READY");
+        }
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(
         &self,
-        _: Request<pb::RepositoryModelLoadRequest>,
+        req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<pb::RepositoryModelLoadResponse> {
-        Err(RequestError::Unavailable(
-            "explicit model control is disabled (--model-control-mode none)".into(),
-        )
-        .into())
+        let name = req.into_inner().model_name;
+        self.control.load(&name).await.map_err(|e| match e {
+            Error::Load(reason) => {
+                Status::invalid_argument(format!("failed to load '{name}': {reason}"))
+            }
+            other => Status::from(other),
+        })?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
         &self,
-        _: Request<pb::RepositoryModelUnloadRequest>,
+        req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<pb::RepositoryModelUnloadResponse> {
-        Err(RequestError::Unavailable(
-            "explicit model control is disabled (--model-control-mode none)".into(),
-        )
-        .into())
+        self.control.unload(&req.into_inner().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(

@@ -139,12 +139,15 @@ fn load_err(path: &Path) -> impl Fn(String) -> Error + '_ {
 /// message leaves it.
 fn build(path: &Path, opts: &SessionOptions, cuda: Option<i32>) -> Result<Session, String> {
     let env = ENVIRONMENT.get().ok_or("ONNX Runtime is not initialised")?;
-    let mut builder = Session::builder(env)
-        .and_then(|b| {
-            b.with_optimization_level(GraphOptimizationLevel::All)
-                .map_err(Into::into)
-        })
-        .map_err(|e| e.to_string())?;
+    let text = |e: ort::Error<_>| e.to_string();
+    let mut builder = Session::builder(env).map_err(|e| e.to_string())?;
+    builder = builder
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(text)?;
+    // ONNX Runtime's pool threads spin between runs by default, burning the cores the
+    // gRPC threads and the batcher need; a server wants them asleep.
+    builder = builder.with_intra_op_spinning(false).map_err(text)?;
+    builder = builder.with_inter_op_spinning(false).map_err(text)?;
     if opts.intra_op_threads > 0 {
         builder = builder
             .with_intra_threads(opts.intra_op_threads)

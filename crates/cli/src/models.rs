@@ -1,0 +1,44 @@
+//! `infermesh models`: the repository index of a server, with states and reasons.
+
+use infermesh_proto::{
+    grpc_inference_service_client::GrpcInferenceServiceClient, RepositoryIndexRequest,
+};
+
+#[derive(clap::Args)]
+pub struct ModelsArgs {
+    /// Server address, e.g. localhost:8001.
+    #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
+    pub url: String,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let mut client = GrpcInferenceServiceClient::new(crate::infer::channel(&args.url).await?);
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("repository index: {}: {}", s.code(), s.message()))?
+        .into_inner()
+        .models;
+    if args.json {
+        for m in &index {
+            let v = serde_json::json!({"name": m.name, "version": m.version, "state": m.state, "reason": m.reason});
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    let width = index.iter().map(|m| m.name.len()).max().unwrap_or(4).max(5);
+    println!(
+        "{:width$}  {:7}  {:11}  REASON",
+        "MODEL", "VERSION", "STATE"
+    );
+    for m in &index {
+        println!(
+            "{:width$}  {:7}  {:11}  {}",
+            m.name, m.version, m.state, m.reason
+        );
+    }
+    Ok(())
+}

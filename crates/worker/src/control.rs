@@ -1,0 +1,233 @@
+//! Model control as in Triton: `none` loads everything at start and refuses Load/Unload;
+//! `explicit` loads what `--load-model` names and then what RepositoryModelLoad asks for;
+//! `poll` also rescans the repository and picks up added, changed and removed versions.
+//! A version being replaced keeps serving the requests it already has (they hold it).
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use infermesh_core::{Error as RequestError, Lifecycle};
+
+use crate::{
+    model::{Defaults, LoadOptions, Model},
+    repository::{Found, Plan, Repository, State},
+    Error,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelControlMode {
+    None,
+    Explicit,
+    Poll,
+}
+
+/// What a model looked like on disk when it was last loaded, to tell whether it changed.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+struct Stamp {
+    config: Option<Vec<u8>>,
+    versions: BTreeMap<String, Option<(SystemTime, u64)>>,
+}
+
+fn stamp(dir: &Path) -> Stamp {
+    let config = std::fs::read(dir.join("config.pbtxt")).ok();
+    let versions = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| {
+            let meta = std::fs::metadata(e.path().join("model.onnx")).ok();
+            let key = e.file_name().to_string_lossy().into_owned();
+            (key, meta.and_then(|m| Some((m.modified().ok()?, m.len()))))
+        })
+        .collect();
+    Stamp { config, versions }
+}
+
+pub struct Control {
+    pub repo: Arc<Repository>,
+    pub mode: ModelControlMode,
+    defaults: Defaults,
+    lifecycle: Lifecycle,
+    stamps: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
+}
+
+impl Control {
+    pub fn new(
+        repo: Arc<Repository>,
+        mode: ModelControlMode,
+        defaults: Defaults,
+        lifecycle: Lifecycle,
+    ) -> Self {
+        Self {
+            repo,
+            mode,
+            defaults,
+            lifecycle,
+            stamps: Default::default(),
+        }
+    }
+
+    /// Loads what the mode says to load at start: everything, or (explicit) the names
+    /// given (`*` for everything).
+    pub async fn initial(&self, load: &[String]) -> Result<(), Error> {
+        let found = self.repo.scan()?;
+        let all = self.mode != ModelControlMode::Explicit || load.iter().any(|n| n == "*");
+        for f in found {
+            if all || load.contains(&f.name) {
+                let _ = self.reload(f).await;
+            } else {
+                // Listed in RepositoryIndex (so clients can discover it), not loaded.
+                self.repo.set(&f.name, None, State::Unloaded);
+            }
+        }
+        Ok(())
+    }
+
+    /// RepositoryModelLoad: (re)loads a model from disk. New versions serve before old ones
+    /// leave; versions the policy no longer selects are unloaded after their requests.
+    pub async fn load(&self, name: &str) -> Result<(), Error> {
+        self.allowed()?;
+        let found = self.repo.scan_one(name).ok_or_else(|| {
+            RequestError::NotFound(format!(
+                "no model directory '{name}' in the repository {}",
+                self.repo.root().display()
+            ))
+        })?;
+        self.reload(found).await
+    }
+
+    /// RepositoryModelUnload: every version stops taking requests; those in flight finish.
+    pub async fn unload(&self, name: &str) -> Result<(), Error> {
+        self.allowed()?;
+        if !self.repo.knows(name) {
+            return Err(RequestError::NotFound(format!("unknown model '{name}'")).into());
+        }
+        let mut stamps = self.stamps.lock().await;
+        self.unload_all(name).await;
+        stamps.remove(name);
+        Ok(())
+    }
+
+    /// Poll mode: rescans every `interval` until the process ends.
+    pub async fn poll(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.poll_once().await {
+                tracing::warn!(error = %e, "repository poll failed");
+            }
+        }
+    }
+
+    /// One rescan: loads new or changed models, unloads models whose directory is gone.
+    pub async fn poll_once(&self) -> Result<(), Error> {
+        let found = self.repo.scan()?;
+        let on_disk: Vec<String> = found.iter().map(|f| f.name.clone()).collect();
+        for f in found {
+            let changed = {
+                let stamps = self.stamps.lock().await;
+                stamps.get(&f.name) != Some(&stamp(&self.repo.root().join(&f.name)))
+            };
+            if changed {
+                tracing::info!(model = %f.name, "model changed on disk; reloading");
+                let _ = self.reload(f).await;
+            }
+        }
+        for name in self.repo.names() {
+            let loaded = self.repo.versions(&name).iter().any(|v| v.is_some());
+            if !on_disk.contains(&name) && loaded {
+                tracing::info!(model = %name, "model directory removed; unloading");
+                let mut stamps = self.stamps.lock().await;
+                self.unload_all(&name).await;
+                stamps.remove(&name);
+            }
+        }
+        Ok(())
+    }
+
+    fn allowed(&self) -> Result<(), Error> {
+        if self.mode == ModelControlMode::None {
+            return Err(RequestError::FailedPrecondition(
+                "model load/unload is not allowed: the worker runs with --model-control-mode none (use explicit or poll)"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    async fn reload(&self, found: Found) -> Result<(), Error> {
+        // One model operation at a time: loads are rare and must not interleave.
+        let mut stamps = self.stamps.lock().await;
+        let name = found.name.clone();
+        let disk = stamp(&self.repo.root().join(&name));
+        let result = self.load_versions(found).await;
+        stamps.insert(name.clone(), disk);
+        self.lifecycle
+            .set(&name, self.repo.get(&name, "").is_ok())
+            .await;
+        result
+    }
+
+    async fn load_versions(&self, found: Found) -> Result<(), Error> {
+        let name = found.name;
+        let Plan { config, versions } = match found.plan {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::error!(model = %name, %reason, "model failed to load");
+                self.repo.set(&name, None, State::Failed(reason.clone()));
+                return Err(Error::Load(reason));
+            }
+        };
+        self.repo.forget(&name, None);
+        let mut first_error = None;
+        for (version, path) in &versions {
+            let version = *version;
+            if self.repo.get(&name, &version.to_string()).is_err() {
+                self.repo.set(&name, Some(version), State::Loading);
+            }
+            let opts = LoadOptions {
+                name: name.clone(),
+                version,
+                path: path.clone(),
+                config: config.clone(),
+                defaults: self.defaults.clone(),
+            };
+            let result = tokio::task::spawn_blocking(move || Model::load(&opts))
+                .await
+                .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
+            match result {
+                Ok(model) => {
+                    tracing::info!(model = %name, version, providers = ?model.providers, "model ready");
+                    self.repo
+                        .set(&name, Some(version), State::Ready(Arc::new(model)));
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, version, reason = %e, "model failed to load");
+                    self.repo
+                        .set(&name, Some(version), State::Failed(e.to_string()));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // Versions the policy no longer selects (or whose directory went away).
+        for v in self.repo.versions(&name).into_iter().flatten() {
+            if !versions.iter().any(|(keep, _)| *keep == v) {
+                self.repo.set(&name, Some(v), State::Unloaded);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn unload_all(&self, name: &str) {
+        for v in self.repo.versions(name) {
+            self.repo.set(name, v, State::Unloaded);
+        }
+        self.lifecycle.set(name, false).await;
+        tracing::info!(model = %name, "model unloaded");
+    }
+}

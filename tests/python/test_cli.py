@@ -1,0 +1,42 @@
+"""The infermesh CLI against a real worker: infer, models, health."""
+import json
+import subprocess
+
+from conftest import MODELS, binary
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([binary("infermesh"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_infer_prints_outputs(worker):
+    out = cli("infer", "--url", worker.url, "--model", "digits", "--input", f"input=@{MODELS / 'digits/example.json'}", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    expected = json.loads((MODELS / "digits/samples.json").read_text())["labels"][0]
+    assert result["label"] == [expected]
+    assert len(result["probabilities"][0]) == 10
+
+    out = cli("infer", "--url", worker.url, "--model", "multi_io",
+              "--input", 'text=[["a"]]', "--input", "x=[[1,2,3,4]]", "--input", "k=[[41]]", "--input", "h=[[0.5,-1]]")
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines())
+    assert json.loads(lines["text_twice"]) == [["a", "a"]]
+    assert json.loads(lines["k_plus"]) == [[42]]
+
+
+def test_infer_reports_server_errors(worker):
+    out = cli("infer", "--url", worker.url, "--model", "digits", "--input", "input=[[1,2,3]]")
+    assert out.returncode != 0
+    assert "dim 1 is 3" in out.stderr
+
+
+def test_models_and_health(worker):
+    out = cli("models", "--url", worker.url, "--json")
+    assert out.returncode == 0, out.stderr
+    states = {(m["name"], m["state"]) for m in map(json.loads, out.stdout.splitlines())}
+    assert ("digits", "READY") in states and ("mlp", "READY") in states
+    out = cli("health", "--url", worker.url)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING"
+    out = cli("health", "--url", worker.url, "--service", "no_such_model")
+    assert out.returncode != 0
