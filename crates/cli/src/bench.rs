@@ -33,6 +33,9 @@ pub struct EngineArgs {
     /// ONNX Runtime intra-op threads (0: one per core), as the worker's flag.
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
+    /// Let pool threads spin between runs (ONNX Runtime's default, its best case alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub spinning: bool,
     /// Seconds per batch size.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -57,6 +60,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let opts = SessionOptions {
         device: DeviceRequest::Cpu,
         intra_op_threads: args.intra_op_threads,
+        spinning: args.spinning,
     };
     let (mut engine, graph) = OnnxEngine::load(&args.model, &opts)?;
     let outputs: Vec<String> = graph.outputs.iter().map(|o| o.name.clone()).collect();

@@ -38,6 +38,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
 
+    /// Let ONNX Runtime's pool threads spin between runs (its own default): a little lower
+    /// latency for a lone caller, but they burn the cores the gRPC threads need under load.
+    #[arg(long, env = "INFERMESH_INTRA_OP_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub intra_op_spinning: bool,
+
     /// Requests that may wait for an instance, per model; beyond it RESOURCE_EXHAUSTED.
     #[arg(long, env = "INFERMESH_MAX_QUEUE_SIZE", default_value_t = 1024)]
     pub max_queue_size: usize,

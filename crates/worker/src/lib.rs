@@ -104,6 +104,7 @@ pub async fn run(
             InstanceKind::Gpu => DeviceRequest::Gpu(0),
         },
         intra_op_threads: config.intra_op_threads,
+        intra_op_spinning: config.intra_op_spinning,
         default_max_batch_size: config.default_max_batch_size,
         queue_capacity: config.max_queue_size,
         metrics: metrics.clone(),

@@ -48,6 +48,7 @@ impl Signature {
 pub struct Defaults {
     pub device: DeviceRequest,
     pub intra_op_threads: usize,
+    pub intra_op_spinning: bool,
     pub default_max_batch_size: usize,
     pub queue_capacity: usize,
     pub metrics: WorkerMetrics,
@@ -99,6 +100,7 @@ impl Model {
                     let session = SessionOptions {
                         device: *device,
                         intra_op_threads: opts.defaults.intra_op_threads,
+                        spinning: opts.defaults.intra_op_spinning,
                     };
                     instance::spawn(
                         label,

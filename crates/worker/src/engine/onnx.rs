@@ -76,6 +76,9 @@ pub struct SessionOptions {
     pub device: DeviceRequest,
     /// ONNX Runtime intra-op threads; 0 lets it pick (one per core).
     pub intra_op_threads: usize,
+    /// Whether pool threads spin between runs (ONNX Runtime's default). Lower latency for
+    /// one caller; a server wants them asleep, leaving the cores to the gRPC threads.
+    pub spinning: bool,
 }
 
 pub struct OnnxEngine {
@@ -144,10 +147,8 @@ fn build(path: &Path, opts: &SessionOptions, cuda: Option<i32>) -> Result<Sessio
     builder = builder
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(text)?;
-    // ONNX Runtime's pool threads spin between runs by default, burning the cores the
-    // gRPC threads and the batcher need; a server wants them asleep.
-    builder = builder.with_intra_op_spinning(false).map_err(text)?;
-    builder = builder.with_inter_op_spinning(false).map_err(text)?;
+    builder = builder.with_intra_op_spinning(opts.spinning).map_err(text)?;
+    builder = builder.with_inter_op_spinning(opts.spinning).map_err(text)?;
     if opts.intra_op_threads > 0 {
         builder = builder
             .with_intra_threads(opts.intra_op_threads)
