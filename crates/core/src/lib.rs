@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod serve;
 pub mod status_map;
+pub mod stream;
 pub mod telemetry;
 pub mod tensor;
 

@@ -1,7 +1,5 @@
 //! `inference.GRPCInferenceService` for the worker.
 
-mod stream;
-
 use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{admission::ByteBudget, Lifecycle};
@@ -16,6 +14,9 @@ use crate::{
     repository::Repository,
     Error,
 };
+
+/// Messages of one stream in flight at once (then the stream stops reading).
+const MAX_STREAM_IN_FLIGHT: usize = 256;
 
 /// Protocol extensions this server implements, as ServerMetadata lists them. Only what is
 /// implemented: perf_analyzer changes its behaviour by this list.
@@ -263,14 +264,19 @@ impl GrpcInferenceService for WorkerService {
         Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
     }
 
-    type ModelStreamInferStream = stream::ResponseStream;
+    type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
 
     async fn model_stream_infer(
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Self::ModelStreamInferStream> {
         self.lifecycle.admit().map_err(Status::from)?;
-        Ok(Response::new(stream::serve(self.clone(), req.into_inner())))
+        let svc = self.clone();
+        // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
+        Ok(Response::new(infermesh_core::stream::serve(req.into_inner(), MAX_STREAM_IN_FLIGHT, move |m| {
+            let svc = svc.clone();
+            async move { svc.infer(m, None).await.map_err(Status::from) }
+        })))
     }
 
     async fn model_statistics(

@@ -1,0 +1,42 @@
+//! The gateway's flags.
+
+use std::time::Duration;
+
+use infermesh_core::{config::parse_duration, ServerArgs};
+
+/// Balance KServe v2 / Triton gRPC requests, every message of a stream included, across
+/// infermesh (or Triton) workers.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "infermesh-gateway", version, args_override_self = true)]
+pub struct GatewayConfig {
+    /// Workers as HOST:PORT, comma-separated (static discovery).
+    #[arg(long, env = "INFERMESH_WORKERS", value_delimiter = ',', required = true)]
+    pub workers: Vec<String>,
+
+    /// How often each worker's readiness and ready models are refreshed.
+    #[arg(long, env = "INFERMESH_WORKER_REFRESH", default_value = "1s", value_parser = parse_duration)]
+    pub worker_refresh: Duration,
+
+    /// Give up connecting to a worker after this long (it stays out of the pool).
+    #[arg(long, env = "INFERMESH_WORKER_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub worker_connect_timeout: Duration,
+
+    /// Messages of one ModelStreamInfer stream in flight at once; beyond it the stream
+    /// stops reading (back-pressure through HTTP/2 flow control).
+    #[arg(long, env = "INFERMESH_MAX_STREAM_INFLIGHT", default_value_t = 128)]
+    pub max_stream_inflight: usize,
+
+    /// none: RepositoryModelLoad/Unload are refused; explicit: they are forwarded to every
+    /// worker.
+    #[arg(long, env = "INFERMESH_MODEL_CONTROL_MODE", value_enum, default_value = "none")]
+    pub model_control_mode: ControlMode,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlMode {
+    None,
+    Explicit,
+}

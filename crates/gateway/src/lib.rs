@@ -1,0 +1,102 @@
+//! The infermesh gateway: a KServe v2 / Triton gRPC server whose handlers balance every
+//! request — every message of a ModelStreamInfer stream included — across the workers
+//! where the model version is ready (power of two choices over PeakEWMA × outstanding).
+
+pub mod config;
+pub mod discovery;
+pub mod endpoint;
+pub mod load;
+pub mod pool;
+pub mod service;
+pub mod stats;
+
+use std::{future::Future, sync::Arc};
+
+pub use config::GatewayConfig;
+use infermesh_core::{serve, Lifecycle};
+use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use pool::Pool;
+use service::GatewayService;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// The sockets a gateway serves on; tests bind `127.0.0.1:0` themselves.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
+        Ok(Self { grpc: serve::bind(&config.server).await?, metrics: serve::bind_metrics(&config.server).await? })
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md §7).
+pub async fn run(config: GatewayConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let lifecycle = Lifecycle::new(reporter).await;
+    let pool = Pool::new(config.worker_refresh, config.worker_connect_timeout);
+    tokio::spawn(pool.clone().follow(discovery::fixed(&config.workers)));
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
+    tracing::info!(
+        address = %local(&listeners.grpc)?,
+        workers = ?config.workers,
+        "infermesh gateway listening"
+    );
+
+    // Health "" follows the pool: SERVING while at least one worker is ready.
+    {
+        let (pool, lifecycle) = (pool.clone(), lifecycle.clone());
+        let every = config.worker_refresh;
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let ready = pool.any_ready();
+                if last != Some(ready) {
+                    lifecycle.set("", ready).await;
+                    last = Some(ready);
+                }
+                tokio::time::sleep(every / 2).await;
+            }
+        });
+    }
+
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = listeners.metrics {
+        let registry = Arc::new(prometheus_client::registry::Registry::default());
+        tokio::spawn(infermesh_core::metrics::serve(listener, registry, async {
+            let _ = metrics_stopped.await;
+        }));
+    }
+
+    let service = GatewayService {
+        pool,
+        lifecycle: lifecycle.clone(),
+        stats: Default::default(),
+        control: config.model_control_mode,
+        max_stream_inflight: config.max_stream_inflight,
+    };
+    let limit = config.server.grpc_max_message_bytes;
+    let inference = GrpcInferenceServiceServer::new(service)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let served = serve::serve(
+        tonic::service::Routes::new(inference),
+        listeners.grpc,
+        &config.server,
+        lifecycle,
+        health,
+        &[infermesh_proto::FILE_DESCRIPTOR_SET],
+        shutdown,
+    )
+    .await
+    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
+    let _ = metrics_stop.send(());
+    served
+}

@@ -1,0 +1,126 @@
+//! The set of workers, fed by discovery, and the choice among them: power of two choices
+//! over the load estimate, among the workers where the model version is ready.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use infermesh_core::Error;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{discovery::Change, endpoint::Endpoint};
+
+pub struct Pool {
+    /// Workers by address, each with its refresher task.
+    endpoints: RwLock<BTreeMap<String, (Arc<Endpoint>, JoinHandle<()>)>>,
+    refresh: Duration,
+    connect_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(refresh: Duration, connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { endpoints: RwLock::default(), refresh, connect_timeout })
+    }
+
+    /// Applies discovery changes until the source ends.
+    pub async fn follow(self: Arc<Self>, mut changes: mpsc::Receiver<Change>) {
+        while let Some(change) = changes.recv().await {
+            self.apply(change);
+        }
+    }
+
+    pub fn apply(self: &Arc<Self>, change: Change) {
+        let mut eps = self.endpoints.write().expect("pool lock");
+        match change {
+            Change::Insert(addr) if !eps.contains_key(&addr) => match Endpoint::new(&addr, self.connect_timeout) {
+                Ok(ep) => {
+                    let (refresh, timeout) = (self.refresh, self.connect_timeout.max(self.refresh));
+                    let task_ep = ep.clone();
+                    let task = tokio::spawn(async move {
+                        loop {
+                            task_ep.refresh(timeout).await;
+                            tokio::time::sleep(refresh).await;
+                        }
+                    });
+                    tracing::info!(worker = %addr, "worker added");
+                    eps.insert(addr, (ep, task));
+                }
+                Err(e) => tracing::error!(error = %e, "ignoring worker"),
+            },
+            Change::Insert(_) => {}
+            Change::Remove(addr) => {
+                if let Some((_, task)) = eps.remove(&addr) {
+                    task.abort();
+                    tracing::info!(worker = %addr, "worker removed");
+                }
+            }
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints.read().expect("pool lock").values().map(|(e, _)| e.clone()).collect()
+    }
+
+    pub fn any_ready(&self) -> bool {
+        self.all().iter().any(|e| e.seen().ready)
+    }
+
+    /// Picks a worker for (model, version). Version "" goes to the newest version that any
+    /// ready worker has, so a rollout moves traffic as soon as one worker has the new one.
+    /// Returns the worker and the version to ask it for.
+    pub fn pick(&self, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
+        let all = self.all();
+        let want: Option<i64> = if version.is_empty() {
+            all.iter().filter_map(|e| e.newest(model)).max()
+        } else {
+            Some(version.parse().map_err(|_| {
+                Error::InvalidArgument(format!("model '{model}': version '{version}' is not a number"))
+            })?)
+        };
+        let candidates: Vec<&Arc<Endpoint>> = match want {
+            Some(v) => all.iter().filter(|e| e.serves(model, Some(v))).collect(),
+            None => Vec::new(),
+        };
+        let chosen = match candidates.len() {
+            0 => return Err(self.no_worker(&all, model, version)),
+            1 => candidates[0],
+            n => {
+                // Power of two choices: two distinct random candidates, the less loaded wins.
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let (ea, eb) = (candidates[a], candidates[b]);
+                if ea.load.cost() <= eb.load.cost() {
+                    ea
+                } else {
+                    eb
+                }
+            }
+        };
+        let version = want.map(|v| v.to_string()).unwrap_or_default();
+        Ok((chosen.clone(), version))
+    }
+
+    fn no_worker(&self, all: &[Arc<Endpoint>], model: &str, version: &str) -> Error {
+        let seen: Vec<String> = all
+            .iter()
+            .map(|e| {
+                let s = e.seen();
+                let why = match (&s.problem, s.models.get(model)) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(v)) => format!("ready versions {v:?}"),
+                    (None, None) if s.known.contains(model) => "model not ready".into(),
+                    (None, None) => "does not have the model".into(),
+                };
+                format!("{} ({why})", e.addr)
+            })
+            .collect();
+        let workers = if seen.is_empty() { "none".into() } else { seen.join(", ") };
+        if !all.iter().any(|e| e.knows(model)) && all.iter().any(|e| e.seen().ready) {
+            return Error::NotFound(format!("unknown model '{model}'; workers seen: {workers}"));
+        }
+        let what = if version.is_empty() { String::new() } else { format!(" version {version}") };
+        Error::Unavailable(format!("no ready worker for model '{model}'{what}; workers seen: {workers}"))
+    }
+}

@@ -1,0 +1,255 @@
+//! `inference.GRPCInferenceService` at the gateway: inference is balanced per request
+//! (and per stream message); metadata comes from a worker holding the model; readiness,
+//! the repository index and statistics are aggregates over workers. Workers' statuses pass
+//! through unchanged.
+
+use std::{sync::Arc, time::Instant};
+
+use futures::future::join_all;
+use infermesh_core::{Error as RequestError, Lifecycle};
+use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{config::ControlMode, pool::Pool, stats::StatsCache};
+
+const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
+
+#[derive(Clone)]
+pub struct GatewayService {
+    pub pool: Arc<Pool>,
+    pub lifecycle: Lifecycle,
+    pub stats: Arc<StatsCache>,
+    pub control: ControlMode,
+    pub max_stream_inflight: usize,
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+impl GatewayService {
+    /// Forwards one inference request to the worker the balancer picks. The tensor bytes
+    /// pass through as they came (`Bytes`); nothing is decoded into tensors.
+    pub async fn infer(
+        &self,
+        mut req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<pb::ModelInferResponse, Status> {
+        let (ep, version) = self.pool.pick(&req.model_name, &req.model_version)?;
+        req.model_version = version;
+        let mut call = Request::new(req);
+        if let Some(d) = deadline {
+            call.set_timeout(d.saturating_duration_since(Instant::now()));
+        }
+        let _in_flight = ep.load.start();
+        let resp = ep.client.clone().model_infer(call).await?;
+        Ok(resp.into_inner())
+    }
+}
+
+fn unimplemented<T>(what: &str) -> Result<T> {
+    Err(Status::unimplemented(format!("{what} is not supported by the infermesh gateway")))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GatewayService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<pb::ServerLiveResponse> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<pb::ServerReadyResponse> {
+        let ready = self.pool.any_ready() && !self.lifecycle.is_draining();
+        Ok(Response::new(pb::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Result<pb::ModelReadyResponse> {
+        let req = req.into_inner();
+        let ready = self.pool.pick(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "infermesh-gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, req: Request<pb::ModelMetadataRequest>) -> Result<pb::ModelMetadataResponse> {
+        let mut req = req.into_inner();
+        let (ep, version) = self.pool.pick(&req.name, &req.version)?;
+        req.version = version;
+        Ok(Response::new(ep.client.clone().model_metadata(req).await?.into_inner()))
+    }
+
+    async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Result<pb::ModelConfigResponse> {
+        let mut req = req.into_inner();
+        let (ep, version) = self.pool.pick(&req.name, &req.version)?;
+        req.version = version;
+        Ok(Response::new(ep.client.clone().model_config(req).await?.into_inner()))
+    }
+
+    async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Result<pb::ModelInferResponse> {
+        self.lifecycle.admit().map_err(Status::from)?;
+        let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
+        Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
+    }
+
+    type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
+
+    /// Each message is balanced on its own, so one busy stream spreads over every worker.
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Self::ModelStreamInferStream> {
+        self.lifecycle.admit().map_err(Status::from)?;
+        let svc = self.clone();
+        Ok(Response::new(infermesh_core::stream::serve(req.into_inner(), self.max_stream_inflight, move |m| {
+            let svc = svc.clone();
+            async move { svc.infer(m, None).await }
+        })))
+    }
+
+    async fn model_statistics(&self, req: Request<pb::ModelStatisticsRequest>) -> Result<pb::ModelStatisticsResponse> {
+        let req = req.into_inner();
+        let workers = self.pool.all();
+        let reports = join_all(workers.iter().map(|ep| {
+            let mut c = ep.client.clone();
+            async move { c.model_statistics(pb::ModelStatisticsRequest::default()).await }
+        }))
+        .await;
+        for (ep, r) in workers.iter().zip(reports) {
+            if let Ok(r) = r {
+                self.stats.update(&ep.addr, r.into_inner().model_stats);
+            }
+        }
+        let model_stats = self.stats.sum(&req.name, &req.version);
+        if !req.name.is_empty() && model_stats.is_empty() {
+            return Err(RequestError::NotFound(format!("no statistics for model '{}'", req.name)).into());
+        }
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    /// The union over workers; `reason` says which workers hold each version.
+    async fn repository_index(&self, req: Request<pb::RepositoryIndexRequest>) -> Result<pb::RepositoryIndexResponse> {
+        let ready_only = req.into_inner().ready;
+        let workers = self.pool.all();
+        let answers = join_all(workers.iter().map(|ep| {
+            let mut c = ep.client.clone();
+            async move { c.repository_index(pb::RepositoryIndexRequest::default()).await }
+        }))
+        .await;
+        let mut union: std::collections::BTreeMap<(String, String), (bool, Vec<String>)> = Default::default();
+        for (ep, a) in workers.iter().zip(answers) {
+            let Ok(a) = a else { continue };
+            for m in a.into_inner().models {
+                let e = union.entry((m.name, m.version)).or_default();
+                let ready = m.state == "READY";
+                e.0 |= ready;
+                e.1.push(if ready { ep.addr.clone() } else { format!("{} ({} {})", ep.addr, m.state, m.reason) });
+            }
+        }
+        let models = union
+            .into_iter()
+            .filter(|(_, (ready, _))| *ready || !ready_only)
+            .map(|((name, version), (ready, on))| pb::repository_index_response::ModelIndex {
+                name,
+                version,
+                state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: format!("workers: {}", on.join(", ")),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<pb::RepositoryModelLoadResponse> {
+        self.allow_control()?;
+        let req = req.into_inner();
+        let answers = join_all(self.pool.all().into_iter().map(|ep| {
+            let req = req.clone();
+            async move { ep.client.clone().repository_model_load(req).await }
+        }))
+        .await;
+        answers.into_iter().find(|a| a.is_err()).transpose()?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<pb::RepositoryModelUnloadResponse> {
+        self.allow_control()?;
+        let req = req.into_inner();
+        let answers = join_all(self.pool.all().into_iter().map(|ep| {
+            let req = req.clone();
+            async move { ep.client.clone().repository_model_unload(req).await }
+        }))
+        .await;
+        answers.into_iter().find(|a| a.is_err()).transpose()?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<pb::SystemSharedMemoryStatusResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<pb::SystemSharedMemoryRegisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<pb::SystemSharedMemoryUnregisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<pb::CudaSharedMemoryStatusResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<pb::CudaSharedMemoryRegisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<pb::CudaSharedMemoryUnregisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn trace_setting(&self, _: Request<pb::TraceSettingRequest>) -> Result<pb::TraceSettingResponse> {
+        unimplemented("TraceSetting")
+    }
+
+    async fn log_settings(&self, _: Request<pb::LogSettingsRequest>) -> Result<pb::LogSettingsResponse> {
+        unimplemented("LogSettings")
+    }
+}
+
+impl GatewayService {
+    fn allow_control(&self) -> std::result::Result<(), Status> {
+        if self.control == ControlMode::None {
+            return Err(RequestError::FailedPrecondition(
+                "model load/unload through the gateway is off (--model-control-mode none)".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
