@@ -19,11 +19,16 @@ use tonic::{Status, Streaming};
 
 use crate::status_map::map_status;
 
-pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
 
 /// Serves one stream. `handle` answers one message; at most `max_in_flight` run at once,
 /// beyond which the stream stops reading (back-pressure through HTTP/2 flow control).
-pub fn serve<F, Fut>(mut inbound: Streaming<pb::ModelInferRequest>, max_in_flight: usize, handle: F) -> ResponseStream
+pub fn serve<F, Fut>(
+    mut inbound: Streaming<pb::ModelInferRequest>,
+    max_in_flight: usize,
+    handle: F,
+) -> ResponseStream
 where
     F: Fn(pb::ModelInferRequest) -> Fut + Send + 'static,
     Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
@@ -88,7 +93,9 @@ where
 
 fn wants_unordered(req: &pb::ModelInferRequest) -> bool {
     matches!(
-        req.parameters.get("infermesh_unordered").and_then(|p| p.parameter_choice.as_ref()),
+        req.parameters
+            .get("infermesh_unordered")
+            .and_then(|p| p.parameter_choice.as_ref()),
         Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
     )
 }

@@ -10,7 +10,12 @@ use infermesh_core::{config::parse_duration, ServerArgs};
 #[command(name = "infermesh-gateway", version, args_override_self = true)]
 pub struct GatewayConfig {
     /// Workers as HOST:PORT, comma-separated (static discovery).
-    #[arg(long, env = "INFERMESH_WORKERS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "INFERMESH_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub workers: Vec<String>,
 
     /// How often each worker's readiness and ready models are refreshed.
@@ -28,7 +33,12 @@ pub struct GatewayConfig {
 
     /// none: RepositoryModelLoad/Unload are refused; explicit: they are forwarded to every
     /// worker.
-    #[arg(long, env = "INFERMESH_MODEL_CONTROL_MODE", value_enum, default_value = "none")]
+    #[arg(
+        long,
+        env = "INFERMESH_MODEL_CONTROL_MODE",
+        value_enum,
+        default_value = "none"
+    )]
     pub model_control_mode: ControlMode,
 
     #[command(flatten)]

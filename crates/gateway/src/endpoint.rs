@@ -8,7 +8,8 @@ use std::{
 };
 
 use infermesh_proto::{
-    grpc_inference_service_client::GrpcInferenceServiceClient, RepositoryIndexRequest, ServerReadyRequest,
+    grpc_inference_service_client::GrpcInferenceServiceClient, RepositoryIndexRequest,
+    ServerReadyRequest,
 };
 use tonic::transport::Channel;
 
@@ -37,7 +38,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: &str, connect_timeout: Duration) -> Result<Arc<Self>, String> {
-        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let channel = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| format!("bad worker address '{addr}': {e}"))?
             .connect_timeout(connect_timeout)
@@ -48,7 +53,12 @@ impl Endpoint {
         let client = GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        Ok(Arc::new(Self { addr: addr.to_string(), client, load: Load::default(), seen: RwLock::default() }))
+        Ok(Arc::new(Self {
+            addr: addr.to_string(),
+            client,
+            load: Load::default(),
+            seen: RwLock::default(),
+        }))
     }
 
     pub fn seen(&self) -> Seen {
@@ -58,7 +68,11 @@ impl Endpoint {
     /// Whether it is ready and serves `model` at `version` (None: any version).
     pub fn serves(&self, model: &str, version: Option<i64>) -> bool {
         let seen = self.seen.read().expect("endpoint lock");
-        seen.ready && seen.models.get(model).is_some_and(|v| version.is_none_or(|want| v.contains(&want)))
+        seen.ready
+            && seen
+                .models
+                .get(model)
+                .is_some_and(|v| version.is_none_or(|want| v.contains(&want)))
     }
 
     /// The newest ready version of `model` here.
@@ -71,7 +85,11 @@ impl Endpoint {
     }
 
     pub fn knows(&self, model: &str) -> bool {
-        self.seen.read().expect("endpoint lock").known.contains(model)
+        self.seen
+            .read()
+            .expect("endpoint lock")
+            .known
+            .contains(model)
     }
 
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
@@ -85,13 +103,25 @@ impl Endpoint {
     pub async fn refresh(&self, timeout: Duration) {
         let mut client = self.client.clone();
         let ask = async {
-            let ready = client.server_ready(ServerReadyRequest {}).await?.into_inner().ready;
-            let index = client.repository_index(RepositoryIndexRequest::default()).await?.into_inner().models;
+            let ready = client
+                .server_ready(ServerReadyRequest {})
+                .await?
+                .into_inner()
+                .ready;
+            let index = client
+                .repository_index(RepositoryIndexRequest::default())
+                .await?
+                .into_inner()
+                .models;
             Ok::<_, tonic::Status>((ready, index))
         };
         let seen = match tokio::time::timeout(timeout, ask).await {
             Ok(Ok((ready, index))) => {
-                let mut seen = Seen { ready, problem: (!ready).then(|| "not ready".into()), ..Default::default() };
+                let mut seen = Seen {
+                    ready,
+                    problem: (!ready).then(|| "not ready".into()),
+                    ..Default::default()
+                };
                 for m in index {
                     seen.known.insert(m.name.clone());
                     if m.state == "READY" {
@@ -102,8 +132,14 @@ impl Endpoint {
                 }
                 seen
             }
-            Ok(Err(status)) => Seen { problem: Some(format!("{}: {}", status.code(), status.message())), ..Default::default() },
-            Err(_) => Seen { problem: Some(format!("no answer within {timeout:?}")), ..Default::default() },
+            Ok(Err(status)) => Seen {
+                problem: Some(format!("{}: {}", status.code(), status.message())),
+                ..Default::default()
+            },
+            Err(_) => Seen {
+                problem: Some(format!("no answer within {timeout:?}")),
+                ..Default::default()
+            },
         };
         let before = self.seen.read().expect("endpoint lock").ready;
         if before != seen.ready {

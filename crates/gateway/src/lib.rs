@@ -33,12 +33,19 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
-        Ok(Self { grpc: serve::bind(&config.server).await?, metrics: serve::bind_metrics(&config.server).await? })
+        Ok(Self {
+            grpc: serve::bind(&config.server).await?,
+            metrics: serve::bind_metrics(&config.server).await?,
+        })
     }
 }
 
 /// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md §7).
-pub async fn run(config: GatewayConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn run(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
     let pool = Pool::new(config.worker_refresh, config.worker_connect_timeout);

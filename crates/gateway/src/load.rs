@@ -23,7 +23,10 @@ pub struct Load {
 
 impl Default for Load {
     fn default() -> Self {
-        Self { outstanding: AtomicU64::new(0), ewma: Mutex::new((INITIAL.as_nanos() as f64, Instant::now())) }
+        Self {
+            outstanding: AtomicU64::new(0),
+            ewma: Mutex::new((INITIAL.as_nanos() as f64, Instant::now())),
+        }
     }
 }
 
@@ -41,7 +44,10 @@ impl Load {
     /// Marks a request started; the guard records its round trip when dropped.
     pub fn start(&self) -> InFlight<'_> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: self, start: Instant::now() }
+        InFlight {
+            load: self,
+            start: Instant::now(),
+        }
     }
 
     fn observe(&self, rtt: Duration) {

@@ -12,16 +12,23 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{discovery::Change, endpoint::Endpoint};
 
+/// A worker and the task that keeps its state fresh.
+type Member = (Arc<Endpoint>, JoinHandle<()>);
+
 pub struct Pool {
-    /// Workers by address, each with its refresher task.
-    endpoints: RwLock<BTreeMap<String, (Arc<Endpoint>, JoinHandle<()>)>>,
+    /// Workers by address.
+    endpoints: RwLock<BTreeMap<String, Member>>,
     refresh: Duration,
     connect_timeout: Duration,
 }
 
 impl Pool {
     pub fn new(refresh: Duration, connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { endpoints: RwLock::default(), refresh, connect_timeout })
+        Arc::new(Self {
+            endpoints: RwLock::default(),
+            refresh,
+            connect_timeout,
+        })
     }
 
     /// Applies discovery changes until the source ends.
@@ -34,21 +41,24 @@ impl Pool {
     pub fn apply(self: &Arc<Self>, change: Change) {
         let mut eps = self.endpoints.write().expect("pool lock");
         match change {
-            Change::Insert(addr) if !eps.contains_key(&addr) => match Endpoint::new(&addr, self.connect_timeout) {
-                Ok(ep) => {
-                    let (refresh, timeout) = (self.refresh, self.connect_timeout.max(self.refresh));
-                    let task_ep = ep.clone();
-                    let task = tokio::spawn(async move {
-                        loop {
-                            task_ep.refresh(timeout).await;
-                            tokio::time::sleep(refresh).await;
-                        }
-                    });
-                    tracing::info!(worker = %addr, "worker added");
-                    eps.insert(addr, (ep, task));
+            Change::Insert(addr) if !eps.contains_key(&addr) => {
+                match Endpoint::new(&addr, self.connect_timeout) {
+                    Ok(ep) => {
+                        let (refresh, timeout) =
+                            (self.refresh, self.connect_timeout.max(self.refresh));
+                        let task_ep = ep.clone();
+                        let task = tokio::spawn(async move {
+                            loop {
+                                task_ep.refresh(timeout).await;
+                                tokio::time::sleep(refresh).await;
+                            }
+                        });
+                        tracing::info!(worker = %addr, "worker added");
+                        eps.insert(addr, (ep, task));
+                    }
+                    Err(e) => tracing::error!(error = %e, "ignoring worker"),
                 }
-                Err(e) => tracing::error!(error = %e, "ignoring worker"),
-            },
+            }
             Change::Insert(_) => {}
             Change::Remove(addr) => {
                 if let Some((_, task)) = eps.remove(&addr) {
@@ -60,7 +70,12 @@ impl Pool {
     }
 
     pub fn all(&self) -> Vec<Arc<Endpoint>> {
-        self.endpoints.read().expect("pool lock").values().map(|(e, _)| e.clone()).collect()
+        self.endpoints
+            .read()
+            .expect("pool lock")
+            .values()
+            .map(|(e, _)| e.clone())
+            .collect()
     }
 
     pub fn any_ready(&self) -> bool {
@@ -76,7 +91,9 @@ impl Pool {
             all.iter().filter_map(|e| e.newest(model)).max()
         } else {
             Some(version.parse().map_err(|_| {
-                Error::InvalidArgument(format!("model '{model}': version '{version}' is not a number"))
+                Error::InvalidArgument(format!(
+                    "model '{model}': version '{version}' is not a number"
+                ))
             })?)
         };
         let candidates: Vec<&Arc<Endpoint>> = match want {
@@ -116,11 +133,21 @@ impl Pool {
                 format!("{} ({why})", e.addr)
             })
             .collect();
-        let workers = if seen.is_empty() { "none".into() } else { seen.join(", ") };
+        let workers = if seen.is_empty() {
+            "none".into()
+        } else {
+            seen.join(", ")
+        };
         if !all.iter().any(|e| e.knows(model)) && all.iter().any(|e| e.seen().ready) {
             return Error::NotFound(format!("unknown model '{model}'; workers seen: {workers}"));
         }
-        let what = if version.is_empty() { String::new() } else { format!(" version {version}") };
-        Error::Unavailable(format!("no ready worker for model '{model}'{what}; workers seen: {workers}"))
+        let what = if version.is_empty() {
+            String::new()
+        } else {
+            format!(" version {version}")
+        };
+        Error::Unavailable(format!(
+            "no ready worker for model '{model}'{what}; workers seen: {workers}"
+        ))
     }
 }

@@ -46,27 +46,42 @@ impl GatewayService {
 }
 
 fn unimplemented<T>(what: &str) -> Result<T> {
-    Err(Status::unimplemented(format!("{what} is not supported by the infermesh gateway")))
+    Err(Status::unimplemented(format!(
+        "{what} is not supported by the infermesh gateway"
+    )))
 }
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GatewayService {
-    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<pb::ServerLiveResponse> {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<pb::ServerLiveResponse> {
         Ok(Response::new(pb::ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<pb::ServerReadyResponse> {
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<pb::ServerReadyResponse> {
         let ready = self.pool.any_ready() && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ServerReadyResponse { ready }))
     }
 
-    async fn model_ready(&self, req: Request<pb::ModelReadyRequest>) -> Result<pb::ModelReadyResponse> {
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<pb::ModelReadyResponse> {
         let req = req.into_inner();
-        let ready = self.pool.pick(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
+        let ready =
+            self.pool.pick(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<pb::ServerMetadataResponse> {
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<pb::ServerMetadataResponse> {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "infermesh-gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -74,21 +89,34 @@ impl GrpcInferenceService for GatewayService {
         }))
     }
 
-    async fn model_metadata(&self, req: Request<pb::ModelMetadataRequest>) -> Result<pb::ModelMetadataResponse> {
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<pb::ModelMetadataResponse> {
         let mut req = req.into_inner();
         let (ep, version) = self.pool.pick(&req.name, &req.version)?;
         req.version = version;
-        Ok(Response::new(ep.client.clone().model_metadata(req).await?.into_inner()))
+        Ok(Response::new(
+            ep.client.clone().model_metadata(req).await?.into_inner(),
+        ))
     }
 
-    async fn model_config(&self, req: Request<pb::ModelConfigRequest>) -> Result<pb::ModelConfigResponse> {
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<pb::ModelConfigResponse> {
         let mut req = req.into_inner();
         let (ep, version) = self.pool.pick(&req.name, &req.version)?;
         req.version = version;
-        Ok(Response::new(ep.client.clone().model_config(req).await?.into_inner()))
+        Ok(Response::new(
+            ep.client.clone().model_config(req).await?.into_inner(),
+        ))
     }
 
-    async fn model_infer(&self, req: Request<pb::ModelInferRequest>) -> Result<pb::ModelInferResponse> {
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
         let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
         Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
@@ -103,18 +131,28 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<Self::ModelStreamInferStream> {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
-        Ok(Response::new(infermesh_core::stream::serve(req.into_inner(), self.max_stream_inflight, move |m| {
-            let svc = svc.clone();
-            async move { svc.infer(m, None).await }
-        })))
+        Ok(Response::new(infermesh_core::stream::serve(
+            req.into_inner(),
+            self.max_stream_inflight,
+            move |m| {
+                let svc = svc.clone();
+                async move { svc.infer(m, None).await }
+            },
+        )))
     }
 
-    async fn model_statistics(&self, req: Request<pb::ModelStatisticsRequest>) -> Result<pb::ModelStatisticsResponse> {
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<pb::ModelStatisticsResponse> {
         let req = req.into_inner();
         let workers = self.pool.all();
         let reports = join_all(workers.iter().map(|ep| {
             let mut c = ep.client.clone();
-            async move { c.model_statistics(pb::ModelStatisticsRequest::default()).await }
+            async move {
+                c.model_statistics(pb::ModelStatisticsRequest::default())
+                    .await
+            }
         }))
         .await;
         for (ep, r) in workers.iter().zip(reports) {
@@ -124,39 +162,54 @@ impl GrpcInferenceService for GatewayService {
         }
         let model_stats = self.stats.sum(&req.name, &req.version);
         if !req.name.is_empty() && model_stats.is_empty() {
-            return Err(RequestError::NotFound(format!("no statistics for model '{}'", req.name)).into());
+            return Err(
+                RequestError::NotFound(format!("no statistics for model '{}'", req.name)).into(),
+            );
         }
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     /// The union over workers; `reason` says which workers hold each version.
-    async fn repository_index(&self, req: Request<pb::RepositoryIndexRequest>) -> Result<pb::RepositoryIndexResponse> {
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<pb::RepositoryIndexResponse> {
         let ready_only = req.into_inner().ready;
         let workers = self.pool.all();
         let answers = join_all(workers.iter().map(|ep| {
             let mut c = ep.client.clone();
-            async move { c.repository_index(pb::RepositoryIndexRequest::default()).await }
+            async move {
+                c.repository_index(pb::RepositoryIndexRequest::default())
+                    .await
+            }
         }))
         .await;
-        let mut union: std::collections::BTreeMap<(String, String), (bool, Vec<String>)> = Default::default();
+        let mut union: std::collections::BTreeMap<(String, String), (bool, Vec<String>)> =
+            Default::default();
         for (ep, a) in workers.iter().zip(answers) {
             let Ok(a) = a else { continue };
             for m in a.into_inner().models {
                 let e = union.entry((m.name, m.version)).or_default();
                 let ready = m.state == "READY";
                 e.0 |= ready;
-                e.1.push(if ready { ep.addr.clone() } else { format!("{} ({} {})", ep.addr, m.state, m.reason) });
+                e.1.push(if ready {
+                    ep.addr.clone()
+                } else {
+                    format!("{} ({} {})", ep.addr, m.state, m.reason)
+                });
             }
         }
         let models = union
             .into_iter()
             .filter(|(_, (ready, _))| *ready || !ready_only)
-            .map(|((name, version), (ready, on))| pb::repository_index_response::ModelIndex {
-                name,
-                version,
-                state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
-                reason: format!("workers: {}", on.join(", ")),
-            })
+            .map(
+                |((name, version), (ready, on))| pb::repository_index_response::ModelIndex {
+                    name,
+                    version,
+                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                    reason: format!("workers: {}", on.join(", ")),
+                },
+            )
             .collect();
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
@@ -233,11 +286,17 @@ impl GrpcInferenceService for GatewayService {
         unimplemented("CUDA shared memory")
     }
 
-    async fn trace_setting(&self, _: Request<pb::TraceSettingRequest>) -> Result<pb::TraceSettingResponse> {
+    async fn trace_setting(
+        &self,
+        _: Request<pb::TraceSettingRequest>,
+    ) -> Result<pb::TraceSettingResponse> {
         unimplemented("TraceSetting")
     }
 
-    async fn log_settings(&self, _: Request<pb::LogSettingsRequest>) -> Result<pb::LogSettingsResponse> {
+    async fn log_settings(
+        &self,
+        _: Request<pb::LogSettingsRequest>,
+    ) -> Result<pb::LogSettingsResponse> {
         unimplemented("LogSettings")
     }
 }

@@ -22,7 +22,10 @@ fn add(a: &mut Option<pb::StatisticDuration>, b: &Option<pb::StatisticDuration>)
 
 impl StatsCache {
     pub fn update(&self, worker: &str, stats: Vec<pb::ModelStatistics>) {
-        self.last.lock().expect("stats lock").insert(worker.to_string(), stats);
+        self.last
+            .lock()
+            .expect("stats lock")
+            .insert(worker.to_string(), stats);
     }
 
     /// Sums per (model, version), filtered like Triton's request ("" = all).
@@ -30,14 +33,17 @@ impl StatsCache {
         let last = self.last.lock().expect("stats lock");
         let mut out: BTreeMap<(String, String), pb::ModelStatistics> = BTreeMap::new();
         for s in last.values().flatten() {
-            if (!name.is_empty() && s.name != name) || (!version.is_empty() && s.version != version) {
+            if (!name.is_empty() && s.name != name) || (!version.is_empty() && s.version != version)
+            {
                 continue;
             }
-            let t = out.entry((s.name.clone(), s.version.clone())).or_insert_with(|| pb::ModelStatistics {
-                name: s.name.clone(),
-                version: s.version.clone(),
-                ..Default::default()
-            });
+            let t = out
+                .entry((s.name.clone(), s.version.clone()))
+                .or_insert_with(|| pb::ModelStatistics {
+                    name: s.name.clone(),
+                    version: s.version.clone(),
+                    ..Default::default()
+                });
             t.last_inference = t.last_inference.max(s.last_inference);
             t.inference_count += s.inference_count;
             t.execution_count += s.execution_count;
@@ -53,18 +59,23 @@ impl StatsCache {
                 add(&mut a.cache_miss, &b.cache_miss);
             }
             for b in &s.batch_stats {
-                match t.batch_stats.iter_mut().find(|x| x.batch_size == b.batch_size) {
+                match t
+                    .batch_stats
+                    .iter_mut()
+                    .find(|x| x.batch_size == b.batch_size)
+                {
                     Some(x) => {
                         add(&mut x.compute_input, &b.compute_input);
                         add(&mut x.compute_infer, &b.compute_infer);
                         add(&mut x.compute_output, &b.compute_output);
                     }
-                    None => t.batch_stats.push(b.clone()),
+                    None => t.batch_stats.push(*b),
                 }
             }
         }
         let mut v: Vec<_> = out.into_values().collect();
-        v.iter_mut().for_each(|s| s.batch_stats.sort_by_key(|b| b.batch_size));
+        v.iter_mut()
+            .for_each(|s| s.batch_stats.sort_by_key(|b| b.batch_size));
         v
     }
 }

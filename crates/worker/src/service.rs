@@ -273,10 +273,14 @@ impl GrpcInferenceService for WorkerService {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
-        Ok(Response::new(infermesh_core::stream::serve(req.into_inner(), MAX_STREAM_IN_FLIGHT, move |m| {
-            let svc = svc.clone();
-            async move { svc.infer(m, None).await.map_err(Status::from) }
-        })))
+        Ok(Response::new(infermesh_core::stream::serve(
+            req.into_inner(),
+            MAX_STREAM_IN_FLIGHT,
+            move |m| {
+                let svc = svc.clone();
+                async move { svc.infer(m, None).await.map_err(Status::from) }
+            },
+        )))
     }
 
     async fn model_statistics(

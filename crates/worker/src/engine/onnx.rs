@@ -147,8 +147,12 @@ fn build(path: &Path, opts: &SessionOptions, cuda: Option<i32>) -> Result<Sessio
     builder = builder
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(text)?;
-    builder = builder.with_intra_op_spinning(opts.spinning).map_err(text)?;
-    builder = builder.with_inter_op_spinning(opts.spinning).map_err(text)?;
+    builder = builder
+        .with_intra_op_spinning(opts.spinning)
+        .map_err(text)?;
+    builder = builder
+        .with_inter_op_spinning(opts.spinning)
+        .map_err(text)?;
     if opts.intra_op_threads > 0 {
         builder = builder
             .with_intra_threads(opts.intra_op_threads)
