@@ -154,3 +154,87 @@ impl Worker {
         self.task.await.expect("worker task")
     }
 }
+
+/// A gateway running in this process on 127.0.0.1:0, in front of `workers`.
+pub struct Gateway {
+    pub addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), infermesh_gateway::Error>>,
+}
+
+impl Gateway {
+    /// Starts a gateway and waits (bounded) until it reports ready.
+    pub async fn start(workers: &[&Worker], extra: &[&str]) -> Gateway {
+        let list = workers
+            .iter()
+            .map(|w| w.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = vec![
+            "infermesh-gateway".to_string(),
+            "--workers".into(),
+            list,
+            "--worker-refresh".into(),
+            "100ms".into(),
+            "--shutdown-grace".into(),
+            "0s".into(),
+            "--drain-timeout".into(),
+            "5s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = infermesh_gateway::GatewayConfig::try_parse_from(args).expect("valid flags");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let listeners = infermesh_gateway::Listeners {
+            grpc,
+            metrics: None,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(infermesh_gateway::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        let gw = Gateway {
+            addr,
+            stop: Some(stop),
+            task,
+        };
+        wait_ready(&gw.url()).await;
+        gw
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        GrpcInferenceServiceClient::connect(self.url())
+            .await
+            .expect("connect")
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    pub async fn stop(mut self) -> Result<(), infermesh_gateway::Error> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.task.await.expect("gateway task")
+    }
+}
+
+/// Polls ServerReady at `url` until true; panics after 60 s.
+pub async fn wait_ready(url: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await {
+            if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
+                if r.into_inner().ready {
+                    return;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} did not become ready in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,211 @@
+//! The gateway in front of real workers on loopback: every request balanced, stream
+//! messages included; routing by model; aggregates; a worker leaving.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use infermesh_proto::{ModelInferRequest, ModelStatisticsRequest, RepositoryIndexRequest};
+use infermesh_tests::{repo::*, tensors::*, Client, Gateway, Worker};
+use tonic::Code;
+
+fn ident(model: &str, id: &str, v: f32) -> ModelInferRequest {
+    let mut r = request(model, vec![raw("INPUT0", "FP32", &[4], f32s(&[v; 4]))]);
+    r.id = id.into();
+    r
+}
+
+async fn executions(w: &Worker, model: &str) -> u64 {
+    let mut c = w.client().await;
+    let req = ModelStatisticsRequest {
+        name: model.into(),
+        version: String::new(),
+    };
+    c.model_statistics(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats[0]
+        .execution_count
+}
+
+fn echo_repo() -> Repo {
+    Repo::new().identity("echo", &identity_config("", "[ 4 ]"))
+}
+
+async fn two_workers() -> (Repo, Worker, Worker) {
+    let repo = echo_repo();
+    let a = Worker::start(repo.path(), &[]).await;
+    let b = Worker::start(repo.path(), &[]).await;
+    (repo, a, b)
+}
+
+#[tokio::test]
+async fn unary_requests_spread_over_both_workers() {
+    let (_repo, a, b) = two_workers().await;
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let client = gw.client().await;
+    let calls = (0..200).map(|i| {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.model_infer(ident("echo", &i.to_string(), i as f32)).await })
+    });
+    for (i, r) in futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let r = r
+            .unwrap()
+            .expect("request through the gateway")
+            .into_inner();
+        assert_eq!(read_f32(output(&r, "OUTPUT0")), [i as f32; 4]);
+        assert_eq!(r.id, i.to_string());
+    }
+    let (ea, eb) = (executions(&a, "echo").await, executions(&b, "echo").await);
+    assert_eq!(ea + eb, 200);
+    assert!(ea > 0 && eb > 0, "both workers served: {ea} / {eb}");
+    gw.stop().await.unwrap();
+}
+
+/// The point of the gateway: one stream's messages go to several workers, and come back
+/// in order with their ids.
+#[tokio::test]
+async fn one_stream_is_balanced_per_message() {
+    let config = identity_config(
+        r#"parameters { key: "delay_ms" value: { string_value: "2" } }"#,
+        "[ 4 ]",
+    );
+    let repo = Repo::new().identity("echo", &config);
+    let a = Worker::start(repo.path(), &[]).await;
+    let b = Worker::start(repo.path(), &[]).await;
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    let mut msgs: Vec<ModelInferRequest> = (0..100)
+        .map(|i| ident("echo", &format!("m{i}"), i as f32))
+        .collect();
+    msgs.insert(50, ident("no_such_model", "bad", 0.0));
+    let mut responses = client
+        .model_stream_infer(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(item) = responses.next().await {
+        let item = item.expect("stream stays up");
+        let resp = item.infer_response.unwrap();
+        if resp.id == "bad" {
+            assert!(
+                item.error_message.contains("unknown model 'no_such_model'"),
+                "{}",
+                item.error_message
+            );
+        } else {
+            assert!(item.error_message.is_empty(), "{}", item.error_message);
+            let i: f32 = resp.id[1..].parse().unwrap();
+            assert_eq!(read_f32(output(&resp, "OUTPUT0")), [i; 4]);
+        }
+        ids.push(resp.id);
+    }
+    let mut want: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    want.insert(50, "bad".into());
+    assert_eq!(ids, want, "responses in request order");
+    let (ea, eb) = (executions(&a, "echo").await, executions(&b, "echo").await);
+    assert_eq!(ea + eb, 100);
+    assert!(
+        ea > 0 && eb > 0,
+        "one stream spread over both workers: {ea} / {eb}"
+    );
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_go_only_where_the_model_is_and_errors_name_it() {
+    let only_a = Repo::new()
+        .identity("echo", &identity_config("", "[ 4 ]"))
+        .identity("special", &identity_config("", "[ 2 ]"));
+    let a = Worker::start(only_a.path(), &[]).await;
+    let repo_b = echo_repo();
+    let b = Worker::start(repo_b.path(), &[]).await;
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    for _ in 0..20 {
+        let r = request(
+            "special",
+            vec![raw("INPUT0", "FP32", &[2], f32s(&[1.0, 2.0]))],
+        );
+        client.model_infer(r).await.unwrap();
+    }
+    assert_eq!(executions(&a, "special").await, 20);
+
+    let err = client
+        .model_infer(ident("nope", "x", 0.0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("'nope'"), "{}", err.message());
+    // A worker's own error passes through unchanged.
+    let bad = request("echo", vec![raw("INPUT0", "FP32", &[5], f32s(&[0.0; 5]))]);
+    let err = client.model_infer(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("dim 0 is 5"), "{}", err.message());
+
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let special = index.iter().find(|m| m.name == "special").unwrap();
+    assert_eq!(special.state, "READY");
+    assert!(
+        special.reason.contains(&a.addr.to_string())
+            && !special.reason.contains(&b.addr.to_string())
+    );
+    gw.stop().await.unwrap();
+}
+
+/// Statistics are sums over workers and never go down when a worker leaves; traffic moves
+/// to the worker that is left.
+#[tokio::test]
+async fn a_worker_leaving_keeps_statistics_and_traffic_moves() {
+    let (_repo, a, b) = two_workers().await;
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    for i in 0..40 {
+        client
+            .model_infer(ident("echo", "", i as f32))
+            .await
+            .unwrap();
+    }
+    let stats = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            let req = ModelStatisticsRequest {
+                name: "echo".into(),
+                version: String::new(),
+            };
+            c.model_statistics(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .model_stats[0]
+                .inference_count
+        }
+    };
+    assert_eq!(stats(&mut client).await, 40);
+    b.stop().await.unwrap();
+    // Bounded poll until the gateway stops choosing the stopped worker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut ok_in_a_row = 0;
+    while ok_in_a_row < 20 {
+        match client.model_infer(ident("echo", "", 1.0)).await {
+            Ok(_) => ok_in_a_row += 1,
+            Err(_) => ok_in_a_row = 0,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "traffic never settled on the remaining worker"
+        );
+    }
+    assert!(stats(&mut client).await >= 60, "sums never go down");
+    gw.stop().await.unwrap();
+}
