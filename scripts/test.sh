@@ -26,7 +26,7 @@ cargo test --workspace --locked 2>&1 | tee target/cargo-test.log
 rust_passed=$(grep -E '^test result:' target/cargo-test.log | awk '{s+=$4} END {print s+0}')
 
 step "real clients: tritonclient, grpcurl, reflection"
-cargo build --locked -p infermesh-worker -p infermesh-cli
+cargo build --locked -p infermesh-worker -p infermesh-gateway -p infermesh-cli
 PATH="$root/.venv/bin:$PATH" .venv/bin/python -m pytest -q tests/python
 
 echo

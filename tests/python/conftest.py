@@ -17,14 +17,12 @@ def binary(name: str) -> str:
     return os.environ.get(f"INFERMESH_{name.upper().replace('-', '_')}_BIN") or str(ROOT / "target" / "debug" / name)
 
 
-class Worker:
-    def __init__(self, *extra: str):
-        cmd = [
-            binary("infermesh-worker"),
-            "--model-repository", str(MODELS),
-            "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-            "--metrics-port", "0", "--shutdown-grace", "0s", "--log-format", "json", *extra,
-        ]
+class Server:
+    """A worker or gateway process on 127.0.0.1, its port learned from its log."""
+
+    def __init__(self, cmd):
+        cmd = [*cmd, "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+               "--metrics-port", "0", "--shutdown-grace", "0s", "--log-format", "json"]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.url = None
         # The bound address is logged first thing; read until it appears (bounded).
@@ -45,7 +43,7 @@ class Worker:
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         self.client = grpcclient.InferenceServerClient(self.url)
         while not self.client.is_server_ready():
-            assert time.monotonic() < deadline and self.proc.poll() is None, "worker not ready"
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"{cmd[0]} not ready"
             time.sleep(0.05)
 
     def stop(self) -> int:
@@ -54,11 +52,31 @@ class Worker:
         return self.proc.wait(timeout=60)
 
 
+def Worker(*extra: str) -> Server:
+    return Server([binary("infermesh-worker"), "--model-repository", str(MODELS), *extra])
+
+
+def Gateway(*workers: Server) -> Server:
+    return Server([binary("infermesh-gateway"), "--workers", ",".join(w.url for w in workers),
+                   "--worker-refresh", "100ms"])
+
+
 @pytest.fixture(scope="session")
 def worker():
     w = Worker()
     yield w
     assert w.stop() == 0, "worker exits 0 on SIGTERM"
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A gateway in front of two worker processes."""
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    yield gateway, workers
+    assert gateway.stop() == 0, "gateway exits 0 on SIGTERM"
+    for w in workers:
+        assert w.stop() == 0
 
 
 @pytest.fixture

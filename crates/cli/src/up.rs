@@ -1,21 +1,26 @@
-//! `infermesh up`: a local mesh in one command. Today that is one worker on the model
-//! repository; the gateway joins it when it lands.
+//! `infermesh up`: a local mesh in one command: N workers on the model repository and a
+//! gateway in front of them, proven with a real request through the gateway.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use infermesh_gateway::GatewayConfig;
 use infermesh_worker::WorkerConfig;
 use serde_json::Value;
+use tokio::{net::TcpListener, sync::watch};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
     /// Model repository; defaults to the bundled models of this checkout.
     #[arg(long, env = "INFERMESH_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
-    /// Address the worker listens on.
+    /// Address the gateway listens on (what clients use).
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub listen: std::net::SocketAddr,
+    /// Workers to start (each on 127.0.0.1, a free port).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
     /// Exit after the self-check request instead of serving until Ctrl-C.
     #[arg(long)]
     pub check: bool,
@@ -26,39 +31,77 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let repo = args
         .model_repository
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let config = WorkerConfig::try_parse_from([
-        "infermesh-worker".as_ref(),
-        "--model-repository".as_ref(),
-        repo.as_os_str(),
-        "--shutdown-grace".as_ref(),
-        "0s".as_ref(),
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Share the cores between the workers' ONNX Runtime pools instead of oversubscribing.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.workers.max(1)).max(1).to_string();
+
+    let mut tasks = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..args.workers.max(1) {
+        let config = WorkerConfig::try_parse_from([
+            "infermesh-worker".as_ref(),
+            "--model-repository".as_ref(),
+            repo.as_os_str(),
+            "--intra-op-threads".as_ref(),
+            threads.as_ref(),
+            "--shutdown-grace".as_ref(),
+            "0s".as_ref(),
+        ])?;
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(grpc.local_addr()?.to_string());
+        let listeners = infermesh_worker::Listeners {
+            grpc,
+            metrics: None,
+        };
+        let run = infermesh_worker::run(config, listeners, stopped(stop_rx.clone()));
+        tasks.push(tokio::spawn(async move {
+            run.await.map_err(|e| anyhow::anyhow!(e))
+        }));
+    }
+    let config = GatewayConfig::try_parse_from([
+        "infermesh-gateway".to_string(),
+        "--workers".into(),
+        addrs.join(","),
+        "--shutdown-grace".into(),
+        "0s".into(),
     ])?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let listeners = infermesh_worker::Listeners {
-        grpc: listener,
+    let addr = grpc.local_addr()?;
+    let listeners = infermesh_gateway::Listeners {
+        grpc,
         metrics: None,
     };
-    let worker = tokio::spawn(infermesh_worker::run(config, listeners, async {
-        tokio::select! {
-            _ = stop_rx => {}
-            () = infermesh_core::serve::signal() => {}
-        }
+    let gateway = infermesh_gateway::run(config, listeners, stopped(stop_rx.clone()));
+    tasks.push(tokio::spawn(async move {
+        gateway.await.map_err(|e| anyhow::anyhow!(e))
     }));
 
-    wait_ready(&addr.to_string()).await?;
-    self_check(&addr.to_string(), &repo).await?;
-    println!("infermesh is up: worker on {addr} (grpc). Try: infermesh infer --url {addr} --model digits --input input=@models/digits/example.json");
-    if args.check {
-        let _ = stop_tx.send(());
-    } else {
-        println!("serving until Ctrl-C");
+    let checked = async {
+        wait_ready(&addr.to_string()).await?;
+        self_check(&addr.to_string(), &repo).await
     }
-    worker.await?.map_err(|e| anyhow::anyhow!(e))?;
-    Ok(())
+    .await;
+    if checked.is_ok() {
+        println!(
+            "infermesh is up: gateway on {addr}, workers on {}. Try: infermesh infer --url {addr} --model digits --input input=@models/digits/example.json",
+            addrs.join(", ")
+        );
+        if !args.check {
+            println!("serving until Ctrl-C");
+            infermesh_core::serve::signal().await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await??;
+    }
+    checked
 }
 
 async fn wait_ready(url: &str) -> anyhow::Result<()> {
