@@ -79,7 +79,7 @@ async fn one_stream_is_balanced_per_message() {
     let b = Worker::start(repo.path(), &[]).await;
     let gw = Gateway::start(&[&a, &b], &[]).await;
     let mut client = gw.client().await;
-    let mut msgs: Vec<ModelInferRequest> = (0..100)
+    let mut msgs: Vec<ModelInferRequest> = (0..400)
         .map(|i| ident("echo", &format!("m{i}"), i as f32))
         .collect();
     msgs.insert(50, ident("no_such_model", "bad", 0.0));
@@ -105,13 +105,14 @@ async fn one_stream_is_balanced_per_message() {
         }
         ids.push(resp.id);
     }
-    let mut want: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    let mut want: Vec<String> = (0..400).map(|i| format!("m{i}")).collect();
     want.insert(50, "bad".into());
     assert_eq!(ids, want, "responses in request order");
     let (ea, eb) = (executions(&a, "echo").await, executions(&b, "echo").await);
-    assert_eq!(ea + eb, 100);
+    assert_eq!(ea + eb, 400);
+    // Each worker's own statistics grew by at least a quarter of the stream.
     assert!(
-        ea > 0 && eb > 0,
+        ea >= 100 && eb >= 100,
         "one stream spread over both workers: {ea} / {eb}"
     );
     gw.stop().await.unwrap();
@@ -207,5 +208,174 @@ async fn a_worker_leaving_keeps_statistics_and_traffic_moves() {
         );
     }
     assert!(stats(&mut client).await >= 60, "sums never go down");
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_worker_gets_little_of_the_traffic() {
+    let slow = Repo::new().identity(
+        "echo",
+        &identity_config(
+            r#"parameters { key: "delay_ms" value: { string_value: "50" } }"#,
+            "[ 4 ]",
+        ),
+    );
+    let fast = echo_repo();
+    let (s, f) = (
+        Worker::start(slow.path(), &[]).await,
+        Worker::start(fast.path(), &[]).await,
+    );
+    let gw = Gateway::start(&[&s, &f], &[]).await;
+    let client = gw.client().await;
+    let tasks = (0..8).map(|_| {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            for i in 0..25 {
+                c.model_infer(ident("echo", "", i as f32)).await.unwrap();
+            }
+        })
+    });
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .for_each(|t| t.unwrap());
+    let (es, ef) = (executions(&s, "echo").await, executions(&f, "echo").await);
+    assert_eq!(es + ef, 200);
+    assert!(ef >= 140, "the fast worker took {ef} of 200 (slow: {es})");
+    gw.stop().await.unwrap();
+}
+
+/// A model unloaded on one worker while requests flow: the gateway retries those the
+/// worker refuses and stops routing there; clients see no error.
+#[tokio::test]
+async fn unloading_a_model_on_one_worker_costs_no_client_errors() {
+    let repo = echo_repo();
+    let flags = ["--model-control-mode", "explicit", "--load-model", "*"];
+    let (a, b) = (
+        Worker::start(repo.path(), &flags).await,
+        Worker::start(repo.path(), &flags).await,
+    );
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let client = gw.client().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut c, stop) = (client.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !*stop.borrow() {
+                    c.model_infer(ident("echo", "", 1.0))
+                        .await
+                        .expect("no client error");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let unload = infermesh_proto::RepositoryModelUnloadRequest {
+        model_name: "echo".into(),
+        ..Default::default()
+    };
+    a.client()
+        .await
+        .repository_model_unload(unload)
+        .await
+        .unwrap();
+    // Keep the load on until B alone has served 200 more requests.
+    let before = executions(&b, "echo").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while executions(&b, "echo").await < before + 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "traffic did not move to the other worker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send(true).unwrap();
+    for l in load {
+        assert!(l.await.unwrap() > 0);
+    }
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_ready_worker_is_unavailable_naming_model_and_workers() {
+    let (_repo, a, b) = two_workers().await;
+    let (addr_a, addr_b) = (a.addr.to_string(), b.addr.to_string());
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    client.model_infer(ident("echo", "", 1.0)).await.unwrap();
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match client.model_infer(ident("echo", "", 1.0)).await {
+            Err(e) if e.message().contains("no ready worker") => break e,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pool never emptied"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("'echo'"), "{}", err.message());
+    assert!(
+        err.message().contains(&addr_a) && err.message().contains(&addr_b),
+        "{}",
+        err.message()
+    );
+    gw.stop().await.unwrap();
+}
+
+/// Deadlines and cancels cross the gateway: expired work is answered DEADLINE_EXCEEDED,
+/// cancelled work is dropped, and neither runs on the worker.
+#[tokio::test]
+async fn deadlines_and_cancels_reach_the_worker() {
+    let config = identity_config(
+        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
+        "[ 4 ]",
+    );
+    let repo = Repo::new().identity("gate", &config);
+    let w = Worker::start(repo.path(), &[]).await;
+    let gw = Gateway::start(&[&w], &[]).await;
+    let mut client = gw.client().await;
+    let mut c = client.clone();
+    let first = tokio::spawn(async move { c.model_infer(ident("gate", "", 1.0)).await });
+    w.wait_metric(
+        r#"infermesh_instances_busy{model="gate",version="1"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+
+    let mut timed = tonic::Request::new(ident("gate", "", 1.0));
+    timed.set_timeout(Duration::from_millis(100));
+    let err = client.model_infer(timed).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err}"
+    );
+
+    let mut c = client.clone();
+    let doomed = tokio::spawn(async move { c.model_infer(ident("gate", "", 1.0)).await });
+    w.wait_metric(r#"infermesh_queue_depth{model="gate",version="1"}"#, |v| {
+        v >= 1.0
+    })
+    .await;
+    doomed.abort();
+
+    first.await.unwrap().unwrap();
+    let skipped = |code: &str| {
+        format!(r#"infermesh_skipped_requests_total{{model="gate",version="1",code="{code}"}}"#)
+    };
+    let expired = w.metric(&skipped("DEADLINE_EXCEEDED")).await.unwrap_or(0.0);
+    w.wait_metric(&skipped("CANCELLED"), |v| v + expired >= 2.0)
+        .await;
+    assert_eq!(
+        executions(&w, "gate").await,
+        1,
+        "only the first request ran"
+    );
     gw.stop().await.unwrap();
 }

@@ -92,6 +92,32 @@ impl Endpoint {
             .contains(model)
     }
 
+    /// Learns from a failed call: a model-level answer takes the model off this worker
+    /// until the next refresh; anything else (transport, draining) the whole worker.
+    pub fn note_failure(&self, model: &str, status: &tonic::Status) {
+        let msg = status.message();
+        let model_level = status.code() == tonic::Code::NotFound
+            || (status.code() == tonic::Code::Unavailable
+                && msg.contains(&format!("model '{model}'")));
+        if status.code() == tonic::Code::ResourceExhausted {
+            return; // busy, not broken: the load estimate already steers away
+        }
+        if model_level {
+            self.seen
+                .write()
+                .expect("endpoint lock")
+                .models
+                .remove(model);
+        } else {
+            self.mark_unready(format!("{}: {msg}", status.code()));
+        }
+    }
+
+    /// Sets what the worker is known to serve (tests; discovery of state without a worker).
+    pub fn set_seen(&self, seen: Seen) {
+        *self.seen.write().expect("endpoint lock") = seen;
+    }
+
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
     pub fn mark_unready(&self, why: String) {
         let mut seen = self.seen.write().expect("endpoint lock");

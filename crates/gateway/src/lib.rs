@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod load;
 pub mod pool;
+pub mod retry;
 pub mod service;
 pub mod stats;
 
@@ -88,6 +89,7 @@ pub async fn run(
         stats: Default::default(),
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
+        budget: Arc::new(retry::Budget::new(config.retry_budget_ratio, 10.0)),
     };
     let limit = config.server.grpc_max_message_bytes;
     let inference = GrpcInferenceServiceServer::new(service)

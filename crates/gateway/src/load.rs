@@ -7,8 +7,11 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+// tokio's clock, so tests can run on paused time.
+use tokio::time::Instant;
 
 /// Time for an old latency sample to lose most of its weight.
 const DECAY: Duration = Duration::from_secs(10);

@@ -86,6 +86,16 @@ impl Pool {
     /// ready worker has, so a rollout moves traffic as soon as one worker has the new one.
     /// Returns the worker and the version to ask it for.
     pub fn pick(&self, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
+        self.pick_excluding(model, version, &[])
+    }
+
+    /// As [`Pool::pick`], skipping workers already tried for this request.
+    pub fn pick_excluding(
+        &self,
+        model: &str,
+        version: &str,
+        tried: &[String],
+    ) -> Result<(Arc<Endpoint>, String), Error> {
         let all = self.all();
         let want: Option<i64> = if version.is_empty() {
             all.iter().filter_map(|e| e.newest(model)).max()
@@ -97,7 +107,10 @@ impl Pool {
             })?)
         };
         let candidates: Vec<&Arc<Endpoint>> = match want {
-            Some(v) => all.iter().filter(|e| e.serves(model, Some(v))).collect(),
+            Some(v) => all
+                .iter()
+                .filter(|e| e.serves(model, Some(v)) && !tried.contains(&e.addr))
+                .collect(),
             None => Vec::new(),
         };
         let chosen = match candidates.len() {
@@ -151,3 +164,6 @@ impl Pool {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests;

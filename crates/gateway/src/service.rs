@@ -10,7 +10,12 @@ use infermesh_core::{Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{config::ControlMode, pool::Pool, stats::StatsCache};
+use crate::{
+    config::ControlMode,
+    pool::Pool,
+    retry::{self, Budget},
+    stats::StatsCache,
+};
 
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
 
@@ -21,27 +26,65 @@ pub struct GatewayService {
     pub stats: Arc<StatsCache>,
     pub control: ControlMode,
     pub max_stream_inflight: usize,
+    pub budget: Arc<Budget>,
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
 impl GatewayService {
     /// Forwards one inference request to the worker the balancer picks. The tensor bytes
-    /// pass through as they came (`Bytes`); nothing is decoded into tensors.
+    /// pass through as they came (`Bytes`); nothing is decoded into tensors. A failure
+    /// that means the request did not run (worker unavailable or draining, model gone
+    /// there, queue full) is retried on another worker while the deadline and the retry
+    /// budget allow; every other status passes through unchanged.
     pub async fn infer(
         &self,
         mut req: pb::ModelInferRequest,
         deadline: Option<Instant>,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
-        let (ep, version) = self.pool.pick(&req.model_name, &req.model_version)?;
-        req.model_version = version;
-        let mut call = Request::new(req);
-        if let Some(d) = deadline {
-            call.set_timeout(d.saturating_duration_since(Instant::now()));
+        self.budget.deposit();
+        let asked_version = std::mem::take(&mut req.model_version);
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Status> = None;
+        loop {
+            let picked = self
+                .pool
+                .pick_excluding(&req.model_name, &asked_version, &tried);
+            let (ep, version) = match (picked, last) {
+                (Ok(p), _) => p,
+                (Err(_), Some(status)) => return Err(status),
+                (Err(e), None) => return Err(e.into()),
+            };
+            let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
+            attempt.model_version = version;
+            let mut call = Request::new(attempt);
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Status::deadline_exceeded(
+                        "deadline passed before a worker answered",
+                    ));
+                }
+                call.set_timeout(left);
+            }
+            let result = {
+                let _in_flight = ep.load.start();
+                ep.client.clone().model_infer(call).await
+            };
+            match result {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(status) if retry::retryable(&status) => {
+                    ep.note_failure(&req.model_name, &status);
+                    tried.push(ep.addr.clone());
+                    if !self.budget.withdraw() {
+                        return Err(status);
+                    }
+                    tracing::debug!(worker = %ep.addr, code = ?status.code(), "retrying on another worker");
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
         }
-        let _in_flight = ep.load.start();
-        let resp = ep.client.clone().model_infer(call).await?;
-        Ok(resp.into_inner())
     }
 }
 
