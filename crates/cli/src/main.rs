@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args).await,
         Command::Worker(config) => {
             infermesh_core::telemetry::init_logging(config.server.log_format);
-            let listeners = infermesh_worker::Listeners::bind(&config).await?;
+            let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
             infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await?;
             Ok(())
         }

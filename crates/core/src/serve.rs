@@ -13,6 +13,20 @@ use tonic::{body::Body, service::Routes, transport::Server};
 
 use crate::{config::ServerArgs, Lifecycle};
 
+/// The sockets a server serves on; tests bind `127.0.0.1:0` themselves.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics`; `None` serves no metrics.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the flags ask for (port 0 picks a free port).
+    pub async fn bind(args: &ServerArgs) -> std::io::Result<Self> {
+        Ok(Self { grpc: bind(args).await?, metrics: bind_metrics(args).await? })
+    }
+}
+
 /// Binds the gRPC listener from the flags (port 0 picks one).
 pub async fn bind(args: &ServerArgs) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(args.grpc_address, args.grpc_port)).await

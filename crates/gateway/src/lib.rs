@@ -26,20 +26,7 @@ pub enum Error {
     Startup(String),
 }
 
-/// The sockets a gateway serves on; tests bind `127.0.0.1:0` themselves.
-pub struct Listeners {
-    pub grpc: TcpListener,
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
-        Ok(Self {
-            grpc: serve::bind(&config.server).await?,
-            metrics: serve::bind_metrics(&config.server).await?,
-        })
-    }
-}
+pub use infermesh_core::serve::Listeners;
 
 /// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md §7).
 pub async fn run(

@@ -6,7 +6,7 @@ use infermesh_gateway::{GatewayConfig, Listeners};
 async fn main() -> anyhow::Result<()> {
     let config = GatewayConfig::parse();
     infermesh_core::telemetry::init_logging(config.server.log_format);
-    let listeners = Listeners::bind(&config).await?;
+    let listeners = Listeners::bind(&config.server).await?;
     infermesh_gateway::run(config, listeners, serve::signal()).await?;
     Ok(())
 }

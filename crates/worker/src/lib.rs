@@ -54,22 +54,7 @@ pub fn onnxruntime_library(config: &WorkerConfig) -> Result<PathBuf, Error> {
         })
 }
 
-/// The sockets a worker serves on; tests bind `127.0.0.1:0` themselves.
-pub struct Listeners {
-    pub grpc: TcpListener,
-    /// Prometheus `/metrics`; `None` serves no metrics.
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds what the flags ask for (port 0 picks a free port).
-    pub async fn bind(config: &WorkerConfig) -> std::io::Result<Self> {
-        Ok(Self {
-            grpc: serve::bind(&config.server).await?,
-            metrics: serve::bind_metrics(&config.server).await?,
-        })
-    }
-}
+pub use infermesh_core::serve::Listeners;
 
 /// Runs the worker until `shutdown` resolves, then drains (DESIGN.md §7).
 pub async fn run(
