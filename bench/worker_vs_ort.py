@@ -59,6 +59,13 @@ def perf(url: str, model: str, concurrency: int, data: pathlib.Path, requests: i
     }
 
 
+def own_client(url: str, model: str, concurrency: int, streaming: bool, seconds: float) -> dict:
+    cmd = [str(BIN / "infermesh"), "bench", "--url", url, "--model", model, "--concurrency", str(concurrency),
+           "--duration", f"{seconds}s", "--json"] + (["--streaming"] if streaming else [])
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {"throughput": r["inferences_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds-per-row", type=float, default=3.0, help="engine time per batch size")
@@ -100,6 +107,13 @@ def main() -> None:
                 r = perf(url, model, c, data, args.requests)
                 rows.append((label, c, r))
                 print(f"{label} c={c}: {r['throughput']:.0f}/s", file=sys.stderr)
+        # The same worker driven by `infermesh bench`, a cheaper client on the same cores.
+        for streaming in (False, True):
+            label = f"worker, dynamic batching, infermesh bench {'stream' if streaming else 'unary'}"
+            for c in (1, 8, 32):
+                r = own_client(url, "mlp_batched", c, streaming, args.seconds_per_row + 2)
+                rows.append((label, c, r))
+                print(f"{label} c={c}: {r['throughput']:.0f}/s", file=sys.stderr)
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -109,7 +123,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     for r in base:
         print(f"| {r['batch']} | {r['samples_per_s']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
-    print(f"\n### Worker under perf_analyzer (gRPC, batch-1 requests) vs ONNX Runtime's best batch "
+    print(f"\n### Worker over gRPC (batch-1 requests; perf_analyzer unless said) vs ONNX Runtime's best batch "
           f"({best['batch']}: {best['samples_per_s']:.0f}/s)\n")
     print("| setup | concurrency | infer/s | p50 ms | p99 ms | vs ORT best |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -40,3 +40,17 @@ def test_models_and_health(worker):
     assert out.returncode == 0 and out.stdout.strip() == "SERVING"
     out = cli("health", "--url", worker.url, "--service", "no_such_model")
     assert out.returncode != 0
+
+
+def test_bench_load_generator(worker):
+    for mode in ([], ["--streaming"]):
+        out = cli("bench", "--url", worker.url, "--model", "digits", "--concurrency", "4", "--requests", "200", "--json", *mode)
+        assert out.returncode == 0, out.stderr
+        r = json.loads(out.stdout)
+        assert (r["ok"], r["errors"]) == (200, 0), r
+        assert r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+    # Bad input is counted by status, not fatal.
+    out = cli("bench", "--url", worker.url, "--model", "digits", "--input", "input=[[1,2]]", "--requests", "20", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["ok"] == 0 and r["errors_by_status"] == {"InvalidArgument": 20}, r

@@ -1,5 +1,6 @@
 //! `infermesh bench engine`: ONNX Runtime alone, in-process (no network, no queue), the
-//! ceiling the worker is measured against.
+//! ceiling the worker is measured against. (`infermesh bench` itself, the load generator,
+//! is in `load.rs`.)
 
 use std::{path::PathBuf, time::Instant};
 
@@ -11,9 +12,12 @@ use infermesh_worker::engine::{
 };
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub what: What,
+    pub what: Option<What>,
+    #[command(flatten)]
+    pub load: crate::load::LoadArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -47,8 +51,16 @@ pub struct EngineArgs {
     pub json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let What::Engine(args) = args.what;
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        Some(What::Engine(engine)) => {
+            tokio::task::spawn_blocking(move || run_engine(engine)).await?
+        }
+        None => crate::load::run(args.load).await,
+    }
+}
+
+fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
     let lib = match &args.onnxruntime_lib {
         Some(p) => p.clone(),
         None => onnx::default_library_candidates()

@@ -4,6 +4,7 @@ mod bench;
 mod health;
 mod infer;
 mod json;
+mod load;
 mod models;
 mod up;
 
@@ -29,7 +30,8 @@ enum Command {
     Worker(Box<infermesh_worker::WorkerConfig>),
     /// Send one inference request and print the outputs.
     Infer(infer::InferArgs),
-    /// Measure: `bench engine` runs ONNX Runtime alone, in-process.
+    /// Load generator speaking the protocol (unary or one stream); `bench engine` runs
+    /// ONNX Runtime alone, in-process.
     Bench(bench::BenchArgs),
     /// List a server's models with their states (RepositoryIndex).
     Models(models::ModelsArgs),
@@ -50,6 +52,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Infer(args) => infer::run(args).await,
         Command::Health(args) => health::run(args).await,
         Command::Models(args) => models::run(args).await,
-        Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args)).await?,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

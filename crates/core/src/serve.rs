@@ -23,7 +23,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what the flags ask for (port 0 picks a free port).
     pub async fn bind(args: &ServerArgs) -> std::io::Result<Self> {
-        Ok(Self { grpc: bind(args).await?, metrics: bind_metrics(args).await? })
+        Ok(Self {
+            grpc: bind(args).await?,
+            metrics: bind_metrics(args).await?,
+        })
     }
 }
 
