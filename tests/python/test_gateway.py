@@ -77,3 +77,57 @@ def test_up_check_runs_the_local_mesh():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "infermesh is up: gateway on" in out.stdout
     assert re.search(r"digits: predicted (\[.*\]), expected \1", out.stdout), out.stdout
+
+
+def test_up_restarts_a_dead_worker_and_stops_cleanly():
+    import os
+    import signal
+    import threading
+    import time
+
+    from conftest import binary
+
+    proc = subprocess.Popen([binary("infermesh"), "up", "--listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "infermesh is up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "up exited early"
+            assert time.monotonic() < deadline
+        m = re.search(r"gateway on (\S+), workers on (.*) \(pids (.*)\)", line)
+        gateway, workers, pids = m.group(1), m.group(2).split(", "), [int(p) for p in m.group(3).split(", ")]
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        stderr_lines = []
+        threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any("restarting" in l for l in stderr_lines):
+            assert time.monotonic() < deadline, "the dead worker was not restarted"
+            time.sleep(0.05)
+        restarted = grpcclient.InferenceServerClient(workers[0])
+        while True:
+            try:
+                if restarted.is_server_ready():
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "the restarted worker never became ready"
+            time.sleep(0.05)
+        x, labels = digits()
+        c = grpcclient.InferenceServerClient(gateway)
+        i = grpcclient.InferInput("input", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        assert c.infer("digits", [i]).as_numpy("label").tolist() == labels
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "up exits 0 on SIGTERM"
+    for w in workers:
+        try:
+            grpcclient.InferenceServerClient(w).is_server_live()
+            alive = True
+        except Exception:
+            alive = False
+        assert not alive, f"worker {w} still running after up stopped"
