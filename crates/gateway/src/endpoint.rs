@@ -33,7 +33,10 @@ pub struct Endpoint {
     pub addr: String,
     pub client: Client,
     pub load: Load,
+    channel: Channel,
     seen: RwLock<Seen>,
+    /// Wakes the refresher early (the health watch saw the worker come back).
+    wake: tokio::sync::Notify,
 }
 
 impl Endpoint {
@@ -50,14 +53,16 @@ impl Endpoint {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
-        let client = GrpcInferenceServiceClient::new(channel)
+        let client = GrpcInferenceServiceClient::new(channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         Ok(Arc::new(Self {
             addr: addr.to_string(),
             client,
             load: Load::default(),
+            channel,
             seen: RwLock::default(),
+            wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -123,6 +128,63 @@ impl Endpoint {
         let mut seen = self.seen.write().expect("endpoint lock");
         seen.ready = false;
         seen.problem = Some(why);
+    }
+
+    /// Keeps the state fresh for as long as the worker is in the pool: a poll of readiness
+    /// and ready models every `refresh`, plus a `grpc.health.v1` Watch that takes the
+    /// worker out at once when it says NOT_SERVING (draining) or the stream breaks (it
+    /// died), and brings the next poll forward when it says SERVING again.
+    pub async fn keep_fresh(self: Arc<Self>, refresh: Duration, timeout: Duration) {
+        let poll = async {
+            loop {
+                self.refresh(timeout).await;
+                tokio::select! {
+                    () = tokio::time::sleep(refresh) => {}
+                    () = self.wake.notified() => {}
+                }
+            }
+        };
+        let watch = async {
+            loop {
+                self.watch_health().await;
+                tokio::time::sleep(refresh).await;
+            }
+        };
+        tokio::join!(poll, watch);
+    }
+
+    async fn watch_health(&self) {
+        use futures::StreamExt;
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
+        let mut health = HealthClient::new(self.channel.clone());
+        let Ok(stream) = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        else {
+            return;
+        };
+        let mut stream = stream.into_inner();
+        while let Some(Ok(update)) = stream.next().await {
+            if update.status() == ServingStatus::Serving {
+                self.wake.notify_one();
+            } else {
+                if self.seen().ready {
+                    tracing::info!(worker = %self.addr, "worker health NOT_SERVING; out of rotation");
+                    self.mark_unready("health NOT_SERVING (draining or loading)".into());
+                }
+                // End the watch: an open stream would hold a draining worker until its
+                // drain timeout. The poll brings the worker back when it is ready.
+                return;
+            }
+        }
+        if self.seen().ready {
+            tracing::info!(worker = %self.addr, "health watch ended; out of rotation until it answers again");
+            self.mark_unready("connection lost".into());
+        }
     }
 
     /// Asks the worker for its readiness and ready models.

@@ -46,13 +46,7 @@ impl Pool {
                     Ok(ep) => {
                         let (refresh, timeout) =
                             (self.refresh, self.connect_timeout.max(self.refresh));
-                        let task_ep = ep.clone();
-                        let task = tokio::spawn(async move {
-                            loop {
-                                task_ep.refresh(timeout).await;
-                                tokio::time::sleep(refresh).await;
-                            }
-                        });
+                        let task = tokio::spawn(ep.clone().keep_fresh(refresh, timeout));
                         tracing::info!(worker = %addr, "worker added");
                         eps.insert(addr, (ep, task));
                     }
