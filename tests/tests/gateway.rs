@@ -379,3 +379,93 @@ async fn deadlines_and_cancels_reach_the_worker() {
     );
     gw.stop().await.unwrap();
 }
+
+/// Every RPC through the gateway answers what a worker answers (metadata, config,
+/// readiness, inference), or the aggregate of workers (index, statistics).
+#[tokio::test]
+async fn every_rpc_answers_like_a_worker() {
+    use infermesh_proto::{
+        ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest, ServerLiveRequest,
+        ServerReadyRequest,
+    };
+    let repo = infermesh_tests::models();
+    let (a, b) = (
+        Worker::start(&repo, &[]).await,
+        Worker::start(&repo, &[]).await,
+    );
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let (mut g, mut w) = (gw.client().await, a.client().await);
+    for model in ["digits", "mlp", "multi_io", "all_types"] {
+        let meta = ModelMetadataRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        assert_eq!(
+            g.model_metadata(meta.clone()).await.unwrap().into_inner(),
+            w.model_metadata(meta).await.unwrap().into_inner()
+        );
+        let config = ModelConfigRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        assert_eq!(
+            g.model_config(config.clone()).await.unwrap().into_inner(),
+            w.model_config(config).await.unwrap().into_inner()
+        );
+        let ready = ModelReadyRequest {
+            name: model.into(),
+            version: "1".into(),
+        };
+        assert!(g.model_ready(ready).await.unwrap().into_inner().ready);
+    }
+    assert!(
+        g.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        g.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let (rows, labels) = digits_samples();
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let req = request("digits", vec![raw("input", "FP32", &[8, 64], f32s(&flat))]);
+    let (via_gw, direct) = (
+        g.model_infer(req.clone()).await.unwrap().into_inner(),
+        w.model_infer(req).await.unwrap().into_inner(),
+    );
+    assert_eq!(read_i64(output(&via_gw, "label")), labels);
+    assert_eq!(via_gw.raw_output_contents, direct.raw_output_contents);
+    let index = g
+        .repository_index(RepositoryIndexRequest {
+            ready: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(index.into_inner().models.len(), 4);
+    let meta = g
+        .server_metadata(infermesh_proto::ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.name, "infermesh-gateway");
+    let err = g
+        .repository_model_load(infermesh_proto::RepositoryModelLoadRequest {
+            model_name: "mlp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "Load/Unload are forwarded only when allowed"
+    );
+    gw.stop().await.unwrap();
+}
