@@ -21,8 +21,9 @@ class Server:
     """A worker or gateway process on 127.0.0.1, its port learned from its log."""
 
     def __init__(self, cmd):
-        cmd = [*cmd, "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-               "--metrics-port", "0", "--shutdown-grace", "0s", "--log-format", "json"]
+        # Later flags win, so callers may override the grace period.
+        cmd = [cmd[0], "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+               "--shutdown-grace", "0s", "--log-format", "json", *cmd[1:]]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.url = None
         # The bound address is logged first thing; read until it appears (bounded).

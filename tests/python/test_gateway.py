@@ -116,11 +116,19 @@ def test_up_restarts_a_dead_worker_and_stops_cleanly():
                 pass
             assert time.monotonic() < deadline, "the restarted worker never became ready"
             time.sleep(0.05)
+        # The gateway notices the restarted worker at its next refresh; until then it may
+        # briefly have no ready worker to offer. Poll (bounded) for a served request.
         x, labels = digits()
         c = grpcclient.InferenceServerClient(gateway)
         i = grpcclient.InferInput("input", list(x.shape), "FP32")
         i.set_data_from_numpy(x)
-        assert c.infer("digits", [i]).as_numpy("label").tolist() == labels
+        while True:
+            try:
+                assert c.infer("digits", [i]).as_numpy("label").tolist() == labels
+                break
+            except grpcclient.InferenceServerException:
+                assert time.monotonic() < deadline, "the mesh did not serve again after the restart"
+                time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "up exits 0 on SIGTERM"

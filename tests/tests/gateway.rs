@@ -469,3 +469,36 @@ async fn every_rpc_answers_like_a_worker() {
     );
     gw.stop().await.unwrap();
 }
+
+/// With every worker refusing (a retryable RESOURCE_EXHAUSTED here), retries stay within
+/// the budget: attempts ≤ requests × (1 + 0.2) + the floor (a 100 reserve, 10 per second).
+/// Unbudgeted, each request would try both workers: 400 attempts.
+#[tokio::test]
+async fn with_every_worker_failing_the_retry_budget_holds() {
+    let repo = echo_repo();
+    let flags = ["--max-inflight-bytes", "1"];
+    let (a, b) = (
+        Worker::start(repo.path(), &flags).await,
+        Worker::start(repo.path(), &flags).await,
+    );
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    let start = std::time::Instant::now();
+    for _ in 0..200 {
+        let err = client
+            .model_infer(ident("echo", "", 1.0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let series = r#"infermesh_requests_total{model="echo",version="",code="ResourceExhausted"}"#;
+    let attempts = a.metric(series).await.unwrap_or(0.0) + b.metric(series).await.unwrap_or(0.0);
+    assert!(attempts >= 200.0, "{attempts}");
+    let bound = 200.0 * 1.2 + 100.0 + 10.0 * secs + 1.0;
+    assert!(
+        attempts <= bound,
+        "{attempts} attempts for 200 requests (bound {bound:.0})"
+    );
+    gw.stop().await.unwrap();
+}

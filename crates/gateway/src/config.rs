@@ -31,8 +31,9 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_MAX_STREAM_INFLIGHT", default_value_t = 128)]
     pub max_stream_inflight: usize,
 
-    /// Retries allowed per request on average (plus 10 per second): with every worker
-    /// failing, attempts stay under requests × (1 + ratio) + the floor.
+    /// Retries allowed per request on average, on top of a floor of 10 per second (100 in
+    /// reserve): with every worker failing, attempts stay under requests × (1 + ratio) +
+    /// the floor.
     #[arg(long, env = "INFERMESH_RETRY_BUDGET_RATIO", default_value_t = 0.2)]
     pub retry_budget_ratio: f64,
 

@@ -11,11 +11,21 @@ use tonic::{Code, Status};
 /// Failures that mean the request did not run, or ran nowhere that matters: inference is
 /// idempotent, so these go to another worker while the deadline and budget allow.
 pub fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::ResourceExhausted | Code::NotFound
-    )
+    match status.code() {
+        Code::Unavailable | Code::ResourceExhausted | Code::NotFound => true,
+        // tonic's word for a connection that broke mid-call (the worker died): not an
+        // answer from the worker's code, so another worker may run it.
+        Code::Unknown => status.message().contains("transport error"),
+        // The connection's dispatcher went away under the call ("operation was canceled"):
+        // the gateway never cancels a call it is still waiting on, so this is the worker.
+        Code::Cancelled => status.message().contains("operation was canceled"),
+        _ => false,
+    }
 }
+
+/// Seconds of the floor kept in reserve (tower and Linkerd keep a 10 s window), so a
+/// worker dying with many requests in flight can have them all retried.
+const RESERVE_SECS: f64 = 10.0;
 
 pub struct Budget {
     ratio: f64,
@@ -26,12 +36,13 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(ratio: f64, floor_per_sec: f64) -> Self {
-        let max = (100.0 * ratio).max(floor_per_sec).max(1.0);
+        let reserve = floor_per_sec * RESERVE_SECS;
+        let max = reserve + 1000.0 * ratio;
         Self {
             ratio,
             floor_per_sec,
             max,
-            state: Mutex::new((floor_per_sec.min(max), Instant::now())),
+            state: Mutex::new((reserve, Instant::now())),
         }
     }
 
@@ -71,8 +82,8 @@ mod tests {
                 retries += 1;
             }
         }
-        // 1000 requests × 0.2 plus the initial floor token; no time passed.
-        assert!((200..=201).contains(&retries), "{retries}");
+        // 1000 requests × 0.2 plus the reserve of 10 s × 1/s; no time passed.
+        assert!((209..=210).contains(&retries), "{retries}");
         tokio::time::advance(std::time::Duration::from_secs(5)).await;
         let extra = (0..10).filter(|_| b.withdraw()).count();
         assert_eq!(extra, 5, "the floor refills one retry per second");

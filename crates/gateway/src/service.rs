@@ -71,6 +71,18 @@ impl GatewayService {
                 let _in_flight = ep.load.start();
                 ep.client.clone().model_infer(call).await
             };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Our own timeout on the worker call (tonic reports it as CANCELLED): the
+                // client's deadline, not the worker's fault.
+                if let Err(status) = &result {
+                    if status.code() != tonic::Code::DeadlineExceeded {
+                        return Err(Status::deadline_exceeded(format!(
+                            "deadline passed while worker {} was answering",
+                            ep.addr
+                        )));
+                    }
+                }
+            }
             match result {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) if retry::retryable(&status) => {

@@ -1,0 +1,107 @@
+"""Workers dying or restarting under load behind the gateway: clients see no failure.
+Real processes on loopback; SIGKILL and SIGTERM sent by PID to workers this test started."""
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from conftest import MODELS, Gateway, Worker
+
+
+def load(url, total, concurrency, on_progress):
+    """`total` digits requests over `concurrency` threads; returns the failures."""
+    s = json.loads((MODELS / "digits/samples.json").read_text())
+    x = np.array(s["inputs"][:1], dtype=np.float32)
+    failures, done, lock = [], [0], threading.Lock()
+
+    def run(n):
+        c = grpcclient.InferenceServerClient(url)
+        for _ in range(n):
+            i = grpcclient.InferInput("input", [1, 64], "FP32")
+            i.set_data_from_numpy(x)
+            try:
+                c.infer("digits", [i])
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                failures.append(str(e))
+            with lock:
+                done[0] += 1
+                on_progress(done[0])
+
+    threads = [threading.Thread(target=run, args=(total // concurrency,)) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return failures
+
+
+def test_sigkill_of_one_worker_under_load_loses_nothing():
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    killed = []
+
+    def kill_at(n):
+        if n == 500 and not killed:
+            workers[0].proc.send_signal(signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    try:
+        failures = load(gateway.url, 2000, 8, kill_at)
+        assert killed, "the worker was killed mid-run"
+        assert failures == [], f"{len(failures)} failed, first: {failures[:3]}"
+    finally:
+        assert gateway.stop() == 0
+        workers[0].proc.wait(timeout=10)
+        assert workers[1].stop() == 0
+
+
+def test_sigterm_of_one_worker_under_load_loses_nothing():
+    """A rolling restart: SIGTERM drains the worker (NOT_SERVING, then refusals, then exit)."""
+    workers = [Worker("--intra-op-threads", "1", "--shutdown-grace", "1s"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    stopped = []
+
+    def term_at(n):
+        if n == 500 and not stopped:
+            workers[0].proc.send_signal(signal.SIGTERM)
+            stopped.append(True)
+
+    try:
+        failures = load(gateway.url, 2000, 8, term_at)
+        assert failures == [], f"{len(failures)} failed, first: {failures[:3]}"
+        assert workers[0].proc.wait(timeout=60) == 0, "the drained worker exits 0"
+    finally:
+        assert gateway.stop() == 0
+        assert workers[1].stop() == 0
+
+
+def test_a_stream_survives_a_worker_sigkill():
+    import queue
+
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    s = json.loads((MODELS / "digits/samples.json").read_text())
+    x = np.array(s["inputs"][:1], dtype=np.float32)
+    got = queue.Queue()
+    c = gateway.client
+    c.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        results = []
+        for n in range(400):
+            i = grpcclient.InferInput("input", [1, 64], "FP32")
+            i.set_data_from_numpy(x)
+            c.async_stream_infer("digits", [i], request_id=str(n))
+            if n == 150:
+                # Let part of the stream be answered, then kill a worker mid-stream.
+                results += [got.get(timeout=60) for _ in range(100)]
+                workers[0].proc.send_signal(signal.SIGKILL)
+        results += [got.get(timeout=60) for _ in range(300)]
+    finally:
+        c.stop_stream()
+    errors = [str(e) for _, e in results if e is not None]
+    assert errors == [], errors[:3]
+    assert sorted(int(r.get_response().id) for r, _ in results) == list(range(400))
+    assert gateway.stop() == 0
+    workers[0].proc.wait(timeout=10)
+    assert workers[1].stop() == 0
