@@ -189,10 +189,6 @@ impl Model {
         self.scheduler.submit(inputs, outputs, rows, deadline).await
     }
 
-    /// Requests waiting for an instance.
-    pub fn queue_depth(&self) -> usize {
-        self.scheduler.depth()
-    }
 
     pub fn metadata(&self) -> pb::ModelMetadataResponse {
         let meta = |io: &IoSpec| pb::model_metadata_response::TensorMetadata {

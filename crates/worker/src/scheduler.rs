@@ -135,10 +135,6 @@ impl Scheduler {
         })?
     }
 
-    /// Requests waiting for an instance now.
-    pub fn depth(&self) -> usize {
-        self.queued.get().max(0) as usize
-    }
 }
 
 struct Batcher {
