@@ -13,8 +13,13 @@ step "fetch ONNX Runtime"
 INFERMESH_ONNXRUNTIME_LIB=$(scripts/fetch-ort.sh | tail -n 1)
 export INFERMESH_ONNXRUNTIME_LIB
 
-step "python test tools (.venv)"
+step "python test tools (.venv), dnsmasq (Debian) for the DNS discovery test"
 scripts/pyenv.sh
+if ! command -v dnsmasq >/dev/null && [ ! -x /usr/sbin/dnsmasq ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq dnsmasq-base >/dev/null 2>&1 || \
+    { apt-get update -qq >/dev/null && apt-get install -y -qq dnsmasq-base >/dev/null; }
+fi
 
 step "cargo fmt / clippy (CPU and --features cuda)"
 cargo fmt --all -- --check

@@ -14,9 +14,22 @@ pub struct GatewayConfig {
         long,
         env = "INFERMESH_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "workers_dns"
     )]
     pub workers: Vec<String>,
+
+    /// Follow a DNS name as NAME:PORT, e.g. a Kubernetes headless Service
+    /// (infermesh-worker.infermesh.svc.cluster.local:8001): every A record is a worker.
+    #[arg(long, env = "INFERMESH_WORKERS_DNS", conflicts_with = "workers")]
+    pub workers_dns: Option<crate::discovery::DnsTarget>,
+
+    /// How often the DNS name is resolved again.
+    #[arg(long, env = "INFERMESH_DNS_REFRESH", default_value = "5s", value_parser = parse_duration)]
+    pub dns_refresh: Duration,
+
+    /// Ask this DNS server (HOST:PORT, UDP) instead of the system resolver.
+    #[arg(long, env = "INFERMESH_DNS_SERVER")]
+    pub dns_server: Option<std::net::SocketAddr>,
 
     /// How often each worker's readiness and ready models are refreshed.
     #[arg(long, env = "INFERMESH_WORKER_REFRESH", default_value = "1s", value_parser = parse_duration)]

@@ -37,11 +37,18 @@ pub async fn run(
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
     let pool = Pool::new(config.worker_refresh, config.worker_connect_timeout);
-    tokio::spawn(pool.clone().follow(discovery::fixed(&config.workers)));
+    let changes = match &config.workers_dns {
+        Some(target) => {
+            discovery::follow_dns(target.clone(), config.dns_server, config.dns_refresh)
+        }
+        None => discovery::fixed(&config.workers),
+    };
+    tokio::spawn(pool.clone().follow(changes));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
         address = %local(&listeners.grpc)?,
         workers = ?config.workers,
+        workers_dns = ?config.workers_dns,
         "infermesh gateway listening"
     );
 

@@ -189,7 +189,6 @@ impl Model {
         self.scheduler.submit(inputs, outputs, rows, deadline).await
     }
 
-
     pub fn metadata(&self) -> pb::ModelMetadataResponse {
         let meta = |io: &IoSpec| pb::model_metadata_response::TensorMetadata {
             name: io.name.clone(),

@@ -134,7 +134,6 @@ impl Scheduler {
             ))
         })?
     }
-
 }
 
 struct Batcher {

@@ -1,6 +1,10 @@
 //! Where workers come from. A source yields insert/remove changes; the pool applies them.
-//! Today: a static list. (DNS and EndpointSlices arrive as further sources.)
+//! Sources: a static list (`--workers`) and DNS (`--workers-dns`, as a Kubernetes headless
+//! Service is followed). An EndpointSlice watcher would be one more module here.
 
+mod dns;
+
+pub use dns::{follow_dns, DnsTarget};
 use tokio::sync::mpsc;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
