@@ -37,7 +37,20 @@ pub struct Endpoint {
     seen: RwLock<Seen>,
     /// Wakes the refresher early (the health watch saw the worker come back).
     wake: tokio::sync::Notify,
+    ejection: std::sync::Mutex<Ejection>,
 }
+
+/// Outlier ejection: a worker whose calls fail at the transport level is kept out for a
+/// backoff that doubles with each ejection in a row (1 s up to 30 s), and comes back only
+/// when a poll after that answers ready; a call that succeeds resets the backoff.
+#[derive(Debug, Default)]
+struct Ejection {
+    in_a_row: u32,
+    until: Option<tokio::time::Instant>,
+}
+
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl Endpoint {
     pub fn new(addr: &str, connect_timeout: Duration) -> Result<Arc<Self>, String> {
@@ -63,6 +76,7 @@ impl Endpoint {
             channel,
             seen: RwLock::default(),
             wake: tokio::sync::Notify::new(),
+            ejection: Default::default(),
         }))
     }
 
@@ -98,7 +112,8 @@ impl Endpoint {
     }
 
     /// Learns from a failed call: a model-level answer takes the model off this worker
-    /// until the next refresh; anything else (transport, draining) the whole worker.
+    /// until the next refresh; a broken connection ejects the worker for a backoff; any
+    /// other refusal (draining) takes it out until the next good poll.
     pub fn note_failure(&self, model: &str, status: &tonic::Status) {
         let msg = status.message();
         let model_level = status.code() == tonic::Code::NotFound
@@ -113,13 +128,50 @@ impl Endpoint {
                 .expect("endpoint lock")
                 .models
                 .remove(model);
+        } else if crate::retry::is_transport(status) {
+            self.eject(format!("{}: {msg}", status.code()));
         } else {
             self.mark_unready(format!("{}: {msg}", status.code()));
         }
     }
 
-    /// Sets what the worker is known to serve (tests; discovery of state without a worker).
-    pub fn set_seen(&self, seen: Seen) {
+    /// A call succeeded: the worker is healthy, so the next ejection starts short again.
+    pub fn succeeded(&self) {
+        let mut e = self.ejection.lock().expect("ejection lock");
+        if e.in_a_row > 0 {
+            *e = Ejection::default();
+        }
+    }
+
+    fn eject(&self, why: String) {
+        let backoff = {
+            let mut e = self.ejection.lock().expect("ejection lock");
+            let now = tokio::time::Instant::now();
+            if e.until.is_some_and(|u| u > now) {
+                return; // already out; in-flight failures of the same outage count once
+            }
+            e.in_a_row += 1;
+            let backoff = EJECT_BASE
+                .saturating_mul(1 << (e.in_a_row - 1).min(5))
+                .min(EJECT_MAX);
+            e.until = Some(now + backoff);
+            backoff
+        };
+        tracing::warn!(worker = %self.addr, ?backoff, reason = %why, "worker ejected");
+        self.mark_unready(format!("ejected for {backoff:?} after {why}"));
+    }
+
+    /// Sets what the worker is known to serve (from a poll, or tests). An ejected worker
+    /// stays out until its backoff has passed, whatever the poll says.
+    pub fn set_seen(&self, mut seen: Seen) {
+        let until = self.ejection.lock().expect("ejection lock").until;
+        if let Some(until) = until.filter(|&u| u > tokio::time::Instant::now()) {
+            seen.ready = false;
+            seen.problem = Some(format!(
+                "ejected for another {:?}",
+                until.saturating_duration_since(tokio::time::Instant::now())
+            ));
+        }
         *self.seen.write().expect("endpoint lock") = seen;
     }
 
@@ -230,9 +282,60 @@ impl Endpoint {
             },
         };
         let before = self.seen.read().expect("endpoint lock").ready;
-        if before != seen.ready {
-            tracing::info!(worker = %self.addr, ready = seen.ready, problem = ?seen.problem, "worker readiness changed");
+        self.set_seen(seen);
+        let after = self.seen();
+        if before != after.ready {
+            tracing::info!(worker = %self.addr, ready = after.ready, problem = ?after.problem, "worker readiness changed");
         }
-        *self.seen.write().expect("endpoint lock") = seen;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn ready() -> Seen {
+        Seen {
+            ready: true,
+            models: [("m".to_string(), BTreeSet::from([1]))].into(),
+            known: ["m".to_string()].into(),
+            problem: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transport_failures_eject_with_a_doubling_backoff() {
+        let ep = Endpoint::new("127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        ep.set_seen(ready());
+        let broken = tonic::Status::unknown("transport error");
+        ep.note_failure("m", &broken);
+        assert!(!ep.serves("m", None));
+        ep.set_seen(ready()); // a poll answering ready during the backoff
+        assert!(!ep.serves("m", None), "still ejected");
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        ep.set_seen(ready());
+        assert!(ep.serves("m", None), "back after 1 s and a good poll");
+
+        ep.note_failure("m", &broken); // second in a row: 2 s
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        ep.set_seen(ready());
+        assert!(!ep.serves("m", None));
+        tokio::time::advance(Duration::from_millis(600)).await;
+        ep.set_seen(ready());
+        assert!(ep.serves("m", None));
+
+        ep.succeeded(); // healthy again: the next ejection is short
+        ep.note_failure("m", &broken);
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        ep.set_seen(ready());
+        assert!(ep.serves("m", None));
+
+        // A draining worker's refusal is not an outlier: out until the next good poll.
+        ep.note_failure("m", &tonic::Status::unavailable("server is shutting down"));
+        assert!(!ep.serves("m", None));
+        ep.set_seen(ready());
+        assert!(ep.serves("m", None));
     }
 }

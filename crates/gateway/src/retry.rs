@@ -27,6 +27,19 @@ pub fn retryable(status: &Status) -> bool {
 /// worker dying with many requests in flight can have them all retried.
 const RESERVE_SECS: f64 = 10.0;
 
+/// A failure of the connection to the worker rather than an answer from it.
+pub fn is_transport(status: &Status) -> bool {
+    let msg = status.message();
+    match status.code() {
+        Code::Unknown => msg.contains("transport error"),
+        Code::Cancelled => msg.contains("operation was canceled"),
+        Code::Unavailable => {
+            msg.contains("connect") || msg.contains("transport") || msg.contains("connection")
+        }
+        _ => false,
+    }
+}
+
 pub struct Budget {
     ratio: f64,
     floor_per_sec: f64,

@@ -84,7 +84,10 @@ impl GatewayService {
                 }
             }
             match result {
-                Ok(resp) => return Ok(resp.into_inner()),
+                Ok(resp) => {
+                    ep.succeeded();
+                    return Ok(resp.into_inner());
+                }
                 Err(status) if retry::retryable(&status) => {
                     ep.note_failure(&req.model_name, &status);
                     tried.push(ep.addr.clone());
