@@ -38,6 +38,15 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
     out
 }
 
+/// One sample from the metrics endpoint at `addr` (exact name and labels), or None.
+pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let text = scrape(addr).await;
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
 /// A worker running in this process on 127.0.0.1:0.
 pub struct Worker {
     pub addr: std::net::SocketAddr,
@@ -93,11 +102,7 @@ impl Worker {
 
     /// The value of one metric sample (exact name and labels as exposed), or None.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = scrape(self.metrics_addr).await;
-        text.lines().find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+        metric_at(self.metrics_addr, series).await
     }
 
     /// Polls a metric until `pred` holds; panics after 30 s.
@@ -158,6 +163,7 @@ impl Worker {
 /// A gateway running in this process on 127.0.0.1:0, in front of `workers`.
 pub struct Gateway {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), infermesh_gateway::Error>>,
 }
@@ -185,9 +191,11 @@ impl Gateway {
         let config = infermesh_gateway::GatewayConfig::try_parse_from(args).expect("valid flags");
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
         let listeners = infermesh_gateway::Listeners {
             grpc,
-            metrics: None,
+            metrics: Some(metrics),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(infermesh_gateway::run(config, listeners, async {
@@ -195,6 +203,7 @@ impl Gateway {
         }));
         let gw = Gateway {
             addr,
+            metrics_addr,
             stop: Some(stop),
             task,
         };

@@ -502,3 +502,55 @@ async fn with_every_worker_failing_the_retry_budget_holds() {
     );
     gw.stop().await.unwrap();
 }
+
+/// The gateway's own metrics follow what it did.
+#[tokio::test]
+async fn gateway_metrics_count_requests_workers_and_streams() {
+    let (_repo, a, b) = two_workers().await;
+    let gw = Gateway::start(&[&a, &b], &[]).await;
+    let mut client = gw.client().await;
+    for i in 0..10 {
+        client
+            .model_infer(ident("echo", "", i as f32))
+            .await
+            .unwrap();
+    }
+    client
+        .model_infer(ident("nope", "", 0.0))
+        .await
+        .unwrap_err();
+    let addr = gw.metrics_addr;
+    let m = move |s: &'static str| infermesh_tests::metric_at(addr, s);
+    assert_eq!(
+        m(r#"infermesh_gateway_requests_total{model="echo",code="Ok"}"#).await,
+        Some(10.0)
+    );
+    assert_eq!(
+        m(r#"infermesh_gateway_requests_total{model="(unknown)",code="NotFound"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        m(r#"infermesh_gateway_discovery_changes_total{change="insert"}"#).await,
+        Some(2.0)
+    );
+    for w in [&a, &b] {
+        let ready = format!(r#"infermesh_gateway_worker_ready{{worker="{}"}}"#, w.addr);
+        assert_eq!(infermesh_tests::metric_at(addr, &ready).await, Some(1.0));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    tx.send(ident("echo", "s", 1.0)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while m("infermesh_gateway_open_streams").await != Some(1.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "open stream not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop((tx, stream));
+    gw.stop().await.unwrap();
+}

@@ -13,7 +13,7 @@ use infermesh_proto::{
 };
 use tonic::transport::Channel;
 
-use crate::load::Load;
+use crate::{load::Load, metrics::WorkerMetrics};
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -38,6 +38,31 @@ pub struct Endpoint {
     /// Wakes the refresher early (the health watch saw the worker come back).
     wake: tokio::sync::Notify,
     ejection: std::sync::Mutex<Ejection>,
+    pub metrics: WorkerMetrics,
+}
+
+/// One call in flight to a worker: counted in its load estimate and its gauges until
+/// dropped (also when the call is cancelled).
+pub struct Call<'a> {
+    ep: &'a Endpoint,
+    _load: crate::load::InFlight<'a>,
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.ep.metrics.outstanding.dec();
+    }
+}
+
+impl Endpoint {
+    pub fn call(&self) -> Call<'_> {
+        self.metrics.outstanding.inc();
+        self.metrics.load.set((self.load.cost() / 1000.0) as i64);
+        Call {
+            ep: self,
+            _load: self.load.start(),
+        }
+    }
 }
 
 /// Outlier ejection: a worker whose calls fail at the transport level is kept out for a
@@ -53,7 +78,11 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl Endpoint {
-    pub fn new(addr: &str, connect_timeout: Duration) -> Result<Arc<Self>, String> {
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        metrics: WorkerMetrics,
+    ) -> Result<Arc<Self>, String> {
         let url = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -77,6 +106,7 @@ impl Endpoint {
             seen: RwLock::default(),
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
+            metrics,
         }))
     }
 
@@ -157,6 +187,7 @@ impl Endpoint {
             e.until = Some(now + backoff);
             backoff
         };
+        self.metrics.ejections.inc();
         tracing::warn!(worker = %self.addr, ?backoff, reason = %why, "worker ejected");
         self.mark_unready(format!("ejected for {backoff:?} after {why}"));
     }
@@ -172,11 +203,13 @@ impl Endpoint {
                 until.saturating_duration_since(tokio::time::Instant::now())
             ));
         }
+        self.metrics.ready.set(seen.ready as i64);
         *self.seen.write().expect("endpoint lock") = seen;
     }
 
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
     pub fn mark_unready(&self, why: String) {
+        self.metrics.ready.set(0);
         let mut seen = self.seen.write().expect("endpoint lock");
         seen.ready = false;
         seen.problem = Some(why);
@@ -307,7 +340,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transport_failures_eject_with_a_doubling_backoff() {
-        let ep = Endpoint::new("127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let ep = Endpoint::new("127.0.0.1:9", Duration::from_secs(1), Default::default()).unwrap();
         ep.set_seen(ready());
         let broken = tonic::Status::unknown("transport error");
         ep.note_failure("m", &broken);

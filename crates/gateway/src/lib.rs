@@ -6,6 +6,7 @@ pub mod config;
 pub mod discovery;
 pub mod endpoint;
 pub mod load;
+pub mod metrics;
 pub mod pool;
 pub mod retry;
 pub mod service;
@@ -36,11 +37,20 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
-    let pool = Pool::new(config.worker_refresh, config.worker_connect_timeout);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::GatewayMetrics::register(&mut registry);
+    let pool = Pool::new(
+        config.worker_refresh,
+        config.worker_connect_timeout,
+        metrics.clone(),
+    );
     let changes = match &config.workers_dns {
-        Some(target) => {
-            discovery::follow_dns(target.clone(), config.dns_server, config.dns_refresh)
-        }
+        Some(target) => discovery::follow_dns(
+            target.clone(),
+            config.dns_server,
+            config.dns_refresh,
+            metrics.dns_failures.clone(),
+        ),
         None => discovery::fixed(&config.workers),
     };
     tokio::spawn(pool.clone().follow(changes));
@@ -71,7 +81,7 @@ pub async fn run(
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(listener) = listeners.metrics {
-        let registry = Arc::new(prometheus_client::registry::Registry::default());
+        let registry = Arc::new(registry);
         tokio::spawn(infermesh_core::metrics::serve(listener, registry, async {
             let _ = metrics_stopped.await;
         }));
@@ -84,6 +94,7 @@ pub async fn run(
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
         budget: Arc::new(retry::Budget::new(config.retry_budget_ratio, 10.0)),
+        metrics,
     };
     let limit = config.server.grpc_max_message_bytes;
     let inference = GrpcInferenceServiceServer::new(service)

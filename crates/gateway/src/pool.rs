@@ -10,7 +10,11 @@ use std::{
 use infermesh_core::Error;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{discovery::Change, endpoint::Endpoint};
+use crate::{
+    discovery::Change,
+    endpoint::Endpoint,
+    metrics::{ChangeLabels, GatewayMetrics},
+};
 
 /// A worker and the task that keeps its state fresh.
 type Member = (Arc<Endpoint>, JoinHandle<()>);
@@ -20,14 +24,16 @@ pub struct Pool {
     endpoints: RwLock<BTreeMap<String, Member>>,
     refresh: Duration,
     connect_timeout: Duration,
+    metrics: GatewayMetrics,
 }
 
 impl Pool {
-    pub fn new(refresh: Duration, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(refresh: Duration, connect_timeout: Duration, metrics: GatewayMetrics) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::default(),
             refresh,
             connect_timeout,
+            metrics,
         })
     }
 
@@ -42,12 +48,13 @@ impl Pool {
         let mut eps = self.endpoints.write().expect("pool lock");
         match change {
             Change::Insert(addr) if !eps.contains_key(&addr) => {
-                match Endpoint::new(&addr, self.connect_timeout) {
+                match Endpoint::new(&addr, self.connect_timeout, self.metrics.worker(&addr)) {
                     Ok(ep) => {
                         let (refresh, timeout) =
                             (self.refresh, self.connect_timeout.max(self.refresh));
                         let task = tokio::spawn(ep.clone().keep_fresh(refresh, timeout));
                         tracing::info!(worker = %addr, "worker added");
+                        self.count_change("insert");
                         eps.insert(addr, (ep, task));
                     }
                     Err(e) => tracing::error!(error = %e, "ignoring worker"),
@@ -58,9 +65,23 @@ impl Pool {
                 if let Some((_, task)) = eps.remove(&addr) {
                     task.abort();
                     tracing::info!(worker = %addr, "worker removed");
+                    self.count_change("remove");
+                    self.metrics.forget_worker(&addr);
                 }
             }
         }
+    }
+
+    fn count_change(&self, change: &str) {
+        let labels = ChangeLabels {
+            change: change.into(),
+        };
+        self.metrics.discovery_changes.get_or_create(&labels).inc();
+    }
+
+    /// Whether any worker lists the model (bounds metric labels to real models).
+    pub fn knows(&self, model: &str) -> bool {
+        self.all().iter().any(|e| e.knows(model))
     }
 
     pub fn all(&self) -> Vec<Arc<Endpoint>> {

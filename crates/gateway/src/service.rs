@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     config::ControlMode,
+    metrics::{CodeLabels, GatewayMetrics, ModelLabels, RequestLabels},
     pool::Pool,
     retry::{self, Budget},
     stats::StatsCache,
@@ -27,6 +28,33 @@ pub struct GatewayService {
     pub control: ControlMode,
     pub max_stream_inflight: usize,
     pub budget: Arc<Budget>,
+    pub metrics: GatewayMetrics,
+}
+
+/// One request's metrics, recorded when it finishes, or as CANCELLED when its future is
+/// dropped first.
+struct Record<'a> {
+    metrics: &'a GatewayMetrics,
+    model: String,
+    start: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        let labels = RequestLabels {
+            model: self.model.clone(),
+            code: format!("{code:?}"),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&ModelLabels {
+                model: self.model.clone(),
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
@@ -38,6 +66,32 @@ impl GatewayService {
     /// there, queue full) is retried on another worker while the deadline and the retry
     /// budget allow; every other status passes through unchanged.
     pub async fn infer(
+        &self,
+        req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<pb::ModelInferResponse, Status> {
+        // Label only models some worker has: request names must not mint new series.
+        let model = if self.pool.knows(&req.model_name) {
+            req.model_name.clone()
+        } else {
+            "(unknown)".into()
+        };
+        let mut record = Record {
+            metrics: &self.metrics,
+            model,
+            start: Instant::now(),
+            code: None,
+        };
+        let result = self.forward(req, deadline).await;
+        record.code = Some(
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        result
+    }
+
+    async fn forward(
         &self,
         mut req: pb::ModelInferRequest,
         deadline: Option<Instant>,
@@ -68,7 +122,7 @@ impl GatewayService {
                 call.set_timeout(left);
             }
             let result = {
-                let _in_flight = ep.load.start();
+                let _call = ep.call();
                 ep.client.clone().model_infer(call).await
             };
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -92,14 +146,35 @@ impl GatewayService {
                     ep.note_failure(&req.model_name, &status);
                     tried.push(ep.addr.clone());
                     if !self.budget.withdraw() {
+                        self.metrics.retry_budget_exhausted.inc();
                         return Err(status);
                     }
+                    let labels = CodeLabels {
+                        code: format!("{:?}", status.code()),
+                    };
+                    self.metrics.retries.get_or_create(&labels).inc();
                     tracing::debug!(worker = %ep.addr, code = ?status.code(), "retrying on another worker");
                     last = Some(status);
                 }
                 Err(status) => return Err(status),
             }
         }
+    }
+}
+
+/// Counts an open stream until the stream's handler is dropped.
+struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl StreamGauge {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -189,10 +264,12 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<Self::ModelStreamInferStream> {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
+        let open = StreamGauge::new(&self.metrics.open_streams);
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             self.max_stream_inflight,
             move |m| {
+                let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
                 async move { svc.infer(m, None).await }
             },

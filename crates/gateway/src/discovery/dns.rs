@@ -7,7 +7,6 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -38,14 +37,13 @@ impl std::str::FromStr for DnsTarget {
     }
 }
 
-/// Resolver failures so far (kept for the metrics endpoint).
-pub static RESOLVE_FAILURES: AtomicU64 = AtomicU64::new(0);
-
-/// Follows `target` until the receiver is dropped.
+/// Follows `target` until the receiver is dropped; `failures` counts lookups that failed
+/// or came back empty.
 pub fn follow_dns(
     target: DnsTarget,
     server: Option<SocketAddr>,
     refresh: Duration,
+    failures: prometheus_client::metrics::counter::Counter,
 ) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -73,11 +71,11 @@ pub fn follow_dns(
                     current = next;
                 }
                 Ok(_) => {
-                    RESOLVE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    failures.inc();
                     tracing::warn!(name = %target.name, "DNS answered no addresses; keeping the last good set");
                 }
                 Err(e) => {
-                    RESOLVE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    failures.inc();
                     tracing::warn!(name = %target.name, error = %e, "DNS lookup failed; keeping the last good set");
                 }
             }

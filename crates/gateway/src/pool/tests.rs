@@ -4,11 +4,20 @@ use super::*;
 use crate::endpoint::Seen;
 
 fn pool_of(n: usize) -> (Arc<Pool>, Vec<Arc<Endpoint>>) {
-    let pool = Pool::new(Duration::from_secs(3600), Duration::from_secs(1));
+    let pool = Pool::new(
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+        Default::default(),
+    );
     let mut eps = Vec::new();
     for i in 0..n {
         // Port 9 (discard) on loopback: never connected to, the channel is lazy.
-        let ep = Endpoint::new(&format!("127.0.0.{}:9", i + 1), Duration::from_secs(1)).unwrap();
+        let ep = Endpoint::new(
+            &format!("127.0.0.{}:9", i + 1),
+            Duration::from_secs(1),
+            Default::default(),
+        )
+        .unwrap();
         ep.set_seen(Seen {
             ready: true,
             models: [("m".to_string(), BTreeSet::from([1, 2]))].into(),

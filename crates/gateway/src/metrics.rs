@@ -1,0 +1,169 @@
+//! The gateway's Prometheus metrics. Labels stay bounded: models the pool knows (else
+//! "(unknown)"), worker addresses (series removed when a worker leaves), status codes.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use infermesh_core::metrics::LATENCY_BUCKETS;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub change: String,
+}
+
+fn latency() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub worker_outstanding: Family<WorkerLabels, Gauge>,
+    pub worker_load: Family<WorkerLabels, Gauge>,
+    pub worker_ready: Family<WorkerLabels, Gauge>,
+    pub ejections: Family<WorkerLabels, Counter>,
+    pub retries: Family<CodeLabels, Counter>,
+    pub retry_budget_exhausted: Counter,
+    pub discovery_changes: Family<ChangeLabels, Counter>,
+    pub dns_failures: Counter,
+    pub open_streams: Gauge,
+}
+
+impl Default for GatewayMetrics {
+    /// Unregistered metrics (tests, or a gateway without a registry).
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency),
+            worker_outstanding: Family::default(),
+            worker_load: Family::default(),
+            worker_ready: Family::default(),
+            ejections: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Counter::default(),
+            discovery_changes: Family::default(),
+            dns_failures: Counter::default(),
+            open_streams: Gauge::default(),
+        }
+    }
+}
+
+impl GatewayMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("infermesh_gateway");
+        r.register(
+            "requests",
+            "Inference requests (stream messages included) by model and final gRPC status",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Arrival to answer at the gateway, retries included",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "worker_outstanding",
+            "Requests in flight to each worker",
+            m.worker_outstanding.clone(),
+        );
+        r.register(
+            "worker_load",
+            "Each worker's load estimate (PeakEWMA latency in µs × (outstanding + 1))",
+            m.worker_load.clone(),
+        );
+        r.register(
+            "worker_ready",
+            "1 while a worker is in rotation",
+            m.worker_ready.clone(),
+        );
+        r.register(
+            "ejections",
+            "Times a worker was ejected after transport failures",
+            m.ejections.clone(),
+        );
+        r.register(
+            "retries",
+            "Attempts retried on another worker, by the status that caused them",
+            m.retries.clone(),
+        );
+        r.register(
+            "retry_budget_exhausted",
+            "Retries refused because the retry budget was empty",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "discovery_changes",
+            "Workers inserted into or removed from the pool",
+            m.discovery_changes.clone(),
+        );
+        r.register(
+            "dns_failures",
+            "DNS lookups that failed or came back empty (the last good set was kept)",
+            m.dns_failures.clone(),
+        );
+        r.register(
+            "open_streams",
+            "ModelStreamInfer streams open now",
+            m.open_streams.clone(),
+        );
+        m
+    }
+
+    pub fn worker(&self, addr: &str) -> WorkerMetrics {
+        let l = WorkerLabels {
+            worker: addr.to_string(),
+        };
+        WorkerMetrics {
+            outstanding: self.worker_outstanding.get_or_create(&l).clone(),
+            load: self.worker_load.get_or_create(&l).clone(),
+            ready: self.worker_ready.get_or_create(&l).clone(),
+            ejections: self.ejections.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Drops a departed worker's series.
+    pub fn forget_worker(&self, addr: &str) {
+        let l = WorkerLabels {
+            worker: addr.to_string(),
+        };
+        self.worker_outstanding.remove(&l);
+        self.worker_load.remove(&l);
+        self.worker_ready.remove(&l);
+        self.ejections.remove(&l);
+    }
+}
+
+/// One worker's handles, held by its endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerMetrics {
+    pub outstanding: Gauge,
+    pub load: Gauge,
+    pub ready: Gauge,
+    pub ejections: Counter,
+}
