@@ -552,5 +552,9 @@ async fn gateway_metrics_count_requests_workers_and_streams() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop((tx, stream));
+    // Process metrics come with every endpoint.
+    assert!(m("process_resident_memory_bytes").await.unwrap() > 1e6);
+    assert!(m("process_open_fds").await.unwrap() > 0.0);
+    assert!(a.metric("process_cpu_seconds_total").await.unwrap() > 0.0);
     gw.stop().await.unwrap();
 }

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
+pub mod process_metrics;
 pub mod serve;
 pub mod status_map;
 pub mod stream;

@@ -39,6 +39,7 @@ pub async fn run(
     let lifecycle = Lifecycle::new(reporter).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::GatewayMetrics::register(&mut registry);
+    registry.register_collector(Box::new(infermesh_core::process_metrics::ProcessCollector));
     let pool = Pool::new(
         config.worker_refresh,
         config.worker_connect_timeout,

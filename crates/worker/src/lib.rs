@@ -65,6 +65,7 @@ pub async fn run(
     onnx::init(&onnxruntime_library(&config)?)?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = WorkerMetrics::register(&mut registry);
+    registry.register_collector(Box::new(infermesh_core::process_metrics::ProcessCollector));
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
     let repo = Arc::new(Repository::new(
