@@ -295,3 +295,28 @@ async fn gpu_instances_without_a_gpu_fail_the_load_with_a_clear_reason() {
     );
     worker.stop().await.unwrap();
 }
+
+/// "liveness" is SERVING from the start and through shutdown, unlike "" (readiness).
+#[tokio::test]
+async fn liveness_service_stays_serving_while_draining() {
+    let worker = Worker::start(&models(), &["--shutdown-grace", "30s"]).await;
+    let url = worker.url();
+    assert_eq!(
+        health(&url, "liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    let stopping = tokio::spawn(worker.stop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health(&url, "").await.unwrap() != ServingStatus::NotServing {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never went NOT_SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        health(&url, "liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    stopping.abort();
+}

@@ -15,6 +15,9 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::Error;
 
+/// The health service name that only says the process is alive.
+pub const LIVENESS: &str = "liveness";
+
 #[derive(Clone)]
 pub struct Lifecycle {
     inner: Arc<Inner>,
@@ -41,6 +44,10 @@ impl Lifecycle {
             }),
         };
         lc.set("", false).await;
+        // For liveness probes: SERVING while the process answers at all, untouched by
+        // loading or draining (a liveness probe on "" would restart a pod that is only
+        // loading models or draining).
+        lc.publish(LIVENESS, true).await;
         lc
     }
 
