@@ -35,6 +35,7 @@ class Server:
                 continue
             if "address" in fields:
                 self.url = fields["address"]
+                self.metrics_url = fields.get("metrics")
                 break
             if time.monotonic() > deadline:
                 break

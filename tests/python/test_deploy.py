@@ -91,3 +91,33 @@ def test_pods_are_hardened_and_consistent(overlay):
         worker = next(d for d in docs if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"])
         limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == 1
+
+
+def exposed_names(metrics_url):
+    import urllib.request
+
+    port = metrics_url.rsplit(":", 1)[1]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_dashboard_and_alerts_use_metrics_that_exist(mesh):
+    """Every metric the Grafana dashboard and the alert rules query is one a live worker
+    or gateway exposes (after one request, so every family has samples)."""
+    import json as _json
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    gateway, workers = mesh
+    i = grpcclient.InferInput("input", [1, 64], "FP32")
+    i.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    gateway.client.infer("digits", [i])
+    exposed = exposed_names(gateway.metrics_url) | exposed_names(workers[0].metrics_url)
+    dashboard = _json.loads((ROOT / "deploy/monitoring/dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((ROOT / "deploy/monitoring/alerts.yaml").read_text())
+    exprs += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
+    used = {m for e in exprs for m in re.findall(r"\b((?:infermesh|process)_[a-z_]+)", e)}
+    assert used, "no metrics referenced"
+    assert used - exposed == set(), f"queried but not exposed: {sorted(used - exposed)}"

@@ -58,6 +58,7 @@ pub async fn run(
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
         address = %local(&listeners.grpc)?,
+        metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         workers = ?config.workers,
         workers_dns = ?config.workers_dns,
         "infermesh gateway listening"
