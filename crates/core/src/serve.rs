@@ -30,6 +30,63 @@ impl Listeners {
     }
 }
 
+/// What a KServe v2 server runs on besides its service: sockets, health, and the metrics
+/// registry it has filled (process metrics are added here).
+pub struct Parts<H> {
+    pub listeners: Listeners,
+    pub lifecycle: Lifecycle,
+    pub health: tonic_health::pb::health_server::HealthServer<H>,
+    pub registry: prometheus_client::registry::Registry,
+}
+
+/// Serves an `inference.GRPCInferenceService` (with the message-size flags), health,
+/// reflection and `/metrics` until `shutdown` resolves, then drains.
+pub async fn serve_inference<S, H>(
+    service: S,
+    parts: Parts<H>,
+    args: &ServerArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    S: infermesh_proto::grpc_inference_service_server::GrpcInferenceService,
+    H: tonic_health::pb::health_server::Health,
+{
+    let Parts {
+        listeners,
+        lifecycle,
+        health,
+        mut registry,
+    } = parts;
+    registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            std::sync::Arc::new(registry),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+    }
+    let limit = args.grpc_max_message_bytes;
+    let inference =
+        infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+    let served = serve(
+        Routes::new(inference),
+        listeners.grpc,
+        args,
+        lifecycle,
+        health,
+        &[infermesh_proto::FILE_DESCRIPTOR_SET],
+        shutdown,
+    )
+    .await;
+    let _ = stop_metrics.send(());
+    served
+}
+
 /// Binds the gRPC listener from the flags (port 0 picks one).
 pub async fn bind(args: &ServerArgs) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(args.grpc_address, args.grpc_port)).await

@@ -16,7 +16,6 @@ use std::{future::Future, sync::Arc};
 
 pub use config::GatewayConfig;
 use infermesh_core::{serve, Lifecycle};
-use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use pool::Pool;
 use service::GatewayService;
 use tokio::net::TcpListener;
@@ -39,7 +38,6 @@ pub async fn run(
     let lifecycle = Lifecycle::new(reporter).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::GatewayMetrics::register(&mut registry);
-    registry.register_collector(Box::new(infermesh_core::process_metrics::ProcessCollector));
     let pool = Pool::new(
         config.worker_refresh,
         config.worker_connect_timeout,
@@ -81,14 +79,6 @@ pub async fn run(
         });
     }
 
-    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(listener) = listeners.metrics {
-        let registry = Arc::new(registry);
-        tokio::spawn(infermesh_core::metrics::serve(listener, registry, async {
-            let _ = metrics_stopped.await;
-        }));
-    }
-
     let service = GatewayService {
         pool,
         lifecycle: lifecycle.clone(),
@@ -98,21 +88,13 @@ pub async fn run(
         budget: Arc::new(retry::Budget::new(config.retry_budget_ratio, 10.0)),
         metrics,
     };
-    let limit = config.server.grpc_max_message_bytes;
-    let inference = GrpcInferenceServiceServer::new(service)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let served = serve::serve(
-        tonic::service::Routes::new(inference),
-        listeners.grpc,
-        &config.server,
+    let parts = serve::Parts {
+        listeners,
         lifecycle,
         health,
-        &[infermesh_proto::FILE_DESCRIPTOR_SET],
-        shutdown,
-    )
-    .await
-    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
-    let _ = metrics_stop.send(());
-    served
+        registry,
+    };
+    serve::serve_inference(service, parts, &config.server, shutdown)
+        .await
+        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
 }

@@ -26,7 +26,6 @@ use control::{Control, ModelControlMode};
 use engine::onnx::{self, DeviceRequest};
 pub use error::Error;
 use infermesh_core::{serve, Lifecycle};
-use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use metrics::WorkerMetrics;
 use model::Defaults;
 use repository::Repository;
@@ -65,7 +64,6 @@ pub async fn run(
     onnx::init(&onnxruntime_library(&config)?)?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = WorkerMetrics::register(&mut registry);
-    registry.register_collector(Box::new(infermesh_core::process_metrics::ProcessCollector));
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
     let repo = Arc::new(Repository::new(
@@ -125,14 +123,6 @@ pub async fn run(
         });
     }
 
-    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(listener) = listeners.metrics {
-        let registry = Arc::new(registry);
-        tokio::spawn(infermesh_core::metrics::serve(listener, registry, async {
-            let _ = metrics_stopped.await;
-        }));
-    }
-
     let service = WorkerService {
         repo,
         control,
@@ -141,22 +131,13 @@ pub async fn run(
         budget: infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes),
         metrics,
     };
-    let limit = config.server.grpc_max_message_bytes;
-    let inference = GrpcInferenceServiceServer::new(service)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let routes = tonic::service::Routes::new(inference);
-    let served = serve::serve(
-        routes,
-        listeners.grpc,
-        &config.server,
+    let parts = serve::Parts {
+        listeners,
         lifecycle,
         health,
-        &[infermesh_proto::FILE_DESCRIPTOR_SET],
-        shutdown,
-    )
-    .await
-    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
-    let _ = metrics_stop.send(());
-    served
+        registry,
+    };
+    serve::serve_inference(service, parts, &config.server, shutdown)
+        .await
+        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
 }
