@@ -59,7 +59,7 @@ impl Worker {
     /// Starts a worker with extra flags and waits (bounded) until it reports ready.
     pub async fn start(repository: &std::path::Path, extra: &[&str]) -> Worker {
         let worker = Self::spawn(repository, extra).await;
-        worker.wait_ready().await;
+        wait_ready(&worker.url()).await;
         worker
     }
 
@@ -127,30 +127,7 @@ impl Worker {
     }
 
     pub async fn client(&self) -> Client {
-        GrpcInferenceServiceClient::connect(self.url())
-            .await
-            .expect("connect")
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
-    }
-
-    /// Polls ServerReady until true; panics after 60 s (models load in the background).
-    async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut c) = GrpcInferenceServiceClient::connect(self.url()).await {
-                if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
-                    if r.into_inner().ready {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "worker did not become ready in 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        client(&self.url()).await
     }
 
     /// Signals shutdown and waits for `run` to return.
@@ -216,11 +193,7 @@ impl Gateway {
     }
 
     pub async fn client(&self) -> Client {
-        GrpcInferenceServiceClient::connect(self.url())
-            .await
-            .expect("connect")
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+        client(&self.url()).await
     }
 
     pub async fn stop(mut self) -> Result<(), infermesh_gateway::Error> {
@@ -229,7 +202,17 @@ impl Gateway {
     }
 }
 
-/// Polls ServerReady at `url` until true; panics after 60 s.
+/// A client without message-size limits, for tests that send large tensors.
+pub async fn client(url: &str) -> Client {
+    GrpcInferenceServiceClient::connect(url.to_string())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Polls ServerReady at `url` until true; panics after 60 s (models load in the
+/// background).
 pub async fn wait_ready(url: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

@@ -99,6 +99,12 @@ impl DataType {
         }
     }
 
+    /// From the raw enum value of a config field (`data_type: i32` in generated code);
+    /// `None` for TYPE_INVALID or an unknown value.
+    pub fn from_config_value(t: i32) -> Option<Self> {
+        ConfigType::try_from(t).ok().and_then(Self::from_config)
+    }
+
     /// From the model-configuration enum; `None` for TYPE_INVALID.
     pub fn from_config(t: ConfigType) -> Option<Self> {
         Self::ALL.into_iter().find(|d| d.to_config() == t)

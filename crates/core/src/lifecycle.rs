@@ -60,13 +60,6 @@ impl Lifecycle {
         self.publish(service, serving).await;
     }
 
-    /// Forgets a per-model health entry (the model was unloaded).
-    pub async fn remove(&self, service: &str) {
-        let mut wanted = self.inner.wanted.lock().await;
-        wanted.remove(service);
-        self.publish(service, false).await;
-    }
-
     /// Shutdown step 1: every health entry NOT_SERVING, requests still served.
     pub async fn drain(&self) {
         let wanted = self.inner.wanted.lock().await;

@@ -107,10 +107,9 @@ pub async fn run(
                 tracing::error!(error = %e, "loading the model repository failed");
             }
             loaded.store(true, std::sync::atomic::Ordering::SeqCst);
-            let index = control.repo.index();
-            let any_ready = index.is_empty() || index.iter().any(|m| m.state == "READY");
-            lifecycle.set("", any_ready).await;
-            if any_ready {
+            let can_serve = control.repo.can_serve();
+            lifecycle.set("", can_serve).await;
+            if can_serve {
                 tracing::info!("model loading finished; SERVING");
             } else {
                 tracing::error!("no model could be loaded; health stays NOT_SERVING");

@@ -363,9 +363,7 @@ fn check_io(
     io: &IoSpec,
     batch: bool,
 ) -> Result<(), Error> {
-    let dt = pb::DataType::try_from(data_type)
-        .ok()
-        .and_then(DataType::from_config)
+    let dt = DataType::from_config_value(data_type)
         .ok_or_else(|| Error::Load(format!("{field}: data_type is missing or invalid")))?;
     if dt != io.datatype {
         return Err(Error::Load(format!(
@@ -399,10 +397,7 @@ fn check_io(
 pub fn signature(config: &pb::ModelConfig) -> Signature {
     let io = |name: &str, data_type: i32, dims: &[i64]| IoSpec {
         name: name.to_string(),
-        datatype: pb::DataType::try_from(data_type)
-            .ok()
-            .and_then(DataType::from_config)
-            .expect("checked by complete()"),
+        datatype: DataType::from_config_value(data_type).expect("checked by complete()"),
         dims: dims.to_vec(),
     };
     Signature {
@@ -436,9 +431,7 @@ pub fn identity_graph(config: &pb::ModelConfig) -> Result<GraphSpec, Error> {
         }
     };
     let sig = |name: &str, t: i32, dims: &[i64]| -> Result<IoSpec, Error> {
-        let datatype = pb::DataType::try_from(t)
-            .ok()
-            .and_then(DataType::from_config)
+        let datatype = DataType::from_config_value(t)
             .ok_or_else(|| Error::Load(format!("'{name}': data_type is missing or invalid")))?;
         Ok(IoSpec {
             name: name.into(),

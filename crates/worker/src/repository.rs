@@ -220,6 +220,18 @@ impl Repository {
             .collect()
     }
 
+    /// Whether a worker with this repository should take traffic: something is ready, or
+    /// the repository is empty (explicit mode before any load). A worker that can serve
+    /// nothing must not get traffic.
+    pub fn can_serve(&self) -> bool {
+        let models = self.models.read().expect("repository lock");
+        models.is_empty()
+            || models
+                .values()
+                .flat_map(|v| v.values())
+                .any(|s| matches!(s, State::Ready(_)))
+    }
+
     pub fn ready_models(&self) -> Vec<Arc<Model>> {
         let models = self.models.read().expect("repository lock");
         models

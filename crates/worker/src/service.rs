@@ -174,14 +174,12 @@ impl WorkerService {
         })
     }
 
-    /// Ready once every model found at start has finished loading, unless none of them
-    /// loaded: a worker that can serve nothing must not get traffic.
+    /// Ready once every model found at start has finished loading and the repository
+    /// can serve something.
     fn is_ready(&self) -> bool {
-        let loaded = self.loaded.load(std::sync::atomic::Ordering::SeqCst);
-        let index = self.repo.index();
-        loaded
+        self.loaded.load(std::sync::atomic::Ordering::SeqCst)
             && !self.lifecycle.is_draining()
-            && (index.is_empty() || index.iter().any(|m| m.state == "READY"))
+            && self.repo.can_serve()
     }
 }
 

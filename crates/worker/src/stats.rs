@@ -45,10 +45,6 @@ struct Inner {
     compute_infer: Dur,
     compute_output: Dur,
     batches: BTreeMap<u64, [Dur; 3]>,
-    /// Requests dropped before the engine because their caller had gone away.
-    skipped_cancelled: u64,
-    /// Requests answered DEADLINE_EXCEEDED before the engine.
-    skipped_expired: u64,
 }
 
 /// Time spent in each phase of one executed batch.
@@ -111,20 +107,11 @@ impl Stats {
 
     pub fn skipped_cancelled(&self) {
         self.metrics.skipped_cancelled.inc();
-        self.inner.lock().expect("stats lock").skipped_cancelled += 1;
     }
 
     pub fn skipped_expired(&self, total: Duration) {
         self.metrics.skipped_expired.inc();
-        let mut s = self.inner.lock().expect("stats lock");
-        s.skipped_expired += 1;
-        s.fail.add(1, total);
-    }
-
-    /// (cancelled, expired) requests that never reached the engine.
-    pub fn skipped(&self) -> (u64, u64) {
-        let s = self.inner.lock().expect("stats lock");
-        (s.skipped_cancelled, s.skipped_expired)
+        self.inner.lock().expect("stats lock").fail.add(1, total);
     }
 
     pub fn to_pb(&self, name: &str, version: i64) -> pb::ModelStatistics {
