@@ -20,11 +20,12 @@ def binary(name: str) -> str:
 class Server:
     """A worker or gateway process on 127.0.0.1, its port learned from its log."""
 
-    def __init__(self, cmd):
+    def __init__(self, cmd, env=None):
         # Later flags win, so callers may override the grace period.
         cmd = [cmd[0], "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
                "--shutdown-grace", "0s", "--log-format", "json", *cmd[1:]]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         self.url = None
         # The bound address is logged first thing; read until it appears (bounded).
         deadline = time.monotonic() + 60
@@ -54,13 +55,13 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
-def Worker(*extra: str) -> Server:
-    return Server([binary("infermesh-worker"), "--model-repository", str(MODELS), *extra])
+def Worker(*extra: str, env=None) -> Server:
+    return Server([binary("infermesh-worker"), "--model-repository", str(MODELS), *extra], env)
 
 
-def Gateway(*workers: Server) -> Server:
+def Gateway(*workers: Server, extra=(), env=None) -> Server:
     return Server([binary("infermesh-gateway"), "--workers", ",".join(w.url for w in workers),
-                   "--worker-refresh", "100ms"])
+                   "--worker-refresh", "100ms", *extra], env)
 
 
 @pytest.fixture(scope="session")

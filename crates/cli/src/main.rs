@@ -44,10 +44,15 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => up::run(args).await,
         Command::Worker(config) => {
-            infermesh_core::telemetry::init_logging(config.server.log_format);
+            let tracing =
+                infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
             let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
-            infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await?;
-            Ok(())
+            let result =
+                infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await;
+            if let Some(t) = tracing {
+                t.shutdown(std::time::Duration::from_secs(3)).await;
+            }
+            Ok(result?)
         }
         Command::Infer(args) => infer::run(args).await,
         Command::Health(args) => health::run(args).await,

@@ -49,6 +49,9 @@ pub struct ServerArgs {
     /// Log format: "text" for people, "json" for log pipelines. The filter is RUST_LOG.
     #[arg(long, env = "INFERMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
+
+    #[command(flatten)]
+    pub trace: crate::trace::TraceArgs,
 }
 
 /// Parses "250ms", "5s", "2m", "1h", or a bare number of seconds.

@@ -15,6 +15,7 @@ pub mod status_map;
 pub mod stream;
 pub mod telemetry;
 pub mod tensor;
+pub mod trace;
 
 pub use config::ServerArgs;
 pub use datatype::DataType;

@@ -58,6 +58,7 @@ where
         mut registry,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+    crate::trace::register(&mut registry);
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(listener) = listeners.metrics {
         tokio::spawn(crate::metrics::serve(

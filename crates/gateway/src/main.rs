@@ -5,8 +5,11 @@ use infermesh_gateway::{GatewayConfig, Listeners};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = GatewayConfig::parse();
-    infermesh_core::telemetry::init_logging(config.server.log_format);
+    let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
     let listeners = Listeners::bind(&config.server).await?;
-    infermesh_gateway::run(config, listeners, serve::signal()).await?;
-    Ok(())
+    let result = infermesh_gateway::run(config, listeners, serve::signal()).await;
+    if let Some(t) = tracing {
+        t.shutdown(std::time::Duration::from_secs(3)).await;
+    }
+    Ok(result?)
 }

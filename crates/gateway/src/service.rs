@@ -6,9 +6,10 @@
 use std::{sync::Arc, time::Instant};
 
 use futures::future::join_all;
-use infermesh_core::{Error as RequestError, Lifecycle};
+use infermesh_core::{trace, Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::{field::Empty, Instrument};
 
 use crate::{
     config::ControlMode,
@@ -88,6 +89,10 @@ impl GatewayService {
                 .as_ref()
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
         );
+        if let Err(status) = &result {
+            tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
+        }
+        trace::finish(&tracing::Span::current(), result.as_ref().err());
         result
     }
 
@@ -101,9 +106,15 @@ impl GatewayService {
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
         loop {
-            let picked = self
-                .pool
-                .pick_excluding(&req.model_name, &asked_version, &tried);
+            let route = tracing::info_span!(target: trace::TARGET, "route", model = %req.model_name, worker = Empty);
+            let picked = route.in_scope(|| {
+                self.pool
+                    .pick_excluding(&req.model_name, &asked_version, &tried)
+            });
+            if let Ok((ep, _)) = &picked {
+                route.record("worker", ep.addr.as_str());
+            }
+            drop(route);
             let (ep, version) = match (picked, last) {
                 (Ok(p), _) => p,
                 (Err(_), Some(status)) => return Err(status),
@@ -121,9 +132,17 @@ impl GatewayService {
                 }
                 call.set_timeout(left);
             }
+            let span = tracing::info_span!(
+                target: trace::TARGET,
+                "forward",
+                otel.kind = "client",
+                worker = %ep.addr,
+                attempt = tried.len() + 1,
+            );
+            trace::inject(&span, call.metadata_mut());
             let result = {
                 let _call = ep.call();
-                ep.client.clone().model_infer(call).await
+                ep.client.clone().model_infer(call).instrument(span).await
             };
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 // Our own timeout on the worker call (tonic reports it as CANCELLED): the
@@ -153,7 +172,7 @@ impl GatewayService {
                         code: format!("{:?}", status.code()),
                     };
                     self.metrics.retries.get_or_create(&labels).inc();
-                    tracing::debug!(worker = %ep.addr, code = ?status.code(), "retrying on another worker");
+                    tracing::debug!(trace_id = %trace::trace_id(), worker = %ep.addr, code = ?status.code(), "retrying on another worker");
                     last = Some(status);
                 }
                 Err(status) => return Err(status),
@@ -252,7 +271,16 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
         let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
+        let span = trace::request_span(
+            "ModelInfer",
+            &req.get_ref().model_name,
+            trace::incoming(req.metadata()),
+        );
+        let resp = self
+            .infer(req.into_inner(), deadline)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(resp))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
@@ -265,13 +293,16 @@ impl GrpcInferenceService for GatewayService {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
         let open = StreamGauge::new(&self.metrics.open_streams);
+        // Every message is a span of its own under the context the stream was opened with.
+        let parent = trace::incoming(req.metadata());
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             self.max_stream_inflight,
             move |m| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
-                async move { svc.infer(m, None).await }
+                let span = trace::request_span("ModelStreamInfer", &m.model_name, parent.clone());
+                async move { svc.infer(m, None).await }.instrument(span)
             },
         )))
     }

@@ -62,12 +62,25 @@ where
 }
 
 fn execute<E: Engine>(engine: &mut E, items: Vec<Pending>, dispatched: Instant, stats: &Stats) {
-    let (live, gone): (Vec<Pending>, Vec<Pending>) =
+    let (mut live, gone): (Vec<Pending>, Vec<Pending>) =
         items.into_iter().partition(|p| !p.reply.is_closed());
     gone.iter().for_each(|_| stats.skipped_cancelled());
     if live.is_empty() {
         return;
     }
+    // One span for the batch: a child of its first request, linked to every request.
+    let span = tracing::info_span!(
+        target: infermesh_core::trace::TARGET,
+        parent: &live[0].span,
+        "execute",
+        batch_size = live.len(),
+        rows = live.iter().map(|p| p.rows).sum::<usize>(),
+    );
+    for p in &mut live {
+        p.queue_span = tracing::Span::none();
+        infermesh_core::trace::link(&span, &p.span);
+    }
+    let _in_batch = span.enter();
     match run(engine, &live) {
         Ok((parts, times)) => {
             let done = Instant::now();

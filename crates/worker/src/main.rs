@@ -5,8 +5,11 @@ use infermesh_worker::WorkerConfig;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = WorkerConfig::parse();
-    infermesh_core::telemetry::init_logging(config.server.log_format);
+    let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
     let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
-    infermesh_worker::run(config, listeners, serve::signal()).await?;
-    Ok(())
+    let result = infermesh_worker::run(config, listeners, serve::signal()).await;
+    if let Some(t) = tracing {
+        t.shutdown(std::time::Duration::from_secs(3)).await;
+    }
+    Ok(result?)
 }

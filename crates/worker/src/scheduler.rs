@@ -24,6 +24,10 @@ pub struct Pending {
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<Result<Vec<Tensor>, Error>>,
+    /// The request's span, which the batch that serves it links to.
+    pub span: tracing::Span,
+    /// Open while the request waits; closed when an instance takes it.
+    pub queue_span: tracing::Span,
 }
 
 impl Pending {
@@ -121,6 +125,8 @@ impl Scheduler {
             enqueued: Instant::now(),
             deadline,
             reply,
+            span: tracing::Span::current(),
+            queue_span: tracing::info_span!(target: infermesh_core::trace::TARGET, "queue"),
         };
         if self.tx.send(pending).is_err() {
             self.queued.dec();

@@ -2,11 +2,12 @@
 
 use std::{sync::Arc, time::Instant};
 
-use infermesh_core::{admission::ByteBudget, Lifecycle};
+use infermesh_core::{admission::ByteBudget, trace, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{
     control::Control,
@@ -124,6 +125,13 @@ impl WorkerService {
         let mut record = Record::new(&self.metrics, model);
         let result = self.run(req, deadline, record.start).await;
         record.finish(&result);
+        if let Err(e) = &result {
+            let status = Status::from(e.clone());
+            tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
+            trace::finish(&tracing::Span::current(), Some(&status));
+        } else {
+            trace::finish(&tracing::Span::current(), None);
+        }
         result
     }
 
@@ -156,6 +164,7 @@ impl WorkerService {
         let outputs = model
             .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
             .await?;
+        let _response = tracing::info_span!(target: trace::TARGET, "response").entered();
         Ok(pb::ModelInferResponse {
             model_name: model.name.clone(),
             model_version: model.version.to_string(),
@@ -259,7 +268,16 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
         let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        Ok(Response::new(self.infer(req.into_inner(), deadline).await?))
+        let span = trace::request_span(
+            "ModelInfer",
+            &req.get_ref().model_name,
+            trace::incoming(req.metadata()),
+        );
+        let resp = self
+            .infer(req.into_inner(), deadline)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(resp))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
@@ -270,13 +288,16 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<Self::ModelStreamInferStream> {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
+        // Every message is a span of its own under the context the stream was opened with.
+        let parent = trace::incoming(req.metadata());
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             MAX_STREAM_IN_FLIGHT,
             move |m| {
                 let svc = svc.clone();
-                async move { svc.infer(m, None).await.map_err(Status::from) }
+                let span = trace::request_span("ModelStreamInfer", &m.model_name, parent.clone());
+                async move { svc.infer(m, None).await.map_err(Status::from) }.instrument(span)
             },
         )))
     }
