@@ -21,6 +21,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __init__(self):
         self.spans = queue.Queue()
+        self.other = []  # spans wait_for passed over (other traces)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -46,7 +47,15 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 continue
             if span.trace_id == trace_id:
                 got.append((service, span))
+            else:
+                self.other.append((service, span))
         return got
+
+    def other_traces(self, than: bytes):
+        """Trace ids of every span received so far that is not of trace `than`."""
+        while not self.spans.empty():
+            self.other.append(self.spans.get())
+        return {s.trace_id for _, s in self.other if s.trace_id != than}
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +173,7 @@ def test_an_unsampled_caller_is_not_traced(traced):
     marker, _, header = traceparent()
     gateway.client.infer("digits", [digits_input()], headers={"traceparent": header})
     rx.wait_for(marker, lambda got: EXPECTED <= names(got))
-    seen = []
-    while not rx.spans.empty():
-        seen.append(rx.spans.get())
-    assert not [s for _, s in seen if s.trace_id == quiet]
+    assert quiet not in rx.other_traces(marker)
 
 
 def dropped_spans(server):
@@ -201,3 +207,27 @@ def test_a_black_hole_collector_costs_spans_not_requests():
         assert gateway.stop() == 0
         assert worker.stop() == 0
         hole.close()
+
+
+def test_the_gateways_decision_not_to_sample_reaches_the_worker():
+    """The gateway samples nothing of its own (ratio 0) and the worker would sample every
+    root: requests without a traceparent still produce no spans anywhere, because the
+    gateway passes its "not sampled" decision on. A caller's sampled traceparent still
+    wins (parent-based), which is how the test knows everything before it has arrived."""
+    rx = Receiver()
+    endpoint = f"http://127.0.0.1:{rx.port}"
+    worker = Worker("--otel-endpoint", endpoint)  # parentbased_always_on: every root sampled
+    gateway = Gateway(worker, extra=["--otel-endpoint", endpoint, "--otel-sampler", "parentbased_traceidratio",
+                                     "--otel-sampler-arg", "0"])
+    try:
+        for _ in range(20):
+            gateway.client.infer("digits", [digits_input()])
+        marker, _, header = traceparent()
+        gateway.client.infer("digits", [digits_input()], headers={"traceparent": header})
+        rx.wait_for(marker, lambda got: {("infermesh-gateway", "ModelInfer"), ("infermesh-worker", "ModelInfer")}
+                    <= names(got))
+        assert rx.other_traces(marker) == set(), {(svc, s.name, s.parent_span_id.hex()) for svc, s in rx.other}
+    finally:
+        assert gateway.stop() == 0
+        assert worker.stop() == 0
+        rx.server.stop(0)

@@ -1,26 +1,33 @@
 //! OpenTelemetry traces: OTLP/gRPC export configured by the standard `OTEL_*` variables,
 //! W3C `traceparent` read from incoming gRPC metadata and written into outgoing calls.
 //!
-//! Request spans use the target [`TARGET`]. Only the OpenTelemetry layer listens to it, so
-//! with no collector configured every such span is disabled at its call site and costs
-//! next to nothing. Export never blocks a request: finished spans go into a bounded queue
-//! that one task drains; when the queue is full or the collector fails or is too slow,
-//! spans are dropped and counted (`infermesh_trace_spans_dropped_total`).
+//! The sampler decides once per request, where the request arrives ([`request`]): a request
+//! that is not sampled gets no spans at all (building and then discarding them cost a
+//! quarter of the throughput at 1% sampling), and its context, marked not sampled, still
+//! goes on to the next hop so that hop decides the same. Request spans use the target
+//! [`TARGET`], which only the OpenTelemetry layer listens to: with no collector configured
+//! they are disabled where they are created. Export never blocks a request: finished spans
+//! go into a bounded queue that one task drains; when the queue is full or the collector
+//! fails or is too slow, spans are dropped and counted
+//! (`infermesh_trace_spans_dropped_total`).
 
 use std::{
-    sync::LazyLock,
+    sync::{LazyLock, OnceLock},
     time::{Duration, Instant},
 };
 
 use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState, TracerProvider as _},
     Context,
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
+    trace::{
+        IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider, ShouldSample,
+        SpanData, SpanExporter as _, SpanProcessor,
+    },
     Resource,
 };
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
@@ -106,6 +113,9 @@ impl TraceArgs {
     }
 }
 
+/// The configured sampler, set when export is on; [`request`] asks it once per request.
+static SAMPLER: OnceLock<Sampler> = OnceLock::new();
+
 /// Span counts for /metrics; process-wide because the tracer is.
 pub struct SpanCounters {
     pub exported: Counter,
@@ -166,9 +176,11 @@ impl Tracing {
             export_loop(exporter, rx, stop_rx, timeout).await;
             let _ = done_tx.send(());
         });
+        let _ = SAMPLER.set(args.sampler());
+        // Spans exist only under requests the sampler kept (see `request`): keep them all.
         let provider = SdkTracerProvider::builder()
             .with_resource(resource)
-            .with_sampler(args.sampler())
+            .with_sampler(Sampler::AlwaysOn)
             .with_span_processor(QueueProcessor { tx })
             .build();
         Ok(Some(Self {
@@ -184,11 +196,14 @@ impl Tracing {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         use tracing_subscriber::Layer as _;
+        // A static filter (not a closure): callsites get a cached interest and a max level,
+        // so the trace/debug events of h2, hyper and tokio stay free on the request path.
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_target(TARGET, tracing::Level::INFO)
+            .with_default(tracing::Level::WARN);
         tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer("infermesh"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.target() == TARGET || *m.level() <= tracing::Level::WARN
-            }))
+            .with_filter(filter)
     }
 
     /// Exports what is queued (waiting at most `within`), then stops the exporter.
@@ -305,18 +320,54 @@ pub fn extract(metadata: &MetadataMap) -> Context {
     TraceContextPropagator::new().extract(&Extract(metadata))
 }
 
-/// Makes `span` a child of `parent` (the context a caller sent).
-pub fn set_parent(span: &Span, parent: Context) {
-    if !span.is_disabled() {
-        let _ = span.set_parent(parent);
+/// What a request passes on to the next hop when it has no span of its own: its trace,
+/// marked not sampled.
+#[derive(Clone, Default)]
+pub struct Carry(Option<SpanContext>);
+
+impl Carry {
+    /// Writes the context the next hop continues into an outgoing call's metadata: `child`'s
+    /// (a span of this request) when there is one, else the unsampled context.
+    pub fn inject(&self, child: &Span, metadata: &mut MetadataMap) {
+        let cx = if !child.is_disabled() {
+            child.context()
+        } else if let Some(sc) = &self.0 {
+            let sc = SpanContext::new(
+                sc.trace_id(),
+                RandomIdGenerator::default().new_span_id(),
+                TraceFlags::default(),
+                false,
+                sc.trace_state().clone(),
+            );
+            Context::new().with_remote_span_context(sc)
+        } else {
+            return;
+        };
+        TraceContextPropagator::new().inject_context(&cx, &mut Inject(metadata));
     }
 }
 
-/// Writes `span`'s context into an outgoing call's metadata as `traceparent`.
-pub fn inject(span: &Span, metadata: &mut MetadataMap) {
-    if !span.is_disabled() {
-        TraceContextPropagator::new().inject_context(&span.context(), &mut Inject(metadata));
+/// The current request's span; disabled when the request is not traced (another
+/// library's span being current does not count).
+pub fn current() -> Span {
+    let span = Span::current();
+    match span.metadata() {
+        Some(m) if m.target() == TARGET => span,
+        _ => Span::none(),
     }
+}
+
+/// A child span of the current request: disabled when the request is not traced, so it
+/// never becomes a root of its own.
+#[macro_export]
+macro_rules! child_span {
+    ($($arg:tt)+) => {
+        if $crate::trace::current().is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(target: $crate::trace::TARGET, $($arg)+)
+        }
+    };
 }
 
 /// Records on `span` that it ran together with the work `other` stands for (a batch
@@ -329,7 +380,7 @@ pub fn link(span: &Span, other: &Span) {
 
 /// The current span's trace id, for log lines inside a request ("" outside one).
 pub fn trace_id() -> String {
-    let span = Span::current();
+    let span = current();
     if span.is_disabled() {
         return String::new();
     }
@@ -345,15 +396,44 @@ pub fn trace_id() -> String {
 /// The caller's context for a stream, read once when it opens; empty (and not parsed)
 /// when no collector is configured.
 pub fn incoming(metadata: &MetadataMap) -> Context {
-    if tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+    if SAMPLER.get().is_some() {
         extract(metadata)
     } else {
         Context::new()
     }
 }
 
-/// The server span of one inference request (or one stream message), child of `parent`.
-pub fn request_span(rpc: &'static str, model: &str, parent: Context) -> Span {
+/// One inference request (or stream message) arriving with the caller's context `parent`:
+/// the sampler decides here. Sampled: the request's server span, a child of `parent`.
+/// Not sampled: no span, and the [`Carry`] that passes the decision on.
+pub fn request(rpc: &'static str, model: &str, parent: Context) -> (Span, Carry) {
+    let Some(sampler) = SAMPLER.get() else {
+        return (Span::none(), Carry(None));
+    };
+    let remote = parent.span().span_context().clone();
+    let trace_id = if remote.is_valid() {
+        remote.trace_id()
+    } else {
+        RandomIdGenerator::default().new_trace_id()
+    };
+    let decision = sampler
+        .should_sample(Some(&parent), trace_id, rpc, &SpanKind::Server, &[], &[])
+        .decision;
+    if decision != SamplingDecision::RecordAndSample {
+        let carry = if remote.is_valid() {
+            remote
+        } else {
+            let id = RandomIdGenerator::default().new_span_id();
+            SpanContext::new(
+                trace_id,
+                id,
+                TraceFlags::default(),
+                true,
+                TraceState::default(),
+            )
+        };
+        return (Span::none(), Carry(Some(carry)));
+    }
     let span = tracing::info_span!(
         target: TARGET,
         "request",
@@ -365,8 +445,10 @@ pub fn request_span(rpc: &'static str, model: &str, parent: Context) -> Span {
         model = model,
         rpc.grpc.status_code = tracing::field::Empty,
     );
-    set_parent(&span, parent);
-    span
+    if !span.is_disabled() {
+        let _ = span.set_parent(parent);
+    }
+    (span, Carry(None))
 }
 
 /// Records a request's outcome on its span (a failed request marks the span an error).

@@ -70,6 +70,7 @@ impl GatewayService {
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
+        carry: trace::Carry,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         // Label only models some worker has: request names must not mint new series.
         let model = if self.pool.knows(&req.model_name) {
@@ -83,7 +84,7 @@ impl GatewayService {
             start: Instant::now(),
             code: None,
         };
-        let result = self.forward(req, deadline).await;
+        let result = self.forward(req, deadline, &carry).await;
         record.code = Some(
             result
                 .as_ref()
@@ -92,7 +93,7 @@ impl GatewayService {
         if let Err(status) = &result {
             tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
         }
-        trace::finish(&tracing::Span::current(), result.as_ref().err());
+        trace::finish(&trace::current(), result.as_ref().err());
         result
     }
 
@@ -100,13 +101,15 @@ impl GatewayService {
         &self,
         mut req: pb::ModelInferRequest,
         deadline: Option<Instant>,
+        carry: &trace::Carry,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         self.budget.deposit();
         let asked_version = std::mem::take(&mut req.model_version);
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
         loop {
-            let route = tracing::info_span!(target: trace::TARGET, "route", model = %req.model_name, worker = Empty);
+            let route =
+                infermesh_core::child_span!("route", model = %req.model_name, worker = Empty);
             let picked = route.in_scope(|| {
                 self.pool
                     .pick_excluding(&req.model_name, &asked_version, &tried)
@@ -132,14 +135,13 @@ impl GatewayService {
                 }
                 call.set_timeout(left);
             }
-            let span = tracing::info_span!(
-                target: trace::TARGET,
+            let span = infermesh_core::child_span!(
                 "forward",
                 otel.kind = "client",
                 worker = %ep.addr,
                 attempt = tried.len() + 1,
             );
-            trace::inject(&span, call.metadata_mut());
+            carry.inject(&span, call.metadata_mut());
             let result = {
                 let _call = ep.call();
                 ep.client.clone().model_infer(call).instrument(span).await
@@ -271,13 +273,13 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
         let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        let span = trace::request_span(
+        let (span, carry) = trace::request(
             "ModelInfer",
             &req.get_ref().model_name,
             trace::incoming(req.metadata()),
         );
         let resp = self
-            .infer(req.into_inner(), deadline)
+            .infer(req.into_inner(), deadline, carry)
             .instrument(span)
             .await?;
         Ok(Response::new(resp))
@@ -301,8 +303,9 @@ impl GrpcInferenceService for GatewayService {
             move |m| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
-                let span = trace::request_span("ModelStreamInfer", &m.model_name, parent.clone());
-                async move { svc.infer(m, None).await }.instrument(span)
+                let (span, carry) =
+                    trace::request("ModelStreamInfer", &m.model_name, parent.clone());
+                async move { svc.infer(m, None, carry).await }.instrument(span)
             },
         )))
     }

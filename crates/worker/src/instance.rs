@@ -68,14 +68,18 @@ fn execute<E: Engine>(engine: &mut E, items: Vec<Pending>, dispatched: Instant, 
     if live.is_empty() {
         return;
     }
-    // One span for the batch: a child of its first request, linked to every request.
-    let span = tracing::info_span!(
-        target: infermesh_core::trace::TARGET,
-        parent: &live[0].span,
-        "execute",
-        batch_size = live.len(),
-        rows = live.iter().map(|p| p.rows).sum::<usize>(),
-    );
+    // One span for the batch: a child of its first traced request, linked to every traced
+    // request; none when no request in it is traced.
+    let span = match live.iter().find(|p| !p.span.is_disabled()) {
+        Some(first) => tracing::info_span!(
+            target: infermesh_core::trace::TARGET,
+            parent: &first.span,
+            "execute",
+            batch_size = live.len(),
+            rows = live.iter().map(|p| p.rows).sum::<usize>(),
+        ),
+        None => tracing::Span::none(),
+    };
     for p in &mut live {
         p.queue_span = tracing::Span::none();
         infermesh_core::trace::link(&span, &p.span);

@@ -125,8 +125,8 @@ impl Scheduler {
             enqueued: Instant::now(),
             deadline,
             reply,
-            span: tracing::Span::current(),
-            queue_span: tracing::info_span!(target: infermesh_core::trace::TARGET, "queue"),
+            span: infermesh_core::trace::current(),
+            queue_span: infermesh_core::child_span!("queue"),
         };
         if self.tx.send(pending).is_err() {
             self.queued.dec();

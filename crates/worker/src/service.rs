@@ -128,9 +128,9 @@ impl WorkerService {
         if let Err(e) = &result {
             let status = Status::from(e.clone());
             tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
-            trace::finish(&tracing::Span::current(), Some(&status));
+            trace::finish(&trace::current(), Some(&status));
         } else {
-            trace::finish(&tracing::Span::current(), None);
+            trace::finish(&trace::current(), None);
         }
         result
     }
@@ -164,7 +164,7 @@ impl WorkerService {
         let outputs = model
             .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
             .await?;
-        let _response = tracing::info_span!(target: trace::TARGET, "response").entered();
+        let _response = infermesh_core::child_span!("response").entered();
         Ok(pb::ModelInferResponse {
             model_name: model.name.clone(),
             model_version: model.version.to_string(),
@@ -268,7 +268,7 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<pb::ModelInferResponse> {
         self.lifecycle.admit().map_err(Status::from)?;
         let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        let span = trace::request_span(
+        let (span, _) = trace::request(
             "ModelInfer",
             &req.get_ref().model_name,
             trace::incoming(req.metadata()),
@@ -296,7 +296,7 @@ impl GrpcInferenceService for WorkerService {
             MAX_STREAM_IN_FLIGHT,
             move |m| {
                 let svc = svc.clone();
-                let span = trace::request_span("ModelStreamInfer", &m.model_name, parent.clone());
+                let (span, _) = trace::request("ModelStreamInfer", &m.model_name, parent.clone());
                 async move { svc.infer(m, None).await.map_err(Status::from) }.instrument(span)
             },
         )))
