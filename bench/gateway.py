@@ -139,6 +139,8 @@ error_log {ngx}/logs/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  # A gRPC stream is one request body: the 1m default cuts long streams with INTERNAL.
+  client_max_body_size 0;
   client_body_temp_path {ngx}/body; proxy_temp_path {ngx}/proxy;
   fastcgi_temp_path {ngx}/fcgi; uwsgi_temp_path {ngx}/uwsgi; scgi_temp_path {ngx}/scgi;
   upstream workers {{ {' '.join(f'server {w};' for w in workers)} keepalive 64; }}

@@ -39,9 +39,21 @@ enum Command {
     Health(health::HealthArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    // `infermesh worker` honours --threads like infermesh-worker; tools use the default.
+    let threads = match &command {
+        Command::Worker(config) => config.server.threads,
+        _ => 0,
+    };
+    infermesh_core::serve::runtime(threads)?.block_on(run(command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up(args) => up::run(args).await,
         Command::Worker(config) => {
             let tracing =

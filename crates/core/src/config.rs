@@ -46,6 +46,11 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
     pub max_connection_age: Duration,
 
+    /// Threads serving gRPC. 1 runs everything on one thread (no cross-thread wake-ups: the
+    /// least CPU per request, as Linkerd's proxy does by default); 0 = one per core.
+    #[arg(long, env = "INFERMESH_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Log format: "text" for people, "json" for log pipelines. The filter is RUST_LOG.
     #[arg(long, env = "INFERMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,

@@ -209,3 +209,18 @@ pub async fn signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// The tokio runtime a server runs on: `threads` 1 is a single-threaded runtime (tasks
+/// wake each other without crossing threads), 0 one worker thread per core.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    builder.enable_all().build()
+}

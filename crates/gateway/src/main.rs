@@ -2,14 +2,18 @@ use clap::Parser;
 use infermesh_core::serve;
 use infermesh_gateway::{GatewayConfig, Listeners};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
     let config = GatewayConfig::parse();
-    let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
-    let listeners = Listeners::bind(&config.server).await?;
-    let result = infermesh_gateway::run(config, listeners, serve::signal()).await;
-    if let Some(t) = tracing {
-        t.shutdown(std::time::Duration::from_secs(3)).await;
-    }
-    Ok(result?)
+    serve::runtime(config.server.threads)?.block_on(async move {
+        let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
+        let listeners = Listeners::bind(&config.server).await?;
+        let result = infermesh_gateway::run(config, listeners, serve::signal()).await;
+        if let Some(t) = tracing {
+            t.shutdown(std::time::Duration::from_secs(3)).await;
+        }
+        Ok(result?)
+    })
 }

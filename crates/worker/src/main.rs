@@ -2,14 +2,18 @@ use clap::Parser;
 use infermesh_core::serve;
 use infermesh_worker::WorkerConfig;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
     let config = WorkerConfig::parse();
-    let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
-    let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
-    let result = infermesh_worker::run(config, listeners, serve::signal()).await;
-    if let Some(t) = tracing {
-        t.shutdown(std::time::Duration::from_secs(3)).await;
-    }
-    Ok(result?)
+    serve::runtime(config.server.threads)?.block_on(async move {
+        let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
+        let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
+        let result = infermesh_worker::run(config, listeners, serve::signal()).await;
+        if let Some(t) = tracing {
+            t.shutdown(std::time::Duration::from_secs(3)).await;
+        }
+        Ok(result?)
+    })
 }

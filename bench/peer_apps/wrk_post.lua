@@ -1,0 +1,18 @@
+-- wrk script: POSTs one JSON body (file given after `--`) and prints a JSON summary line
+-- prefixed "WRK_JSON " that bench/peers.py reads (wrk's own text output is for people).
+function init(args)
+  local f = assert(io.open(args[1], "rb"))
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.body = f:read("*a")
+  f:close()
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end

@@ -1,0 +1,41 @@
+"""bench/peers.py on infermesh's own targets (ONNX Runtime in-process, the worker, the
+gateway with 1 and 2 workers; unary and streaming) at tiny durations, so the benchmark
+harness cannot rot: every target answers, with successful requests and no errors. Never a
+timing: this machine's 2 cores are shared, and the numbers belong to the real benchmark."""
+import json
+import pathlib
+import subprocess
+import sys
+
+from conftest import ROOT, binary
+
+CONCURRENCY = (1, 4)
+
+
+def test_every_infermesh_target_answers(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench/peers.py"), "--only", "infermesh",
+           "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--seconds", "0.5", "--concurrency", ",".join(map(str, CONCURRENCY)), "--gateway-concurrency", "",
+           "--engine-batches", "1,8", "--no-perf-analyzer", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "peers.json").exists(), run.stderr[-3000:]
+    res = json.loads((tmp_path / "peers.json").read_text())
+    assert res["failed"] == {}  # each setup's first error, by name
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    assert [e["batch"] for e in res["engine"]] == [1, 8]
+    assert all(e["samples_per_s"] > 0 for e in res["engine"])
+
+    got = {(r["key"], r["mode"], r["concurrency"]) for r in res["rows"]}
+    assert got == {(k, m, c) for k in ("worker", "gateway1", "gateway2") for m in ("unary", "stream")
+                   for c in CONCURRENCY}
+    for r in res["rows"]:
+        assert r["ok"] > 0 and r["errors"] == 0, r
+        # Each server process of the setup was found and read (CPU and peak RSS).
+        assert set(r["server"]) == ({"worker"} if r["key"] == "worker" else
+                                    {"gateway", "worker"} if r["key"] == "gateway1" else {"gateway", "workers"})
+        assert all(v["hwm_mb"] > 0 for v in r["server"].values()), r["server"]
+
+    table = (tmp_path / "peers.md").read_text()
+    assert "| infermesh gateway + 2 workers | stream | 4 |" in table
+    assert "| ONNX Runtime in-process, best batch" in table
