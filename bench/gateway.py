@@ -125,7 +125,8 @@ def main() -> None:
         for n in (1, 2):
             port = free_port()
             p = start([str(BIN / "infermesh-gateway"), "--workers", ",".join(workers[:n]), "--grpc-address",
-                       "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false", "--shutdown-grace", "0s"])
+                       "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false", "--shutdown-grace", "0s",
+                       "--threads", "1"])
             gws[n] = (f"127.0.0.1:{port}", p.pid)
             wait_ready(gws[n][0])
         nginx_port = free_port()

@@ -31,6 +31,7 @@ s.add_insecure_port("127.0.0.1:" + sys.argv[1]); s.start(); s.wait_for_terminati
 SETUPS = {
     "metrics off, traces off": (["--allow-metrics", "false"], {}),
     "metrics on, traces off": ([], {}),
+    "metrics on, traces 0 (decide and propagate only)": ([], {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}),
     "metrics on, traces 0.01": ([], {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
     "metrics on, traces 1.0": ([], {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
 }
@@ -48,7 +49,7 @@ def run_setup(repo, flags, env, collector):
                                        str(wport), "--intra-op-threads", "1", *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([str(BIN / "infermesh-gateway"), "--workers", f"127.0.0.1:{wport}",
-                                       "--grpc-port", str(gport), *common], env=env,
+                                       "--grpc-port", str(gport), "--threads", "1", *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         url = f"127.0.0.1:{gport}"
         wait_ready(url)

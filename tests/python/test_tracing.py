@@ -65,8 +65,9 @@ def traced():
     endpoint = f"http://127.0.0.1:{rx.port}"
     worker = Worker("--intra-op-threads", "1", env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SERVICE_NAME": "test-worker",
-        "OTEL_TRACES_SAMPLER": "parentbased_always_on"})
-    gateway = Gateway(worker, extra=["--otel-endpoint", endpoint, "--otel-service-name", "test-gateway"])
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    gateway = Gateway(worker, extra=["--otel-endpoint", endpoint, "--otel-service-name", "test-gateway",
+                                     "--otel-schedule-delay-ms", "50"])
     yield rx, gateway, worker
     assert gateway.stop() == 0
     assert worker.stop() == 0
@@ -192,7 +193,7 @@ def test_a_black_hole_collector_costs_spans_not_requests():
     hole.bind(("127.0.0.1", 0))
     hole.listen(128)  # the kernel completes handshakes; nobody ever reads
     endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
-    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "300", "OTEL_TRACES_SAMPLER": "always_on"}
+    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "300", "OTEL_TRACES_SAMPLER": "always_on", "OTEL_BSP_SCHEDULE_DELAY": "50"}
     worker = Worker("--otel-endpoint", endpoint, env=env)
     gateway = Gateway(worker, extra=["--otel-endpoint", endpoint], env=env)
     try:
@@ -216,9 +217,10 @@ def test_the_gateways_decision_not_to_sample_reaches_the_worker():
     wins (parent-based), which is how the test knows everything before it has arrived."""
     rx = Receiver()
     endpoint = f"http://127.0.0.1:{rx.port}"
-    worker = Worker("--otel-endpoint", endpoint)  # parentbased_always_on: every root sampled
+    fast = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
+    worker = Worker("--otel-endpoint", endpoint, env=fast)  # parentbased_always_on: every root sampled
     gateway = Gateway(worker, extra=["--otel-endpoint", endpoint, "--otel-sampler", "parentbased_traceidratio",
-                                     "--otel-sampler-arg", "0"])
+                                     "--otel-sampler-arg", "0"], env=fast)
     try:
         for _ in range(20):
             gateway.client.infer("digits", [digits_input()])
@@ -230,4 +232,19 @@ def test_the_gateways_decision_not_to_sample_reaches_the_worker():
     finally:
         assert gateway.stop() == 0
         assert worker.stop() == 0
+        rx.server.stop(0)
+
+
+def test_spans_still_queued_are_sent_when_the_worker_stops():
+    """With the default 5 s batching delay, a request's spans are still queued when SIGTERM
+    arrives: the worker sends them before it exits."""
+    rx = Receiver()
+    worker = Worker("--otel-endpoint", f"http://127.0.0.1:{rx.port}")
+    trace_id, _, header = traceparent()
+    worker.client.infer("digits", [digits_input()], headers={"traceparent": header})
+    assert worker.stop() == 0
+    try:
+        spans = rx.wait_for(trace_id, lambda got: ("infermesh-worker", "ModelInfer") in names(got), timeout=5)
+        assert {"ModelInfer", "queue", "execute", "response"} <= {s.name for _, s in spans}
+    finally:
         rx.server.stop(0)

@@ -78,6 +78,14 @@ pub struct TraceArgs {
     )]
     pub otel_export_timeout_ms: u64,
 
+    /// Milliseconds a finished span may wait for others to be sent with it.
+    #[arg(
+        long = "otel-schedule-delay-ms",
+        env = "OTEL_BSP_SCHEDULE_DELAY",
+        default_value_t = 5000
+    )]
+    pub otel_schedule_delay_ms: u64,
+
     /// Finished spans held while waiting for the collector; more are dropped.
     #[arg(
         long = "otel-max-queue-size",
@@ -155,6 +163,7 @@ impl Tracing {
             return Ok(None);
         };
         let timeout = Duration::from_millis(args.otel_export_timeout_ms.max(1));
+        let delay = Duration::from_millis(args.otel_schedule_delay_ms);
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone())
@@ -173,7 +182,7 @@ impl Tracing {
         let (stop, stop_rx) = oneshot::channel();
         let (done_tx, done) = oneshot::channel();
         tokio::spawn(async move {
-            export_loop(exporter, rx, stop_rx, timeout).await;
+            export_loop(exporter, rx, stop_rx, timeout, delay).await;
             let _ = done_tx.send(());
         });
         let _ = SAMPLER.set(args.sampler());
@@ -245,10 +254,28 @@ async fn export_loop(
     mut rx: mpsc::Receiver<SpanData>,
     mut stop: oneshot::Receiver<()>,
     timeout: Duration,
+    delay: Duration,
 ) {
     let mut batch = Vec::with_capacity(MAX_EXPORT_BATCH);
     let mut stopping = false;
     loop {
+        if !stopping {
+            // The first span starts the clock; a batch goes out when full or `delay` later.
+            // (One call per span would cost the collector and both ends far more.)
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_EXPORT_BATCH) => if n == 0 { stopping = true },
+                _ = &mut stop => stopping = true,
+            }
+            let until = tokio::time::Instant::now() + delay;
+            while !stopping && batch.len() < MAX_EXPORT_BATCH {
+                let room = MAX_EXPORT_BATCH - batch.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, room) => if n == 0 { stopping = true },
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = &mut stop => stopping = true,
+                }
+            }
+        }
         if stopping {
             while batch.len() < MAX_EXPORT_BATCH {
                 match rx.try_recv() {
@@ -258,11 +285,6 @@ async fn export_loop(
             }
             if batch.is_empty() {
                 return;
-            }
-        } else {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, MAX_EXPORT_BATCH) => if n == 0 { return },
-                _ = &mut stop => { stopping = true; continue }
             }
         }
         let n = batch.len() as u64;
