@@ -39,9 +39,6 @@ enum Command {
     Health(health::HealthArgs),
 }
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     // `infermesh worker` honours --threads like infermesh-worker; tools use the default.

@@ -2,9 +2,6 @@ use clap::Parser;
 use infermesh_core::serve;
 use infermesh_worker::WorkerConfig;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let config = WorkerConfig::parse();
     serve::runtime(config.server.threads)?.block_on(async move {
