@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, binary
 
-OVERLAYS = ["cpu", "gpu", "production"]
+OVERLAYS = ["cpu", "gpu", "production", "production-keda"]
 
 
 def run(*cmd):
@@ -121,3 +121,38 @@ def test_dashboard_and_alerts_use_metrics_that_exist(mesh):
     used = {m for e in exprs for m in re.findall(r"\b((?:infermesh|process)_[a-z_]+)", e)}
     assert used, "no metrics referenced"
     assert used - exposed == set(), f"queried but not exposed: {sorted(used - exposed)}"
+
+
+def test_autoscaling_is_wired_to_a_metric_the_worker_exports(mesh, tmp_path):
+    """HPA (through the prometheus-adapter rule) and the KEDA alternative scale the workers
+    on the same series, which a live worker exports; CPU is the fallback."""
+    _, workers = mesh
+    exposed = exposed_names(workers[0].metrics_url)
+    adapter_file = ROOT / "deploy/autoscaling/prometheus-adapter.yaml"
+    assert "passed" in run(venv("kubernetes-validate"), "--strict", str(adapter_file))
+    rules = yaml.safe_load(yaml.safe_load(adapter_file.read_text())["data"]["config.yaml"])["rules"]
+    served = {}
+    for rule in rules:
+        series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
+        assert series in exposed, series
+        served[rule["name"]["as"]] = series
+
+    docs = [d for d in yaml.safe_load_all(render("production")) if d]
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+               and d["spec"]["scaleTargetRef"]["name"] == "infermesh-worker")
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Pods"]["pods"]["metric"]["name"] in served
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+
+    docs = [d for d in yaml.safe_load_all(render("production-keda")) if d]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+                and d["spec"]["scaleTargetRef"]["name"] == "infermesh-worker"], "KEDA owns the worker HPA"
+    (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    target = so["spec"]["scaleTargetRef"]["name"]
+    assert any(d["kind"] == "Deployment" and d["metadata"]["name"] == target for d in docs)
+    assert so["spec"]["minReplicaCount"] >= 1, "scale-to-zero is documented as opt-in"
+    prom = next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]
+    assert set(re.findall(r"(infermesh_\w+)", prom["query"])) <= exposed
+    assert float(prom["threshold"]) > 0
