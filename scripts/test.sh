@@ -21,6 +21,10 @@ if ! command -v dnsmasq >/dev/null && [ ! -x /usr/sbin/dnsmasq ]; then
     { apt-get update -qq >/dev/null && apt-get install -y -qq dnsmasq-base >/dev/null; }
 fi
 
+step "CRD schemas (npm, tests/crd) for the deploy checks"
+command -v npm >/dev/null || { apt-get update -qq >/dev/null && apt-get install -y -qq nodejs npm >/dev/null; }
+(cd tests/crd && npm ci --no-audit --no-fund --loglevel=error)
+
 step "cargo fmt / clippy (CPU and --features cuda)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
