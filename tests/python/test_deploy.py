@@ -196,3 +196,39 @@ def test_custom_resources_match_their_crd_schemas():
                          text=True, timeout=60, cwd=ROOT / "tests/crd")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("valid: ") == len(docs)
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_ports_and_gpus_line_up(overlay):
+    """Every selector picks the pods it means, every Service and probe port is a container
+    port at the binaries' defaults (gRPC 8001, metrics 8002), and GPUs appear only in the
+    GPU overlays."""
+    docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
+    deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    pods = {n: d["spec"]["template"] for n, d in deps.items()}
+    for name, dep in deps.items():
+        assert matches(dep["spec"]["selector"]["matchLabels"], pods[name]["metadata"]["labels"]), name
+        (c,) = pods[name]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": 8001, "metrics": 8002}, name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] in ports.values(), (name, probe)
+    for d in docs:
+        kind, name = d["kind"], d["metadata"]["name"]
+        if kind == "Service":
+            picked = [n for n, p in pods.items() if matches(d["spec"]["selector"], p["metadata"]["labels"])]
+            assert picked == [name], (kind, name, picked)
+            (c,) = pods[name]["spec"]["containers"]
+            names = {p["name"] for p in c["ports"]}
+            assert all(p["targetPort"] in names for p in d["spec"]["ports"]), (kind, name)
+        if kind in ("PodDisruptionBudget", "NetworkPolicy"):
+            sel = d["spec"]["selector" if kind == "PodDisruptionBudget" else "podSelector"]["matchLabels"]
+            assert [n for n, p in pods.items() if matches(sel, p["metadata"]["labels"])] == [name], (kind, name)
+        if kind == "HorizontalPodAutoscaler":
+            assert d["spec"]["scaleTargetRef"]["name"] in deps, name
+    gpus = [n for n, p in pods.items() if "nvidia.com/gpu" in p["spec"]["containers"][0]["resources"].get("limits", {})]
+    assert gpus == ([] if overlay == "cpu" else ["infermesh-worker"])
