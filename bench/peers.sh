@@ -7,12 +7,8 @@
 #   BENCH_BUILD=0 bench/peers.sh       # use the release binaries as they are
 # The peers install into a throwaway venv (.cache/bench-peers, pinned by
 # bench/peers-requirements.txt); wrk and nginx come from Debian if missing.
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-INFERMESH_ONNXRUNTIME_LIB=$(scripts/fetch-ort.sh | tail -n 1)
-export INFERMESH_ONNXRUNTIME_LIB
-scripts/pyenv.sh  # .venv: perf_analyzer for the cross-check
+# shellcheck source=bench/prepare.sh
+source "$(dirname "$0")/prepare.sh"
 
 venv="$root/.cache/bench-peers/venv"
 req="$root/bench/peers-requirements.txt"
@@ -32,9 +28,6 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq $missing >&2 || { apt-get update -qq && apt-get install -y -qq $missing >&2; }
 fi
 
-if [ "${BENCH_BUILD:-1}" != 0 ]; then
-  cargo build --release --locked -p infermesh-cli -p infermesh-worker -p infermesh-gateway >&2
-fi
 # exec: the driver is the only process left to signal; it stops every server it started
 # by PID on any exit (finally blocks, SIGTERM/SIGHUP handlers) and its servers carry
 # PR_SET_PDEATHSIG, so even a SIGKILLed driver leaves none behind.

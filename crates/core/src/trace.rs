@@ -488,3 +488,51 @@ pub fn finish(span: &Span, status: Option<&tonic::Status>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{SamplerKind, TraceArgs};
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        trace: TraceArgs,
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_and_its_standard_otel_variable() {
+        let envs: Vec<String> = Flags::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        for standard in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_SERVICE_NAME",
+            "OTEL_TRACES_SAMPLER",
+            "OTEL_TRACES_SAMPLER_ARG",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "OTEL_BSP_SCHEDULE_DELAY",
+            "OTEL_BSP_MAX_QUEUE_SIZE",
+        ] {
+            assert!(envs.iter().any(|e| e == standard), "{standard} missing");
+        }
+        let f = Flags::try_parse_from([
+            "x",
+            "--otel-endpoint",
+            "http://127.0.0.1:4317",
+            "--otel-sampler",
+            "parentbased_traceidratio",
+            "--otel-sampler-arg",
+            "0.01",
+        ])
+        .expect("parses");
+        assert_eq!(
+            f.trace.otel_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(f.trace.otel_sampler, SamplerKind::ParentbasedTraceidratio);
+        assert_eq!(f.trace.otel_sampler_arg, 0.01);
+    }
+}

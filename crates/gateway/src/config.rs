@@ -72,30 +72,11 @@ pub enum ControlMode {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, Parser};
-
-    use super::GatewayConfig;
+    use clap::CommandFactory;
 
     /// clap checks flag and id clashes (shared flags are flattened in) only when asked.
     #[test]
-    fn flags_are_consistent_and_take_the_standard_otel_names() {
-        GatewayConfig::command().debug_assert();
-        let c = GatewayConfig::try_parse_from([
-            "x",
-            "--workers",
-            "127.0.0.1:8001",
-            "--otel-endpoint",
-            "http://127.0.0.1:4317",
-            "--otel-sampler",
-            "parentbased_traceidratio",
-            "--otel-sampler-arg",
-            "0.01",
-        ])
-        .expect("parses");
-        assert_eq!(
-            c.server.trace.otel_endpoint.as_deref(),
-            Some("http://127.0.0.1:4317")
-        );
-        assert_eq!(c.server.trace.otel_sampler_arg, 0.01);
+    fn flags_are_consistent() {
+        super::GatewayConfig::command().debug_assert();
     }
 }
