@@ -140,13 +140,16 @@ def test_stream_messages_are_spans_of_the_streams_trace(traced):
     assert [done.get(timeout=30) for _ in range(3)] == [None] * 3
     c.stop_stream()
     c.close()
-    spans = rx.wait_for(trace_id, lambda got: len(by_name(got, "test-worker", "ModelInfer")) == 3
+    # The gateway forwards messages over streams of its own, each message with its context.
+    spans = rx.wait_for(trace_id, lambda got: len(by_name(got, "test-worker", "ModelStreamInfer")) == 3
                         and len(by_name(got, "test-gateway", "ModelStreamInfer")) == 3)
     messages = by_name(spans, "test-gateway", "ModelStreamInfer")
     assert len(messages) == 3
     assert all(m.parent_span_id == client_span for m in messages)
-    forwards = {s.span_id for s in by_name(spans, "test-gateway", "forward")}
-    assert {w.parent_span_id for w in by_name(spans, "test-worker", "ModelInfer")} <= forwards
+    forwards = by_name(spans, "test-gateway", "forward")
+    assert {f.parent_span_id for f in forwards} == {m.span_id for m in messages}
+    workers = by_name(spans, "test-worker", "ModelStreamInfer")
+    assert {w.parent_span_id for w in workers} == {f.span_id for f in forwards}
 
 
 def test_a_failed_request_is_an_error_span(traced):

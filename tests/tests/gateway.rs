@@ -380,6 +380,51 @@ async fn deadlines_and_cancels_reach_the_worker() {
     gw.stop().await.unwrap();
 }
 
+/// A client that closes its stream cancels its messages still queued on the worker: the
+/// gateway's own stream to the worker ends with the client's.
+#[tokio::test]
+async fn a_closed_stream_cancels_its_queued_messages_on_the_worker() {
+    let config = identity_config(
+        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
+        "[ 4 ]",
+    );
+    let repo = Repo::new().identity("gate", &config);
+    let w = Worker::start(repo.path(), &[]).await;
+    let gw = Gateway::start(&[&w], &[]).await;
+    let mut client = gw.client().await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(ident("gate", "first", 1.0)).unwrap();
+    let mut responses = client
+        .model_stream_infer(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    w.wait_metric(
+        r#"infermesh_instances_busy{model="gate",version="1"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    tx.send(ident("gate", "doomed", 2.0)).unwrap();
+    w.wait_metric(r#"infermesh_queue_depth{model="gate",version="1"}"#, |v| {
+        v >= 1.0
+    })
+    .await;
+    drop(tx);
+    drop(responses.next()); // not awaited: the client goes away
+    drop(responses);
+    w.wait_metric(
+        r#"infermesh_skipped_requests_total{model="gate",version="1",code="CANCELLED"}"#,
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        executions(&w, "gate").await,
+        1,
+        "only the first message ran"
+    );
+    gw.stop().await.unwrap();
+}
+
 /// Every RPC through the gateway answers what a worker answers (metadata, config,
 /// readiness, inference), or the aggregate of workers (index, statistics).
 #[tokio::test]

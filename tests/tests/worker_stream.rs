@@ -1,9 +1,10 @@
 //! ModelStreamInfer: ids echoed, order kept, a bad message answered with error_message
-//! while the stream goes on.
+//! (and its status code) while the stream goes on.
 
 use futures::StreamExt;
-use infermesh_proto::ModelInferRequest;
+use infermesh_proto::{infer_parameter::ParameterChoice, ModelInferRequest};
 use infermesh_tests::{models, tensors::*, Worker};
+use tonic::Code;
 
 fn mlp(id: &str, value: f32) -> ModelInferRequest {
     let mut r = request(
@@ -60,6 +61,14 @@ async fn stream_answers_in_order_with_ids_and_survives_a_bad_message() {
                 item.error_message.contains("expected FP32"),
                 "{}",
                 item.error_message
+            );
+            // The status code a unary call would have had, as a number.
+            let code = resp.parameters["infermesh_status_code"]
+                .parameter_choice
+                .clone();
+            assert_eq!(
+                code,
+                Some(ParameterChoice::Int64Param(Code::InvalidArgument as i64))
             );
         } else {
             assert!(item.error_message.is_empty(), "{}", item.error_message);

@@ -2,7 +2,8 @@
 //! arrives (several in flight at once, so they can share batches or spread over workers);
 //! responses go back in request order unless a message sets `infermesh_unordered: true`,
 //! which lets it be answered as soon as it is done. A bad message is answered with
-//! `error_message` (and its id) while the stream goes on. When the client goes away, the
+//! `error_message` (its id, and its status code in `infermesh_status_code`) while the
+//! stream goes on. When the client goes away, the
 //! work in flight is dropped, which cancels it downstream.
 
 use std::{future::Future, pin::Pin};
@@ -13,11 +14,18 @@ use futures::{
     Stream, StreamExt,
 };
 use infermesh_proto as pb;
+use pb::infer_parameter::ParameterChoice;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::status_map::map_status;
+
+/// Response parameter of a failed stream message: its gRPC status code, as a number.
+pub const STATUS_CODE: &str = "infermesh_status_code";
+
+/// Request parameter: answer this message as soon as it is done, not in request order.
+pub const UNORDERED: &str = "infermesh_unordered";
 
 pub type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
@@ -58,8 +66,15 @@ where
                                 Ok(resp) => pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
                                 Err(status) => pb::ModelStreamInferResponse {
                                     error_message: status.message().to_string(),
-                                    // The id tells the client which request failed.
-                                    infer_response: Some(pb::ModelInferResponse { model_name, model_version, id, ..Default::default() }),
+                                    // The id tells the client which request failed, and
+                                    // the parameter its status code (the message is text).
+                                    infer_response: Some(pb::ModelInferResponse {
+                                        model_name, model_version, id,
+                                        parameters: [(STATUS_CODE.to_string(), pb::InferParameter {
+                                            parameter_choice: Some(ParameterChoice::Int64Param(status.code() as i64)),
+                                        })].into(),
+                                        ..Default::default()
+                                    }),
                                 },
                             }
                         });
@@ -94,7 +109,7 @@ where
 fn wants_unordered(req: &pb::ModelInferRequest) -> bool {
     matches!(
         req.parameters
-            .get("infermesh_unordered")
+            .get(UNORDERED)
             .and_then(|p| p.parameter_choice.as_ref()),
         Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
     )

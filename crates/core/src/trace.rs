@@ -17,13 +17,11 @@ use std::{
 };
 
 use opentelemetry::{
-    propagation::{Extractor, Injector, TextMapPropagator},
     trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState, TracerProvider as _},
     Context,
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
-    propagation::TraceContextPropagator,
     trace::{
         IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider, ShouldSample,
         SpanData, SpanExporter as _, SpanProcessor,
@@ -32,9 +30,12 @@ use opentelemetry_sdk::{
 };
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::sync::{mpsc, oneshot};
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+mod propagate;
+pub use propagate::{extract, from_parameters, Carry};
 
 /// The `tracing` target of request spans (only the OpenTelemetry layer sees it).
 pub const TARGET: &str = "infermesh::otel";
@@ -303,69 +304,6 @@ async fn export_loop(
                 tracing::debug!(spans = n, waited = ?started.elapsed(), "span export timed out");
             }
         }
-    }
-}
-
-struct Extract<'a>(&'a MetadataMap);
-
-impl Extractor for Extract<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
-struct Inject<'a>(&'a mut MetadataMap);
-
-impl Injector for Inject<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
-/// The caller's trace context from `traceparent`/`tracestate` metadata (empty if none).
-pub fn extract(metadata: &MetadataMap) -> Context {
-    TraceContextPropagator::new().extract(&Extract(metadata))
-}
-
-/// What a request passes on to the next hop when it has no span of its own: its trace,
-/// marked not sampled.
-#[derive(Clone, Default)]
-pub struct Carry(Option<SpanContext>);
-
-impl Carry {
-    /// Writes the context the next hop continues into an outgoing call's metadata: `child`'s
-    /// (a span of this request) when there is one, else the unsampled context.
-    pub fn inject(&self, child: &Span, metadata: &mut MetadataMap) {
-        let cx = if !child.is_disabled() {
-            child.context()
-        } else if let Some(sc) = &self.0 {
-            let sc = SpanContext::new(
-                sc.trace_id(),
-                RandomIdGenerator::default().new_span_id(),
-                TraceFlags::default(),
-                false,
-                sc.trace_state().clone(),
-            );
-            Context::new().with_remote_span_context(sc)
-        } else {
-            return;
-        };
-        TraceContextPropagator::new().inject_context(&cx, &mut Inject(metadata));
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Endpoint {
     wake: tokio::sync::Notify,
     ejection: std::sync::Mutex<Ejection>,
     pub metrics: WorkerMetrics,
+    /// Client streams' upstream streams open to this worker (see `upstream`).
+    pub upstream_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One call in flight to a worker: counted in its load estimate and its gauges until
@@ -107,11 +109,17 @@ impl Endpoint {
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
             metrics,
+            upstream_streams: Default::default(),
         }))
     }
 
     pub fn seen(&self) -> Seen {
         self.seen.read().expect("endpoint lock").clone()
+    }
+
+    /// Whether it is in rotation at all.
+    pub fn is_ready(&self) -> bool {
+        self.seen.read().expect("endpoint lock").ready
     }
 
     /// Whether it is ready and serves `model` at `version` (None: any version).

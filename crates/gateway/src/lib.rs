@@ -11,6 +11,7 @@ pub mod pool;
 pub mod retry;
 pub mod service;
 pub mod stats;
+pub mod upstream;
 
 use std::{future::Future, sync::Arc};
 

@@ -62,8 +62,10 @@ impl Pool {
             }
             Change::Insert(_) => {}
             Change::Remove(addr) => {
-                if let Some((_, task)) = eps.remove(&addr) {
+                if let Some((ep, task)) = eps.remove(&addr) {
                     task.abort();
+                    // Streams still open to it see this and close.
+                    ep.mark_unready("removed by discovery".into());
                     tracing::info!(worker = %addr, "worker removed");
                     self.count_change("remove");
                     self.metrics.forget_worker(&addr);

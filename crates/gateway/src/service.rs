@@ -13,10 +13,12 @@ use tracing::{field::Empty, Instrument};
 
 use crate::{
     config::ControlMode,
+    endpoint::Endpoint,
     metrics::{CodeLabels, GatewayMetrics, ModelLabels, RequestLabels},
     pool::Pool,
     retry::{self, Budget},
     stats::StatsCache,
+    upstream::Upstreams,
 };
 
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
@@ -71,6 +73,7 @@ impl GatewayService {
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
         carry: trace::Carry,
+        upstreams: Option<&Upstreams>,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         // Label only models some worker has: request names must not mint new series.
         let model = if self.pool.knows(&req.model_name) {
@@ -84,7 +87,7 @@ impl GatewayService {
             start: Instant::now(),
             code: None,
         };
-        let result = self.forward(req, deadline, &carry).await;
+        let result = self.forward(req, deadline, &carry, upstreams).await;
         record.code = Some(
             result
                 .as_ref()
@@ -102,6 +105,7 @@ impl GatewayService {
         mut req: pb::ModelInferRequest,
         deadline: Option<Instant>,
         carry: &trace::Carry,
+        upstreams: Option<&Upstreams>,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         self.budget.deposit();
         let asked_version = std::mem::take(&mut req.model_version);
@@ -125,26 +129,32 @@ impl GatewayService {
             };
             let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
             attempt.model_version = version;
-            let mut call = Request::new(attempt);
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Status::deadline_exceeded(
-                        "deadline passed before a worker answered",
-                    ));
-                }
-                call.set_timeout(left);
-            }
             let span = infermesh_core::child_span!(
                 "forward",
                 otel.kind = "client",
                 worker = %ep.addr,
                 attempt = tried.len() + 1,
             );
-            carry.inject(&span, call.metadata_mut());
             let result = {
                 let _call = ep.call();
-                ep.client.clone().model_infer(call).instrument(span).await
+                let unary = match upstreams {
+                    Some(up) => {
+                        carry.inject_parameters(&span, &mut attempt.parameters);
+                        match up.infer(&ep, attempt).instrument(span.clone()).await {
+                            Ok(answer) => Err(answer),
+                            Err(mut attempt) => {
+                                attempt.parameters.remove("traceparent");
+                                attempt.parameters.remove("tracestate");
+                                Ok(attempt)
+                            }
+                        }
+                    }
+                    None => Ok(attempt),
+                };
+                match unary {
+                    Ok(attempt) => unary_call(&ep, attempt, deadline, carry, span).await,
+                    Err(answer) => answer,
+                }
             };
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 // Our own timeout on the worker call (tonic reports it as CANCELLED): the
@@ -161,7 +171,7 @@ impl GatewayService {
             match result {
                 Ok(resp) => {
                     ep.succeeded();
-                    return Ok(resp.into_inner());
+                    return Ok(resp);
                 }
                 Err(status) if retry::retryable(&status) => {
                     ep.note_failure(&req.model_name, &status);
@@ -181,6 +191,29 @@ impl GatewayService {
             }
         }
     }
+}
+
+/// One attempt as a unary call, bounded by what is left of the deadline.
+async fn unary_call(
+    ep: &Endpoint,
+    attempt: pb::ModelInferRequest,
+    deadline: Option<Instant>,
+    carry: &trace::Carry,
+    span: tracing::Span,
+) -> std::result::Result<pb::ModelInferResponse, Status> {
+    let mut call = Request::new(attempt);
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Status::deadline_exceeded(
+                "deadline passed before a worker answered",
+            ));
+        }
+        call.set_timeout(left);
+    }
+    carry.inject(&span, call.metadata_mut());
+    let resp = ep.client.clone().model_infer(call).instrument(span).await?;
+    Ok(resp.into_inner())
 }
 
 /// Counts an open stream until the stream's handler is dropped.
@@ -279,7 +312,7 @@ impl GrpcInferenceService for GatewayService {
             trace::incoming(req.metadata()),
         );
         let resp = self
-            .infer(req.into_inner(), deadline, carry)
+            .infer(req.into_inner(), deadline, carry, None)
             .instrument(span)
             .await?;
         Ok(Response::new(resp))
@@ -297,15 +330,18 @@ impl GrpcInferenceService for GatewayService {
         let open = StreamGauge::new(&self.metrics.open_streams);
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
+        // Messages go on over streams of this stream's own, which end with it.
+        let upstreams = Arc::new(Upstreams::default());
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             self.max_stream_inflight,
             move |m| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
+                let upstreams = upstreams.clone();
                 let (span, carry) =
                     trace::request("ModelStreamInfer", &m.model_name, parent.clone());
-                async move { svc.infer(m, None, carry).await }.instrument(span)
+                async move { svc.infer(m, None, carry, Some(&upstreams)).await }.instrument(span)
             },
         )))
     }

@@ -296,7 +296,9 @@ impl GrpcInferenceService for WorkerService {
             MAX_STREAM_IN_FLIGHT,
             move |m| {
                 let svc = svc.clone();
-                let (span, _) = trace::request("ModelStreamInfer", &m.model_name, parent.clone());
+                // A gateway sharing one stream between messages sends each one's context.
+                let cx = trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone());
+                let (span, _) = trace::request("ModelStreamInfer", &m.model_name, cx);
                 async move { svc.infer(m, None).await.map_err(Status::from) }.instrument(span)
             },
         )))
