@@ -94,8 +94,10 @@ def names(spans):
     return {(svc, s.name) for svc, s in spans}
 
 
+# The gateway forwards requests to workers as messages of a stream it keeps open.
+FORWARDED = "ModelStreamInfer"
 EXPECTED = {("test-gateway", "ModelInfer"), ("test-gateway", "route"), ("test-gateway", "forward"),
-            ("test-worker", "ModelInfer"), ("test-worker", "queue"), ("test-worker", "execute"),
+            ("test-worker", FORWARDED), ("test-worker", "queue"), ("test-worker", "execute"),
             ("test-worker", "response")}
 
 
@@ -108,7 +110,7 @@ def test_one_trace_from_client_through_gateway_to_worker(traced):
     (g_req,) = by_name(spans, "test-gateway", "ModelInfer")
     (route,) = by_name(spans, "test-gateway", "route")
     (fwd,) = by_name(spans, "test-gateway", "forward")
-    (w_req,) = by_name(spans, "test-worker", "ModelInfer")
+    (w_req,) = by_name(spans, "test-worker", FORWARDED)
     (queue_span,) = by_name(spans, "test-worker", "queue")
     (execute,) = by_name(spans, "test-worker", "execute")
     (response,) = by_name(spans, "test-worker", "response")
@@ -159,9 +161,9 @@ def test_a_failed_request_is_an_error_span(traced):
     bad.set_data_from_numpy(np.zeros((1, 63), np.float32))
     with pytest.raises(grpcclient.InferenceServerException):
         gateway.client.infer("digits", [bad], headers={"traceparent": header})
-    spans = rx.wait_for(trace_id, lambda got: {("test-gateway", "ModelInfer"), ("test-worker", "ModelInfer")} <= names(got))
-    for service in ("test-gateway", "test-worker"):
-        (span,) = by_name(spans, service, "ModelInfer")
+    spans = rx.wait_for(trace_id, lambda got: {("test-gateway", "ModelInfer"), ("test-worker", FORWARDED)} <= names(got))
+    for service, name in (("test-gateway", "ModelInfer"), ("test-worker", FORWARDED)):
+        (span,) = by_name(spans, service, name)
         assert span.status.code == span.status.STATUS_CODE_ERROR
         assert "input" in span.status.message
         attrs = {a.key: a.value for a in span.attributes}
@@ -229,7 +231,7 @@ def test_the_gateways_decision_not_to_sample_reaches_the_worker():
             gateway.client.infer("digits", [digits_input()])
         marker, _, header = traceparent()
         gateway.client.infer("digits", [digits_input()], headers={"traceparent": header})
-        rx.wait_for(marker, lambda got: {("infermesh-gateway", "ModelInfer"), ("infermesh-worker", "ModelInfer")}
+        rx.wait_for(marker, lambda got: {("infermesh-gateway", "ModelInfer"), ("infermesh-worker", FORWARDED)}
                     <= names(got))
         assert rx.other_traces(marker) == set(), {(svc, s.name, s.parent_span_id.hex()) for svc, s in rx.other}
     finally:

@@ -3,13 +3,18 @@
 //! responses go back in request order unless a message sets `infermesh_unordered: true`,
 //! which lets it be answered as soon as it is done. A bad message is answered with
 //! `error_message` (its id, and its status code in `infermesh_status_code`) while the
-//! stream goes on. When the client goes away, the
-//! work in flight is dropped, which cancels it downstream.
+//! stream goes on. When the client goes away, the work in flight is dropped, which
+//! cancels it downstream.
+//!
+//! A message with `infermesh_cancel: true` cancels the unordered message in flight with
+//! the same id (answered CANCELLED, skipped if not run yet) and gets no answer itself:
+//! that is how the gateway, which sends many callers' requests over one stream, passes
+//! on one caller's cancel or deadline.
 
-use std::{future::Future, pin::Pin};
+use std::{collections::HashMap, future::Future, pin::Pin};
 
 use futures::{
-    future::BoxFuture,
+    future::{AbortHandle, Abortable, BoxFuture},
     stream::{FuturesOrdered, FuturesUnordered},
     Stream, StreamExt,
 };
@@ -27,8 +32,15 @@ pub const STATUS_CODE: &str = "infermesh_status_code";
 /// Request parameter: answer this message as soon as it is done, not in request order.
 pub const UNORDERED: &str = "infermesh_unordered";
 
+/// Request parameter: cancel the unordered message in flight with this message's id.
+pub const CANCEL: &str = "infermesh_cancel";
+
 pub type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+
+type Answer = BoxFuture<'static, pb::ModelStreamInferResponse>;
+/// An unordered answer, with the id and sequence number it is cancellable under.
+type Keyed = BoxFuture<'static, (Option<(String, u64)>, pb::ModelStreamInferResponse)>;
 
 /// Serves one stream. `handle` answers one message; at most `max_in_flight` run at once,
 /// beyond which the stream stops reading (back-pressure through HTTP/2 flow control).
@@ -44,9 +56,11 @@ where
     let max_in_flight = max_in_flight.max(1);
     let (tx, rx) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
-        type Answer = BoxFuture<'static, pb::ModelStreamInferResponse>;
         let mut ordered: FuturesOrdered<Answer> = FuturesOrdered::new();
-        let mut unordered: FuturesUnordered<Answer> = FuturesUnordered::new();
+        let mut unordered: FuturesUnordered<Keyed> = FuturesUnordered::new();
+        // Unordered messages in flight by id; the sequence number tells a reused id apart.
+        let mut cancellable: HashMap<String, (u64, AbortHandle)> = HashMap::new();
+        let mut seq = 0u64;
         let mut reading = true;
         let mut broken: Option<Status> = None;
         loop {
@@ -56,29 +70,32 @@ where
             }
             let out = tokio::select! {
                 msg = inbound.message(), if reading && in_flight < max_in_flight => match msg {
+                    Ok(Some(req)) if flag(&req, CANCEL) => {
+                        if let Some((_, abort)) = cancellable.remove(&req.id) {
+                            abort.abort();
+                        }
+                        continue;
+                    }
                     Ok(Some(req)) => {
-                        let unordered_opt = wants_unordered(&req);
                         let (id, model_name, model_version) =
                             (req.id.clone(), req.model_name.clone(), req.model_version.clone());
-                        let fut = handle(req);
-                        let answer: Answer = Box::pin(async move {
-                            match fut.await {
-                                Ok(resp) => pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
-                                Err(status) => pb::ModelStreamInferResponse {
-                                    error_message: status.message().to_string(),
-                                    // The id tells the client which request failed, and
-                                    // the parameter its status code (the message is text).
-                                    infer_response: Some(pb::ModelInferResponse {
-                                        model_name, model_version, id,
-                                        parameters: [(STATUS_CODE.to_string(), pb::InferParameter {
-                                            parameter_choice: Some(ParameterChoice::Int64Param(status.code() as i64)),
-                                        })].into(),
-                                        ..Default::default()
-                                    }),
-                                },
-                            }
-                        });
-                        if unordered_opt { unordered.push(answer) } else { ordered.push_back(answer) }
+                        let failed = move |status: Status| failure(status, model_name, model_version, id);
+                        if !flag(&req, UNORDERED) {
+                            let fut = handle(req);
+                            ordered.push_back(Box::pin(async move { answer(fut.await, failed) }));
+                            continue;
+                        }
+                        seq += 1;
+                        let key = (!req.id.is_empty()).then(|| (req.id.clone(), seq));
+                        let (abort, registration) = AbortHandle::new_pair();
+                        if let Some((id, n)) = &key {
+                            cancellable.insert(id.clone(), (*n, abort));
+                        }
+                        let fut = Abortable::new(handle(req), registration);
+                        unordered.push(Box::pin(async move {
+                            let result = fut.await.unwrap_or_else(|_| Err(Status::cancelled("cancelled by the client")));
+                            (key, answer(result, failed))
+                        }));
                         continue;
                     }
                     Ok(None) => { reading = false; continue; }
@@ -92,7 +109,14 @@ where
                     }
                 },
                 Some(resp) = ordered.next(), if !ordered.is_empty() => resp,
-                Some(resp) = unordered.next(), if !unordered.is_empty() => resp,
+                Some((key, resp)) = unordered.next(), if !unordered.is_empty() => {
+                    if let Some((id, n)) = key {
+                        if cancellable.get(&id).is_some_and(|(m, _)| *m == n) {
+                            cancellable.remove(&id);
+                        }
+                    }
+                    resp
+                }
                 () = tx.closed() => return,
             };
             if tx.send(Ok(out)).await.is_err() {
@@ -106,11 +130,47 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
-fn wants_unordered(req: &pb::ModelInferRequest) -> bool {
+fn answer(
+    result: Result<pb::ModelInferResponse, Status>,
+    failed: impl FnOnce(Status) -> pb::ModelStreamInferResponse,
+) -> pb::ModelStreamInferResponse {
+    match result {
+        Ok(resp) => pb::ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(resp),
+        },
+        Err(status) => failed(status),
+    }
+}
+
+/// A failed message's answer: the id tells the client which request failed, and the
+/// parameter its status code (the message is only text).
+fn failure(
+    status: Status,
+    model_name: String,
+    model_version: String,
+    id: String,
+) -> pb::ModelStreamInferResponse {
+    let code = pb::InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(status.code() as i64)),
+    };
+    pb::ModelStreamInferResponse {
+        error_message: status.message().to_string(),
+        infer_response: Some(pb::ModelInferResponse {
+            model_name,
+            model_version,
+            id,
+            parameters: [(STATUS_CODE.to_string(), code)].into(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn flag(req: &pb::ModelInferRequest, name: &str) -> bool {
     matches!(
         req.parameters
-            .get(UNORDERED)
+            .get(name)
             .and_then(|p| p.parameter_choice.as_ref()),
-        Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
+        Some(ParameterChoice::BoolParam(true))
     )
 }

@@ -41,6 +41,8 @@ pub struct Endpoint {
     pub metrics: WorkerMetrics,
     /// Client streams' upstream streams open to this worker (see `upstream`).
     pub upstream_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The upstream stream unary requests to this worker share.
+    pub shared_stream: std::sync::Mutex<Option<Arc<crate::upstream::Upstream>>>,
 }
 
 /// One call in flight to a worker: counted in its load estimate and its gauges until
@@ -110,6 +112,7 @@ impl Endpoint {
             ejection: Default::default(),
             metrics,
             upstream_streams: Default::default(),
+            shared_stream: Default::default(),
         }))
     }
 

@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Instant};
 use futures::future::join_all;
 use infermesh_core::{trace, Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{field::Empty, Instrument};
 
@@ -18,7 +19,7 @@ use crate::{
     pool::Pool,
     retry::{self, Budget},
     stats::StatsCache,
-    upstream::Upstreams,
+    upstream::{self, Upstreams},
 };
 
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
@@ -137,23 +138,24 @@ impl GatewayService {
             );
             let result = {
                 let _call = ep.call();
-                let unary = match upstreams {
-                    Some(up) => {
-                        carry.inject_parameters(&span, &mut attempt.parameters);
-                        match up.infer(&ep, attempt).instrument(span.clone()).await {
-                            Ok(answer) => Err(answer),
-                            Err(mut attempt) => {
-                                attempt.parameters.remove("traceparent");
-                                attempt.parameters.remove("tracestate");
-                                Ok(attempt)
-                            }
-                        }
+                // Over an upstream stream where there is room, else as a unary call.
+                carry.inject_parameters(&span, &mut attempt.parameters);
+                let stream = match upstreams {
+                    _ if attempt.encoded_len() > upstream::MAX_MESSAGE_BYTES => Err(attempt),
+                    Some(up) => up.infer(&ep, attempt).instrument(span.clone()).await,
+                    None => {
+                        upstream::shared(&ep, attempt, deadline)
+                            .instrument(span.clone())
+                            .await
                     }
-                    None => Ok(attempt),
                 };
-                match unary {
-                    Ok(attempt) => unary_call(&ep, attempt, deadline, carry, span).await,
-                    Err(answer) => answer,
+                match stream {
+                    Ok(answer) => answer,
+                    Err(mut attempt) => {
+                        attempt.parameters.remove("traceparent");
+                        attempt.parameters.remove("tracestate");
+                        unary_call(&ep, attempt, deadline, carry, span).await
+                    }
                 }
             };
             if deadline.is_some_and(|d| Instant::now() >= d) {

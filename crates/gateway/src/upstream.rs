@@ -1,8 +1,17 @@
-//! A client's ModelStreamInfer messages travel on to workers over streams too: one
-//! upstream stream per worker per client stream, opened by the first message the balancer
-//! sends there. A stream message costs a worker about two thirds of a unary call (no
-//! HTTP/2 stream, headers or handler task of its own), and the upstream streams end with
-//! the client's, so a client that goes away still cancels its queued work on the workers.
+//! Inference requests travel on to workers over long-lived ModelStreamInfer streams: a
+//! message on an open stream costs a worker about two thirds of a unary call (no HTTP/2
+//! stream, headers or handler task of its own) and goes out in one write, where a unary
+//! call's headers and body go in two.
+//!
+//! - A client's stream gets one upstream stream per worker, opened by the first message
+//!   the balancer sends there; they end with the client's, so a client that goes away
+//!   cancels its queued work on the workers.
+//! - Unary requests to a worker share one stream. A caller that cancels, or whose deadline
+//!   passes, sends a cancel for its message (`infermesh_cancel`); the deadline also goes
+//!   with the message as Triton's `timeout`, so an expired request never runs.
+//!
+//! Requests over 256 KiB, and any for which a worker has no room for another stream,
+//! go as unary calls.
 //!
 //! Each message goes out with an id of the gateway's and `infermesh_unordered`, so its
 //! answer comes back as soon as it is done and finds its caller by that id; the client's
@@ -15,10 +24,10 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use infermesh_core::stream::{STATUS_CODE, UNORDERED};
+use infermesh_core::stream::{CANCEL, STATUS_CODE, UNORDERED};
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +41,10 @@ use crate::endpoint::Endpoint;
 /// always find room. Client streams beyond it send unary calls to that worker.
 pub const MAX_PER_WORKER: usize = 100;
 
+/// Larger requests go as unary calls: on a stream, a message waits for the one before
+/// it to be sent in full, where HTTP/2 interleaves separate calls.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 /// How often an idle upstream stream checks that its worker is still in rotation (a
 /// draining worker must not wait for its drain timeout on a stream nobody uses).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -44,7 +57,7 @@ pub struct Upstreams {
     open: Mutex<HashMap<String, Arc<Upstream>>>,
 }
 
-struct Upstream {
+pub struct Upstream {
     tx: mpsc::UnboundedSender<pb::ModelInferRequest>,
     state: Arc<Mutex<State>>,
     reader: tokio::task::AbortHandle,
@@ -85,55 +98,182 @@ impl Drop for Slot {
     }
 }
 
+impl Upstream {
+    fn open(ep: &Arc<Endpoint>, slot: Slot) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(Mutex::new(State::default()));
+        let reader = tokio::spawn(read(ep.clone(), rx, state.clone(), slot)).abort_handle();
+        Arc::new(Self { tx, state, reader })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.lock().expect("upstream lock").closed
+    }
+
+    fn in_flight(&self) -> usize {
+        self.state.lock().expect("upstream lock").waiting.len()
+    }
+
+    /// Sends `req` under an id of ours; hands it back if the stream has ended (boxed:
+    /// the rare path).
+    fn send(
+        self: &Arc<Self>,
+        mut req: pb::ModelInferRequest,
+    ) -> Result<Sent, Box<pb::ModelInferRequest>> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut state = self.state.lock().expect("upstream lock");
+            if state.closed {
+                return Err(Box::new(req));
+            }
+            state.next += 1;
+            let id = state.next;
+            state.waiting.insert(id, tx);
+            id
+        };
+        let client_id = std::mem::replace(&mut req.id, id.to_string());
+        req.parameters.insert(UNORDERED.into(), bool_param(true));
+        let sent = Sent {
+            up: self.clone(),
+            id,
+            client_id,
+            rx,
+        };
+        // A failed send means the call is over: the reader fails every caller.
+        let _ = self.tx.send(req);
+        Ok(sent)
+    }
+}
+
+/// A message sent and not yet answered. Dropped before its answer (the caller cancelled
+/// or its deadline passed), it tells the worker to cancel it.
+struct Sent {
+    up: Arc<Upstream>,
+    id: u64,
+    client_id: String,
+    rx: oneshot::Receiver<Answer>,
+}
+
+impl Sent {
+    async fn answer(mut self, worker: &str) -> Answer {
+        let answer = (&mut self.rx).await.unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "worker {worker}: stream closed"
+            )))
+        });
+        answer.map(|mut resp| {
+            resp.id = std::mem::take(&mut self.client_id);
+            resp
+        })
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        let mut state = self.up.state.lock().expect("upstream lock");
+        if state.waiting.remove(&self.id).is_some() && !state.closed {
+            let cancel = pb::ModelInferRequest {
+                id: self.id.to_string(),
+                parameters: [(CANCEL.to_string(), bool_param(true))].into(),
+                ..Default::default()
+            };
+            let _ = self.up.tx.send(cancel);
+        }
+    }
+}
+
+/// Unary requests to one worker share one upstream stream; past this many in flight on
+/// it they go as unary calls (a worker reads at most 256 messages of a stream at once).
+const MAX_SHARED_IN_FLIGHT: usize = 192;
+
+/// Sends a unary request over the stream unary requests to `ep` share, answering
+/// DEADLINE_EXCEEDED at `deadline` (the worker gets the deadline as Triton's `timeout`
+/// and is told to cancel). Hands the request back when there is no room: send it unary.
+pub async fn shared(
+    ep: &Arc<Endpoint>,
+    mut req: pb::ModelInferRequest,
+    deadline: Option<Instant>,
+) -> Result<Answer, pb::ModelInferRequest> {
+    let up = {
+        let mut shared = ep.shared_stream.lock().expect("shared stream lock");
+        match &*shared {
+            Some(up) if !up.is_closed() => up.clone(),
+            _ => {
+                let Some(slot) = Slot::take(&ep.upstream_streams) else {
+                    return Err(req);
+                };
+                let up = Upstream::open(ep, slot);
+                *shared = Some(up.clone());
+                up
+            }
+        }
+    };
+    if up.in_flight() >= MAX_SHARED_IN_FLIGHT {
+        return Err(req);
+    }
+    let Some(deadline) = deadline else {
+        return match up.send(req) {
+            Ok(sent) => Ok(sent.answer(&ep.addr).await),
+            Err(req) => Err(*req),
+        };
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(Err(Status::deadline_exceeded(
+            "deadline passed before a worker answered",
+        )));
+    }
+    set_timeout(&mut req, left);
+    let sent = up.send(req).map_err(|req| *req)?;
+    Ok(tokio::time::timeout(left, sent.answer(&ep.addr))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "deadline passed while worker {} was answering",
+                ep.addr
+            )))
+        }))
+}
+
+/// Triton's `timeout` parameter (microseconds): the sooner of the caller's and `left`.
+fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
+    let left = left.as_micros().min(i64::MAX as u128) as i64;
+    let timeout = match req
+        .parameters
+        .get("timeout")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        Some(ParameterChoice::Int64Param(t)) if *t > 0 => left.min(*t),
+        Some(ParameterChoice::Uint64Param(t)) if *t > 0 => left.min(*t as i64),
+        _ => left,
+    };
+    let param = pb::InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(timeout)),
+    };
+    req.parameters.insert("timeout".into(), param);
+}
+
 impl Upstreams {
-    /// Sends `req` to `ep` on this client stream's upstream stream to it. `None` (the
-    /// request handed back) when the worker has no room for another stream: send it unary.
+    /// Sends `req` to `ep` on this client stream's upstream stream to it. Hands the
+    /// request back when the worker has no room for another stream (send it unary).
     pub async fn infer(
         &self,
         ep: &Arc<Endpoint>,
         mut req: pb::ModelInferRequest,
     ) -> Result<Answer, pb::ModelInferRequest> {
-        let client_id = std::mem::take(&mut req.id);
-        let (tx, rx) = oneshot::channel();
-        let (up, id) = loop {
+        let sent = loop {
             let Some(up) = self.upstream(ep) else {
-                req.id = client_id;
                 return Err(req);
             };
-            let mut state = up.state.lock().expect("upstream lock");
-            if state.closed {
-                drop(state);
-                self.forget(&ep.addr, &up);
-                continue;
+            match up.send(req) {
+                Ok(sent) => break sent,
+                Err(back) => {
+                    req = *back;
+                    self.forget(&ep.addr, &up);
+                }
             }
-            let id = state.next;
-            state.next += 1;
-            state.waiting.insert(id, tx);
-            break (up.clone(), id);
         };
-        req.id = id.to_string();
-        req.parameters.insert(UNORDERED.into(), bool_param(true));
-        let waiting = Waiting {
-            state: &up.state,
-            id,
-        };
-        if up.tx.send(req).is_err() {
-            return Ok(Err(Status::unavailable(format!(
-                "worker {}: stream closed",
-                ep.addr
-            ))));
-        }
-        let answer = rx.await.unwrap_or_else(|_| {
-            Err(Status::unavailable(format!(
-                "worker {}: stream closed",
-                ep.addr
-            )))
-        });
-        drop(waiting);
-        Ok(answer.map(|mut resp| {
-            resp.id = client_id;
-            resp
-        }))
+        Ok(sent.answer(&ep.addr).await)
     }
 
     fn upstream(&self, ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
@@ -141,11 +281,7 @@ impl Upstreams {
         if let Some(up) = open.get(&ep.addr) {
             return Some(up.clone());
         }
-        let slot = Slot::take(&ep.upstream_streams)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state = Arc::new(Mutex::new(State::default()));
-        let reader = tokio::spawn(read(ep.clone(), rx, state.clone(), slot)).abort_handle();
-        let up = Arc::new(Upstream { tx, state, reader });
+        let up = Upstream::open(ep, Slot::take(&ep.upstream_streams)?);
         open.insert(ep.addr.clone(), up.clone());
         Some(up)
     }
@@ -158,22 +294,6 @@ impl Upstreams {
     }
 }
 
-/// A caller waiting for its answer; forgets the entry if the caller goes away first.
-struct Waiting<'a> {
-    state: &'a Mutex<State>,
-    id: u64,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.state
-            .lock()
-            .expect("upstream lock")
-            .waiting
-            .remove(&self.id);
-    }
-}
-
 /// Opens the stream and hands each answer to its caller; when the stream ends, fails
 /// every caller still waiting with the reason (retryable when it means the worker is gone).
 async fn read(
@@ -183,6 +303,15 @@ async fn read(
     _slot: Slot,
 ) {
     let why = pump(&ep, rx, &state).await;
+    // No caller still waiting got an answer, so each may go to another worker.
+    let why = match why.code() {
+        Code::Unavailable => why,
+        code => Status::unavailable(format!(
+            "worker {}: stream broke ({code:?}: {})",
+            ep.addr,
+            why.message()
+        )),
+    };
     let mut state = state.lock().expect("upstream lock");
     state.closed = true;
     for (_, caller) in state.waiting.drain() {
