@@ -27,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{Stream, StreamExt};
 use infermesh_core::stream::{CANCEL, STATUS_CODE, UNORDERED};
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
@@ -45,8 +46,10 @@ pub const MAX_PER_WORKER: usize = 100;
 /// it to be sent in full, where HTTP/2 interleaves separate calls.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
-/// How often an idle upstream stream checks that its worker is still in rotation (a
-/// draining worker must not wait for its drain timeout on a stream nobody uses).
+/// How often an upstream stream checks whether it is idle: one with nothing in flight is
+/// closed when its worker has left the rotation or it carried nothing since the last check
+/// (a draining worker must not wait for its drain timeout on a stream nobody uses; the
+/// next message opens a new one).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 type Answer = Result<pb::ModelInferResponse, Status>;
@@ -69,6 +72,8 @@ struct State {
     waiting: HashMap<u64, oneshot::Sender<Answer>>,
     /// The stream has ended: messages go on a new one.
     closed: bool,
+    /// A message went out since the last idle check.
+    used: bool,
 }
 
 impl Drop for Upstream {
@@ -127,6 +132,7 @@ impl Upstream {
                 return Err(Box::new(req));
             }
             state.next += 1;
+            state.used = true;
             let id = state.next;
             state.waiting.insert(id, tx);
             id
@@ -302,7 +308,15 @@ async fn read(
     state: Arc<Mutex<State>>,
     _slot: Slot,
 ) {
-    let why = pump(&ep, rx, &state).await;
+    // The request side ends with this task, so the worker sees the stream end even while
+    // an `Upstream` (and its sender) is still held.
+    let (_ending, ended) = oneshot::channel::<()>();
+    let why = pump(
+        &ep,
+        UnboundedReceiverStream::new(rx).take_until(ended),
+        &state,
+    )
+    .await;
     // No caller still waiting got an answer, so each may go to another worker.
     let why = match why.code() {
         Code::Unavailable => why,
@@ -321,14 +335,11 @@ async fn read(
 
 async fn pump(
     ep: &Endpoint,
-    rx: mpsc::UnboundedReceiver<pb::ModelInferRequest>,
+    outbound: impl Stream<Item = pb::ModelInferRequest> + Send + 'static,
     state: &Mutex<State>,
 ) -> Status {
     let mut client = ep.client.clone();
-    let mut inbound = match client
-        .model_stream_infer(UnboundedReceiverStream::new(rx))
-        .await
-    {
+    let mut inbound = match client.model_stream_infer(outbound).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => return status,
     };
@@ -343,9 +354,10 @@ async fn pump(
             },
             _ = idle_check.tick() => {
                 let mut state = state.lock().expect("upstream lock");
-                if state.waiting.is_empty() && !ep.is_ready() {
+                let used = std::mem::take(&mut state.used);
+                if state.waiting.is_empty() && (!used || !ep.is_ready()) {
                     state.closed = true;
-                    return Status::unavailable(format!("worker {} left the pool", ep.addr));
+                    return Status::unavailable(format!("worker {}: idle stream closed", ep.addr));
                 }
             }
         }
