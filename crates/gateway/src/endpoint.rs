@@ -39,10 +39,8 @@ pub struct Endpoint {
     wake: tokio::sync::Notify,
     ejection: std::sync::Mutex<Ejection>,
     pub metrics: WorkerMetrics,
-    /// Client streams' upstream streams open to this worker (see `upstream`).
-    pub upstream_streams: Arc<std::sync::atomic::AtomicUsize>,
-    /// The upstream stream unary requests to this worker share.
-    pub shared_stream: std::sync::Mutex<Option<Arc<crate::upstream::Upstream>>>,
+    /// The streams requests travel on to this worker (see `upstream`).
+    pub streams: std::sync::Mutex<Vec<Arc<crate::upstream::Upstream>>>,
 }
 
 /// One call in flight to a worker: counted in its load estimate and its gauges until
@@ -111,8 +109,7 @@ impl Endpoint {
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
             metrics,
-            upstream_streams: Default::default(),
-            shared_stream: Default::default(),
+            streams: Default::default(),
         }))
     }
 

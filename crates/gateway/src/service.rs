@@ -19,7 +19,7 @@ use crate::{
     pool::Pool,
     retry::{self, Budget},
     stats::StatsCache,
-    upstream::{self, Upstreams},
+    upstream,
 };
 
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
@@ -74,7 +74,6 @@ impl GatewayService {
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
         carry: trace::Carry,
-        upstreams: Option<&Upstreams>,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         // Label only models some worker has: request names must not mint new series.
         let model = if self.pool.knows(&req.model_name) {
@@ -88,7 +87,7 @@ impl GatewayService {
             start: Instant::now(),
             code: None,
         };
-        let result = self.forward(req, deadline, &carry, upstreams).await;
+        let result = self.forward(req, deadline, &carry).await;
         record.code = Some(
             result
                 .as_ref()
@@ -106,7 +105,6 @@ impl GatewayService {
         mut req: pb::ModelInferRequest,
         deadline: Option<Instant>,
         carry: &trace::Carry,
-        upstreams: Option<&Upstreams>,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         self.budget.deposit();
         let asked_version = std::mem::take(&mut req.model_version);
@@ -140,14 +138,12 @@ impl GatewayService {
                 let _call = ep.call();
                 // Over an upstream stream where there is room, else as a unary call.
                 carry.inject_parameters(&span, &mut attempt.parameters);
-                let stream = match upstreams {
-                    _ if attempt.encoded_len() > upstream::MAX_MESSAGE_BYTES => Err(attempt),
-                    Some(up) => up.infer(&ep, attempt).instrument(span.clone()).await,
-                    None => {
-                        upstream::shared(&ep, attempt, deadline)
-                            .instrument(span.clone())
-                            .await
-                    }
+                let stream = if attempt.encoded_len() > upstream::MAX_MESSAGE_BYTES {
+                    Err(attempt)
+                } else {
+                    upstream::send(&ep, attempt, deadline)
+                        .instrument(span.clone())
+                        .await
                 };
                 match stream {
                     Ok(answer) => answer,
@@ -314,7 +310,7 @@ impl GrpcInferenceService for GatewayService {
             trace::incoming(req.metadata()),
         );
         let resp = self
-            .infer(req.into_inner(), deadline, carry, None)
+            .infer(req.into_inner(), deadline, carry)
             .instrument(span)
             .await?;
         Ok(Response::new(resp))
@@ -332,18 +328,15 @@ impl GrpcInferenceService for GatewayService {
         let open = StreamGauge::new(&self.metrics.open_streams);
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
-        // Messages go on over streams of this stream's own, which end with it.
-        let upstreams = Arc::new(Upstreams::default());
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             self.max_stream_inflight,
             move |m| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
-                let upstreams = upstreams.clone();
                 let (span, carry) =
                     trace::request("ModelStreamInfer", &m.model_name, parent.clone());
-                async move { svc.infer(m, None, carry, Some(&upstreams)).await }.instrument(span)
+                async move { svc.infer(m, None, carry).await }.instrument(span)
             },
         )))
     }

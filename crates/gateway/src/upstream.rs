@@ -3,15 +3,12 @@
 //! stream, headers or handler task of its own) and goes out in one write, where a unary
 //! call's headers and body go in two.
 //!
-//! - A client's stream gets one upstream stream per worker, opened by the first message
-//!   the balancer sends there; they end with the client's, so a client that goes away
-//!   cancels its queued work on the workers.
-//! - Unary requests to a worker share one stream. A caller that cancels, or whose deadline
-//!   passes, sends a cancel for its message (`infermesh_cancel`); the deadline also goes
-//!   with the message as Triton's `timeout`, so an expired request never runs.
-//!
-//! Requests over 256 KiB, and any for which a worker has no room for another stream,
-//! go as unary calls.
+//! Every request to a worker, unary or a client's stream message, goes on one of a few
+//! streams the gateway keeps open to it ([`send`]). A caller that goes away (a cancel, a
+//! closed client stream) or whose deadline passes sends a cancel for its message
+//! (`infermesh_cancel`), so the worker skips it if it has not run; the deadline also goes
+//! with the message as Triton's `timeout`. Requests over 256 KiB, and requests past 192 in
+//! flight on every stream to a worker, go as unary calls.
 //!
 //! Each message goes out with an id of the gateway's and `infermesh_unordered`, so its
 //! answer comes back as soon as it is done and finds its caller by that id; the client's
@@ -20,10 +17,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -37,10 +31,14 @@ use tonic::{Code, Status};
 
 use crate::endpoint::Endpoint;
 
-/// Upstream streams open to one worker at most, over all client streams: well under the
-/// 200 concurrent HTTP/2 streams a worker's connection allows by default, so unary calls
-/// always find room. Client streams beyond it send unary calls to that worker.
-pub const MAX_PER_WORKER: usize = 100;
+/// Streams open to one worker at most. One carries all traffic while it has fewer than
+/// `SPREAD` in flight; more streams spread a busy worker's reading over its threads.
+const MAX_STREAMS: usize = 4;
+const SPREAD: usize = 32;
+
+/// Messages in flight on one stream at most (a worker reads at most 256 of a stream at
+/// once): past it on every stream, requests go as unary calls.
+const MAX_IN_FLIGHT: usize = 192;
 
 /// Larger requests go as unary calls: on a stream, a message waits for the one before
 /// it to be sent in full, where HTTP/2 interleaves separate calls.
@@ -53,12 +51,6 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 type Answer = Result<pb::ModelInferResponse, Status>;
-
-/// The upstream streams of one client stream, by worker address.
-#[derive(Default)]
-pub struct Upstreams {
-    open: Mutex<HashMap<String, Arc<Upstream>>>,
-}
 
 pub struct Upstream {
     tx: mpsc::UnboundedSender<pb::ModelInferRequest>,
@@ -83,31 +75,11 @@ impl Drop for Upstream {
     }
 }
 
-/// Counts one worker's upstream streams (held by the stream's reader task).
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_PER_WORKER).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(count.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Upstream {
-    fn open(ep: &Arc<Endpoint>, slot: Slot) -> Arc<Self> {
+    fn open(ep: &Arc<Endpoint>) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State::default()));
-        let reader = tokio::spawn(read(ep.clone(), rx, state.clone(), slot)).abort_handle();
+        let reader = tokio::spawn(read(ep.clone(), rx, state.clone())).abort_handle();
         Arc::new(Self { tx, state, reader })
     }
 
@@ -188,35 +160,17 @@ impl Drop for Sent {
     }
 }
 
-/// Unary requests to one worker share one upstream stream; past this many in flight on
-/// it they go as unary calls (a worker reads at most 256 messages of a stream at once).
-const MAX_SHARED_IN_FLIGHT: usize = 192;
-
-/// Sends a unary request over the stream unary requests to `ep` share, answering
-/// DEADLINE_EXCEEDED at `deadline` (the worker gets the deadline as Triton's `timeout`
-/// and is told to cancel). Hands the request back when there is no room: send it unary.
-pub async fn shared(
+/// Sends `req` to `ep` over one of the streams kept open to it, answering
+/// DEADLINE_EXCEEDED at `deadline`. Hands the request back when every stream is full:
+/// send it as a unary call.
+pub async fn send(
     ep: &Arc<Endpoint>,
     mut req: pb::ModelInferRequest,
     deadline: Option<Instant>,
 ) -> Result<Answer, pb::ModelInferRequest> {
-    let up = {
-        let mut shared = ep.shared_stream.lock().expect("shared stream lock");
-        match &*shared {
-            Some(up) if !up.is_closed() => up.clone(),
-            _ => {
-                let Some(slot) = Slot::take(&ep.upstream_streams) else {
-                    return Err(req);
-                };
-                let up = Upstream::open(ep, slot);
-                *shared = Some(up.clone());
-                up
-            }
-        }
-    };
-    if up.in_flight() >= MAX_SHARED_IN_FLIGHT {
+    let Some(up) = pick(ep) else {
         return Err(req);
-    }
+    };
     let Some(deadline) = deadline else {
         return match up.send(req) {
             Ok(sent) => Ok(sent.answer(&ep.addr).await),
@@ -241,6 +195,23 @@ pub async fn shared(
         }))
 }
 
+/// The open stream to `ep` with the fewest in flight, opening another while all are busy.
+fn pick(ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
+    let mut streams = ep.streams.lock().expect("streams lock");
+    streams.retain(|up| !up.is_closed());
+    let least = streams.iter().min_by_key(|up| up.in_flight()).cloned();
+    match least {
+        Some(up) if up.in_flight() < SPREAD || streams.len() == MAX_STREAMS => {
+            (up.in_flight() < MAX_IN_FLIGHT).then_some(up)
+        }
+        _ => {
+            let up = Upstream::open(ep);
+            streams.push(up.clone());
+            Some(up)
+        }
+    }
+}
+
 /// Triton's `timeout` parameter (microseconds): the sooner of the caller's and `left`.
 fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     let left = left.as_micros().min(i64::MAX as u128) as i64;
@@ -259,54 +230,12 @@ fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     req.parameters.insert("timeout".into(), param);
 }
 
-impl Upstreams {
-    /// Sends `req` to `ep` on this client stream's upstream stream to it. Hands the
-    /// request back when the worker has no room for another stream (send it unary).
-    pub async fn infer(
-        &self,
-        ep: &Arc<Endpoint>,
-        mut req: pb::ModelInferRequest,
-    ) -> Result<Answer, pb::ModelInferRequest> {
-        let sent = loop {
-            let Some(up) = self.upstream(ep) else {
-                return Err(req);
-            };
-            match up.send(req) {
-                Ok(sent) => break sent,
-                Err(back) => {
-                    req = *back;
-                    self.forget(&ep.addr, &up);
-                }
-            }
-        };
-        Ok(sent.answer(&ep.addr).await)
-    }
-
-    fn upstream(&self, ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
-        let mut open = self.open.lock().expect("upstreams lock");
-        if let Some(up) = open.get(&ep.addr) {
-            return Some(up.clone());
-        }
-        let up = Upstream::open(ep, Slot::take(&ep.upstream_streams)?);
-        open.insert(ep.addr.clone(), up.clone());
-        Some(up)
-    }
-
-    fn forget(&self, addr: &str, closed: &Arc<Upstream>) {
-        let mut open = self.open.lock().expect("upstreams lock");
-        if open.get(addr).is_some_and(|up| Arc::ptr_eq(up, closed)) {
-            open.remove(addr);
-        }
-    }
-}
-
 /// Opens the stream and hands each answer to its caller; when the stream ends, fails
 /// every caller still waiting with the reason (retryable when it means the worker is gone).
 async fn read(
     ep: Arc<Endpoint>,
     rx: mpsc::UnboundedReceiver<pb::ModelInferRequest>,
     state: Arc<Mutex<State>>,
-    _slot: Slot,
 ) {
     // The request side ends with this task, so the worker sees the stream end even while
     // an `Upstream` (and its sender) is still held.
