@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     // `infermesh worker` honours --threads like infermesh-worker; tools use the default.
     let threads = match &command {
-        Command::Worker(config) => config.server.threads,
+        Command::Worker(config) => infermesh_core::serve::worker_threads(config.server.threads),
         _ => 0,
     };
     infermesh_core::serve::runtime(threads)?.block_on(run(command))

@@ -47,7 +47,9 @@ pub struct ServerArgs {
     pub max_connection_age: Duration,
 
     /// Threads serving gRPC. 1 runs everything on one thread (no cross-thread wake-ups: the
-    /// least CPU per request, as Linkerd's proxy does by default); 0 = one per core.
+    /// least CPU per request, as Linkerd's proxy does by default). 0 = automatic: one per
+    /// core on the gateway; a quarter of the cores (at least 1) on the worker, whose
+    /// models run on ONNX Runtime's threads.
     #[arg(long, env = "INFERMESH_THREADS", default_value_t = 0)]
     pub threads: usize,
 

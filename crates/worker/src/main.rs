@@ -4,7 +4,7 @@ use infermesh_worker::WorkerConfig;
 
 fn main() -> anyhow::Result<()> {
     let config = WorkerConfig::parse();
-    serve::runtime(config.server.threads)?.block_on(async move {
+    serve::runtime(serve::worker_threads(config.server.threads))?.block_on(async move {
         let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
         let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
         let result = infermesh_worker::run(config, listeners, serve::signal()).await;
