@@ -1,14 +1,16 @@
 """Triton's own clients through the gateway, unchanged: tritonclient unary and streaming,
 perf_analyzer, and one stream's requests landing on both workers."""
 import json
+import os
 import queue
 import re
 import subprocess
+import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from conftest import MODELS, ROOT
+from conftest import MODELS, ROOT, Gateway
 
 
 def executions(server, model):
@@ -139,3 +141,26 @@ def test_up_restarts_a_dead_worker_and_stops_cleanly():
         except Exception:
             alive = False
         assert not alive, f"worker {w} still running after up stopped"
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_polling_serves_and_stops_spinning_when_idle(mesh):
+    """--busy-poll-us keeps the gateway polling after each request; it must answer as
+    usual and go back to sleep once requests stop (a spin that never ends burns a core)."""
+    _, workers = mesh
+    gateway = Gateway(*workers, extra=("--busy-poll-us", "200"))
+    try:
+        x, labels = digits()
+        i = grpcclient.InferInput("input", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        for _ in range(50):
+            assert gateway.client.infer("digits", [i]).as_numpy("label").tolist() == labels
+        before = cpu_seconds(gateway.proc.pid)
+        time.sleep(1.0)  # the measuring window, not synchronisation
+        assert cpu_seconds(gateway.proc.pid) - before < 0.5, "the gateway kept spinning while idle"
+    finally:
+        assert gateway.stop() == 0

@@ -54,6 +54,7 @@ pub async fn run(
         None => discovery::fixed(&config.workers),
     };
     tokio::spawn(pool.clone().follow(changes));
+    infermesh_core::busy_poll::start(std::time::Duration::from_micros(config.busy_poll_us));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
         address = %local(&listeners.grpc)?,

@@ -87,7 +87,9 @@ impl GatewayService {
             start: Instant::now(),
             code: None,
         };
+        infermesh_core::busy_poll::touch();
         let result = self.forward(req, deadline, &carry).await;
+        infermesh_core::busy_poll::touch();
         record.code = Some(
             result
                 .as_ref()
