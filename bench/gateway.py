@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
 def free_port() -> int:
@@ -122,11 +124,12 @@ def main() -> None:
         for w in workers:
             wait_ready(w)
         gws = {}
-        for n in (1, 2):
+        # 1 and 2 workers; "busy" = 1 worker with --busy-poll-us 100 (README "Busy polling").
+        for n, extra in ((1, []), (2, []), ("busy", ["--busy-poll-us", "100"])):
             port = free_port()
-            p = start([str(BIN / "infermesh-gateway"), "--workers", ",".join(workers[:n]), "--grpc-address",
-                       "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false", "--shutdown-grace", "0s",
-                       "--threads", "1"])
+            p = start([str(BIN / "infermesh-gateway"), "--workers", ",".join(workers[:1 if n == "busy" else n]),
+                       "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false",
+                       "--shutdown-grace", "0s", "--threads", "1", *extra])
             gws[n] = (f"127.0.0.1:{port}", p.pid)
             wait_ready(gws[n][0])
         nginx_port = free_port()
@@ -160,6 +163,7 @@ http {{
             ("worker direct", workers[0], []),
             ("gateway + 1 worker", gws[1][0], [gws[1][1]]),
             ("gateway + 2 workers", gws[2][0], [gws[2][1]]),
+            ("gateway + 1 worker, busy poll 100 µs", gws["busy"][0], [gws["busy"][1]]),
             ("nginx grpc_pass + 2 workers", f"127.0.0.1:{nginx_port}", nginx_pids),
         ]
         rows = []
@@ -175,6 +179,12 @@ http {{
                         rows.append((model, label, "stream" if streaming else "unary", c, r))
                         print(f"{model} {label} {'stream' if streaming else 'unary'} c={c}: "
                               f"{r['requests_per_s']:.0f}/s p50 {r['p50_ms']:.3f}", file=sys.stderr)
+        # Added p50 at concurrency 1 on the identity model, interleaved rounds (c=1 latency
+        # on a VM moves from run to run with the cost of waking idle cores).
+        rounds = {label: [] for label, _, _ in targets}
+        for _ in range(ROUNDS):
+            for label, url, _ in targets:
+                rounds[label].append(bench(url, "echo", 1, False, [])["p50_ms"] * 1000)
         # RSS of the 2-worker gateway with 1,000 open streams.
         url, pid = gws[2]
         idle = rss_mb(pid)
@@ -199,10 +209,16 @@ http {{
         cpu = "" if r["cpu_ms_per_1k"] is None else f"{r['cpu_ms_per_1k']:.0f}"
         print(f"| {model} | {label} | {mode} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.3f} | "
               f"{r['p99_ms']:.3f} | {cpu} | {r['requests_per_s'] / base:.2f}× |")
-    p50 = {(m, l, mode, c): r["p50_ms"] for m, l, mode, c, r in rows}
-    for label in ("gateway + 1 worker", "nginx grpc_pass + 2 workers"):
-        added = (p50[("echo", label, "unary", 1)] - p50[("echo", "worker direct", "unary", 1)]) * 1000
-        print(f"\nAdded p50 at concurrency 1, identity model, unary, {label}: {added:.0f} µs")
+    print(f"\nAdded p50 at concurrency 1, identity model, unary, {ROUNDS} interleaved rounds of {SECONDS:.0f} s "
+          "(each round's p50 minus the same round's direct p50):\n")
+    print("| path | added p50 µs per round | median |")
+    print("|---|---|---:|")
+    for label, rs in rounds.items():
+        if label == "worker direct":
+            continue
+        added = [a - b for a, b in zip(rs, rounds["worker direct"])]
+        print(f"| {label} | {', '.join(f'{x:.0f}' for x in added)} | {statistics.median(added):.0f} |")
+    print(f"\nworker direct p50 µs per round: {', '.join(f'{x:.0f}' for x in rounds['worker direct'])}")
     print(f"\nGateway RSS: {idle:.1f} MB idle, {held:.1f} MB with 1,000 open streams")
 
 
