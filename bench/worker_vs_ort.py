@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pathlib
+import resource
 import socket
 import subprocess
 import sys
@@ -63,7 +64,30 @@ def own_client(url: str, model: str, concurrency: int, streaming: bool, seconds:
     cmd = [str(BIN / "infermesh"), "bench", "--url", url, "--model", model, "--concurrency", str(concurrency),
            "--duration", f"{seconds}s", "--json"] + (["--streaming"] if streaming else [])
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return {"throughput": r["inferences_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
+    return {"throughput": r["inferences_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "requests": r["ok"]}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measured(worker_pid: int, run) -> dict:
+    """Runs one client, adding the worker's and the client's CPU µs per request (for
+    perf_analyzer the request count is throughput × its wall time, so a slight under-count
+    of its CPU per request: its start-up runs no requests)."""
+    t0, w0, c0 = time.monotonic(), cpu_seconds(worker_pid), children_cpu()
+    r = run()
+    n = r.get("requests") or r["throughput"] * (time.monotonic() - t0)
+    r["worker_us"] = 1e6 * (cpu_seconds(worker_pid) - w0) / n
+    r["client_us"] = 1e6 * (children_cpu() - c0) / n
+    return r
 
 
 def main() -> None:
@@ -104,14 +128,14 @@ def main() -> None:
         rows = []
         for model, label in [("mlp_unbatched", "worker, batching off"), ("mlp_batched", "worker, dynamic batching")]:
             for c in (1, 8, 32):
-                r = perf(url, model, c, data, args.requests)
+                r = measured(worker.pid, lambda: perf(url, model, c, data, args.requests))
                 rows.append((label, c, r))
                 print(f"{label} c={c}: {r['throughput']:.0f}/s", file=sys.stderr)
         # The same worker driven by `infermesh bench`, a cheaper client on the same cores.
         for streaming in (False, True):
             label = f"worker, dynamic batching, infermesh bench {'stream' if streaming else 'unary'}"
             for c in (1, 8, 32):
-                r = own_client(url, "mlp_batched", c, streaming, args.seconds_per_row + 2)
+                r = measured(worker.pid, lambda: own_client(url, "mlp_batched", c, streaming, args.seconds_per_row + 2))
                 rows.append((label, c, r))
                 print(f"{label} c={c}: {r['throughput']:.0f}/s", file=sys.stderr)
     finally:
@@ -125,11 +149,14 @@ def main() -> None:
         print(f"| {r['batch']} | {r['samples_per_s']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
     print(f"\n### Worker over gRPC (batch-1 requests; perf_analyzer unless said) vs ONNX Runtime's best batch "
           f"({best['batch']}: {best['samples_per_s']:.0f}/s)\n")
-    print("| setup | concurrency | infer/s | p50 ms | p99 ms | vs ORT best |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setup | concurrency | infer/s | p50 ms | p99 ms | vs ORT best | worker CPU µs / req | client CPU µs / req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, c, r in rows:
         ratio = r["throughput"] / best["samples_per_s"]
-        print(f"| {label} | {c} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.0%} |")
+        print(f"| {label} | {c} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.0%} | "
+              f"{r['worker_us']:.0f} | {r['client_us']:.0f} |")
+    cpu_per_row = 1e6 * (os.cpu_count() or 1) / best["samples_per_s"]
+    print(f"\nONNX Runtime alone at its best batch: {cpu_per_row:.0f} µs of CPU per row on {os.cpu_count()} cores.")
 
 
 if __name__ == "__main__":
