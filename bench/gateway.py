@@ -1,7 +1,8 @@
 """Gateway overhead and balancing, side by side in one run: a worker direct, the gateway
-with 1 and 2 workers, nginx grpc_pass (upstream keepalive, as nginx advises) in front of
-the same 2 workers. Identity model (no model cost) and the MLP; `infermesh bench` unary
-and one stream; CPU per 1,000 requests of the proxy; gateway RSS with 1,000 open streams."""
+with 1 and 2 workers (and busy polling with 1), nginx grpc_pass (upstream keepalive, as
+nginx advises) in front of the same 1 and 2 workers. Identity model (no model cost) and
+the MLP; `infermesh bench` unary and one stream; CPU per 1,000 requests of the proxy; the
+added p50 at concurrency 1 over interleaved rounds; gateway RSS with 1,000 open streams."""
 import asyncio
 import json
 import os
@@ -132,7 +133,7 @@ def main() -> None:
                        "--shutdown-grace", "0s", "--threads", "1", *extra])
             gws[n] = (f"127.0.0.1:{port}", p.pid)
             wait_ready(gws[n][0])
-        nginx_port = free_port()
+        nginx_port, nginx1_port = free_port(), free_port()
         ngx = d / "nginx"
         (ngx / "logs").mkdir(parents=True)
         conf = ngx / "nginx.conf"
@@ -148,9 +149,14 @@ http {{
   client_body_temp_path {ngx}/body; proxy_temp_path {ngx}/proxy;
   fastcgi_temp_path {ngx}/fcgi; uwsgi_temp_path {ngx}/uwsgi; scgi_temp_path {ngx}/scgi;
   upstream workers {{ {' '.join(f'server {w};' for w in workers)} keepalive 64; }}
+  upstream one {{ server {workers[0]}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{nginx_port} http2;
     location / {{ grpc_pass grpc://workers; }}
+  }}
+  server {{
+    listen 127.0.0.1:{nginx1_port} http2;
+    location / {{ grpc_pass grpc://one; }}
   }}
 }}
 """)
@@ -164,6 +170,7 @@ http {{
             ("gateway + 1 worker", gws[1][0], [gws[1][1]]),
             ("gateway + 2 workers", gws[2][0], [gws[2][1]]),
             ("gateway + 1 worker, busy poll 100 µs", gws["busy"][0], [gws["busy"][1]]),
+            ("nginx grpc_pass + 1 worker", f"127.0.0.1:{nginx1_port}", nginx_pids),
             ("nginx grpc_pass + 2 workers", f"127.0.0.1:{nginx_port}", nginx_pids),
         ]
         rows = []
