@@ -583,11 +583,20 @@ async fn gateway_metrics_count_requests_workers_and_streams() {
         assert_eq!(infermesh_tests::metric_at(addr, &ready).await, Some(1.0));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let stream = client
+    let mut stream = client
         .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     tx.send(ident("echo", "s", 1.0)).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // The message went on over a stream to a worker (idle ones close after a second).
+    let mut upstream = 0.0;
+    for w in [&a, &b] {
+        let open = format!(r#"infermesh_gateway_worker_streams{{worker="{}"}}"#, w.addr);
+        upstream += infermesh_tests::metric_at(addr, &open).await.unwrap();
+    }
+    assert!(upstream >= 1.0, "no stream to a worker counted");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while m("infermesh_gateway_open_streams").await != Some(1.0) {
         assert!(

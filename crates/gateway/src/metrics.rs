@@ -47,6 +47,7 @@ pub struct GatewayMetrics {
     pub worker_load: Family<WorkerLabels, Gauge>,
     pub worker_ready: Family<WorkerLabels, Gauge>,
     pub ejections: Family<WorkerLabels, Counter>,
+    pub worker_streams: Family<WorkerLabels, Gauge>,
     pub retries: Family<CodeLabels, Counter>,
     pub retry_budget_exhausted: Counter,
     pub discovery_changes: Family<ChangeLabels, Counter>,
@@ -64,6 +65,7 @@ impl Default for GatewayMetrics {
             worker_load: Family::default(),
             worker_ready: Family::default(),
             ejections: Family::default(),
+            worker_streams: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Counter::default(),
             discovery_changes: Family::default(),
@@ -108,6 +110,11 @@ impl GatewayMetrics {
             m.ejections.clone(),
         );
         r.register(
+            "worker_streams",
+            "ModelStreamInfer streams open to each worker that requests travel on",
+            m.worker_streams.clone(),
+        );
+        r.register(
             "retries",
             "Attempts retried on another worker, by the status that caused them",
             m.retries.clone(),
@@ -144,6 +151,7 @@ impl GatewayMetrics {
             load: self.worker_load.get_or_create(&l).clone(),
             ready: self.worker_ready.get_or_create(&l).clone(),
             ejections: self.ejections.get_or_create(&l).clone(),
+            streams: self.worker_streams.get_or_create(&l).clone(),
         }
     }
 
@@ -156,6 +164,7 @@ impl GatewayMetrics {
         self.worker_load.remove(&l);
         self.worker_ready.remove(&l);
         self.ejections.remove(&l);
+        self.worker_streams.remove(&l);
     }
 }
 
@@ -166,4 +175,5 @@ pub struct WorkerMetrics {
     pub load: Gauge,
     pub ready: Gauge,
     pub ejections: Counter,
+    pub streams: Gauge,
 }

@@ -230,6 +230,15 @@ fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     req.parameters.insert("timeout".into(), param);
 }
 
+/// Counts an upstream stream until its reader ends (or is aborted).
+struct StreamGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Opens the stream and hands each answer to its caller; when the stream ends, fails
 /// every caller still waiting with the reason (retryable when it means the worker is gone).
 async fn read(
@@ -237,6 +246,8 @@ async fn read(
     rx: mpsc::UnboundedReceiver<pb::ModelInferRequest>,
     state: Arc<Mutex<State>>,
 ) {
+    ep.metrics.streams.inc();
+    let _open = StreamGauge(&ep.metrics.streams);
     // The request side ends with this task, so the worker sees the stream end even while
     // an `Upstream` (and its sender) is still held.
     let (_ending, ended) = oneshot::channel::<()>();
