@@ -329,10 +329,8 @@ async fn no_ready_worker_is_unavailable_naming_model_and_workers() {
     gw.stop().await.unwrap();
 }
 
-/// Deadlines and cancels cross the gateway: expired work is answered DEADLINE_EXCEEDED,
-/// cancelled work is dropped, and neither runs on the worker.
-#[tokio::test]
-async fn deadlines_and_cancels_reach_the_worker() {
+/// A gateway in front of one worker whose model "gate" takes 1 s per batch.
+async fn slow_gate() -> (Repo, Worker, Gateway) {
     let config = identity_config(
         r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
         "[ 4 ]",
@@ -340,6 +338,14 @@ async fn deadlines_and_cancels_reach_the_worker() {
     let repo = Repo::new().identity("gate", &config);
     let w = Worker::start(repo.path(), &[]).await;
     let gw = Gateway::start(&[&w], &[]).await;
+    (repo, w, gw)
+}
+
+/// Deadlines and cancels cross the gateway: expired work is answered DEADLINE_EXCEEDED,
+/// cancelled work is dropped, and neither runs on the worker.
+#[tokio::test]
+async fn deadlines_and_cancels_reach_the_worker() {
+    let (_repo, w, gw) = slow_gate().await;
     let mut client = gw.client().await;
     let mut c = client.clone();
     let first = tokio::spawn(async move { c.model_infer(ident("gate", "", 1.0)).await });
@@ -384,13 +390,7 @@ async fn deadlines_and_cancels_reach_the_worker() {
 /// gateway's own stream to the worker ends with the client's.
 #[tokio::test]
 async fn a_closed_stream_cancels_its_queued_messages_on_the_worker() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
-        "[ 4 ]",
-    );
-    let repo = Repo::new().identity("gate", &config);
-    let w = Worker::start(repo.path(), &[]).await;
-    let gw = Gateway::start(&[&w], &[]).await;
+    let (_repo, w, gw) = slow_gate().await;
     let mut client = gw.client().await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tx.send(ident("gate", "first", 1.0)).unwrap();
