@@ -38,7 +38,9 @@ pub fn start(window: Duration) {
     });
     tokio::spawn(async move {
         loop {
-            let idle = spin.epoch.elapsed().as_nanos() as u64 - spin.last.load(Ordering::Relaxed);
+            // `touch` on another thread may have stored a later instant than this read.
+            let idle = (spin.epoch.elapsed().as_nanos() as u64)
+                .saturating_sub(spin.last.load(Ordering::Relaxed));
             if Duration::from_nanos(idle) < spin.window {
                 // Back of the queue: the runtime polls its sockets (without sleeping)
                 // before it comes back here.

@@ -210,8 +210,6 @@ pub async fn signal() {
     let _ = ctrl_c.await;
 }
 
-/// The tokio runtime a server runs on: `threads` 1 is a single-threaded runtime (tasks
-/// wake each other without crossing threads), 0 one worker thread per core.
 /// `--threads` 0 on the worker: a quarter of the cores, at least 1. Its gRPC threads only
 /// move bytes; the cores belong to ONNX Runtime (on 2 cores, 1 thread served 10% more
 /// unary requests at concurrency 32 than 2).
@@ -222,6 +220,8 @@ pub fn worker_threads(threads: usize) -> usize {
     }
 }
 
+/// The tokio runtime a server runs on: `threads` 1 is a single-threaded runtime (tasks
+/// wake each other without crossing threads), 0 one worker thread per core.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
