@@ -177,3 +177,20 @@ pub struct WorkerMetrics {
     pub ejections: Counter,
     pub streams: Gauge,
 }
+
+/// Counts one open thing (a client's stream, a stream to a worker) on a gauge until
+/// dropped.
+pub struct OpenGauge(Gauge);
+
+impl OpenGauge {
+    pub fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

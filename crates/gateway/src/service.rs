@@ -3,7 +3,10 @@
 //! the repository index and statistics are aggregates over workers. Workers' statuses pass
 //! through unchanged.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::future::join_all;
 use infermesh_core::{trace, Error as RequestError, Lifecycle};
@@ -15,7 +18,7 @@ use tracing::{field::Empty, Instrument};
 use crate::{
     config::ControlMode,
     endpoint::Endpoint,
-    metrics::{CodeLabels, GatewayMetrics, ModelLabels, RequestLabels},
+    metrics::{CodeLabels, GatewayMetrics, ModelLabels, OpenGauge, RequestLabels},
     pool::Pool,
     retry::{self, Budget},
     stats::StatsCache,
@@ -128,6 +131,15 @@ impl GatewayService {
                 (Err(_), Some(status)) => return Err(status),
                 (Err(e), None) => return Err(e.into()),
             };
+            // What is left of the deadline bounds the attempt, whichever way it goes.
+            let left = match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+                Some(left) if left.is_zero() => {
+                    return Err(Status::deadline_exceeded(
+                        "deadline passed before a worker answered",
+                    ))
+                }
+                left => left,
+            };
             let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
             attempt.model_version = version;
             let span = infermesh_core::child_span!(
@@ -143,7 +155,7 @@ impl GatewayService {
                 let stream = if attempt.encoded_len() > upstream::MAX_MESSAGE_BYTES {
                     Err(attempt)
                 } else {
-                    upstream::send(&ep, attempt, deadline)
+                    upstream::send(&ep, attempt, left)
                         .instrument(span.clone())
                         .await
                 };
@@ -152,7 +164,7 @@ impl GatewayService {
                     Err(mut attempt) => {
                         attempt.parameters.remove("traceparent");
                         attempt.parameters.remove("tracestate");
-                        unary_call(&ep, attempt, deadline, carry, span).await
+                        unary_call(&ep, attempt, left, carry, span).await
                     }
                 }
             };
@@ -193,43 +205,21 @@ impl GatewayService {
     }
 }
 
-/// One attempt as a unary call, bounded by what is left of the deadline.
+/// One attempt as a unary call, bounded by what is `left` of the deadline.
 async fn unary_call(
     ep: &Endpoint,
     attempt: pb::ModelInferRequest,
-    deadline: Option<Instant>,
+    left: Option<Duration>,
     carry: &trace::Carry,
     span: tracing::Span,
 ) -> std::result::Result<pb::ModelInferResponse, Status> {
     let mut call = Request::new(attempt);
-    if let Some(d) = deadline {
-        let left = d.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Status::deadline_exceeded(
-                "deadline passed before a worker answered",
-            ));
-        }
+    if let Some(left) = left {
         call.set_timeout(left);
     }
     carry.inject(&span, call.metadata_mut());
     let resp = ep.client.clone().model_infer(call).instrument(span).await?;
     Ok(resp.into_inner())
-}
-
-/// Counts an open stream until the stream's handler is dropped.
-struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
-
-impl StreamGauge {
-    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Self(g.clone())
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 fn unimplemented<T>(what: &str) -> Result<T> {
@@ -327,7 +317,7 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<Self::ModelStreamInferStream> {
         self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
-        let open = StreamGauge::new(&self.metrics.open_streams);
+        let open = OpenGauge::new(&self.metrics.open_streams);
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
         Ok(Response::new(infermesh_core::stream::serve(

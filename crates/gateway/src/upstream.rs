@@ -18,7 +18,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt};
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
 
-use crate::endpoint::Endpoint;
+use crate::{endpoint::Endpoint, metrics::OpenGauge};
 
 /// Streams open to one worker at most. One carries all traffic while it has fewer than
 /// `SPREAD` in flight; more streams spread a busy worker's reading over its threads.
@@ -161,31 +161,24 @@ impl Drop for Sent {
 }
 
 /// Sends `req` to `ep` over one of the streams kept open to it, answering
-/// DEADLINE_EXCEEDED at `deadline`. Hands the request back when every stream is full:
-/// send it as a unary call.
+/// DEADLINE_EXCEEDED once `left` has passed. Hands the request back when every stream is
+/// full: send it as a unary call.
 pub async fn send(
     ep: &Arc<Endpoint>,
     mut req: pb::ModelInferRequest,
-    deadline: Option<Instant>,
+    left: Option<Duration>,
 ) -> Result<Answer, pb::ModelInferRequest> {
     let Some(up) = pick(ep) else {
         return Err(req);
     };
-    let Some(deadline) = deadline else {
-        return match up.send(req) {
-            Ok(sent) => Ok(sent.answer(&ep.addr).await),
-            Err(req) => Err(*req),
-        };
-    };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Ok(Err(Status::deadline_exceeded(
-            "deadline passed before a worker answered",
-        )));
+    if let Some(left) = left {
+        set_timeout(&mut req, left);
     }
-    set_timeout(&mut req, left);
-    let sent = up.send(req).map_err(|req| *req)?;
-    Ok(tokio::time::timeout(left, sent.answer(&ep.addr))
+    let answer = up.send(req).map_err(|req| *req)?.answer(&ep.addr);
+    let Some(left) = left else {
+        return Ok(answer.await);
+    };
+    Ok(tokio::time::timeout(left, answer)
         .await
         .unwrap_or_else(|_| {
             Err(Status::deadline_exceeded(format!(
@@ -199,10 +192,13 @@ pub async fn send(
 fn pick(ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
     let mut streams = ep.streams.lock().expect("streams lock");
     streams.retain(|up| !up.is_closed());
-    let least = streams.iter().min_by_key(|up| up.in_flight()).cloned();
+    let least = streams
+        .iter()
+        .map(|up| (up.in_flight(), up))
+        .min_by_key(|(n, _)| *n);
     match least {
-        Some(up) if up.in_flight() < SPREAD || streams.len() == MAX_STREAMS => {
-            (up.in_flight() < MAX_IN_FLIGHT).then_some(up)
+        Some((n, up)) if n < SPREAD || streams.len() == MAX_STREAMS => {
+            (n < MAX_IN_FLIGHT).then(|| up.clone())
         }
         _ => {
             let up = Upstream::open(ep);
@@ -230,15 +226,6 @@ fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     req.parameters.insert("timeout".into(), param);
 }
 
-/// Counts an upstream stream until its reader ends (or is aborted).
-struct StreamGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for StreamGauge<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Opens the stream and hands each answer to its caller; when the stream ends, fails
 /// every caller still waiting with the reason (retryable when it means the worker is gone).
 async fn read(
@@ -246,8 +233,7 @@ async fn read(
     rx: mpsc::UnboundedReceiver<pb::ModelInferRequest>,
     state: Arc<Mutex<State>>,
 ) {
-    ep.metrics.streams.inc();
-    let _open = StreamGauge(&ep.metrics.streams);
+    let _open = OpenGauge::new(&ep.metrics.streams);
     // The request side ends with this task, so the worker sees the stream end even while
     // an `Upstream` (and its sender) is still held.
     let (_ending, ended) = oneshot::channel::<()>();
