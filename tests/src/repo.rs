@@ -59,6 +59,12 @@ impl Default for Repo {
     }
 }
 
+/// The identity backend's `delay_ms` parameter (each batch takes that long), for
+/// [`identity_config`]'s `extra`.
+pub fn delay_ms(ms: u64) -> String {
+    format!(r#"parameters {{ key: "delay_ms" value: {{ string_value: "{ms}" }} }}"#)
+}
+
 /// config.pbtxt for an identity model echoing one FP32 input of `dims`.
 pub fn identity_config(extra: &str, dims: &str) -> String {
     format!(

@@ -70,10 +70,7 @@ async fn unary_requests_spread_over_both_workers() {
 /// in order with their ids.
 #[tokio::test]
 async fn one_stream_is_balanced_per_message() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "2" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(2), "[ 4 ]");
     let repo = Repo::new().identity("echo", &config);
     let a = Worker::start(repo.path(), &[]).await;
     let b = Worker::start(repo.path(), &[]).await;
@@ -213,13 +210,7 @@ async fn a_worker_leaving_keeps_statistics_and_traffic_moves() {
 
 #[tokio::test]
 async fn a_slow_worker_gets_little_of_the_traffic() {
-    let slow = Repo::new().identity(
-        "echo",
-        &identity_config(
-            r#"parameters { key: "delay_ms" value: { string_value: "50" } }"#,
-            "[ 4 ]",
-        ),
-    );
+    let slow = Repo::new().identity("echo", &identity_config(&delay_ms(50), "[ 4 ]"));
     let fast = echo_repo();
     let (s, f) = (
         Worker::start(slow.path(), &[]).await,
@@ -331,10 +322,7 @@ async fn no_ready_worker_is_unavailable_naming_model_and_workers() {
 
 /// A gateway in front of one worker whose model "gate" takes 1 s per batch.
 async fn slow_gate() -> (Repo, Worker, Gateway) {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(1000), "[ 4 ]");
     let repo = Repo::new().identity("gate", &config);
     let w = Worker::start(repo.path(), &[]).await;
     let gw = Gateway::start(&[&w], &[]).await;

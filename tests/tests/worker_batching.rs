@@ -166,10 +166,7 @@ parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
 /// grpc-timeout) are answered DEADLINE_EXCEEDED or dropped, and never run.
 #[tokio::test]
 async fn expired_requests_never_reach_the_engine() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(1000), "[ 4 ]");
     let repo = Repo::new().identity("gate", &config);
     let worker = Worker::start(repo.path(), &[]).await;
     let mut client = worker.client().await;
@@ -224,10 +221,7 @@ async fn expired_requests_never_reach_the_engine() {
 /// A client that cancels while its request is queued: the request is skipped.
 #[tokio::test]
 async fn cancelled_requests_are_skipped_before_the_engine() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(1000), "[ 4 ]");
     let repo = Repo::new().identity("gate", &config);
     let worker = Worker::start(repo.path(), &[]).await;
     let mut client = worker.client().await;
@@ -250,10 +244,7 @@ async fn cancelled_requests_are_skipped_before_the_engine() {
 /// requests finish.
 #[tokio::test]
 async fn the_bytes_in_flight_bound_refuses_then_recovers() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "1000" } }"#,
-        "[ -1 ]",
-    );
+    let config = identity_config(&delay_ms(1000), "[ -1 ]");
     let repo = Repo::new().identity("gate", &config);
     let worker = Worker::start(repo.path(), &["--max-inflight-bytes", "100000"]).await;
     let mut client = worker.client().await;

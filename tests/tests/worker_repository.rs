@@ -215,10 +215,7 @@ async fn explicit_model_control_loads_and_unloads_on_request() {
 /// no request fails.
 #[tokio::test]
 async fn poll_mode_picks_up_a_new_version_without_failing_requests() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "5" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(5), "[ 4 ]");
     let repo = Repo::new().identity("p", &config);
     let worker = Worker::start(
         repo.path(),

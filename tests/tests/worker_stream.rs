@@ -106,10 +106,7 @@ fn slow(id: &str) -> ModelInferRequest {
 /// unordered message with that id: answered CANCELLED and never run, the stream goes on.
 #[tokio::test]
 async fn a_cancel_message_skips_its_queued_request() {
-    let config = identity_config(
-        r#"parameters { key: "delay_ms" value: { string_value: "500" } }"#,
-        "[ 4 ]",
-    );
+    let config = identity_config(&delay_ms(500), "[ 4 ]");
     let repo = Repo::new().identity("slow", &config);
     let worker = Worker::start(repo.path(), &[]).await;
     let mut client = worker.client().await;
