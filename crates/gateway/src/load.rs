@@ -15,8 +15,11 @@ use tokio::time::Instant;
 
 /// Time for an old latency sample to lose most of its weight.
 const DECAY: Duration = Duration::from_secs(10);
-/// Starting estimate before any request completes: cheap enough to be tried.
-const INITIAL: Duration = Duration::from_millis(1);
+/// Starting estimate before any request completes: below any real round trip, so a new
+/// worker is tried as soon as it is a candidate (at 1 ms, a worker that joined next to
+/// one answering in 0.3 ms was never tried at concurrency 1), yet a few requests in
+/// flight on it cost as much as one on a measured worker.
+const INITIAL: Duration = Duration::from_micros(100);
 
 pub struct Load {
     outstanding: AtomicU64,
