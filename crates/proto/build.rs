@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // Undecodable bytes from a client are INVALID_ARGUMENT, not tonic-prost's INTERNAL.
+        .codec_path("crate::codec::Codec")
         // Tensor payloads stay `Bytes` end to end: the gateway forwards them without a copy.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")

@@ -78,7 +78,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         other => return Err(format!("'{s}': unknown unit '{other}'; use ms, s, m or h")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a duration we can hold"))
 }
 
 #[cfg(test)]

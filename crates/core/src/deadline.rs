@@ -1,13 +1,18 @@
 //! Request deadlines: gRPC's `grpc-timeout` header and Triton's `timeout` request
-//! parameter (microseconds); the earlier wins.
+//! parameter (microseconds); the earlier wins. Both are client-controlled, so a value too
+//! large for the clock means "no deadline", never an overflow.
 
 use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+/// Parses a `grpc-timeout` value as the gRPC spec defines it: 1 to 8 ASCII digits and a
+/// unit (H, M, S, m, u, n). Anything else is `None` (the header is ignored).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -18,6 +23,11 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// `start + d`, or no deadline when that is beyond what the clock can hold.
+pub fn after(start: Instant, d: Duration) -> Option<Instant> {
+    start.checked_add(d)
 }
 
 /// The request's deadline from its metadata and its `timeout` parameter (µs), if any.
@@ -34,8 +44,18 @@ pub fn deadline(
         .filter(|&us| us > 0)
         .map(|us| Duration::from_micros(us as u64));
     match (header, param) {
-        (Some(a), Some(b)) => Some(start + a.min(b)),
-        (a, b) => a.or(b).map(|d| start + d),
+        (Some(a), Some(b)) => after(start, a.min(b)),
+        (a, b) => a.or(b).and_then(|d| after(start, d)),
+    }
+}
+
+/// Triton's `timeout` parameter as microseconds: int64 or uint64 (clamped), else `None`.
+pub fn timeout_param(p: &infermesh_proto::InferParameter) -> Option<i64> {
+    use infermesh_proto::infer_parameter::ParameterChoice;
+    match p.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) => Some(v),
+        Some(ParameterChoice::Uint64Param(v)) => Some(v.min(i64::MAX as u64) as i64),
+        _ => None,
     }
 }
 
@@ -48,8 +68,20 @@ mod tests {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        for bad in ["x", "", "S", "123456789S", "18446744073709551615S", "+5S", "-1S", "1s"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_deadline_beyond_the_clock_is_no_deadline() {
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "99999999H".parse().unwrap());
+        let t0 = Instant::now();
+        // 11,000 years fits an Instant on Linux; the parameter's i64::MAX µs may not.
+        let _ = deadline(&md, Some(i64::MAX), t0);
+        assert_eq!(after(t0, Duration::MAX), None);
     }
 
     #[test]

@@ -53,6 +53,6 @@ impl Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = e.code();
-        Status::new(code, e.to_string())
+        Status::new(code, crate::text::cap_message(e.to_string()))
     }
 }

@@ -10,12 +10,15 @@ pub mod deadline;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
+pub mod model_control;
+pub mod panic;
 pub mod process_metrics;
 pub mod serve;
 pub mod status_map;
 pub mod stream;
 pub mod telemetry;
 pub mod tensor;
+pub mod text;
 pub mod trace;
 
 pub use config::ServerArgs;

@@ -52,6 +52,13 @@ fn sample() -> Option<Sample> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let panics = ConstCounter::new(crate::panic::count());
+        panics.encode(encoder.encode_descriptor(
+            "infermesh_panics",
+            "Panics caught in this process (each answered INTERNAL to its request only)",
+            None,
+            panics.metric_type(),
+        )?)?;
         let Some(s) = sample() else { return Ok(()) };
         let cpu = ConstCounter::new(s.cpu_seconds);
         cpu.encode(encoder.encode_descriptor(

@@ -144,7 +144,8 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
-        ));
+        ))
+        .layer(crate::panic::CatchPanicLayer);
     if !args.max_connection_age.is_zero() {
         builder = builder.max_connection_age(args.max_connection_age);
     }

@@ -42,18 +42,29 @@ type Answer = BoxFuture<'static, pb::ModelStreamInferResponse>;
 /// An unordered answer, with the id and sequence number it is cancellable under.
 type Keyed = BoxFuture<'static, (Option<(String, u64)>, pb::ModelStreamInferResponse)>;
 
-/// Serves one stream. `handle` answers one message; at most `max_in_flight` run at once,
-/// beyond which the stream stops reading (back-pressure through HTTP/2 flow control).
+/// How a server serves its streams.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Messages of one stream handled at once; beyond it the stream stops reading
+    /// (back-pressure through HTTP/2 flow control).
+    pub max_in_flight: usize,
+    /// Whether `infermesh_cancel` messages cancel (a worker). A gateway passes them to
+    /// `handle`, which refuses them: there, clients may not set mesh parameters.
+    pub cancels: bool,
+}
+
+/// Serves one stream. `handle` answers one message.
 pub fn serve<F, Fut>(
     mut inbound: Streaming<pb::ModelInferRequest>,
-    max_in_flight: usize,
+    options: Options,
     handle: F,
 ) -> ResponseStream
 where
     F: Fn(pb::ModelInferRequest) -> Fut + Send + 'static,
     Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
 {
-    let max_in_flight = max_in_flight.max(1);
+    let max_in_flight = options.max_in_flight.max(1);
+    let cancels = options.cancels;
     let (tx, rx) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
         let mut ordered: FuturesOrdered<Answer> = FuturesOrdered::new();
@@ -70,7 +81,7 @@ where
             }
             let out = tokio::select! {
                 msg = inbound.message(), if reading && in_flight < max_in_flight => match msg {
-                    Ok(Some(req)) if flag(&req, CANCEL) => {
+                    Ok(Some(req)) if cancels && flag(&req, CANCEL) => {
                         if let Some((_, abort)) = cancellable.remove(&req.id) {
                             abort.abort();
                         }
@@ -81,7 +92,7 @@ where
                             (req.id.clone(), req.model_name.clone(), req.model_version.clone());
                         let failed = move |status: Status| failure(status, model_name, model_version, id);
                         if !flag(&req, UNORDERED) {
-                            let fut = handle(req);
+                            let fut = crate::panic::contain(handle(req));
                             ordered.push_back(Box::pin(async move { answer(fut.await, failed) }));
                             continue;
                         }
@@ -91,7 +102,7 @@ where
                         if let Some((id, n)) = &key {
                             cancellable.insert(id.clone(), (*n, abort));
                         }
-                        let fut = Abortable::new(handle(req), registration);
+                        let fut = Abortable::new(crate::panic::contain(handle(req)), registration);
                         unordered.push(Box::pin(async move {
                             let result = fut.await.unwrap_or_else(|_| Err(Status::cancelled("cancelled by the client")));
                             (key, answer(result, failed))
@@ -155,7 +166,7 @@ fn failure(
         parameter_choice: Some(ParameterChoice::Int64Param(status.code() as i64)),
     };
     pb::ModelStreamInferResponse {
-        error_message: status.message().to_string(),
+        error_message: crate::text::cap_message(status.message().to_string()),
         infer_response: Some(pb::ModelInferResponse {
             model_name,
             model_version,

@@ -53,6 +53,7 @@ pub fn init_server(args: &crate::config::ServerArgs, service: &str) -> Option<Tr
         Err(e) => (None, Some(e)),
     };
     init(args.log_format, pipeline.as_ref());
+    crate::panic::install_hook();
     if let Some(e) = error {
         tracing::warn!(error = %e, "OpenTelemetry export is off");
     } else if let Some(endpoint) = &args.trace.otel_endpoint {

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use infermesh_proto::{model_infer_request::InferInputTensor, InferTensorContents};
 
-use crate::{invalid, DataType, Result};
+use crate::{invalid, text::clip, DataType, Result};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -26,14 +26,51 @@ pub enum TensorData {
     Strings(Vec<Bytes>),
 }
 
-/// Number of elements for `shape`; rejects negative dims and overflow.
+/// A dimension is at most this (what ONNX Runtime and most frameworks index with i32).
+pub const MAX_DIM: i64 = i32::MAX as i64;
+
+/// Elements in one tensor at most (2^40): far beyond any message, so the count and its
+/// byte size stay exact in u64 whatever the shape claims.
+pub const MAX_ELEMENTS: u64 = 1 << 40;
+
+/// Number of elements for `shape`; rejects negative dims, dims over [`MAX_DIM`] and
+/// counts over [`MAX_ELEMENTS`]. This is only what the shape claims: decoding compares it
+/// with the bytes that came before anything is allocated.
 pub fn element_count(name: &str, shape: &[i64]) -> Result<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| {
-        let d = usize::try_from(d)
-            .map_err(|_| invalid!("input '{name}': shape {shape:?} has a negative dimension"))?;
-        acc.checked_mul(d)
-            .ok_or_else(|| invalid!("input '{name}': shape {shape:?} is too large"))
-    })
+    let name = clip(name);
+    let shown = Shape(shape);
+    for (i, &d) in shape.iter().enumerate() {
+        if !(0..=MAX_DIM).contains(&d) {
+            return Err(invalid!(
+                "input '{name}': dim {i} is {d}; expected 0..={MAX_DIM} (shape {shown})"
+            ));
+        }
+    }
+    // Zero-sized dims make zero elements, but the other dims are bounded all the same.
+    let bounded = shape.iter().try_fold(1u64, |acc, &d| {
+        acc.checked_mul((d as u64).max(1))
+            .filter(|&n| n <= MAX_ELEMENTS)
+    });
+    if bounded.is_none() {
+        return Err(invalid!(
+            "input '{name}': shape {shown} has more than {MAX_ELEMENTS} elements"
+        ));
+    }
+    Ok(shape.iter().map(|&d| d as usize).product())
+}
+
+/// A client's shape in a message: at most 16 dims shown.
+pub struct Shape<'a>(pub &'a [i64]);
+
+impl std::fmt::Display for Shape<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 16;
+        if self.0.len() <= SHOWN {
+            return write!(f, "{:?}", self.0);
+        }
+        let head = &self.0[..SHOWN];
+        write!(f, "{head:?}…({} dims)", self.0.len())
+    }
 }
 
 impl Tensor {
@@ -47,11 +84,11 @@ impl Tensor {
     /// Decodes one request input. `raw` is its entry of `raw_input_contents`, if the
     /// request used raw contents.
     pub fn decode(input: &InferInputTensor, raw: Option<&Bytes>) -> Result<Tensor> {
-        let name = &input.name;
+        let name = &clip(&input.name).to_string();
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
             invalid!(
                 "input '{name}': unknown datatype '{}'; expected one of BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64, BYTES",
-                input.datatype
+                clip(&input.datatype)
             )
         })?;
         let count = element_count(name, &input.shape)?;
@@ -107,7 +144,7 @@ pub fn decode_inputs(inputs: &[InferInputTensor], raw: &[Bytes]) -> Result<Vec<T
     let mut out: Vec<Tensor> = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {
         if out.iter().any(|t| t.name == input.name) {
-            return Err(invalid!("input '{}': given more than once", input.name));
+            return Err(invalid!("input '{}': given more than once", clip(&input.name)));
         }
         out.push(Tensor::decode(input, raw.get(i))?);
     }
@@ -129,8 +166,9 @@ fn decode_raw(name: &str, dt: DataType, count: usize, raw: &Bytes) -> Result<Ten
     let Some(size) = dt.size() else {
         return decode_raw_strings(name, count, raw).map(TensorData::Strings);
     };
-    let expected = count * size;
-    if raw.len() != expected {
+    // In u128: exact for any count, so no shape can wrap around to the bytes that came.
+    let expected = count as u128 * size as u128;
+    if raw.len() as u128 != expected {
         return Err(invalid!(
             "input '{name}': raw content has {} bytes; expected {expected} ({count} {dt} elements of {size} bytes)",
             raw.len()
@@ -141,7 +179,8 @@ fn decode_raw(name: &str, dt: DataType, count: usize, raw: &Bytes) -> Result<Ten
 
 /// Splits length-prefixed BYTES elements without copying them.
 fn decode_raw_strings(name: &str, count: usize, raw: &Bytes) -> Result<Vec<Bytes>> {
-    let mut items = Vec::with_capacity(count);
+    // Each element takes at least its 4-byte prefix: the bytes bound the count.
+    let mut items = Vec::with_capacity(count.min(raw.len() / 4));
     let mut at = 0usize;
     for i in 0..count {
         let Some(prefix) = raw.get(at..at + 4) else {

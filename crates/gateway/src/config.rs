@@ -66,6 +66,11 @@ pub struct GatewayConfig {
     )]
     pub model_control_mode: ControlMode,
 
+    /// How long a request that broke two workers (a query of death) is refused at the
+    /// gateway, identified by its fingerprint (model, version, shapes, a hash of its bytes).
+    #[arg(long, env = "INFERMESH_POISON_QUARANTINE", default_value = "10m", value_parser = parse_duration)]
+    pub poison_quarantine: Duration,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

@@ -25,6 +25,8 @@ pub struct Seen {
     pub models: BTreeMap<String, BTreeSet<i64>>,
     /// Every model the worker lists, ready or not (tells NOT_FOUND from UNAVAILABLE).
     pub known: BTreeSet<String>,
+    /// Every version of each model the worker lists, in any state.
+    pub versions: BTreeMap<String, BTreeSet<i64>>,
     /// Why it is not ready, for error messages.
     pub problem: Option<String>,
 }
@@ -94,6 +96,9 @@ impl Endpoint {
             .map_err(|e| format!("bad worker address '{addr}': {e}"))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
+            // Far above any status message a worker sends (4 KiB, percent-encoded): a
+            // header list over the limit would tear down the whole connection.
+            .http2_max_header_list_size(256 * 1024)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
@@ -305,10 +310,12 @@ impl Endpoint {
                 };
                 for m in index {
                     seen.known.insert(m.name.clone());
+                    let Ok(v) = m.version.parse::<i64>() else {
+                        continue;
+                    };
+                    seen.versions.entry(m.name.clone()).or_default().insert(v);
                     if m.state == "READY" {
-                        if let Ok(v) = m.version.parse::<i64>() {
-                            seen.models.entry(m.name).or_default().insert(v);
-                        }
+                        seen.models.entry(m.name).or_default().insert(v);
                     }
                 }
                 seen
@@ -342,6 +349,7 @@ mod tests {
             ready: true,
             models: [("m".to_string(), BTreeSet::from([1]))].into(),
             known: ["m".to_string()].into(),
+            versions: [("m".to_string(), BTreeSet::from([1]))].into(),
             problem: None,
         }
     }

@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod load;
 pub mod metrics;
+pub mod poison;
 pub mod pool;
 pub mod retry;
 pub mod service;
@@ -88,6 +89,10 @@ pub async fn run(
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
         budget: Arc::new(retry::Budget::new(config.retry_budget_ratio, 10.0)),
+        quarantine: Arc::new(poison::Quarantine::new(
+            config.poison_quarantine,
+            metrics.poison.clone(),
+        )),
         metrics,
     };
     let parts = serve::Parts {

@@ -50,6 +50,7 @@ pub struct GatewayMetrics {
     pub worker_streams: Family<WorkerLabels, Gauge>,
     pub retries: Family<CodeLabels, Counter>,
     pub retry_budget_exhausted: Counter,
+    pub poison: Counter,
     pub discovery_changes: Family<ChangeLabels, Counter>,
     pub dns_failures: Counter,
     pub open_streams: Gauge,
@@ -68,6 +69,7 @@ impl Default for GatewayMetrics {
             worker_streams: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Counter::default(),
+            poison: Counter::default(),
             discovery_changes: Family::default(),
             dns_failures: Counter::default(),
             open_streams: Gauge::default(),
@@ -123,6 +125,11 @@ impl GatewayMetrics {
             "retry_budget_exhausted",
             "Retries refused because the retry budget was empty",
             m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "poison",
+            "Requests that broke 2 workers, whose fingerprint is then refused for a while",
+            m.poison.clone(),
         );
         r.register(
             "discovery_changes",

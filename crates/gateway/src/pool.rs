@@ -2,17 +2,17 @@
 //! over the load estimate, among the workers where the model version is ready.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use infermesh_core::Error;
+use infermesh_core::{text::clip, Error};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     discovery::Change,
-    endpoint::Endpoint,
+    endpoint::{Endpoint, Seen},
     metrics::{ChangeLabels, GatewayMetrics},
 };
 
@@ -119,7 +119,9 @@ impl Pool {
         } else {
             Some(version.parse().map_err(|_| {
                 Error::InvalidArgument(format!(
-                    "model '{model}': version '{version}' is not a number"
+                    "model '{}': version '{}' is not a number",
+                    clip(model),
+                    clip(version)
                 ))
             })?)
         };
@@ -168,7 +170,9 @@ impl Pool {
         } else {
             seen.join(", ")
         };
-        if !all.iter().any(|e| e.knows(model)) && all.iter().any(|e| e.seen().ready) {
+        let model = clip(model);
+        let answered = all.iter().any(|e| e.seen().ready);
+        if !all.iter().any(|e| e.knows(model.0)) && answered {
             return Error::NotFound(format!("unknown model '{model}'; workers seen: {workers}"));
         }
         let what = if version.is_empty() {
@@ -176,6 +180,24 @@ impl Pool {
         } else {
             format!(" version {version}")
         };
+        // A version no worker lists in any state is not coming: NOT_FOUND, not retryable.
+        if let Ok(v) = version.parse::<i64>() {
+            let seen: Vec<Seen> = all.iter().map(|e| e.seen()).collect();
+            let listed = seen
+                .iter()
+                .any(|s| s.versions.get(model.0).is_some_and(|vs| vs.contains(&v)));
+            if answered && !listed {
+                let have: BTreeSet<i64> = seen
+                    .iter()
+                    .filter_map(|s| s.versions.get(model.0))
+                    .flatten()
+                    .copied()
+                    .collect();
+                return Error::NotFound(format!(
+                    "model '{model}' has no version {v}; versions: {have:?}"
+                ));
+            }
+        }
         Error::Unavailable(format!(
             "no ready worker for model '{model}'{what}; workers seen: {workers}"
         ))

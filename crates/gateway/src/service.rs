@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::future::join_all;
-use infermesh_core::{trace, Error as RequestError, Lifecycle};
+use infermesh_core::{stream::UNORDERED, text::clip, trace, Error as RequestError, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +20,7 @@ use crate::{
     endpoint::Endpoint,
     metrics::{CodeLabels, GatewayMetrics, ModelLabels, OpenGauge, RequestLabels},
     pool::Pool,
+    poison::{self, Quarantine},
     retry::{self, Budget},
     stats::StatsCache,
     upstream,
@@ -35,6 +36,7 @@ pub struct GatewayService {
     pub control: ControlMode,
     pub max_stream_inflight: usize,
     pub budget: Arc<Budget>,
+    pub quarantine: Arc<Quarantine>,
     pub metrics: GatewayMetrics,
 }
 
@@ -91,7 +93,10 @@ impl GatewayService {
             code: None,
         };
         infermesh_core::busy_poll::touch();
-        let result = self.forward(req, deadline, &carry).await;
+        let result = match internal_parameter(&req) {
+            Some(status) => Err(status),
+            None => self.forward(req, deadline, &carry).await,
+        };
         infermesh_core::busy_poll::touch();
         record.code = Some(
             result
@@ -113,8 +118,19 @@ impl GatewayService {
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
         self.budget.deposit();
         let asked_version = std::mem::take(&mut req.model_version);
+        if self.quarantine.is_active() {
+            let fp = self.quarantine.fingerprint(&req, &asked_version);
+            if let Some(left) = self.quarantine.refused(fp) {
+                return Err(Status::unavailable(format!(
+                    "request refused: an identical request broke {} workers (fingerprint {fp:016x}); refused for {}s more",
+                    poison::MAX_BREAKS,
+                    left.as_secs()
+                )));
+            }
+        }
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
+        let mut breaks = 0;
         loop {
             let route =
                 infermesh_core::child_span!("route", model = %req.model_name, worker = Empty);
@@ -188,6 +204,12 @@ impl GatewayService {
                 Err(status) if retry::retryable(&status) => {
                     ep.note_failure(&req.model_name, &status);
                     tried.push(ep.addr.clone());
+                    if poison::broke(&status) {
+                        breaks += 1;
+                        if breaks >= poison::MAX_BREAKS {
+                            return Err(self.poisoned(&req, &asked_version, &tried));
+                        }
+                    }
                     if !self.budget.withdraw() {
                         self.metrics.retry_budget_exhausted.inc();
                         return Err(status);
@@ -203,6 +225,40 @@ impl GatewayService {
             }
         }
     }
+}
+
+impl GatewayService {
+    /// The request broke its second worker: refuse its fingerprint from now on.
+    fn poisoned(&self, req: &pb::ModelInferRequest, version: &str, tried: &[String]) -> Status {
+        let fp = self.quarantine.fingerprint(req, version);
+        self.quarantine.add(fp);
+        let ttl = self.quarantine.ttl().as_secs();
+        tracing::error!(
+            fingerprint = format!("{fp:016x}"),
+            model = %clip(&req.model_name),
+            workers = ?tried,
+            quarantine_secs = ttl,
+            "a request broke {} workers; identical requests are refused",
+            poison::MAX_BREAKS
+        );
+        Status::unavailable(format!(
+            "this request broke {} workers (their connections failed while it was on them); identical requests are refused for {ttl}s (fingerprint {fp:016x})",
+            poison::MAX_BREAKS
+        ))
+    }
+}
+
+/// Request parameters with the `infermesh_` prefix belong to the mesh; a client may set
+/// only `infermesh_unordered`.
+fn internal_parameter(req: &pb::ModelInferRequest) -> Option<Status> {
+    let key = req
+        .parameters
+        .keys()
+        .find(|k| k.starts_with("infermesh_") && k.as_str() != UNORDERED)?;
+    Some(Status::invalid_argument(format!(
+        "parameter '{}': the infermesh_ prefix is reserved for the mesh; clients may set only {UNORDERED}",
+        clip(key)
+    )))
 }
 
 /// One attempt as a unary call, bounded by what is `left` of the deadline.
@@ -322,7 +378,10 @@ impl GrpcInferenceService for GatewayService {
         let parent = trace::incoming(req.metadata());
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
-            self.max_stream_inflight,
+            infermesh_core::stream::Options {
+                max_in_flight: self.max_stream_inflight,
+                cancels: false,
+            },
             move |m| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
@@ -354,9 +413,11 @@ impl GrpcInferenceService for GatewayService {
         }
         let model_stats = self.stats.sum(&req.name, &req.version);
         if !req.name.is_empty() && model_stats.is_empty() {
-            return Err(
-                RequestError::NotFound(format!("no statistics for model '{}'", req.name)).into(),
-            );
+            return Err(RequestError::NotFound(format!(
+                "no statistics for model '{}'",
+                clip(&req.name)
+            ))
+            .into());
         }
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
@@ -412,6 +473,8 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::RepositoryModelLoadResponse> {
         self.allow_control()?;
         let req = req.into_inner();
+        infermesh_core::model_control::check_name(&req.model_name)?;
+        infermesh_core::model_control::check_load_parameters(req.parameters.keys())?;
         let answers = join_all(self.pool.all().into_iter().map(|ep| {
             let req = req.clone();
             async move { ep.client.clone().repository_model_load(req).await }
@@ -427,6 +490,7 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::RepositoryModelUnloadResponse> {
         self.allow_control()?;
         let req = req.into_inner();
+        infermesh_core::model_control::check_name(&req.model_name)?;
         let answers = join_all(self.pool.all().into_iter().map(|ep| {
             let req = req.clone();
             async move { ep.client.clone().repository_model_unload(req).await }

@@ -237,14 +237,14 @@ async fn read(
     // The request side ends with this task, so the worker sees the stream end even while
     // an `Upstream` (and its sender) is still held.
     let (_ending, ended) = oneshot::channel::<()>();
-    let why = pump(
+    let (why, broke) = pump(
         &ep,
         UnboundedReceiverStream::new(rx).take_until(ended),
         &state,
     )
     .await;
     // No caller still waiting got an answer, so each may go to another worker.
-    let why = match why.code() {
+    let mut why = match why.code() {
         Code::Unavailable => why,
         code => Status::unavailable(format!(
             "worker {}: stream broke ({code:?}: {})",
@@ -252,6 +252,9 @@ async fn read(
             why.message()
         )),
     };
+    if broke {
+        why.set_source(Arc::new(crate::poison::WorkerBroke));
+    }
     let mut state = state.lock().expect("upstream lock");
     state.closed = true;
     for (_, caller) in state.waiting.drain() {
@@ -259,15 +262,17 @@ async fn read(
     }
 }
 
+/// Runs the stream until it ends; says why, and whether it broke while open (the
+/// worker's connection failed under messages already sent) rather than ended.
 async fn pump(
     ep: &Endpoint,
     outbound: impl Stream<Item = pb::ModelInferRequest> + Send + 'static,
     state: &Mutex<State>,
-) -> Status {
+) -> (Status, bool) {
     let mut client = ep.client.clone();
     let mut inbound = match client.model_stream_infer(outbound).await {
         Ok(resp) => resp.into_inner(),
-        Err(status) => return status,
+        Err(status) => return (status, false),
     };
     let mut idle_check = tokio::time::interval(IDLE_CHECK);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,15 +280,15 @@ async fn pump(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => deliver(state, msg),
-                Ok(None) => return Status::unavailable(format!("worker {} ended the stream", ep.addr)),
-                Err(status) => return status,
+                Ok(None) => return (Status::unavailable(format!("worker {} ended the stream", ep.addr)), false),
+                Err(status) => return (status, true),
             },
             _ = idle_check.tick() => {
                 let mut state = state.lock().expect("upstream lock");
                 let used = std::mem::take(&mut state.used);
                 if state.waiting.is_empty() && (!used || !ep.is_ready()) {
                     state.closed = true;
-                    return Status::unavailable(format!("worker {}: idle stream closed", ep.addr));
+                    return (Status::unavailable(format!("worker {}: idle stream closed", ep.addr)), false);
                 }
             }
         }

@@ -2,6 +2,8 @@
 
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 pub mod inference {
     tonic::include_proto!("inference");
 }

@@ -72,6 +72,21 @@ pub fn split(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, S
             ));
         }
         let per_row = out.element_count() / total.max(1);
+        // An engine's output must hold whole rows: slicing trusts this below.
+        let exact = match &out.data {
+            TensorData::Fixed(b) => {
+                per_row * total * out.datatype.size().unwrap_or(1) == b.len()
+            }
+            TensorData::Strings(s) => per_row * total == s.len(),
+        };
+        if !exact {
+            return Err(format!(
+                "output '{}' has shape {:?} but {} elements; not {total} whole rows",
+                out.name,
+                out.shape,
+                out.element_count()
+            ));
+        }
         let mut at = 0usize;
         for (i, &n) in rows.iter().enumerate() {
             let mut shape = out.shape.clone();

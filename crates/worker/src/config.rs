@@ -77,6 +77,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_REPOSITORY_POLL_SECS", default_value_t = 15.0)]
     pub repository_poll_secs: f64,
 
+    /// Models that may be loaded at once; a RepositoryModelLoad of another model beyond it
+    /// gets RESOURCE_EXHAUSTED (reloading a loaded model is always allowed). 0 = no cap.
+    #[arg(long, env = "INFERMESH_MAX_MODELS", default_value_t = 0)]
+    pub max_models: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use infermesh_core::{Error as RequestError, Lifecycle};
+use infermesh_core::{model_control::check_name, Error as RequestError, Lifecycle};
 
 use crate::{
     model::{Defaults, LoadOptions, Model},
@@ -53,6 +53,8 @@ pub struct Control {
     pub mode: ModelControlMode,
     defaults: Defaults,
     lifecycle: Lifecycle,
+    /// `--max-models`: 0 = no cap.
+    max_models: usize,
     stamps: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
 }
 
@@ -62,12 +64,14 @@ impl Control {
         mode: ModelControlMode,
         defaults: Defaults,
         lifecycle: Lifecycle,
+        max_models: usize,
     ) -> Self {
         Self {
             repo,
             mode,
             defaults,
             lifecycle,
+            max_models,
             stamps: Default::default(),
         }
     }
@@ -90,20 +94,32 @@ impl Control {
 
     /// RepositoryModelLoad: (re)loads a model from disk. New versions serve before old ones
     /// leave; versions the policy no longer selects are unloaded after their requests.
+    /// The name is one path component inside the repository (checked before the file
+    /// system is touched); missing, not a directory and outside all answer the same.
     pub async fn load(&self, name: &str) -> Result<(), Error> {
         self.allowed()?;
+        check_name(name)?;
         let found = self.repo.scan_one(name).ok_or_else(|| {
             RequestError::NotFound(format!(
-                "no model directory '{name}' in the repository {}",
-                self.repo.root().display()
+                "model_name '{name}': no such model directory in the model repository"
             ))
         })?;
+        let loaded = self.repo.get(name, "").is_ok();
+        if self.max_models > 0 && !loaded && self.repo.loaded_count() >= self.max_models {
+            return Err(RequestError::ResourceExhausted(format!(
+                "model_name '{name}': {} models are loaded, the most this worker allows (--max-models {}); unload one first",
+                self.repo.loaded_count(),
+                self.max_models
+            ))
+            .into());
+        }
         self.reload(found).await
     }
 
     /// RepositoryModelUnload: every version stops taking requests; those in flight finish.
     pub async fn unload(&self, name: &str) -> Result<(), Error> {
         self.allowed()?;
+        check_name(name)?;
         if !self.repo.knows(name) {
             return Err(RequestError::NotFound(format!("unknown model '{name}'")).into());
         }

@@ -1,5 +1,6 @@
 //! The worker's errors and their one mapping to gRPC status.
 
+use infermesh_core::text::cap_message;
 use tonic::Status;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -22,9 +23,9 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
             Error::Request(e) => e.into(),
-            Error::Load(m) => Status::unavailable(m),
-            Error::Runtime(m) => Status::internal(format!("inference failed: {m}")),
-            Error::Startup(m) => Status::internal(m),
+            Error::Load(m) => Status::unavailable(cap_message(m)),
+            Error::Runtime(m) => Status::internal(cap_message(format!("inference failed: {m}"))),
+            Error::Startup(m) => Status::internal(cap_message(m)),
         }
     }
 }

@@ -98,6 +98,7 @@ pub async fn run(
         config.model_control_mode,
         defaults,
         lifecycle.clone(),
+        config.max_models,
     ));
     {
         let (control, lifecycle, loaded) = (control.clone(), lifecycle.clone(), loaded.clone());

@@ -30,6 +30,8 @@ pub struct Signature {
     pub max_batch_size: usize,
     pub inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
+    /// BYTES inputs are text for the engine (ONNX string tensors): UTF-8, no NUL.
+    pub text_strings: bool,
 }
 
 impl Signature {
@@ -178,6 +180,7 @@ impl Model {
         let rows = validate::inputs(&self.name, &self.signature, inputs)?;
         let outputs = validate::outputs(&self.name, &self.signature, outputs)?;
         let inputs = decode_inputs(inputs, raw)?;
+        validate::strings(&self.signature, &inputs)?;
         let deadline = match self
             .batching
             .as_ref()

@@ -412,6 +412,7 @@ pub fn signature(config: &pb::ModelConfig) -> Signature {
             .iter()
             .map(|o| io(&o.name, o.data_type, &o.dims))
             .collect(),
+        text_strings: backend(config).is_ok_and(|b| b == Backend::Onnx),
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use infermesh_core::Error as RequestError;
+use infermesh_core::{text::clip, Error as RequestError};
 use infermesh_proto as pb;
 
 use crate::{metrics::WorkerMetrics, model::Model, model_config, Error};
@@ -124,13 +124,28 @@ impl Repository {
         }
     }
 
-    /// Reads one model directory, if it exists.
+    /// Reads one model directory for a Load request: `name` must be one path component
+    /// (checked by the caller) whose directory, symlinks resolved, lies inside the
+    /// repository. `None` alike for missing, not a directory, or outside.
     pub fn scan_one(&self, name: &str) -> Option<Found> {
-        let path = self.root.join(name);
-        path.is_dir().then(|| Found {
+        let root = self.root.canonicalize().ok()?;
+        let path = root.join(name).canonicalize().ok()?;
+        (path.starts_with(&root) && path != root && path.is_dir()).then(|| Found {
             name: name.to_string(),
             plan: plan(&path),
         })
+    }
+
+    /// Models with at least one version loaded or loading (what `--max-models` counts).
+    pub fn loaded_count(&self) -> usize {
+        let models = self.models.read().expect("repository lock");
+        models
+            .values()
+            .filter(|v| {
+                v.values()
+                    .any(|s| matches!(s, State::Ready(_) | State::Loading))
+            })
+            .count()
     }
 
     pub fn set(&self, name: &str, version: Option<i64>, state: State) {
@@ -156,7 +171,8 @@ impl Repository {
         let Some(versions) = models.get(name) else {
             let known = models.keys().cloned().collect::<Vec<_>>().join(", ");
             return Err(RequestError::NotFound(format!(
-                "unknown model '{name}'; this server has: {known}"
+                "unknown model '{}'; this server has: {known}",
+                clip(name)
             )));
         };
         let state = if version.is_empty() {
@@ -168,7 +184,8 @@ impl Repository {
         } else {
             let v: i64 = version.parse().map_err(|_| {
                 RequestError::InvalidArgument(format!(
-                    "model '{name}': version '{version}' is not a number"
+                    "model '{name}': version '{}' is not a number",
+                    clip(version)
                 ))
             })?;
             versions.get(&Some(v))

@@ -150,11 +150,7 @@ impl WorkerService {
         let timeout = req
             .parameters
             .get("timeout")
-            .and_then(|p| match p.parameter_choice {
-                Some(pb::infer_parameter::ParameterChoice::Int64Param(v)) => Some(v),
-                Some(pb::infer_parameter::ParameterChoice::Uint64Param(v)) => Some(v as i64),
-                _ => None,
-            });
+            .and_then(infermesh_core::deadline::timeout_param);
         let param = infermesh_core::deadline::deadline(&Default::default(), timeout, start);
         let deadline = match (deadline, param) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -293,7 +289,10 @@ impl GrpcInferenceService for WorkerService {
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
-            MAX_STREAM_IN_FLIGHT,
+            infermesh_core::stream::Options {
+                max_in_flight: MAX_STREAM_IN_FLIGHT,
+                cancels: true,
+            },
             move |m| {
                 let svc = svc.clone();
                 // A gateway sharing one stream between messages sends each one's context.
@@ -345,7 +344,9 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<pb::RepositoryModelLoadResponse> {
-        let name = req.into_inner().model_name;
+        let req = req.into_inner();
+        infermesh_core::model_control::check_load_parameters(req.parameters.keys())?;
+        let name = req.model_name;
         self.control.load(&name).await.map_err(|e| match e {
             Error::Load(reason) => {
                 Status::invalid_argument(format!("failed to load '{name}': {reason}"))

@@ -22,6 +22,7 @@ fn pool_of(n: usize) -> (Arc<Pool>, Vec<Arc<Endpoint>>) {
             ready: true,
             models: [("m".to_string(), BTreeSet::from([1, 2]))].into(),
             known: ["m".to_string()].into(),
+            versions: [("m".to_string(), BTreeSet::from([1, 2]))].into(),
             problem: None,
         });
         let task = tokio::spawn(async {});

@@ -1,6 +1,8 @@
 //! The identity backend: output i echoes input i. Optional `delay_ms` and `failure_rate`
 //! parameters in config.pbtxt make slow or failing workers for tests, and it measures the
-//! mesh without model cost.
+//! mesh without model cost. `crash_on_first_byte: "N"` aborts the whole process when an
+//! input's first byte is N: a stand-in for a query of death, to test that the gateway
+//! contains one (nothing real crashes a worker any more).
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ pub struct IdentityEngine {
     failure_rate: f64,
     runs: u64,
     failures: u64,
+    crash_on: Option<u8>,
 }
 
 impl IdentityEngine {
@@ -33,6 +36,15 @@ impl IdentityEngine {
         };
         let delay_ms = number("delay_ms")?.unwrap_or(0.0);
         let failure_rate = number("failure_rate")?.unwrap_or(0.0);
+        let crash_on = param("crash_on_first_byte")
+            .map(|v| {
+                v.trim().parse::<u8>().map_err(|_| {
+                    Error::Load(format!(
+                        "parameters 'crash_on_first_byte': '{v}' is not a byte value (0..=255)"
+                    ))
+                })
+            })
+            .transpose()?;
         if !(0.0..=1.0).contains(&failure_rate) || delay_ms < 0.0 {
             return Err(Error::Load(
                 "parameters: failure_rate must be within 0..1 and delay_ms not negative".into(),
@@ -49,12 +61,19 @@ impl IdentityEngine {
             failure_rate,
             runs: 0,
             failures: 0,
+            crash_on,
         })
     }
 }
 
 impl Engine for IdentityEngine {
     fn run(&mut self, inputs: &[Tensor], outputs: &[String]) -> Result<Vec<Tensor>, Error> {
+        if let Some(b) = self.crash_on {
+            if inputs.iter().any(|t| t.to_raw().first() == Some(&b)) {
+                eprintln!("identity backend: crash_on_first_byte {b} matched; aborting");
+                std::process::abort();
+            }
+        }
         std::thread::sleep(self.delay);
         self.runs += 1;
         // Deterministic: after n runs exactly floor(n × rate) have failed.

@@ -1,7 +1,7 @@
 //! Request checks against a model's signature. Every message names the input, what was
 //! expected and what came.
 
-use infermesh_core::{invalid, DataType, Error};
+use infermesh_core::{invalid, tensor::Shape, text::clip, DataType, Error, Tensor, TensorData};
 use infermesh_proto::model_infer_request::InferInputTensor;
 
 use super::Signature;
@@ -33,7 +33,7 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Res
         let Some(io) = sig.inputs.iter().find(|io| io.name == t.name) else {
             return Err(invalid!(
                 "model '{model}': unknown input '{}'; expected: {}",
-                t.name,
+                clip(&t.name),
                 expected()
             ));
         };
@@ -46,16 +46,16 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Res
             return Err(invalid!(
                 "input '{}': {what} '{}'; expected {}",
                 t.name,
-                t.datatype,
+                clip(&t.datatype),
                 io.datatype
             ));
         }
         let full = sig.full_shape(io);
         if t.shape.len() != full.len() {
             return Err(invalid!(
-                "input '{}': shape {:?} has rank {}; expected rank {} ({:?})",
+                "input '{}': shape {} has rank {}; expected rank {} ({:?})",
                 t.name,
-                t.shape,
+                Shape(&t.shape),
                 t.shape.len(),
                 full.len(),
                 full
@@ -91,15 +91,17 @@ pub fn inputs(model: &str, sig: &Signature, tensors: &[InferInputTensor]) -> Res
             }
         }
     }
-    if let Some(missing) = sig
+    let missing: Vec<String> = sig
         .inputs
         .iter()
-        .find(|io| !tensors.iter().any(|t| t.name == io.name))
-    {
+        .filter(|io| !tensors.iter().any(|t| t.name == io.name))
+        .map(|io| format!("'{}' ({})", io.name, describe(sig, io)))
+        .collect();
+    if !missing.is_empty() {
+        let s = if missing.len() == 1 { "" } else { "s" };
         return Err(invalid!(
-            "model '{model}': missing input '{}' ({})",
-            missing.name,
-            describe(sig, missing)
+            "model '{model}': missing input{s} {}",
+            missing.join(", ")
         ));
     }
     Ok(batch.map_or(1, |(b, _)| b as usize))
@@ -119,9 +121,39 @@ pub fn outputs(model: &str, sig: &Signature, asked: &[String]) -> Result<Vec<Str
                 .collect::<Vec<_>>()
                 .join(", ");
             return Err(invalid!(
-                "model '{model}': unknown output '{name}'; outputs are: {known}"
+                "model '{model}': unknown output '{}'; outputs are: {known}",
+                clip(name)
             ));
         }
     }
     Ok(asked.to_vec())
+}
+
+/// String rules for BYTES inputs of a model whose engine takes text (ONNX string tensors):
+/// every element UTF-8 without NUL bytes. Checked here, before the request can join a
+/// batch, so one bad string never fails the requests batched with it.
+pub fn strings(sig: &Signature, tensors: &[Tensor]) -> Result<(), Error> {
+    if !sig.text_strings {
+        return Ok(());
+    }
+    for t in tensors {
+        let TensorData::Strings(items) = &t.data else {
+            continue;
+        };
+        for (i, s) in items.iter().enumerate() {
+            let name = clip(&t.name);
+            if let Err(e) = std::str::from_utf8(s) {
+                return Err(invalid!(
+                    "input '{name}': BYTES element {i} is not UTF-8 (invalid byte at offset {}); this model's string input needs UTF-8 text",
+                    e.valid_up_to()
+                ));
+            }
+            if let Some(at) = s.iter().position(|&b| b == 0) {
+                return Err(invalid!(
+                    "input '{name}': BYTES element {i} has a NUL byte at offset {at}; this model's string input needs text without NUL"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
