@@ -9,7 +9,12 @@ use tonic::metadata::MetadataMap;
 /// Parses a `grpc-timeout` value as the gRPC spec defines it: 1 to 8 ASCII digits and a
 /// unit (H, M, S, m, u, n). Anything else is `None` (the header is ignored).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    // Split off the last byte only if it is a whole character (an ASCII unit).
+    let at = v
+        .len()
+        .checked_sub(1)
+        .filter(|&at| v.is_char_boundary(at))?;
+    let (digits, unit) = v.split_at(at);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -68,8 +73,20 @@ mod tests {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
-        for bad in ["x", "", "S", "123456789S", "18446744073709551615S", "+5S", "-1S", "1s"] {
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for bad in [
+            "x",
+            "",
+            "S",
+            "123456789S",
+            "18446744073709551615S",
+            "+5S",
+            "-1S",
+            "1s",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }
     }

@@ -57,7 +57,9 @@ mod tests {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
         let long = "m".repeat(129);
-        for bad in ["", ".", "..", "../x", "/etc", "./mlp", ".hidden", "a/b", "a\0b", "é", &long] {
+        for bad in [
+            "", ".", "..", "../x", "/etc", "./mlp", ".hidden", "a/b", "a\0b", "é", &long,
+        ] {
             let err = check_name(bad).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
             assert!(err.to_string().starts_with("model_name '"), "{err}");
@@ -67,9 +69,15 @@ mod tests {
     #[test]
     fn inline_configs_and_files_are_unimplemented() {
         let keys = ["config".to_string()];
-        assert_eq!(check_load_parameters(&keys).unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            check_load_parameters(&keys).unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
         let keys = ["file:1/model.onnx".to_string()];
-        assert_eq!(check_load_parameters(&keys).unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            check_load_parameters(&keys).unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
         assert!(check_load_parameters(&["other".to_string()]).is_ok());
     }
 }

@@ -33,7 +33,7 @@ pub fn install_hook() {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         let message = crate::text::prefix(message, 512);
-        tracing::error!(%message, location = %at, "panic");
+        tracing::error!(location = %at, "panic: {message}");
     }));
 }
 

@@ -144,7 +144,10 @@ pub fn decode_inputs(inputs: &[InferInputTensor], raw: &[Bytes]) -> Result<Vec<T
     let mut out: Vec<Tensor> = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {
         if out.iter().any(|t| t.name == input.name) {
-            return Err(invalid!("input '{}': given more than once", clip(&input.name)));
+            return Err(invalid!(
+                "input '{}': given more than once",
+                clip(&input.name)
+            ));
         }
         out.push(Tensor::decode(input, raw.get(i))?);
     }

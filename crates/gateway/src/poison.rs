@@ -165,7 +165,11 @@ mod tests {
         let (bad, good) = (q.fingerprint(&req(255), ""), q.fingerprint(&req(1), ""));
         assert_ne!(bad, good);
         assert_eq!(q.fingerprint(&req(255), ""), bad, "stable");
-        assert_ne!(q.fingerprint(&req(255), "2"), bad, "the version is part of it");
+        assert_ne!(
+            q.fingerprint(&req(255), "2"),
+            bad,
+            "the version is part of it"
+        );
         assert!(!q.is_active());
         q.add(bad);
         assert_eq!(q.refused(bad), Some(Duration::from_secs(600)));

@@ -50,7 +50,10 @@ impl<U: prost::Message + Default> Decoder for ClientErrorDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|e| {
-            let ty = std::any::type_name::<U>().rsplit("::").next().unwrap_or("message");
+            let ty = std::any::type_name::<U>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message");
             Status::invalid_argument(format!(
                 "the message is not a valid {ty} in protobuf encoding: {}",
                 e.message()

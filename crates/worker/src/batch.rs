@@ -74,9 +74,7 @@ pub fn split(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, S
         let per_row = out.element_count() / total.max(1);
         // An engine's output must hold whole rows: slicing trusts this below.
         let exact = match &out.data {
-            TensorData::Fixed(b) => {
-                per_row * total * out.datatype.size().unwrap_or(1) == b.len()
-            }
+            TensorData::Fixed(b) => per_row * total * out.datatype.size().unwrap_or(1) == b.len(),
             TensorData::Strings(s) => per_row * total == s.len(),
         };
         if !exact {

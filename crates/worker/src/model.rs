@@ -1,7 +1,7 @@
 //! A loaded model version: its configuration and served signature, its instances, its
 //! scheduler and statistics.
 
-mod validate;
+pub mod validate;
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
