@@ -46,7 +46,7 @@ pub struct GatewayConfig {
 
     /// Keep polling sockets for this many microseconds after each request instead of
     /// sleeping (0 = off). Lower latency at low load (no wake-ups to pay), for CPU while it
-    /// spins; under load nothing spins. See README "Busy polling".
+    /// spins; under load nothing spins. See docs/gateway.md, "Busy polling".
     #[arg(long, env = "INFERMESH_BUSY_POLL_US", default_value_t = 0)]
     pub busy_poll_us: u64,
 
