@@ -346,3 +346,46 @@ parameters { key: "crash_on_first_byte" value: { string_value: "255" } }
         for w in workers:
             if w.proc.poll() is None:
                 assert w.stop() == 0
+
+
+def test_a_panic_fails_only_its_own_request(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "panicky" / "1").mkdir(parents=True)
+    (repo / "panicky" / "config.pbtxt").write_text("""backend: "identity"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+parameters { key: "panic_on_first_byte" value: { string_value: "254" } }
+""")
+    w = Worker("--model-repository", str(repo))
+    try:
+        channel, s = stub(w)
+        good_req = raw_request("panicky", [("INPUT0", "UINT8", [2])], [b"\x01\x02"])
+        bad_req = raw_request("panicky", [("INPUT0", "UINT8", [2])], [b"\xfe\x02"])
+        # On one connection: the panicking call among good ones, unary and in a stream.
+        calls = [s.ModelInfer.future(good_req, timeout=30) for _ in range(10)]
+        bad = s.ModelInfer.future(bad_req, timeout=30)
+        calls += [s.ModelInfer.future(good_req, timeout=30) for _ in range(10)]
+        with pytest.raises(grpc.RpcError) as e:
+            bad.result()
+        assert e.value.code() == SC.INTERNAL and "panic" in e.value.details()
+        assert all(c.result().raw_output_contents[0] == b"\x01\x02" for c in calls)
+        msgs = []
+        for i, r in enumerate([good_req, bad_req, good_req]):
+            m = type(r).FromString(r.SerializeToString())
+            m.id = str(i)
+            msgs.append(m)
+        answers = list(s.ModelStreamInfer(iter(msgs), timeout=30))
+        assert [bool(a.error_message) for a in answers] == [False, True, False]
+        assert answers[1].infer_response.parameters["infermesh_status_code"].int64_param == 13
+        channel.close()
+        # The instance lives on; each panic is one log line and one count.
+        assert call(w, good_req)[0] == SC.OK
+        port = w.metrics_url.rsplit(":", 1)[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert "infermesh_panics_total 2" in r.read().decode()
+        panic_lines = [line for line in w.log if "panic" in line and "ERROR" in line]
+        assert len(panic_lines) == 2, panic_lines
+        assert not any("stack backtrace" in line or "RUST_BACKTRACE" in line for line in w.log)
+    finally:
+        assert w.stop() == 0

@@ -96,7 +96,8 @@ impl GatewayService {
         let result = match internal_parameter(&req) {
             Some(status) => Err(status),
             None => self.forward(req, deadline, &carry).await,
-        };
+        }
+        .map_err(capped);
         infermesh_core::busy_poll::touch();
         record.code = Some(
             result
@@ -246,6 +247,15 @@ impl GatewayService {
             poison::MAX_BREAKS
         ))
     }
+}
+
+/// No status message longer than 4 KiB leaves the gateway, whatever a worker said.
+fn capped(status: Status) -> Status {
+    if status.message().len() <= infermesh_core::text::MAX_MESSAGE_BYTES {
+        return status;
+    }
+    let message = infermesh_core::text::cap_message(status.message().to_string());
+    Status::new(status.code(), message)
 }
 
 /// Request parameters with the `infermesh_` prefix belong to the mesh; a client may set

@@ -85,7 +85,16 @@ fn execute<E: Engine>(engine: &mut E, items: Vec<Pending>, dispatched: Instant, 
         infermesh_core::trace::link(&span, &p.span);
     }
     let _in_batch = span.enter();
-    match run(engine, &live) {
+    // A panic in the engine (or in joining and splitting) fails this batch like an error:
+    // the instance thread lives on, and a batch of several runs each request alone, so
+    // only the request that caused it fails.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(engine, &live)))
+        .unwrap_or_else(|_| {
+            Err(Error::Runtime(
+                "the engine panicked on this request (logged)".into(),
+            ))
+        });
+    match ran {
         Ok((parts, times)) => {
             let done = Instant::now();
             let rows: usize = live.iter().map(|p| p.rows).sum();

@@ -2,7 +2,8 @@
 //! parameters in config.pbtxt make slow or failing workers for tests, and it measures the
 //! mesh without model cost. `crash_on_first_byte: "N"` aborts the whole process when an
 //! input's first byte is N: a stand-in for a query of death, to test that the gateway
-//! contains one (nothing real crashes a worker any more).
+//! contains one (nothing real crashes a worker any more); `panic_on_first_byte: "N"`
+//! panics instead, to test that a panic fails only its own request.
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ pub struct IdentityEngine {
     runs: u64,
     failures: u64,
     crash_on: Option<u8>,
+    panic_on: Option<u8>,
 }
 
 impl IdentityEngine {
@@ -36,15 +38,19 @@ impl IdentityEngine {
         };
         let delay_ms = number("delay_ms")?.unwrap_or(0.0);
         let failure_rate = number("failure_rate")?.unwrap_or(0.0);
-        let crash_on = param("crash_on_first_byte")
-            .map(|v| {
-                v.trim().parse::<u8>().map_err(|_| {
-                    Error::Load(format!(
-                        "parameters 'crash_on_first_byte': '{v}' is not a byte value (0..=255)"
-                    ))
+        let byte = |key: &str| {
+            param(key)
+                .map(|v| {
+                    v.trim().parse::<u8>().map_err(|_| {
+                        Error::Load(format!(
+                            "parameters '{key}': '{v}' is not a byte value (0..=255)"
+                        ))
+                    })
                 })
-            })
-            .transpose()?;
+                .transpose()
+        };
+        let crash_on = byte("crash_on_first_byte")?;
+        let panic_on = byte("panic_on_first_byte")?;
         if !(0.0..=1.0).contains(&failure_rate) || delay_ms < 0.0 {
             return Err(Error::Load(
                 "parameters: failure_rate must be within 0..1 and delay_ms not negative".into(),
@@ -62,17 +68,20 @@ impl IdentityEngine {
             runs: 0,
             failures: 0,
             crash_on,
+            panic_on,
         })
     }
 }
 
 impl Engine for IdentityEngine {
     fn run(&mut self, inputs: &[Tensor], outputs: &[String]) -> Result<Vec<Tensor>, Error> {
-        if let Some(b) = self.crash_on {
-            if inputs.iter().any(|t| t.to_raw().first() == Some(&b)) {
-                eprintln!("identity backend: crash_on_first_byte {b} matched; aborting");
-                std::process::abort();
-            }
+        let first_byte_is = |b: u8| inputs.iter().any(|t| t.to_raw().first() == Some(&b));
+        if self.crash_on.is_some_and(first_byte_is) {
+            eprintln!("identity backend: crash_on_first_byte matched; aborting");
+            std::process::abort();
+        }
+        if self.panic_on.is_some_and(first_byte_is) {
+            panic!("identity backend: panic_on_first_byte matched");
         }
         std::thread::sleep(self.delay);
         self.runs += 1;
