@@ -509,7 +509,8 @@ async fn every_rpc_answers_like_a_worker() {
 #[tokio::test]
 async fn with_every_worker_failing_the_retry_budget_holds() {
     let repo = echo_repo();
-    let flags = ["--max-inflight-bytes", "1"];
+    // A queue of 0: every request is refused RESOURCE_EXHAUSTED (retryable) at once.
+    let flags = ["--max-queue-size", "0"];
     let (a, b) = (
         Worker::start(repo.path(), &flags).await,
         Worker::start(repo.path(), &flags).await,

@@ -8,10 +8,20 @@ use std::sync::{
 
 use crate::Error;
 
+pub mod body;
+
 #[derive(Clone, Debug)]
 pub struct ByteBudget {
     limit: usize,
     used: Arc<AtomicUsize>,
+    /// Woken when bytes come back while someone waits for them (a stream's next message).
+    freed: Arc<Freed>,
+}
+
+#[derive(Debug, Default)]
+struct Freed {
+    notify: tokio::sync::Notify,
+    waiters: AtomicUsize,
 }
 
 /// Bytes held by one request; returned to the budget on drop.
@@ -19,11 +29,40 @@ pub struct ByteBudget {
 pub struct BytesPermit {
     n: usize,
     used: Arc<AtomicUsize>,
+    freed: Arc<Freed>,
+}
+
+impl BytesPermit {
+    /// Takes over `other`'s bytes: one permit for a message that arrives in frames.
+    pub fn absorb(&mut self, mut other: BytesPermit) {
+        self.n += std::mem::take(&mut other.n);
+    }
+
+    /// Moves `n` of this permit's bytes (at most all) into a permit of their own.
+    pub fn split_off(&mut self, n: usize) -> BytesPermit {
+        let n = n.min(self.n);
+        self.n -= n;
+        BytesPermit {
+            n,
+            used: self.used.clone(),
+            freed: self.freed.clone(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.n
+    }
 }
 
 impl Drop for BytesPermit {
     fn drop(&mut self) {
+        if self.n == 0 {
+            return;
+        }
         self.used.fetch_sub(self.n, Ordering::SeqCst);
+        if self.freed.waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify.notify_waiters();
+        }
     }
 }
 
@@ -33,6 +72,7 @@ impl ByteBudget {
         Self {
             limit,
             used: Arc::new(AtomicUsize::new(0)),
+            freed: Default::default(),
         }
     }
 
@@ -48,7 +88,34 @@ impl ByteBudget {
         Ok(BytesPermit {
             n,
             used: self.used.clone(),
+            freed: self.freed.clone(),
         })
+    }
+
+    /// Resolves the next time bytes come back to the budget. Create it before trying to
+    /// acquire again, so a release in between is not missed.
+    pub fn freed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let freed = self.freed.clone();
+        async move {
+            freed.waiters.fetch_add(1, Ordering::SeqCst);
+            struct Waiting(Arc<Freed>);
+            impl Drop for Waiting {
+                fn drop(&mut self) {
+                    self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _waiting = Waiting(freed.clone());
+            freed.notify.notified().await;
+        }
+    }
+
+    /// Bytes that may still be taken; `None` when unbounded.
+    pub fn left(&self) -> Option<usize> {
+        (self.limit > 0).then(|| self.limit.saturating_sub(self.in_flight()))
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     pub fn in_flight(&self) -> usize {

@@ -26,10 +26,16 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_METRICS_PORT", default_value_t = 8002)]
     pub metrics_port: u16,
 
-    /// Largest gRPC message accepted or sent, in bytes. Triton accepts up to 2 GiB; a larger
-    /// request is answered RESOURCE_EXHAUSTED before it is buffered.
-    #[arg(long, env = "INFERMESH_GRPC_MAX_MESSAGE_BYTES", default_value_t = i32::MAX as usize)]
+    /// Largest gRPC message accepted or sent, in bytes (Triton accepts up to 2 GiB; raise it
+    /// for larger tensors). A larger request is answered RESOURCE_EXHAUSTED from its 5-byte
+    /// prefix, before any of it is buffered.
+    #[arg(long, env = "INFERMESH_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,
+
+    /// A request message that stops arriving part-way (no bytes for this long) is dropped
+    /// and its bytes released, so slow senders cannot pin memory. 0 = never.
+    #[arg(long, env = "INFERMESH_GRPC_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub grpc_stall_timeout: Duration,
 
     /// After SIGTERM, how long to keep serving while health already says NOT_SERVING, so
     /// Kubernetes endpoints and gateways stop sending before new requests are refused.

@@ -35,6 +35,9 @@ impl Listeners {
 pub struct Parts<H> {
     pub listeners: Listeners,
     pub lifecycle: Lifecycle,
+    /// The process's request byte budget (`--max-inflight-bytes`): request bodies count
+    /// against it from their first byte.
+    pub budget: crate::admission::ByteBudget,
     pub health: tonic_health::pb::health_server::HealthServer<H>,
     pub registry: prometheus_client::registry::Registry,
 }
@@ -54,6 +57,7 @@ where
     let Parts {
         listeners,
         lifecycle,
+        budget,
         health,
         mut registry,
     } = parts;
@@ -74,13 +78,18 @@ where
         infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+    let limits = crate::admission::body::Limits {
+        budget,
+        max_message: limit,
+        stall: args.grpc_stall_timeout,
+    };
     let served = serve(
         Routes::new(inference),
         listeners.grpc,
         args,
+        limits,
         lifecycle,
         health,
-        &[infermesh_proto::FILE_DESCRIPTOR_SET],
         shutdown,
     )
     .await;
@@ -109,20 +118,19 @@ pub async fn serve(
     routes: Routes,
     listener: TcpListener,
     args: &ServerArgs,
+    limits: crate::admission::body::Limits,
     lifecycle: Lifecycle,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    file_descriptor_sets: &[&[u8]],
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let mut v1 = tonic_reflection::server::Builder::configure();
     let mut v1alpha = tonic_reflection::server::Builder::configure();
-    for fds in file_descriptor_sets
-        .iter()
-        .copied()
-        .chain([tonic_health::pb::FILE_DESCRIPTOR_SET])
-    {
+    for fds in [
+        infermesh_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
         v1 = v1.register_encoded_file_descriptor_set(fds);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(fds);
     }
@@ -145,7 +153,8 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
         ))
-        .layer(crate::panic::CatchPanicLayer);
+        .layer(crate::panic::CatchPanicLayer)
+        .layer(crate::admission::body::CountedLayer(limits));
     if !args.max_connection_age.is_zero() {
         builder = builder.max_connection_age(args.max_connection_age);
     }

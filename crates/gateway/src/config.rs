@@ -71,6 +71,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_POISON_QUARANTINE", default_value = "10m", value_parser = parse_duration)]
     pub poison_quarantine: Duration,
 
+    /// Bound on request bytes held in memory at once, counted from the first byte that
+    /// arrives until the worker answers; beyond it requests get RESOURCE_EXHAUSTED. Keep it
+    /// below the container's memory limit (the manifests: 128 MiB of 256 MiB). 0 = unbounded.
+    #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 128 << 20)]
+    pub max_inflight_bytes: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

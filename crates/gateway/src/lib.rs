@@ -82,8 +82,10 @@ pub async fn run(
         });
     }
 
+    let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = GatewayService {
         pool,
+        bytes: budget.clone(),
         lifecycle: lifecycle.clone(),
         stats: Default::default(),
         control: config.model_control_mode,
@@ -98,6 +100,7 @@ pub async fn run(
     let parts = serve::Parts {
         listeners,
         lifecycle,
+        budget,
         health,
         registry,
     };

@@ -9,7 +9,9 @@ use std::{
 };
 
 use futures::future::join_all;
-use infermesh_core::{stream::UNORDERED, text::clip, trace, Error as RequestError, Lifecycle};
+use infermesh_core::{
+    admission::ByteBudget, stream::UNORDERED, text::clip, trace, Error as RequestError, Lifecycle,
+};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,6 +38,8 @@ pub struct GatewayService {
     pub control: ControlMode,
     pub max_stream_inflight: usize,
     pub budget: Arc<Budget>,
+    /// Request bytes held until their worker answers (`--max-inflight-bytes`).
+    pub bytes: ByteBudget,
     pub quarantine: Arc<Quarantine>,
     pub metrics: GatewayMetrics,
 }
@@ -93,9 +97,11 @@ impl GatewayService {
             code: None,
         };
         infermesh_core::busy_poll::touch();
-        let result = match internal_parameter(&req) {
-            Some(status) => Err(status),
-            None => self.forward(req, deadline, &carry).await,
+        let held = self.bytes.acquire(req.encoded_len());
+        let result = match (internal_parameter(&req), held) {
+            (Some(status), _) => Err(status),
+            (None, Err(e)) => Err(e.into()),
+            (None, Ok(_held)) => self.forward(req, deadline, &carry).await,
         }
         .map_err(capped);
         infermesh_core::busy_poll::touch();

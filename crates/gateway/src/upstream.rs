@@ -244,8 +244,9 @@ async fn read(
     )
     .await;
     // No caller still waiting got an answer, so each may go to another worker.
+    // A worker that refused the stream for its size says so (retryable elsewhere).
     let mut why = match why.code() {
-        Code::Unavailable => why,
+        Code::Unavailable | Code::ResourceExhausted => why,
         code => Status::unavailable(format!(
             "worker {}: stream broke ({code:?}: {})",
             ep.addr,
@@ -281,7 +282,12 @@ async fn pump(
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => deliver(state, msg),
                 Ok(None) => return (Status::unavailable(format!("worker {} ended the stream", ep.addr)), false),
-                Err(status) => return (status, true),
+                // A status the worker sent (its trailers) is an answer, not a break; a
+                // failure of the connection itself carries its h2/hyper error as source.
+                Err(status) => {
+                    let broke = std::error::Error::source(&status).is_some();
+                    return (status, broke);
+                }
             },
             _ = idle_check.tick() => {
                 let mut state = state.lock().expect("upstream lock");

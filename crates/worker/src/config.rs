@@ -47,10 +47,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_MAX_QUEUE_SIZE", default_value_t = 1024)]
     pub max_queue_size: usize,
 
-    /// Bound on request bytes held in memory at once (all models); beyond it requests get
-    /// RESOURCE_EXHAUSTED instead of the process growing toward an out-of-memory kill.
-    /// 0 = unbounded.
-    #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 4 << 30)]
+    /// Bound on request bytes held in memory at once (all models), counted from the first
+    /// byte that arrives; beyond it requests get RESOURCE_EXHAUSTED instead of the process
+    /// growing toward an out-of-memory kill. Keep it below the container's memory limit
+    /// (the manifests: 3 GiB of 4 GiB). 0 = unbounded.
+    #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 3 << 30)]
     pub max_inflight_bytes: usize,
 
     /// none: load every model at start, refuse Load/Unload. explicit: load only

@@ -123,17 +123,19 @@ pub async fn run(
         });
     }
 
+    let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = WorkerService {
         repo,
         control,
         lifecycle: lifecycle.clone(),
         loaded,
-        budget: infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes),
+        budget: budget.clone(),
         metrics,
     };
     let parts = serve::Parts {
         listeners,
         lifecycle,
+        budget,
         health,
         registry,
     };

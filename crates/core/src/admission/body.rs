@@ -1,0 +1,329 @@
+//! Byte accounting from the first byte: a request body wrapper that reads each gRPC
+//! message's 5-byte prefix, refuses a declared length over the message limit or over what
+//! is left of the byte budget before any of it is buffered, counts the bytes against the
+//! budget as frames arrive, and releases them when the message is complete (its decoded
+//! form is then counted by the handler until answered). A message that stops arriving
+//! mid-way for the stall timeout is dropped, and its bytes with it.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use tonic::Status;
+
+use super::{ByteBudget, BytesPermit};
+
+/// Limits every request body of one server shares.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub budget: ByteBudget,
+    /// Largest message (`--grpc-max-message-bytes`).
+    pub max_message: usize,
+    /// A message that made no progress for this long is dropped.
+    pub stall: Duration,
+}
+
+/// Where the reader is in the current message.
+#[derive(Debug, Default)]
+struct Message {
+    /// Prefix bytes seen so far (5 in all: compression flag, u32 big-endian length).
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Payload bytes still to come once the prefix is complete.
+    left: usize,
+    /// The bytes of this message that have arrived.
+    held: Option<BytesPermit>,
+}
+
+type Waiting = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// A request body counted against the byte budget. A unary call over the budget is
+    /// refused; a stream waits for room instead (HTTP/2 flow control holds its sender),
+    /// so one client's burst never fails the other messages a stream carries.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        limits: Limits,
+        stream: bool,
+        msg: Message,
+        // A data frame read but not yet admitted: its stream waits for budget.
+        parked: Option<Frame<Bytes>>,
+        waiting: Option<Waiting>,
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        failed: bool,
+    }
+}
+
+impl<B> Counted<B> {
+    /// `stream`: the body of a ModelStreamInfer call (waits for budget) rather than a
+    /// unary call (refused at once).
+    pub fn new(inner: B, limits: Limits, stream: bool) -> Self {
+        Self {
+            inner,
+            limits,
+            stream,
+            msg: Message::default(),
+            parked: None,
+            waiting: None,
+            stall: None,
+            failed: false,
+        }
+    }
+}
+
+/// Why a frame was not admitted.
+enum Refused {
+    /// No room in the budget now.
+    Budget,
+    /// The message itself is refused.
+    Status(Status),
+}
+
+impl Message {
+    fn in_progress(&self) -> bool {
+        self.prefix_len > 0
+    }
+
+    /// Accounts one data frame, all or nothing: its bytes are taken from the budget first,
+    /// then split between the messages they belong to.
+    fn feed(&mut self, mut data: &[u8], limits: &Limits, stream: bool) -> Result<(), Refused> {
+        let limit = limits.budget.limit();
+        if stream && limit > 0 && data.len() > limit {
+            // It could never fit: waiting would be forever.
+            return Err(Refused::Status(over_budget(limits)));
+        }
+        let mut frame = limits
+            .budget
+            .acquire(data.len())
+            .map_err(|_| Refused::Budget)?;
+        while !data.is_empty() {
+            if self.prefix_len < 5 {
+                let n = (5 - self.prefix_len).min(data.len());
+                self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+                self.prefix_len += n;
+                data = &data[n..];
+                self.hold(frame.split_off(n));
+                if self.prefix_len == 5 {
+                    let declared = (&self.prefix[1..]).get_u32() as usize;
+                    // The rest of this frame is already taken; it counts as room for this message.
+                    admit(declared, limits, stream, frame.bytes()).map_err(Refused::Status)?;
+                    self.left = declared;
+                    if declared == 0 {
+                        *self = Message::default();
+                    }
+                }
+                continue;
+            }
+            let n = self.left.min(data.len());
+            self.left -= n;
+            data = &data[n..];
+            self.hold(frame.split_off(n));
+            if self.left == 0 {
+                *self = Message::default(); // complete: the decoder takes it from here
+            }
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, part: BytesPermit) {
+        match &mut self.held {
+            Some(held) => held.absorb(part),
+            None => self.held = Some(part),
+        }
+    }
+}
+
+/// A declared length is checked before any of the message is buffered. A unary call
+/// larger than what is left of the budget is refused; a stream's message waits for room.
+fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result<(), Status> {
+    if declared > limits.max_message {
+        return Err(Status::resource_exhausted(format!(
+            "message of {declared} bytes declared; the limit is {} bytes (--grpc-max-message-bytes)",
+            limits.max_message
+        )));
+    }
+    // A stream's message waits for room, unless it could never fit.
+    let limit = limits.budget.limit();
+    if stream && limit > 0 && declared > limit {
+        return Err(Status::resource_exhausted(format!(
+            "message of {declared} bytes declared; the server's whole request budget is {limit} bytes (--max-inflight-bytes)"
+        )));
+    }
+    if let (false, Some(left)) = (stream, limits.budget.left().map(|l| l + taken)) {
+        if declared > left {
+            return Err(Status::resource_exhausted(format!(
+                "message of {declared} bytes declared; only {left} bytes of the server's request budget are free (--max-inflight-bytes {})",
+                limits.budget.limit()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn over_budget(limits: &Limits) -> Status {
+    Status::resource_exhausted(format!(
+        "request refused while arriving: {} bytes of requests are in flight and the limit is {} (--max-inflight-bytes)",
+        limits.budget.in_flight(),
+        limits.budget.limit()
+    ))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        if *this.failed {
+            return Poll::Ready(None);
+        }
+        let frame = match this.parked.take() {
+            Some(frame) => frame,
+            None => match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    return stalled(this.msg, this.limits, this.stall, this.failed, cx)
+                }
+            },
+        };
+        let Some(data) = frame.data_ref() else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        loop {
+            match this.msg.feed(data, this.limits, *this.stream) {
+                Ok(()) => {
+                    *this.waiting = None;
+                    // Progress: the stall clock starts again (it runs only mid-message).
+                    *this.stall = None;
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Err(Refused::Status(status)) => {
+                    *this.failed = true;
+                    *this.msg = Message::default();
+                    return Poll::Ready(Some(Err(status.into())));
+                }
+                Err(Refused::Budget) if !*this.stream => {
+                    *this.failed = true;
+                    *this.msg = Message::default();
+                    return Poll::Ready(Some(Err(over_budget(this.limits).into())));
+                }
+                Err(Refused::Budget) => {
+                    // Wait for room: registered first, then one more try, so a release in
+                    // between is not missed.
+                    let waiting = this
+                        .waiting
+                        .get_or_insert_with(|| Box::pin(this.limits.budget.freed()));
+                    if waiting.as_mut().poll(cx).is_ready() {
+                        *this.waiting = None;
+                        continue;
+                    }
+                    if let Ok(permit) = this.limits.budget.acquire(data.len()) {
+                        drop(permit);
+                        continue;
+                    }
+                    *this.parked = Some(frame);
+                    return stalled(this.msg, this.limits, this.stall, this.failed, cx);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || (self.parked.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Nothing to hand on now: a message left part-way for the stall timeout is dropped.
+fn stalled(
+    msg: &mut Message,
+    limits: &Limits,
+    stall: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    failed: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if !msg.in_progress() || limits.stall.is_zero() {
+        return Poll::Pending;
+    }
+    let timeout = limits.stall;
+    let sleep = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    if sleep.as_mut().poll(cx).is_pending() {
+        return Poll::Pending;
+    }
+    *failed = true;
+    let got = msg.held.as_ref().map_or(0, BytesPermit::bytes);
+    *msg = Message::default();
+    let status = Status::deadline_exceeded(format!(
+        "message stalled: no progress for {timeout:?} with {got} bytes of it received (--grpc-stall-timeout)"
+    ));
+    Poll::Ready(Some(Err(status.into())))
+}
+
+#[cfg(test)]
+mod tests;
+
+/// A tower layer for a server's router: every inference request body is [`Counted`].
+#[derive(Clone, Debug)]
+pub struct CountedLayer(pub Limits);
+
+impl<S> tower::Layer<S> for CountedLayer {
+    type Service = CountedService<S>;
+    fn layer(&self, inner: S) -> CountedService<S> {
+        CountedService {
+            inner,
+            limits: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CountedService<S> {
+    inner: S,
+    limits: Limits,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CountedService<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// Only inference carries tensors; health, readiness and metadata calls are small and
+    /// must keep answering when the budget is spent.
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = req.uri().path();
+        if !(path.ends_with("/ModelInfer") || path.ends_with("/ModelStreamInfer")) {
+            return self.inner.call(req);
+        }
+        let stream = path.ends_with("/ModelStreamInfer");
+        let limits = self.limits.clone();
+        self.inner
+            .call(req.map(|b| tonic::body::Body::new(Counted::new(b, limits, stream))))
+    }
+}
