@@ -54,12 +54,17 @@ async fn huge_deadlines_are_served_not_panicked_on() {
             },
         );
         assert!(c.model_infer(req).await.is_ok(), "{url} timeout u64::MAX");
-        // A real deadline still holds.
+        // A real deadline still holds. Whichever notices first answers: our handler
+        // (DEADLINE_EXCEEDED) or tonic's own timer, which says CANCELLED and sits outside
+        // every layer a server can add.
         let mut req = Request::new(echo());
         req.metadata_mut()
             .insert("grpc-timeout", "1n".parse().unwrap());
         let code = c.model_infer(req).await.unwrap_err().code();
-        assert_eq!(code, Code::DeadlineExceeded, "{url}");
+        assert!(
+            matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+            "{url}: {code:?}"
+        );
     }
     gateway.stop().await.unwrap();
     worker.stop().await.unwrap();

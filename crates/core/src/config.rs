@@ -32,6 +32,24 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub grpc_max_message_bytes: usize,
 
+    /// HTTP/2 streams (calls) one connection may have open at once, advertised to clients
+    /// in SETTINGS; a client that opens more gets them refused.
+    #[arg(
+        long,
+        env = "INFERMESH_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// Connections open at once; one beyond is closed as soon as it is accepted.
+    #[arg(long, env = "INFERMESH_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// A connection whose HTTP/2 preface and first SETTINGS frame have not arrived within
+    /// this long is closed (so half-open handshakes hold nothing). 0 = never.
+    #[arg(long, env = "INFERMESH_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_handshake_timeout: Duration,
+
     /// A request message that stops arriving part-way (no bytes for this long) is dropped
     /// and its bytes released, so slow senders cannot pin memory. 0 = never.
     #[arg(long, env = "INFERMESH_GRPC_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod busy_poll;
 pub mod config;
+pub mod conn;
 pub mod datatype;
 pub mod deadline;
 pub mod error;

@@ -5,7 +5,7 @@ use std::{convert::Infallible, future::Future, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::net::TcpListener;
 
@@ -14,6 +14,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 10.0,
 ];
+
+/// How long a metrics client has to send its request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `registry` until `shutdown` resolves.
 pub async fn serve(
@@ -27,7 +30,9 @@ pub async fn serve(
             conn = listener.accept() => match conn {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
+                    // At the fd limit accept fails at once: pause rather than spin.
+                    tracing::warn!(error = %e, "metrics accept failed; pausing 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -39,7 +44,10 @@ pub async fn serve(
                 let registry = registry.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &registry)) }
             });
+            // A scraper sends its request at once; one that trickles headers is dropped.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

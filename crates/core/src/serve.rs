@@ -6,9 +6,7 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, service::Routes, transport::Server};
 
 use crate::{config::ServerArgs, Lifecycle};
@@ -148,6 +146,7 @@ pub async fn serve(
 
     let mut builder = Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(args.grpc_max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(
@@ -159,20 +158,16 @@ pub async fn serve(
         builder = builder.max_connection_age(args.max_connection_age);
     }
 
-    // Our own accept loop: TCP_NODELAY per connection (tonic applies it only to listeners it
-    // binds itself); accept errors such as EMFILE are logged and the loop goes on.
-    let incoming = TcpListenerStream::new(listener).filter_map(|conn| async move {
-        match conn {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                Some(Ok::<_, std::io::Error>(stream))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                None
-            }
-        }
-    });
+    // Our own accept loop (see `conn`): TCP_NODELAY per connection (tonic applies it only
+    // to listeners it binds itself), the connection cap, the handshake timeout, and a
+    // backoff on accept errors such as EMFILE.
+    let incoming = crate::conn::incoming(
+        listener,
+        crate::conn::Limits {
+            max_connections: args.max_connections,
+            handshake_timeout: args.grpc_handshake_timeout,
+        },
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder

@@ -7,26 +7,20 @@ use http::{HeaderValue, Response};
 /// handler runs, so the status is rewritten on the way out.
 const TOO_LARGE: &str = "message length too large";
 
-/// tonic's server answers a call whose `grpc-timeout` passed with CANCELLED; gRPC's
-/// convention (and every client's retry policy) says DEADLINE_EXCEEDED.
-const TIMEOUT_EXPIRED: &str = "Timeout expired";
-
 pub fn message_too_large<B>(mut res: Response<B>) -> Response<B> {
     let headers = res.headers_mut();
-    let status = headers.get("grpc-status").map(HeaderValue::as_bytes);
-    let says = |what: &str| {
-        headers
+    let too_large = headers.get("grpc-status").map(HeaderValue::as_bytes) == Some(b"11")
+        && headers
             .get("grpc-message")
             // grpc-message is percent-encoded on the wire.
-            .is_some_and(|m| m.to_str().unwrap_or("").replace("%20", " ").contains(what))
-    };
-    let mapped = match status {
-        Some(b"11") if says(TOO_LARGE) => Some("8"),
-        Some(b"1") if says(TIMEOUT_EXPIRED) => Some("4"),
-        _ => None,
-    };
-    if let Some(code) = mapped {
-        headers.insert("grpc-status", HeaderValue::from_static(code));
+            .is_some_and(|m| {
+                m.to_str()
+                    .unwrap_or("")
+                    .replace("%20", " ")
+                    .contains(TOO_LARGE)
+            });
+    if too_large {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
     }
     res
 }
