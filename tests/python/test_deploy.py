@@ -47,6 +47,12 @@ def test_overlay_renders_and_validates(overlay, tmp_path):
     assert "passed" in out
 
 
+def quantity(q):
+    """A Kubernetes memory quantity in bytes (Ki, Mi, Gi or plain)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    return int(q[:-2]) * units[q[-2:]] if q[-2:] in units else int(q)
+
+
 def env_flags(binary_name):
     help_text = run(binary(binary_name), "--help")
     return set(re.findall(r"env: (INFERMESH_[A-Z_]+)", help_text))
@@ -87,6 +93,10 @@ def test_pods_are_hardened_and_consistent(overlay):
             svc = services[host.split(".")[0]]
             assert svc["spec"]["clusterIP"] == "None", "the gateway follows a headless Service"
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        # The byte budget answers RESOURCE_EXHAUSTED before the pod's memory limit kills it.
+        budget = int(next(e["value"] for e in c["env"] if e["name"] == "INFERMESH_MAX_INFLIGHT_BYTES"))
+        limit = quantity(c["resources"]["limits"]["memory"])
+        assert 0 < budget <= limit * 3 // 4, (name, budget, limit)
     if overlay != "cpu":
         worker = next(d for d in docs if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"])
         limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
