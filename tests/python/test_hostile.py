@@ -301,17 +301,24 @@ def test_model_control_stays_inside_the_repository(control_repo):
         assert w.stop() == 0
 
 
+def trigger_repo(tmp_path, model, trigger, byte):
+    """A repository with one identity UINT8 [-1] model whose `trigger` parameter fires on
+    inputs starting with `byte`."""
+    repo = tmp_path / "repo"
+    (repo / model / "1").mkdir(parents=True)
+    (repo / model / "config.pbtxt").write_text(f"""backend: "identity"
+max_batch_size: 0
+input [ {{ name: "INPUT0" data_type: TYPE_UINT8 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_UINT8 dims: [ -1 ] }} ]
+parameters {{ key: "{trigger}" value: {{ string_value: "{byte}" }} }}
+""")
+    return repo
+
+
 def test_a_query_of_death_breaks_at_most_two_workers(tmp_path):
     """The identity backend's crash trigger aborts the worker process, as a real query of
     death would: the gateway retries it once, then refuses its fingerprint."""
-    repo = tmp_path / "repo"
-    (repo / "crashy" / "1").mkdir(parents=True)
-    (repo / "crashy" / "config.pbtxt").write_text("""backend: "identity"
-max_batch_size: 0
-input [ { name: "INPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
-parameters { key: "crash_on_first_byte" value: { string_value: "255" } }
-""")
+    repo = trigger_repo(tmp_path, "crashy", "crash_on_first_byte", 255)
     workers = [Worker("--model-repository", str(repo)) for _ in range(3)]
     g = Gateway(*workers)
     try:
@@ -349,14 +356,7 @@ parameters { key: "crash_on_first_byte" value: { string_value: "255" } }
 
 
 def test_a_panic_fails_only_its_own_request(tmp_path):
-    repo = tmp_path / "repo"
-    (repo / "panicky" / "1").mkdir(parents=True)
-    (repo / "panicky" / "config.pbtxt").write_text("""backend: "identity"
-max_batch_size: 0
-input [ { name: "INPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_UINT8 dims: [ -1 ] } ]
-parameters { key: "panic_on_first_byte" value: { string_value: "254" } }
-""")
+    repo = trigger_repo(tmp_path, "panicky", "panic_on_first_byte", 254)
     w = Worker("--model-repository", str(repo))
     try:
         channel, s = stub(w)
