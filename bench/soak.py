@@ -22,7 +22,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from conftest import Gateway, Worker  # noqa: E402
-from test_connections import connect, headers  # noqa: E402
+from test_connections import connect, headers, poll, refused  # noqa: E402
 from test_fuzz import SEED, mutants  # noqa: E402
 from test_hostile import HOSTILE, bytes_elements, raw_request  # noqa: E402
 
@@ -49,7 +49,7 @@ def main():
     gateway = Gateway(*workers, extra=("--grpc-stall-timeout", "5s"))
     procs = {"gateway": gateway, "worker 1": workers[0], "worker 2": workers[1]}
     stop = threading.Event()
-    counts = {"good": 0, "good failed": 0, "hostile": 0, "stalls": 0, "half prefaces": 0}
+    counts = {"good": 0, "good failed": 0, "hostile": 0, "stalls": 0, "stalled MB": 0, "half prefaces": 0}
     failures = []
     lock = threading.Lock()
 
@@ -66,7 +66,7 @@ def main():
             try:
                 if streaming:
                     got = []
-                    c.start_stream(callback=lambda r, e: got.append((r, e)))
+                    c.start_stream(callback=lambda result, error: got.append((result, error)))
                     for i in range(20):
                         c.async_stream_infer("vec_fp32", [x], request_id=str(i))
                     c.stop_stream()
@@ -110,11 +110,17 @@ def main():
                 c.send_headers(1, headers("ModelInfer"))
                 c.send_data(1, b"\0" + size.to_bytes(4, "big"))
                 sent = 0
-                while sent < size // 2 and c.local_flow_control_window(1) > 0:
-                    n = min(c.local_flow_control_window(1), c.max_outbound_frame_size, 1 << 16)
+                while sent < size // 2 and not stop.is_set():
+                    window = c.local_flow_control_window(1)
+                    if window <= 0:
+                        if refused(poll(s, c, 2)):
+                            break
+                        continue
+                    n = min(window, c.max_outbound_frame_size, 1 << 16)
                     c.send_data(1, b"\0" * n)
                     s.sendall(c.data_to_send())
                     sent += n
+                count("stalled MB", sent // MiB)
                 stop.wait(6)  # past the stall timeout: the server drops it
                 s.close()
                 count("stalls")
@@ -161,12 +167,12 @@ def main():
         for w in workers:
             w.stop()
     print(f"\n## Soak: {args.seconds:.0f} s of mixed good and hostile traffic, gateway + 2 workers\n")
-    print("| t (s) | gateway RSS MB | worker 1 RSS MB | worker 2 RSS MB | gateway CPU s | workers CPU s | good requests | good failed | hostile requests | stalled senders | half prefaces |")
+    print("| t (s) | gateway RSS MB | worker 1 RSS MB | worker 2 RSS MB | gateway CPU s | workers CPU s | good requests | good failed | hostile requests | stalled senders (MB sent) | half prefaces |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t, rss, cpu, c in rows:
         print(f"| {t:.0f} | {rss['gateway']:.1f} | {rss['worker 1']:.1f} | {rss['worker 2']:.1f} | "
               f"{cpu['gateway']:.1f} | {cpu['worker 1'] + cpu['worker 2']:.1f} | {c['good']} | {c['good failed']} | "
-              f"{c['hostile']} | {c['stalls']} | {c['half prefaces']} |")
+              f"{c['hostile']} | {c['stalls']} ({c['stalled MB']}) | {c['half prefaces']} |")
     print(f"\nAll processes alive at the end: {alive}")
     if failures:
         print(f"First failures: {failures[:5]}")
