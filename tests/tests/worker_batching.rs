@@ -267,3 +267,22 @@ async fn the_bytes_in_flight_bound_refuses_then_recovers() {
     assert_eq!(stats(&mut client, "gate").await.execution_count, 2);
     worker.stop().await.unwrap();
 }
+
+/// `--default-queue-timeout`: a request that sets no deadline waits at most that long for
+/// an instance, then is answered DEADLINE_EXCEEDED without running; its own deadline wins.
+#[tokio::test]
+async fn the_default_queue_timeout_bounds_requests_without_a_deadline() {
+    let config = identity_config(&delay_ms(1000), "[ 4 ]");
+    let repo = Repo::new().identity("gate", &config);
+    let worker = Worker::start(repo.path(), &["--default-queue-timeout", "100ms"]).await;
+    let mut client = worker.client().await;
+    let mut c = client.clone();
+    let first = tokio::spawn(async move { c.model_infer(ident("gate", 4)).await });
+    worker.wait_metric(&busy("gate"), |v| v == 1.0).await;
+    let err = client.model_infer(ident("gate", 4)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(
+        first.await.unwrap().is_ok(),
+        "the running request is not affected"
+    );
+}

@@ -78,6 +78,13 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_REPOSITORY_POLL_SECS", default_value_t = 15.0)]
     pub repository_poll_secs: f64,
 
+    /// How long a request may wait for an instance when neither it (grpc-timeout, Triton's
+    /// `timeout`) nor its model's config (`default_queue_policy`) sets a deadline; past it
+    /// the request is answered DEADLINE_EXCEEDED and never runs. 0 = no limit (Triton's
+    /// default).
+    #[arg(long, env = "INFERMESH_DEFAULT_QUEUE_TIMEOUT", default_value = "0s", value_parser = infermesh_core::config::parse_duration)]
+    pub default_queue_timeout: std::time::Duration,
+
     /// Models that may be loaded at once; a RepositoryModelLoad of another model beyond it
     /// gets RESOURCE_EXHAUSTED (reloading a loaded model is always allowed). 0 = no cap.
     #[arg(long, env = "INFERMESH_MAX_MODELS", default_value_t = 0)]

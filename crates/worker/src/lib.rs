@@ -91,6 +91,8 @@ pub async fn run(
         intra_op_spinning: config.intra_op_spinning,
         default_max_batch_size: config.default_max_batch_size,
         queue_capacity: config.max_queue_size,
+        queue_timeout: (!config.default_queue_timeout.is_zero())
+            .then_some(config.default_queue_timeout),
         metrics: metrics.clone(),
     };
     let control = Arc::new(Control::new(

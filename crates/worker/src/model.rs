@@ -3,7 +3,11 @@
 
 pub mod validate;
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use infermesh_core::{tensor::decode_inputs, Tensor};
@@ -53,6 +57,8 @@ pub struct Defaults {
     pub intra_op_spinning: bool,
     pub default_max_batch_size: usize,
     pub queue_capacity: usize,
+    /// `--default-queue-timeout`, for requests and configs that set no deadline.
+    pub queue_timeout: Option<Duration>,
     pub metrics: WorkerMetrics,
 }
 
@@ -77,6 +83,7 @@ pub struct Model {
     pub providers: Vec<Provider>,
     pub stats: Arc<Stats>,
     scheduler: Scheduler,
+    queue_timeout: Option<Duration>,
 }
 
 impl Model {
@@ -164,6 +171,7 @@ impl Model {
             providers,
             stats,
             scheduler,
+            queue_timeout: opts.defaults.queue_timeout,
         })
     }
 
@@ -186,9 +194,13 @@ impl Model {
             .as_ref()
             .and_then(|b| b.default_timeout.map(|t| (t, b.allow_timeout_override)))
         {
-            Some((t, allow)) if deadline.is_none() || !allow => Some(Instant::now() + t),
+            Some((t, allow)) if deadline.is_none() || !allow => Instant::now().checked_add(t),
             _ => deadline,
         };
+        let deadline = deadline.or_else(|| {
+            self.queue_timeout
+                .and_then(|t| Instant::now().checked_add(t))
+        });
         self.scheduler.submit(inputs, outputs, rows, deadline).await
     }
 
