@@ -12,10 +12,12 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
 
 from conftest import ROOT, Gateway, Server, Worker, binary
 
@@ -177,8 +179,11 @@ def test_slow_senders_hold_no_more_than_the_budget(pair):
             conns.append((s, c))
         n_refused = 0
         for s, c in conns:
-            sent = 0
+            sent, deadline = 0, time.monotonic() + 60
             while sent < size - MiB:
+                # A window that stays shut means the server stopped reading: held, not refused.
+                if time.monotonic() > deadline:
+                    break
                 window = c.local_flow_control_window(1)
                 if window <= 0:
                     if refused(poll(s, c, 2)):
@@ -263,3 +268,87 @@ def test_at_the_fd_limit_the_server_backs_off_and_keeps_serving(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def tight():
+    """A worker and a gateway in front of it, each with a 32 MiB request budget."""
+    flags = ("--max-inflight-bytes", str(32 * MiB), "--grpc-max-concurrent-streams", "8")
+    w = Worker("--model-repository", str(HOSTILE), *flags)
+    g = Gateway(w, extra=flags)
+    yield g, w
+    assert g.stop() == 0
+    assert w.stop() == 0
+
+
+def test_replies_nobody_reads_are_held_to_the_budget(tight):
+    """A client that never opens its receive window: each 5 MiB reply stays counted in the
+    32 MiB budget, so after 6 of them new calls are refused RESOURCE_EXHAUSTED instead of
+    the process holding every reply; closing the connection frees them all."""
+    for server in tight:
+        before = rss(server)
+        s, c = connect(server.url)
+        c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        s.sendall(c.data_to_send())
+        n, payload = 8, b"\0" * (5 * MiB)  # 8 calls: the server's stream limit
+        req = service_pb2.ModelInferRequest(model_name="vec_fp32")
+        t = req.inputs.add()
+        t.name, t.datatype = "INPUT0", "FP32"
+        t.shape.extend([1, len(payload) // 4])
+        req.raw_input_contents.append(payload)
+        body = req.SerializeToString()
+        message = b"\0" + len(body).to_bytes(4, "big") + body
+        ids = [1 + 2 * i for i in range(n)]
+        events = []
+        for i in ids:
+            def answered_early(stream_id=i):
+                return any(getattr(e, "stream_id", None) == stream_id and isinstance(
+                    e, (h2.events.ResponseReceived, h2.events.StreamReset)) for e in events)
+
+            deadline = time.monotonic() + 30
+            try:
+                c.send_headers(i, headers("ModelInfer"))
+                sent = 0
+                # A call refused while it arrives is answered before its body is done.
+                while sent < len(message) and not answered_early():
+                    assert time.monotonic() < deadline, f"stream {i}: no window and no answer"
+                    window = min(c.local_flow_control_window(i), c.max_outbound_frame_size)
+                    if window <= 0:
+                        events += poll(s, c, 0.2)
+                        continue
+                    c.send_data(i, message[sent:sent + window])
+                    s.sendall(c.data_to_send())
+                    sent += window
+                if not answered_early():
+                    c.end_stream(i)
+                    s.sendall(c.data_to_send())
+            except h2.exceptions.StreamClosedError:
+                pass  # refused while it arrived; its answer is among the events
+
+        def answered(ev):
+            done = {e.stream_id for e in ev if isinstance(e, (h2.events.ResponseReceived, h2.events.StreamReset))}
+            return done >= set(ids)
+
+        events += read_until(s, c, lambda ev: answered(events + ev), timeout=60)
+        refused = len({e.stream_id for e in events
+                       if (isinstance(e, h2.events.ResponseReceived) and dict(e.headers).get("grpc-status") == "8")
+                       or isinstance(e, h2.events.StreamReset)})
+        grown = rss(server) - before
+        print(f"\nunread replies: {server.url} grew {grown / MiB:.0f} MiB, {refused} of {n} refused")
+        assert refused >= 1, refused
+        # Another client's call finds the budget taken by the unread replies.
+        x = grpcclient.InferInput("INPUT0", [1, MiB], "FP32")
+        x.set_data_from_numpy(np.zeros((1, MiB), np.float32))
+        with pytest.raises(Exception) as e:
+            server.client.infer("vec_fp32", [x])
+        assert "RESOURCE_EXHAUSTED" in str(e.value), str(e.value)[:300]
+        assert grown <= 32 * MiB + 64 * MiB, f"grew {grown / MiB:.0f} MiB with a 32 MiB budget"
+        s.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if infer_ok(server):
+                    break
+            except Exception:  # noqa: BLE001 - RESOURCE_EXHAUSTED until the replies are dropped
+                assert time.monotonic() < deadline, "the budget never came back"
+                time.sleep(0.1)

@@ -66,6 +66,21 @@ impl Drop for BytesPermit {
     }
 }
 
+/// A unary reply's bytes, carried in the response's extensions to the layer that holds
+/// them until the body is written (or dropped). Clone because extensions must be.
+#[derive(Clone, Debug)]
+pub struct HeldReply(Arc<std::sync::Mutex<Option<BytesPermit>>>);
+
+impl HeldReply {
+    pub fn new(permit: BytesPermit) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    pub fn take(&self) -> Option<BytesPermit> {
+        self.0.lock().ok()?.take()
+    }
+}
+
 impl ByteBudget {
     /// `limit` of 0 means unbounded.
     pub fn new(limit: usize) -> Self {
@@ -106,6 +121,17 @@ impl ByteBudget {
             }
             let _waiting = Waiting(freed.clone());
             freed.notify.notified().await;
+        }
+    }
+
+    /// Counts `n` bytes whatever the limit: a reply already computed must still go out,
+    /// but while it waits for its client to read it, new requests see the budget taken.
+    pub fn force(&self, n: usize) -> BytesPermit {
+        self.used.fetch_add(n, Ordering::SeqCst);
+        BytesPermit {
+            n,
+            used: self.used.clone(),
+            freed: self.freed.clone(),
         }
     }
 

@@ -43,7 +43,7 @@ type Answer = BoxFuture<'static, pb::ModelStreamInferResponse>;
 type Keyed = BoxFuture<'static, (Option<(String, u64)>, pb::ModelStreamInferResponse)>;
 
 /// How a server serves its streams.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Messages of one stream handled at once; beyond it the stream stops reading
     /// (back-pressure through HTTP/2 flow control).
@@ -51,6 +51,10 @@ pub struct Options {
     /// Whether `infermesh_cancel` messages cancel (a worker). A gateway passes them to
     /// `handle`, which refuses them: there, clients may not set mesh parameters.
     pub cancels: bool,
+    /// The process's byte budget: each answer counts against it until the client's flow
+    /// control lets it be written, so replies nobody reads hold back new requests rather
+    /// than memory.
+    pub replies: Option<crate::admission::ByteBudget>,
 }
 
 /// Serves one stream. `handle` answers one message.
@@ -65,6 +69,7 @@ where
 {
     let max_in_flight = options.max_in_flight.max(1);
     let cancels = options.cancels;
+    let replies = options.replies;
     let (tx, rx) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
         let mut ordered: FuturesOrdered<Answer> = FuturesOrdered::new();
@@ -130,15 +135,20 @@ where
                 }
                 () = tx.closed() => return,
             };
-            if tx.send(Ok(out)).await.is_err() {
+            let held = replies
+                .as_ref()
+                .map(|b| b.force(prost::Message::encoded_len(&out)));
+            if tx.send((Ok(out), held)).await.is_err() {
                 return;
             }
         }
         if let Some(status) = broken {
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send((Err(status), None)).await;
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    // An answer's bytes are released when tonic takes it to write, which hyper does only
+    // when the client's window has room.
+    Box::pin(ReceiverStream::new(rx).map(|(answer, _held)| answer))
 }
 
 fn answer(

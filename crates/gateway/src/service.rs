@@ -377,7 +377,13 @@ impl GrpcInferenceService for GatewayService {
             .infer(req.into_inner(), deadline, carry)
             .instrument(span)
             .await?;
-        Ok(Response::new(resp))
+        // The reply's bytes count against the budget until it is written.
+        let permit = self.bytes.force(resp.encoded_len());
+        let mut reply = Response::new(resp);
+        reply
+            .extensions_mut()
+            .insert(infermesh_core::admission::HeldReply::new(permit));
+        Ok(reply)
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
@@ -397,6 +403,7 @@ impl GrpcInferenceService for GatewayService {
             infermesh_core::stream::Options {
                 max_in_flight: self.max_stream_inflight,
                 cancels: false,
+                replies: Some(self.bytes.clone()),
             },
             move |m| {
                 let _open = &open; // lives as long as the stream

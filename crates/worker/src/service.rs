@@ -2,7 +2,10 @@
 
 use std::{sync::Arc, time::Instant};
 
-use infermesh_core::{admission::ByteBudget, trace, Lifecycle};
+use infermesh_core::{
+    admission::{ByteBudget, HeldReply},
+    trace, Lifecycle,
+};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
@@ -188,6 +191,17 @@ impl WorkerService {
     }
 }
 
+/// A unary reply whose bytes count against the budget until it is written.
+fn held_reply(
+    resp: pb::ModelInferResponse,
+    budget: &ByteBudget,
+) -> Response<pb::ModelInferResponse> {
+    let permit = budget.force(resp.encoded_len());
+    let mut reply = Response::new(resp);
+    reply.extensions_mut().insert(HeldReply::new(permit));
+    reply
+}
+
 fn unimplemented<T>(what: &str) -> Result<T> {
     Err(Status::unimplemented(format!(
         "{what} is not supported by infermesh"
@@ -273,7 +287,7 @@ impl GrpcInferenceService for WorkerService {
             .infer(req.into_inner(), deadline)
             .instrument(span)
             .await?;
-        Ok(Response::new(resp))
+        Ok(held_reply(resp, &self.budget))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
@@ -292,6 +306,7 @@ impl GrpcInferenceService for WorkerService {
             infermesh_core::stream::Options {
                 max_in_flight: MAX_STREAM_IN_FLIGHT,
                 cancels: true,
+                replies: Some(self.budget.clone()),
             },
             move |m| {
                 let svc = svc.clone();

@@ -304,11 +304,15 @@ pub struct CountedService<S> {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for CountedService<S>
 where
-    S: tower::Service<http::Request<tonic::body::Body>>,
+    S: tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+    >,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -319,11 +323,58 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let path = req.uri().path();
         if !(path.ends_with("/ModelInfer") || path.ends_with("/ModelStreamInfer")) {
-            return self.inner.call(req);
+            return Box::pin(self.inner.call(req));
         }
         let stream = path.ends_with("/ModelStreamInfer");
         let limits = self.limits.clone();
-        self.inner
-            .call(req.map(|b| tonic::body::Body::new(Counted::new(b, limits, stream))))
+        let call = self
+            .inner
+            .call(req.map(|b| tonic::body::Body::new(Counted::new(b, limits, stream))));
+        Box::pin(async move {
+            let mut resp = call.await?;
+            // A unary reply's bytes stay counted until its body is written or dropped.
+            if let Some(held) = resp.extensions_mut().remove::<super::HeldReply>() {
+                let permit = held.take();
+                resp = resp.map(|b| tonic::body::Body::new(Releasing { inner: b, permit }));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A reply body that holds its bytes' permit until it ends or is dropped.
+    struct Releasing<B> {
+        #[pin]
+        inner: B,
+        permit: Option<BytesPermit>,
+    }
+}
+
+impl<B> Body for Releasing<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            *this.permit = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
