@@ -352,3 +352,37 @@ def test_replies_nobody_reads_are_held_to_the_budget(tight):
             except Exception:  # noqa: BLE001 - RESOURCE_EXHAUSTED until the replies are dropped
                 assert time.monotonic() < deadline, "the budget never came back"
                 time.sleep(0.1)
+
+
+def test_idle_connections_are_closed_but_open_calls_keep_theirs():
+    w = Worker("--model-repository", str(HOSTILE), "--grpc-idle-timeout", "1s")
+    try:
+        # No call at all: closed about a second after it went idle (keepalive is not use).
+        idle, c1 = connect(w.url)
+        start = time.monotonic()
+        events = read_until(idle, c1, lambda ev: "closed" in ev or any(
+            isinstance(e, h2.events.ConnectionTerminated) for e in ev), timeout=15)
+        assert time.monotonic() - start >= 0.9, events
+        # A stream left open and silent for longer keeps its connection and still answers.
+        s, c = connect(w.url)
+        c.send_headers(1, headers("ModelStreamInfer"))
+        s.sendall(c.data_to_send())
+        seen, until = [], time.monotonic() + 3  # an observation window: nothing may happen
+        while time.monotonic() < until:
+            seen += poll(s, c, until - time.monotonic())
+        assert not any(e == "closed" or isinstance(e, h2.events.ConnectionTerminated) for e in seen), seen
+        req = service_pb2.ModelInferRequest(model_name="vec_fp32", id="late")
+        t = req.inputs.add()
+        t.name, t.datatype = "INPUT0", "FP32"
+        t.shape.extend([1, 1])
+        req.raw_input_contents.append(b"\0\0\x80\x3f")
+        body = req.SerializeToString()
+        c.send_data(1, b"\0" + len(body).to_bytes(4, "big") + body)
+        s.sendall(c.data_to_send())
+        events = read_until(s, c, lambda ev: any(isinstance(e, h2.events.DataReceived) for e in ev), timeout=15)
+        data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+        answer = service_pb2.ModelStreamInferResponse.FromString(data[5:])
+        assert answer.infer_response.id == "late" and not answer.error_message
+        s.close()
+    finally:
+        assert w.stop() == 0

@@ -50,6 +50,11 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_handshake_timeout: Duration,
 
+    /// A connection with no call open for this long is closed (keepalive pings do not
+    /// count as use). 0 = never.
+    #[arg(long, env = "INFERMESH_GRPC_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub grpc_idle_timeout: Duration,
+
     /// A request message that stops arriving part-way (no bytes for this long) is dropped
     /// and its bytes released, so slow senders cannot pin memory. 0 = never.
     #[arg(long, env = "INFERMESH_GRPC_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

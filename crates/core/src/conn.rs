@@ -8,6 +8,9 @@
 //!   connections already open keep being served.
 //! - A connection whose client preface and first SETTINGS frame have not arrived within
 //!   `--grpc-handshake-timeout` is closed (a slow-loris holds nothing for long).
+//! - A connection with no call open for `--grpc-idle-timeout` is closed. Calls are
+//!   counted by [`CallLayer`] through the connection's [`ConnInfo`], which tonic puts in
+//!   every request's extensions; keepalive pings do not count as use.
 
 use std::{
     future::Future,
@@ -38,6 +41,56 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub struct Limits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// 0 = never.
+    pub idle_timeout: Duration,
+}
+
+/// Calls open on one connection, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    open: AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// When the connection becomes idle long enough to close, if it has no call open.
+    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        if self.open.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(*self.last.lock().expect("activity lock") + idle)
+    }
+}
+
+/// One call open on a connection, until dropped.
+pub struct OpenCall(Arc<Activity>);
+
+impl OpenCall {
+    pub fn new(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::SeqCst);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        *self.0.last.lock().expect("activity lock") = tokio::time::Instant::now();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What tonic puts in every request's extensions for our connections.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub tcp: TcpConnectInfo,
+    pub activity: Arc<Activity>,
 }
 
 /// Logs one kind of event at most once a second, with how many happened since.
@@ -104,7 +157,7 @@ pub fn incoming(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let conn = Conn::new(stream, s.open.clone(), s.limits.handshake_timeout);
+                    let conn = Conn::new(stream, s.open.clone(), s.limits);
                     return Some((Ok(conn), s));
                 }
                 Err(e) => {
@@ -127,6 +180,9 @@ pin_project_lite::pin_project! {
         // Bytes of the handshake still to come, and when they must have come by.
         handshake: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
         open: Arc<AtomicUsize>,
+        activity: Arc<Activity>,
+        idle: Duration,
+        idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 
     impl PinnedDrop for Conn {
@@ -137,14 +193,21 @@ pin_project_lite::pin_project! {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, open: Arc<AtomicUsize>, handshake: Duration) -> Self {
+    fn new(stream: TcpStream, open: Arc<AtomicUsize>, limits: Limits) -> Self {
         open.fetch_add(1, Ordering::SeqCst);
-        let handshake = (!handshake.is_zero())
-            .then(|| (HANDSHAKE_BYTES, Box::pin(tokio::time::sleep(handshake))));
+        let handshake = (!limits.handshake_timeout.is_zero()).then(|| {
+            (
+                HANDSHAKE_BYTES,
+                Box::pin(tokio::time::sleep(limits.handshake_timeout)),
+            )
+        });
         Self {
             stream,
             handshake,
             open,
+            activity: Arc::new(Activity::new()),
+            idle: limits.idle_timeout,
+            idle_timer: None,
         }
     }
 }
@@ -158,6 +221,31 @@ impl AsyncRead for Conn {
         let this = self.project();
         let before = buf.filled().len();
         let polled = this.stream.poll_read(cx, buf);
+        if polled.is_pending() && !this.idle.is_zero() {
+            // No call open for the idle timeout: close. The timer is re-armed from the
+            // end of the last call whenever it fires early.
+            loop {
+                let Some(until) = this.activity.idle_until(*this.idle) else {
+                    *this.idle_timer = None;
+                    break;
+                };
+                let timer = this
+                    .idle_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if timer.deadline() != until {
+                    timer.as_mut().reset(until);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                if this.activity.idle_until(*this.idle) == Some(until) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle for --grpc-idle-timeout",
+                    )));
+                }
+            }
+        }
         if let Some((left, deadline)) = this.handshake {
             match &polled {
                 Poll::Ready(Ok(())) => {
@@ -214,9 +302,66 @@ impl AsyncWrite for Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            tcp: self.stream.connect_info(),
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+/// A tower layer that counts each call as open on its connection until its response
+/// body ends (so a long stream keeps its connection from being idle).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallLayer;
+
+impl<S> tower::Layer<S> for CallLayer {
+    type Service = CallService<S>;
+    fn layer(&self, inner: S) -> CallService<S> {
+        CallService { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallService<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CallService<S>
+where
+    S: tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let call = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| OpenCall::new(&c.activity));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(match call {
+                Some(call) => resp.map(|b| {
+                    tonic::body::Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                        let _ = &call; // lives as long as the body
+                        f
+                    }))
+                }),
+                None => resp,
+            })
+        })
     }
 }

@@ -153,7 +153,8 @@ pub async fn serve(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
         ))
         .layer(crate::panic::CatchPanicLayer)
-        .layer(crate::admission::body::CountedLayer(limits));
+        .layer(crate::admission::body::CountedLayer(limits))
+        .layer(crate::conn::CallLayer);
     if !args.max_connection_age.is_zero() {
         builder = builder.max_connection_age(args.max_connection_age);
     }
@@ -166,6 +167,7 @@ pub async fn serve(
         crate::conn::Limits {
             max_connections: args.max_connections,
             handshake_timeout: args.grpc_handshake_timeout,
+            idle_timeout: args.grpc_idle_timeout,
         },
     );
 
