@@ -17,6 +17,7 @@ import h2.settings
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
 from conftest import ROOT, Gateway, Server, Worker, binary
@@ -342,6 +343,10 @@ def test_replies_nobody_reads_are_held_to_the_budget(tight):
         with pytest.raises(Exception) as e:
             server.client.infer("vec_fp32", [x])
         assert "RESOURCE_EXHAUSTED" in str(e.value), str(e.value)[:300]
+        # Health keeps answering under that pressure: probes are never counted.
+        with grpc.insecure_channel(server.url) as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
         assert grown <= 32 * MiB + 64 * MiB, f"grew {grown / MiB:.0f} MiB with a 32 MiB budget"
         s.close()
         deadline = time.monotonic() + 30
