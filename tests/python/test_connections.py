@@ -86,9 +86,13 @@ def infer_ok(server):
 @pytest.fixture(scope="module")
 def pair():
     """A worker and a gateway in front of it, each with a 64 MiB request budget."""
-    flags = ("--max-inflight-bytes", str(64 * MiB), "--grpc-max-message-bytes", str(128 * MiB),
-             "--grpc-stall-timeout", "2s", "--grpc-max-concurrent-streams", "8",
-             "--grpc-handshake-timeout", "1s")
+    yield from worker_and_gateway(
+        "--max-inflight-bytes", str(64 * MiB), "--grpc-max-message-bytes", str(128 * MiB),
+        "--grpc-stall-timeout", "2s", "--grpc-max-concurrent-streams", "8", "--grpc-handshake-timeout", "1s")
+
+
+def worker_and_gateway(*flags):
+    """(gateway, worker) with the same flags on both, stopped (exit 0) afterwards."""
     w = Worker("--model-repository", str(HOSTILE), *flags)
     g = Gateway(w, extra=flags)
     yield g, w
@@ -274,12 +278,7 @@ def test_at_the_fd_limit_the_server_backs_off_and_keeps_serving(tmp_path):
 @pytest.fixture(scope="module")
 def tight():
     """A worker and a gateway in front of it, each with a 32 MiB request budget."""
-    flags = ("--max-inflight-bytes", str(32 * MiB), "--grpc-max-concurrent-streams", "8")
-    w = Worker("--model-repository", str(HOSTILE), *flags)
-    g = Gateway(w, extra=flags)
-    yield g, w
-    assert g.stop() == 0
-    assert w.stop() == 0
+    yield from worker_and_gateway("--max-inflight-bytes", str(32 * MiB), "--grpc-max-concurrent-streams", "8")
 
 
 def test_replies_nobody_reads_are_held_to_the_budget(tight):
