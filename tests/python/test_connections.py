@@ -359,7 +359,8 @@ def test_replies_nobody_reads_are_held_to_the_budget(tight):
 
 
 def test_idle_connections_are_closed_but_open_calls_keep_theirs():
-    w = Worker("--model-repository", str(HOSTILE), "--grpc-idle-timeout", "1s")
+    w = Worker("--model-repository", str(HOSTILE), "--grpc-idle-timeout", "1s",
+               "--grpc-keepalive-time", "1s", "--grpc-keepalive-timeout", "1s")
     try:
         # No call at all: closed about a second after it went idle (keepalive is not use).
         idle, c1 = connect(w.url)
@@ -388,5 +389,23 @@ def test_idle_connections_are_closed_but_open_calls_keep_theirs():
         answer = service_pb2.ModelStreamInferResponse.FromString(data[5:])
         assert answer.infer_response.id == "late" and not answer.error_message
         s.close()
+        # A peer that stops answering PINGs (a dead host) loses its connection, open call or not.
+        mute, cm = connect(w.url)
+        cm.send_headers(1, headers("ModelStreamInfer"))
+        mute.sendall(cm.data_to_send())
+        pinged, closed, deadline = False, False, time.monotonic() + 15
+        while not closed and time.monotonic() < deadline:
+            mute.settimeout(1)
+            try:
+                data = mute.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            closed = not data
+            pinged |= any(isinstance(e, h2.events.PingReceived) for e in cm.receive_data(data)) if data else False
+            cm.data_to_send()  # the PING ACKs h2 queued are never sent
+        assert pinged and closed, (pinged, closed)
+        mute.close()
     finally:
         assert w.stop() == 0

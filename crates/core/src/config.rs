@@ -50,6 +50,15 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_handshake_timeout: Duration,
 
+    /// How often the server PINGs each connection (Triton's flag name); a peer that does
+    /// not answer within --grpc-keepalive-timeout is dropped. 0 = no pings.
+    #[arg(long, env = "INFERMESH_GRPC_KEEPALIVE_TIME", default_value = "30s", value_parser = parse_duration)]
+    pub grpc_keepalive_time: Duration,
+
+    /// How long a keepalive PING may go unanswered before the connection is closed.
+    #[arg(long, env = "INFERMESH_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout: Duration,
+
     /// A connection with no call open for this long is closed (keepalive pings do not
     /// count as use). 0 = never.
     #[arg(long, env = "INFERMESH_GRPC_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]

@@ -4,7 +4,7 @@
 //! `--shutdown-grace` → refuse new requests with UNAVAILABLE → GOAWAY every connection and
 //! let in-flight requests and streams finish within `--drain-timeout` → return.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
 use tonic::{body::Body, service::Routes, transport::Server};
@@ -147,8 +147,10 @@ pub async fn serve(
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(args.grpc_max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(
+            (!args.grpc_keepalive_time.is_zero()).then_some(args.grpc_keepalive_time),
+        )
+        .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
         ))
