@@ -70,6 +70,13 @@ pub async fn run(
         config.model_repository.clone(),
         metrics.clone(),
     ));
+    // A typo in the path must not give a Ready pod that serves nothing: refuse to start.
+    std::fs::read_dir(&config.model_repository).map_err(|e| {
+        Error::Startup(format!(
+            "cannot read the model repository {} (--model-repository): {e}",
+            config.model_repository.display()
+        ))
+    })?;
     let loaded = Arc::new(AtomicBool::new(false));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
@@ -110,12 +117,23 @@ pub async fn run(
                 tracing::error!(error = %e, "loading the model repository failed");
             }
             loaded.store(true, std::sync::atomic::Ordering::SeqCst);
-            let can_serve = control.repo.can_serve();
+            let empty = control.repo.names().is_empty();
+            let can_serve = control
+                .repo
+                .can_serve(control.mode != ModelControlMode::None);
             lifecycle.set("", can_serve).await;
-            if can_serve {
-                tracing::info!("model loading finished; SERVING");
-            } else {
-                tracing::error!("no model could be loaded; health stays NOT_SERVING");
+            match (can_serve, empty) {
+                (true, false) => tracing::info!("model loading finished; SERVING"),
+                (true, true) => tracing::warn!(
+                    "the model repository has no models yet; SERVING (models may be loaded or appear)"
+                ),
+                (false, true) => tracing::error!(
+                    repository = %control.repo.root().display(),
+                    "the model repository has no models (expected <model>/<version>/model.onnx); health stays NOT_SERVING"
+                ),
+                (false, false) => {
+                    tracing::error!("no model could be loaded; health stays NOT_SERVING")
+                }
             }
             if control.mode == ModelControlMode::Poll {
                 control

@@ -238,11 +238,11 @@ impl Repository {
     }
 
     /// Whether a worker with this repository should take traffic: something is ready, or
-    /// the repository is empty (explicit mode before any load). A worker that can serve
-    /// nothing must not get traffic.
-    pub fn can_serve(&self) -> bool {
+    /// the repository is empty and `empty_ok` (models may still arrive: explicit or poll
+    /// mode). A worker that can serve nothing must not get traffic.
+    pub fn can_serve(&self, empty_ok: bool) -> bool {
         let models = self.models.read().expect("repository lock");
-        models.is_empty()
+        (empty_ok && models.is_empty())
             || models
                 .values()
                 .flat_map(|v| v.values())

@@ -187,7 +187,9 @@ impl WorkerService {
     fn is_ready(&self) -> bool {
         self.loaded.load(std::sync::atomic::Ordering::SeqCst)
             && !self.lifecycle.is_draining()
-            && self.repo.can_serve()
+            && self
+                .repo
+                .can_serve(self.control.mode != crate::control::ModelControlMode::None)
     }
 }
 
