@@ -42,3 +42,21 @@ def test_an_empty_repository_is_never_serving(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_port_clash_names_the_port_and_its_flags():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name in ["infermesh-worker", "infermesh-gateway"]:
+            target = ["--model-repository", "/tmp"] if name == "infermesh-worker" else ["--workers", "127.0.0.1:9"]
+            for flags, what in [(["--grpc-port", str(port), "--metrics-port", "0"], "--grpc-port"),
+                                (["--grpc-port", "0", "--metrics-port", str(port)], "--metrics-port")]:
+                out = subprocess.run([binary(name), *target, "--grpc-address", "127.0.0.1",
+                                      "--metrics-address", "127.0.0.1", *flags],
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode != 0, (name, flags)
+                assert what in out.stderr and f"127.0.0.1:{port}" in out.stderr, (name, out.stderr[-1000:])

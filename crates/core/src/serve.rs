@@ -97,7 +97,18 @@ where
 
 /// Binds the gRPC listener from the flags (port 0 picks one).
 pub async fn bind(args: &ServerArgs) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::new(args.grpc_address, args.grpc_port)).await
+    let addr = SocketAddr::new(args.grpc_address, args.grpc_port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| which_port(e, "gRPC", addr, "--grpc-address/--grpc-port"))
+}
+
+/// A bind error that says which port, at which address, set by which flags.
+fn which_port(e: std::io::Error, what: &str, addr: SocketAddr, flags: &str) -> std::io::Error {
+    std::io::Error::new(
+        e.kind(),
+        format!("cannot listen for {what} on {addr} ({flags}): {e}"),
+    )
 }
 
 /// Binds the metrics listener, unless `--allow-metrics false`.
@@ -105,9 +116,15 @@ pub async fn bind_metrics(args: &ServerArgs) -> std::io::Result<Option<TcpListen
     if !args.allow_metrics {
         return Ok(None);
     }
-    TcpListener::bind(SocketAddr::new(args.metrics_address, args.metrics_port))
-        .await
-        .map(Some)
+    let addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    TcpListener::bind(addr).await.map(Some).map_err(|e| {
+        which_port(
+            e,
+            "metrics",
+            addr,
+            "--metrics-address/--metrics-port, or --allow-metrics false",
+        )
+    })
 }
 
 /// Serves `routes` plus `grpc.health.v1` and reflection (v1 and v1alpha, since grpcurl
