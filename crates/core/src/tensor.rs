@@ -8,7 +8,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use infermesh_proto::{model_infer_request::InferInputTensor, InferTensorContents};
 
-use crate::{invalid, text::clip, DataType, Result};
+use crate::{
+    invalid,
+    text::{clip, Clip},
+    DataType, Result,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -84,14 +88,15 @@ impl Tensor {
     /// Decodes one request input. `raw` is its entry of `raw_input_contents`, if the
     /// request used raw contents.
     pub fn decode(input: &InferInputTensor, raw: Option<&Bytes>) -> Result<Tensor> {
-        let name = &clip(&input.name).to_string();
+        // Shown cut short in messages; no copy unless a message is made.
+        let name = clip(&input.name);
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
             invalid!(
                 "input '{name}': unknown datatype '{}'; expected one of BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64, BYTES",
                 clip(&input.datatype)
             )
         })?;
-        let count = element_count(name, &input.shape)?;
+        let count = element_count(&input.name, &input.shape)?;
         let data = match (raw, &input.contents) {
             (Some(_), Some(c)) if !contents_empty(c) => {
                 return Err(invalid!(
@@ -107,7 +112,7 @@ impl Tensor {
             }
         };
         Ok(Tensor {
-            name: name.clone(),
+            name: input.name.clone(),
             datatype,
             shape: input.shape.clone(),
             data,
@@ -165,7 +170,7 @@ fn contents_empty(c: &InferTensorContents) -> bool {
         && c.bytes_contents.is_empty()
 }
 
-fn decode_raw(name: &str, dt: DataType, count: usize, raw: &Bytes) -> Result<TensorData> {
+fn decode_raw(name: Clip<'_>, dt: DataType, count: usize, raw: &Bytes) -> Result<TensorData> {
     let Some(size) = dt.size() else {
         return decode_raw_strings(name, count, raw).map(TensorData::Strings);
     };
@@ -181,7 +186,7 @@ fn decode_raw(name: &str, dt: DataType, count: usize, raw: &Bytes) -> Result<Ten
 }
 
 /// Splits length-prefixed BYTES elements without copying them.
-fn decode_raw_strings(name: &str, count: usize, raw: &Bytes) -> Result<Vec<Bytes>> {
+fn decode_raw_strings(name: Clip<'_>, count: usize, raw: &Bytes) -> Result<Vec<Bytes>> {
     // Each element takes at least its 4-byte prefix: the bytes bound the count.
     let mut items = Vec::with_capacity(count.min(raw.len() / 4));
     let mut at = 0usize;
@@ -213,7 +218,7 @@ fn decode_raw_strings(name: &str, count: usize, raw: &Bytes) -> Result<Vec<Bytes
 }
 
 fn decode_typed(
-    name: &str,
+    name: Clip<'_>,
     dt: DataType,
     count: usize,
     c: &InferTensorContents,

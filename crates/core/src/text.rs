@@ -11,6 +11,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// A client string as it may appear in a message: the first [`ECHO_BYTES`] bytes (cut on
 /// a UTF-8 boundary) and, when cut, `…(N bytes)` with its real length.
+#[derive(Clone, Copy)]
 pub struct Clip<'a>(pub &'a str);
 
 impl fmt::Display for Clip<'_> {

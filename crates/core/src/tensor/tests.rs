@@ -91,3 +91,21 @@ fn request_level_checks() {
     let err = Tensor::decode(&input("q", "FLOAT", &[1]), None).unwrap_err();
     assert!(err.to_string().contains("unknown datatype 'FLOAT'"));
 }
+
+#[test]
+fn a_long_input_name_is_kept_whole_and_cut_only_in_messages() {
+    let name = "n".repeat(100);
+    let t = Tensor::decode(
+        &input(&name, "UINT8", &[1]),
+        Some(&Bytes::from_static(b"\x01")),
+    )
+    .unwrap();
+    assert_eq!(t.name, name);
+    let err = Tensor::decode(
+        &input(&name, "UINT8", &[2]),
+        Some(&Bytes::from_static(b"\x01")),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("…(100 bytes)"), "{err}");
+}
