@@ -1,4 +1,4 @@
-//! A bound on request bytes held in memory by one process (DESIGN.md §7): beyond it new
+//! A bound on request bytes held in memory by one process (docs/limits.md): beyond it new
 //! requests get RESOURCE_EXHAUSTED instead of the process growing toward an OOM kill.
 
 use std::sync::{
@@ -70,6 +70,15 @@ impl Drop for BytesPermit {
 /// them until the body is written (or dropped). Clone because extensions must be.
 #[derive(Clone, Debug)]
 pub struct HeldReply(Arc<std::sync::Mutex<Option<BytesPermit>>>);
+
+/// A unary reply whose bytes count against `budget` until the counting layer has written
+/// it (see `body::CountedLayer`).
+pub fn held_reply<T: prost::Message>(reply: T, budget: &ByteBudget) -> tonic::Response<T> {
+    let permit = budget.force(reply.encoded_len());
+    let mut reply = tonic::Response::new(reply);
+    reply.extensions_mut().insert(HeldReply::new(permit));
+    reply
+}
 
 impl HeldReply {
     pub fn new(permit: BytesPermit) -> Self {

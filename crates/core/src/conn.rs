@@ -354,12 +354,7 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             Ok(match call {
-                Some(call) => resp.map(|b| {
-                    tonic::body::Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
-                        let _ = &call; // lives as long as the body
-                        f
-                    }))
-                }),
+                Some(call) => crate::hold::until_body_ends(resp, call),
                 None => resp,
             })
         })

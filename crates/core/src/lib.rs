@@ -9,6 +9,7 @@ pub mod conn;
 pub mod datatype;
 pub mod deadline;
 pub mod error;
+pub mod hold;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model_control;

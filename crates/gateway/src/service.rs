@@ -97,11 +97,13 @@ impl GatewayService {
             code: None,
         };
         infermesh_core::busy_poll::touch();
-        let held = self.bytes.acquire(req.encoded_len());
+        // Measured once: it counts against the budget and picks stream or unary forwarding.
+        let size = req.encoded_len();
+        let held = self.bytes.acquire(size);
         let result = match (internal_parameter(&req), held) {
             (Some(status), _) => Err(status),
             (None, Err(e)) => Err(e.into()),
-            (None, Ok(_held)) => self.forward(req, deadline, &carry).await,
+            (None, Ok(_held)) => self.forward(req, size, deadline, &carry).await,
         }
         .map_err(capped);
         infermesh_core::busy_poll::touch();
@@ -117,9 +119,12 @@ impl GatewayService {
         result
     }
 
+    /// `size`: the request's encoded length (the trace parameters an attempt adds are a
+    /// few dozen bytes, nothing next to the 256 KiB stream threshold).
     async fn forward(
         &self,
         mut req: pb::ModelInferRequest,
+        size: usize,
         deadline: Option<Instant>,
         carry: &trace::Carry,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
@@ -175,7 +180,7 @@ impl GatewayService {
                 let _call = ep.call();
                 // Over an upstream stream where there is room, else as a unary call.
                 carry.inject_parameters(&span, &mut attempt.parameters);
-                let stream = if attempt.encoded_len() > upstream::MAX_MESSAGE_BYTES {
+                let stream = if size > upstream::MAX_MESSAGE_BYTES {
                     Err(attempt)
                 } else {
                     upstream::send(&ep, attempt, left)
@@ -377,13 +382,7 @@ impl GrpcInferenceService for GatewayService {
             .infer(req.into_inner(), deadline, carry)
             .instrument(span)
             .await?;
-        // The reply's bytes count against the budget until it is written.
-        let permit = self.bytes.force(resp.encoded_len());
-        let mut reply = Response::new(resp);
-        reply
-            .extensions_mut()
-            .insert(infermesh_core::admission::HeldReply::new(permit));
-        Ok(reply)
+        Ok(infermesh_core::admission::held_reply(resp, &self.bytes))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;

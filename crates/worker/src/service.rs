@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{
-    admission::{ByteBudget, HeldReply},
+    admission::{held_reply, ByteBudget},
     trace, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
@@ -191,17 +191,6 @@ impl WorkerService {
                 .repo
                 .can_serve(self.control.mode != crate::control::ModelControlMode::None)
     }
-}
-
-/// A unary reply whose bytes count against the budget until it is written.
-fn held_reply(
-    resp: pb::ModelInferResponse,
-    budget: &ByteBudget,
-) -> Response<pb::ModelInferResponse> {
-    let permit = budget.force(resp.encoded_len());
-    let mut reply = Response::new(resp);
-    reply.extensions_mut().insert(HeldReply::new(permit));
-    reply
 }
 
 fn unimplemented<T>(what: &str) -> Result<T> {

@@ -334,47 +334,9 @@ where
             let mut resp = call.await?;
             // A unary reply's bytes stay counted until its body is written or dropped.
             if let Some(held) = resp.extensions_mut().remove::<super::HeldReply>() {
-                let permit = held.take();
-                resp = resp.map(|b| tonic::body::Body::new(Releasing { inner: b, permit }));
+                resp = crate::hold::until_body_ends(resp, held.take());
             }
             Ok(resp)
         })
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A reply body that holds its bytes' permit until it ends or is dropped.
-    struct Releasing<B> {
-        #[pin]
-        inner: B,
-        permit: Option<BytesPermit>,
-    }
-}
-
-impl<B> Body for Releasing<B>
-where
-    B: Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &polled {
-            *this.permit = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
