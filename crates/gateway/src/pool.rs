@@ -152,10 +152,12 @@ impl Pool {
     }
 
     fn no_worker(&self, all: &[Arc<Endpoint>], model: &str, version: &str) -> Error {
-        let seen: Vec<String> = all
+        // One snapshot of what each worker said, for every judgement below.
+        let seen: Vec<Seen> = all.iter().map(|e| e.seen()).collect();
+        let lines: Vec<String> = all
             .iter()
-            .map(|e| {
-                let s = e.seen();
+            .zip(&seen)
+            .map(|(e, s)| {
                 let why = match (&s.problem, s.models.get(model)) {
                     (Some(p), _) => p.clone(),
                     (None, Some(v)) => format!("ready versions {v:?}"),
@@ -165,14 +167,14 @@ impl Pool {
                 format!("{} ({why})", e.addr)
             })
             .collect();
-        let workers = if seen.is_empty() {
+        let workers = if lines.is_empty() {
             "none".into()
         } else {
-            seen.join(", ")
+            lines.join(", ")
         };
         let model = clip(model);
-        let answered = all.iter().any(|e| e.seen().ready);
-        if !all.iter().any(|e| e.knows(model.0)) && answered {
+        let answered = seen.iter().any(|s| s.ready);
+        if !seen.iter().any(|s| s.known.contains(model.0)) && answered {
             return Error::NotFound(format!("unknown model '{model}'; workers seen: {workers}"));
         }
         let what = if version.is_empty() {
@@ -182,7 +184,6 @@ impl Pool {
         };
         // A version no worker lists in any state is not coming: NOT_FOUND, not retryable.
         if let Ok(v) = version.parse::<i64>() {
-            let seen: Vec<Seen> = all.iter().map(|e| e.seen()).collect();
             let listed = seen
                 .iter()
                 .any(|s| s.versions.get(model.0).is_some_and(|vs| vs.contains(&v)));

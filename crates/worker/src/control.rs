@@ -105,10 +105,10 @@ impl Control {
             ))
         })?;
         let loaded = self.repo.get(name, "").is_ok();
-        if self.max_models > 0 && !loaded && self.repo.loaded_count() >= self.max_models {
+        let count = self.repo.loaded_count();
+        if self.max_models > 0 && !loaded && count >= self.max_models {
             return Err(RequestError::ResourceExhausted(format!(
-                "model_name '{name}': {} models are loaded, the most this worker allows (--max-models {}); unload one first",
-                self.repo.loaded_count(),
+                "model_name '{name}': {count} models are loaded, the most this worker allows (--max-models {}); unload one first",
                 self.max_models
             ))
             .into());
