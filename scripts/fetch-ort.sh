@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches ONNX Runtime's shared library from its PyPI wheel and prints the library's
 # absolute path as the last line of stdout (logs go to stderr). PyPI is the only source
-# this project may use: ort's own download-binaries CDN is unreachable here (DESIGN §4).
+# this project may use: ort's own download-binaries CDN is not reachable from every build machine.
 # Idempotent, and needs only the system python3 (not the venv), so it can run first.
 #   ORT_GPU=1  fetch onnxruntime-gpu instead: the CUDA provider needs CUDA 13 + cuDNN 9
 #              (libcublas/libcudart .so.13) on the loader path at run time.

@@ -1,4 +1,4 @@
-//! Flags both servers share (DESIGN.md §7). Every flag also reads an `INFERMESH_` env var:
+//! Flags both servers share (docs/configuration.md). Every flag also reads an `INFERMESH_` env var:
 //! Kubernetes injects `<SERVICE>_PORT=tcp://...` variables that unprefixed names collide with.
 
 use std::{net::IpAddr, time::Duration};

@@ -1,6 +1,6 @@
 //! `serve()`: one accept loop and one shutdown sequence for every infermesh server.
 //!
-//! Shutdown (DESIGN.md §7): signal → health NOT_SERVING at once → keep serving for
+//! Shutdown (docs/configuration.md): signal → health NOT_SERVING at once → keep serving for
 //! `--shutdown-grace` → refuse new requests with UNAVAILABLE → GOAWAY every connection and
 //! let in-flight requests and streams finish within `--drain-timeout` → return.
 

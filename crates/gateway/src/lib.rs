@@ -30,7 +30,7 @@ pub enum Error {
 
 pub use infermesh_core::serve::Listeners;
 
-/// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md §7).
+/// Runs the gateway until `shutdown` resolves, then drains (the shutdown sequence in docs/configuration.md).
 pub async fn run(
     config: GatewayConfig,
     listeners: Listeners,

@@ -55,7 +55,7 @@ pub fn onnxruntime_library(config: &WorkerConfig) -> Result<PathBuf, Error> {
 
 pub use infermesh_core::serve::Listeners;
 
-/// Runs the worker until `shutdown` resolves, then drains (DESIGN.md §7).
+/// Runs the worker until `shutdown` resolves, then drains (the shutdown sequence in docs/configuration.md).
 pub async fn run(
     config: WorkerConfig,
     listeners: Listeners,
