@@ -21,10 +21,10 @@ for name in ("worker", "gateway"):
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from conftest import Gateway, Worker  # noqa: E402
+from conftest import HOSTILE, Gateway, Worker  # noqa: E402
 from test_connections import connect, headers, poll, refused  # noqa: E402
 from test_fuzz import SEED, mutants  # noqa: E402
-from test_hostile import HOSTILE, bytes_elements, raw_request  # noqa: E402
+from test_hostile import bytes_elements, raw_request  # noqa: E402
 
 MiB = 1 << 20
 

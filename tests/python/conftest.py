@@ -11,6 +11,8 @@ import tritonclient.grpc as grpcclient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
+# Models with variable dims (BYTES, FP32, FP16 and an ONNX one) for the hostile-input tests.
+HOSTILE = ROOT / "tests" / "models"
 
 
 def binary(name: str) -> str:
@@ -85,3 +87,14 @@ def mesh():
 @pytest.fixture
 def client(worker):
     return worker.client
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    """One gateway in front of two workers serving the variable-dims test repository."""
+    workers = [Worker("--model-repository", str(HOSTILE)) for _ in range(2)]
+    gateway = Gateway(*workers)
+    yield gateway, workers
+    assert gateway.stop() == 0
+    for w in workers:
+        assert w.stop() == 0

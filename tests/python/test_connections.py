@@ -20,9 +20,8 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
-from conftest import ROOT, Gateway, Server, Worker, binary
+from conftest import HOSTILE, Gateway, Worker, binary
 
-HOSTILE = ROOT / "tests" / "models"
 MiB = 1 << 20
 
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from test_hostile import HOSTILE, fleet, stub  # noqa: F401 - the fixture is shared
+from test_hostile import stub
 
 SEED = 20261129
 UNARY_PER_SERVER = 6000
@@ -168,7 +168,7 @@ def panics(server):
     return [line for line in server.log if "panic" in line]
 
 
-def test_mutated_requests_never_crash_or_look_like_server_errors(fleet):  # noqa: F811
+def test_mutated_requests_never_crash_or_look_like_server_errors(fleet):
     gateway, workers = fleet
     rng = random.Random(SEED)
     gen = mutants(rng)

@@ -12,22 +12,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from conftest import ROOT, Gateway, Worker
+from conftest import HOSTILE, Gateway, Worker
 
-HOSTILE = ROOT / "tests" / "models"
 MAX_MESSAGE = 4096
 SC = grpc.StatusCode
-
-
-@pytest.fixture(scope="module")
-def fleet():
-    """One gateway in front of two workers serving the variable-dims test repository."""
-    workers = [Worker("--model-repository", str(HOSTILE)) for _ in range(2)]
-    gateway = Gateway(*workers)
-    yield gateway, workers
-    assert gateway.stop() == 0
-    for w in workers:
-        assert w.stop() == 0
 
 
 def stub(server):
