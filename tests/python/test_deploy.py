@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, binary
 
-OVERLAYS = ["cpu", "gpu", "production", "production-keda"]
+OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit"]
 
 
 def run(*cmd):
@@ -93,11 +93,17 @@ def test_pods_are_hardened_and_consistent(overlay):
             svc = services[host.split(".")[0]]
             assert svc["spec"]["clusterIP"] == "None", "the gateway follows a headless Service"
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        # A worker that starts with nothing loaded must still be SERVING, or it never joins
+        # the headless Service and nothing could ask it to load a model.
+        values = {**config, **{e["name"]: e.get("value") for e in c.get("env", [])}}
+        if "worker" in name and values.get("INFERMESH_MODEL_CONTROL_MODE") == "explicit" \
+                and not values.get("INFERMESH_LOAD_MODEL"):
+            assert values.get("INFERMESH_ALLOW_EMPTY_REPOSITORY") == "true", name
         # The byte budget answers RESOURCE_EXHAUSTED before the pod's memory limit kills it.
         budget = int(next(e["value"] for e in c["env"] if e["name"] == "INFERMESH_MAX_INFLIGHT_BYTES"))
         limit = quantity(c["resources"]["limits"]["memory"])
         assert 0 < budget <= limit * 3 // 4, (name, budget, limit)
-    if overlay != "cpu":
+    if overlay not in ("cpu", "explicit"):
         worker = next(d for d in docs if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"])
         limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == 1
@@ -241,4 +247,4 @@ def test_selectors_ports_and_gpus_line_up(overlay):
         if kind == "HorizontalPodAutoscaler":
             assert d["spec"]["scaleTargetRef"]["name"] in deps, name
     gpus = [n for n, p in pods.items() if "nvidia.com/gpu" in p["spec"]["containers"][0]["resources"].get("limits", {})]
-    assert gpus == ([] if overlay == "cpu" else ["infermesh-worker"])
+    assert gpus == ([] if overlay in ("cpu", "explicit") else ["infermesh-worker"])

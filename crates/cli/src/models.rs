@@ -16,16 +16,26 @@ pub struct ModelsArgs {
 
 pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let mut client = GrpcInferenceServiceClient::new(crate::infer::channel(&args.url).await?);
-    let index = client
+    let answer = client
         .repository_index(RepositoryIndexRequest::default())
         .await
-        .map_err(|s| anyhow::anyhow!("repository index: {}: {}", s.code(), s.message()))?
-        .into_inner()
-        .models;
+        .map_err(|s| anyhow::anyhow!("repository index: {}: {}", s.code(), s.message()))?;
+    // A gateway lists its workers' states beside the index (a worker that is down has no
+    // models to show); a worker sends none.
+    let workers: Vec<String> = answer
+        .metadata()
+        .get_all("infermesh-worker")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let index = answer.into_inner().models;
     if args.json {
         for m in &index {
             let v = serde_json::json!({"name": m.name, "version": m.version, "state": m.state, "reason": m.reason});
             println!("{v}");
+        }
+        for w in &workers {
+            println!("{}", serde_json::json!({ "worker": w }));
         }
         return Ok(());
     }
@@ -39,6 +49,12 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
             "{:width$}  {:7}  {:11}  {}",
             m.name, m.version, m.state, m.reason
         );
+    }
+    if !workers.is_empty() {
+        println!("\nWORKER STATE");
+        for w in &workers {
+            println!("{w}");
+        }
     }
     Ok(())
 }

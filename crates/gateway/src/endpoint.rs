@@ -234,8 +234,13 @@ impl Endpoint {
     /// died), and brings the next poll forward when it says SERVING again.
     pub async fn keep_fresh(self: Arc<Self>, refresh: Duration, timeout: Duration) {
         let poll = async {
+            // Say at once why a worker is not usable (a wrong address, a worker that is
+            // down), not only when the first request fails.
+            self.refresh(timeout).await;
+            if let Some(problem) = self.seen().problem {
+                tracing::warn!(worker = %self.addr, %problem, retry_every = ?refresh, "worker not ready");
+            }
             loop {
-                self.refresh(timeout).await;
                 tokio::select! {
                     () = tokio::time::sleep(refresh) => {}
                     () = self.wake.notified() => {}
@@ -321,7 +326,7 @@ impl Endpoint {
                 seen
             }
             Ok(Err(status)) => Seen {
-                problem: Some(format!("{}: {}", status.code(), status.message())),
+                problem: Some(describe(&status)),
                 ..Default::default()
             },
             Err(_) => Seen {
@@ -387,4 +392,21 @@ mod tests {
         ep.set_seen(ready());
         assert!(ep.serves("m", None));
     }
+}
+
+/// A status with the chain of errors under it ("Unavailable: transport error: tcp connect
+/// error: Connection refused"), for logs and `infermesh models`: tonic's message alone
+/// says only "transport error".
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    infermesh_core::text::cap_message(text)
 }

@@ -65,22 +65,11 @@ pub async fn run(
         "infermesh gateway listening"
     );
 
-    // Health "" follows the pool: SERVING while at least one worker is ready.
-    {
-        let (pool, lifecycle) = (pool.clone(), lifecycle.clone());
-        let every = config.worker_refresh;
-        tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                let ready = pool.any_ready();
-                if last != Some(ready) {
-                    lifecycle.set("", ready).await;
-                    last = Some(ready);
-                }
-                tokio::time::sleep(every / 2).await;
-            }
-        });
-    }
+    tokio::spawn(follow_health(
+        pool.clone(),
+        lifecycle.clone(),
+        config.worker_refresh / 2,
+    ));
 
     let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = GatewayService {
@@ -107,4 +96,27 @@ pub async fn run(
     serve::serve_inference(service, parts, &config.server, shutdown)
         .await
         .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+}
+
+/// Health follows the pool: "" is SERVING while at least one worker is ready; each model
+/// any worker lists is SERVING while a ready worker has it ready, NOT_SERVING otherwise
+/// (also once no worker lists it any more, so a client watching it hears the change).
+async fn follow_health(pool: Arc<Pool>, lifecycle: Lifecycle, every: std::time::Duration) {
+    let mut last: std::collections::BTreeMap<String, bool> = Default::default();
+    loop {
+        let mut now = pool.model_health();
+        for name in last.keys() {
+            now.entry(name.clone()).or_insert(false);
+        }
+        now.insert(String::new(), pool.any_ready());
+        // A model called "liveness" must not take over the liveness probe's entry.
+        now.remove(infermesh_core::lifecycle::LIVENESS);
+        for (name, serving) in &now {
+            if last.get(name) != Some(serving) {
+                lifecycle.set(name, *serving).await;
+            }
+        }
+        last = now;
+        tokio::time::sleep(every).await;
+    }
 }

@@ -99,6 +99,20 @@ impl Pool {
         self.all().iter().any(|e| e.seen().ready)
     }
 
+    /// Every model any worker lists, and whether a ready worker has a ready version of it
+    /// (the gateway's per-model health).
+    pub fn model_health(&self) -> BTreeMap<String, bool> {
+        let mut health = BTreeMap::new();
+        for ep in self.all() {
+            let seen = ep.seen();
+            for name in seen.known {
+                let serving = seen.ready && seen.models.contains_key(&name);
+                *health.entry(name).or_insert(false) |= serving;
+            }
+        }
+        health
+    }
+
     /// Picks a worker for (model, version). Version "" goes to the newest version that any
     /// ready worker has, so a rollout moves traffic as soon as one worker has the new one.
     /// Returns the worker and the version to ask it for.

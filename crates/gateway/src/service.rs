@@ -486,7 +486,9 @@ impl GrpcInferenceService for GatewayService {
                 },
             )
             .collect();
-        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+        let mut response = Response::new(pb::RepositoryIndexResponse { models });
+        worker_states(&workers, response.metadata_mut());
+        Ok(response)
     }
 
     async fn repository_model_load(
@@ -588,5 +590,36 @@ impl GatewayService {
             .into());
         }
         Ok(())
+    }
+}
+
+/// Most workers listed in a RepositoryIndex answer's metadata (keeps the header small).
+const MAX_LISTED_WORKERS: usize = 32;
+
+/// Each worker's state as `infermesh-worker` metadata on a RepositoryIndex answer, for
+/// `infermesh models`: a worker that is down lists no models, so the index alone cannot
+/// show it. Other clients ignore unknown metadata.
+fn worker_states(workers: &[Arc<Endpoint>], md: &mut tonic::metadata::MetadataMap) {
+    for ep in workers.iter().take(MAX_LISTED_WORKERS) {
+        let seen = ep.seen();
+        let state = match (seen.ready, seen.problem) {
+            (true, _) => format!("{} ready", ep.addr),
+            (false, Some(p)) => format!("{} unready: {p}", ep.addr),
+            (false, None) => format!("{} unready", ep.addr),
+        };
+        // Metadata values are visible ASCII; anything else would make the insert fail.
+        let ascii: String = infermesh_core::text::prefix(&state, 300)
+            .chars()
+            .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+            .collect();
+        if let Ok(v) = ascii.parse() {
+            md.append("infermesh-worker", v);
+        }
+    }
+    if workers.len() > MAX_LISTED_WORKERS {
+        let more = format!("... {} more", workers.len() - MAX_LISTED_WORKERS);
+        if let Ok(v) = more.parse() {
+            md.append("infermesh-worker", v);
+        }
     }
 }

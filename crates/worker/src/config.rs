@@ -85,6 +85,13 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_DEFAULT_QUEUE_TIMEOUT", default_value = "0s", value_parser = infermesh_core::config::parse_duration)]
     pub default_queue_timeout: std::time::Duration,
 
+    /// Report SERVING with no model ready, once the models named at start have loaded.
+    /// For explicit mode with nothing preloaded: a NOT_SERVING worker leaves a headless
+    /// Service, so the gateway could never reach it to load a model. Without it a worker
+    /// is SERVING only while at least one model is READY.
+    #[arg(long, env = "INFERMESH_ALLOW_EMPTY_REPOSITORY")]
+    pub allow_empty_repository: bool,
+
     /// Models that may be loaded at once; a RepositoryModelLoad of another model beyond it
     /// gets RESOURCE_EXHAUSTED (reloading a loaded model is always allowed). 0 = no cap.
     #[arg(long, env = "INFERMESH_MAX_MODELS", default_value_t = 0)]

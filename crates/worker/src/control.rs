@@ -55,6 +55,11 @@ pub struct Control {
     lifecycle: Lifecycle,
     /// `--max-models`: 0 = no cap.
     max_models: usize,
+    /// `--allow-empty-repository`: SERVING with no model ready.
+    allow_empty: bool,
+    /// Set once the models named at start have been tried; until then "" stays
+    /// NOT_SERVING so a worker takes traffic only with its whole start set.
+    started: std::sync::atomic::AtomicBool,
     stamps: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
 }
 
@@ -65,6 +70,7 @@ impl Control {
         defaults: Defaults,
         lifecycle: Lifecycle,
         max_models: usize,
+        allow_empty: bool,
     ) -> Self {
         Self {
             repo,
@@ -72,7 +78,32 @@ impl Control {
             defaults,
             lifecycle,
             max_models,
+            allow_empty,
+            started: Default::default(),
             stamps: Default::default(),
+        }
+    }
+
+    /// Whether the worker should take traffic: the start set has been tried and a model
+    /// is READY (or `--allow-empty-repository`). A worker that can serve nothing must not
+    /// be in a Service's endpoints.
+    pub fn can_serve(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+            && (self.allow_empty || self.repo.any_ready())
+    }
+
+    /// Marks the start set as tried and publishes overall health.
+    pub async fn started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.publish_overall().await;
+    }
+
+    /// Overall ("") health follows what is READY: a later load can make an idle worker
+    /// SERVING, an unload of its last model NOT_SERVING.
+    async fn publish_overall(&self) {
+        if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            self.lifecycle.set("", self.can_serve()).await;
         }
     }
 
@@ -134,7 +165,10 @@ impl Control {
         loop {
             tokio::time::sleep(interval).await;
             if let Err(e) = self.poll_once().await {
-                tracing::warn!(error = %e, "repository poll failed");
+                // Models already loaded keep serving: a repository on a network volume
+                // that blinks must not take a healthy worker out of rotation.
+                self.defaults.metrics.repository_poll_failures.inc();
+                tracing::warn!(error = %e, "repository poll failed; loaded models keep serving");
             }
         }
     }
@@ -186,6 +220,7 @@ impl Control {
         self.lifecycle
             .set(&name, self.repo.get(&name, "").is_ok())
             .await;
+        self.publish_overall().await;
         result
     }
 
@@ -244,6 +279,7 @@ impl Control {
             self.repo.set(name, v, State::Unloaded);
         }
         self.lifecycle.set(name, false).await;
+        self.publish_overall().await;
         tracing::info!(model = %name, "model unloaded");
     }
 }

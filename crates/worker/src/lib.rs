@@ -15,11 +15,7 @@ pub mod scheduler;
 pub mod service;
 pub mod stats;
 
-use std::{
-    future::Future,
-    path::PathBuf,
-    sync::{atomic::AtomicBool, Arc},
-};
+use std::{future::Future, path::PathBuf, sync::Arc};
 
 pub use config::{InstanceKind, WorkerConfig};
 use control::{Control, ModelControlMode};
@@ -77,7 +73,6 @@ pub async fn run(
             config.model_repository.display()
         ))
     })?;
-    let loaded = Arc::new(AtomicBool::new(false));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
         address = %local(&listeners.grpc)?,
@@ -108,31 +103,29 @@ pub async fn run(
         defaults,
         lifecycle.clone(),
         config.max_models,
+        config.allow_empty_repository,
     ));
     {
-        let (control, lifecycle, loaded) = (control.clone(), lifecycle.clone(), loaded.clone());
+        let control = control.clone();
         let (load, poll) = (config.load_model.clone(), config.repository_poll_secs);
         tokio::spawn(async move {
             if let Err(e) = control.initial(&load).await {
                 tracing::error!(error = %e, "loading the model repository failed");
             }
-            loaded.store(true, std::sync::atomic::Ordering::SeqCst);
+            control.started().await;
             let empty = control.repo.names().is_empty();
-            let can_serve = control
-                .repo
-                .can_serve(control.mode != ModelControlMode::None);
-            lifecycle.set("", can_serve).await;
-            match (can_serve, empty) {
-                (true, false) => tracing::info!("model loading finished; SERVING"),
-                (true, true) => tracing::warn!(
-                    "the model repository has no models yet; SERVING (models may be loaded or appear)"
+            let ready = control.repo.any_ready();
+            match (ready, empty, control.can_serve()) {
+                (true, _, _) => tracing::info!("model loading finished; SERVING"),
+                (false, _, true) => tracing::warn!(
+                    "no model is ready; SERVING anyway (--allow-empty-repository): load models with RepositoryModelLoad"
                 ),
-                (false, true) => tracing::error!(
+                (false, true, false) => tracing::error!(
                     repository = %control.repo.root().display(),
-                    "the model repository has no models (expected <model>/<version>/model.onnx); health stays NOT_SERVING"
+                    "the model repository has no models (expected <model>/<version>/model.onnx); health stays NOT_SERVING until one is ready (--allow-empty-repository to serve anyway)"
                 ),
-                (false, false) => {
-                    tracing::error!("no model could be loaded; health stays NOT_SERVING")
+                (false, false, false) => {
+                    tracing::error!("no model could be loaded; health stays NOT_SERVING until one is ready")
                 }
             }
             if control.mode == ModelControlMode::Poll {
@@ -148,7 +141,6 @@ pub async fn run(
         repo,
         control,
         lifecycle: lifecycle.clone(),
-        loaded,
         budget: budget.clone(),
         metrics,
     };

@@ -59,6 +59,7 @@ pub struct WorkerMetrics {
     pub instance_provider: Family<InstanceLabels, Gauge>,
     pub inflight_requests: Gauge,
     pub inflight_bytes: Gauge,
+    pub repository_poll_failures: Counter,
 }
 
 impl WorkerMetrics {
@@ -76,6 +77,7 @@ impl WorkerMetrics {
             instance_provider: Family::default(),
             inflight_requests: Gauge::default(),
             inflight_bytes: Gauge::default(),
+            repository_poll_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(
@@ -137,6 +139,11 @@ impl WorkerMetrics {
             "inflight_bytes",
             "Request bytes held in memory (bounded by --max-inflight-bytes)",
             m.inflight_bytes.clone(),
+        );
+        r.register(
+            "repository_poll_failures",
+            "Rescans of the model repository that failed (poll mode); loaded models keep serving",
+            m.repository_poll_failures.clone(),
         );
         m
     }

@@ -237,16 +237,13 @@ impl Repository {
             .collect()
     }
 
-    /// Whether a worker with this repository should take traffic: something is ready, or
-    /// the repository is empty and `empty_ok` (models may still arrive: explicit or poll
-    /// mode). A worker that can serve nothing must not get traffic.
-    pub fn can_serve(&self, empty_ok: bool) -> bool {
+    /// Whether at least one model version is READY.
+    pub fn any_ready(&self) -> bool {
         let models = self.models.read().expect("repository lock");
-        (empty_ok && models.is_empty())
-            || models
-                .values()
-                .flat_map(|v| v.values())
-                .any(|s| matches!(s, State::Ready(_)))
+        models
+            .values()
+            .flat_map(|v| v.values())
+            .any(|s| matches!(s, State::Ready(_)))
     }
 
     pub fn ready_models(&self) -> Vec<Arc<Model>> {

@@ -32,7 +32,6 @@ pub struct WorkerService {
     pub control: Arc<Control>,
     pub lifecycle: Lifecycle,
     /// Set once every model found at start has finished loading (ready or failed).
-    pub loaded: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes of requests held in memory, process-wide.
     pub budget: ByteBudget,
     pub metrics: WorkerMetrics,
@@ -185,11 +184,7 @@ impl WorkerService {
     /// Ready once every model found at start has finished loading and the repository
     /// can serve something.
     fn is_ready(&self) -> bool {
-        self.loaded.load(std::sync::atomic::Ordering::SeqCst)
-            && !self.lifecycle.is_draining()
-            && self
-                .repo
-                .can_serve(self.control.mode != crate::control::ModelControlMode::None)
+        !self.lifecycle.is_draining() && self.control.can_serve()
     }
 }
 
