@@ -37,16 +37,38 @@ pub fn parse(text: &str) -> Result<pb::ModelConfig, String> {
     let desc = pool
         .get_message_by_name("inference.ModelConfig")
         .expect("ModelConfig in the descriptor set");
-    let text = colon_before_lists(text);
-    let msg = DynamicMessage::parse_text_format(desc, &text).map_err(|e| e.to_string())?;
+    let (fixed, inserted) = colon_before_lists(text);
+    let msg = DynamicMessage::parse_text_format(desc, &fixed).map_err(|e| {
+        use miette::Diagnostic as _;
+        let at = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+        match at {
+            // Offsets are in the text with the added colons; count back to the file's.
+            Some(at) => {
+                let at = at - inserted.iter().filter(|&&i| i < at).count();
+                let (line, column) = line_column(text, at);
+                format!("line {line}, column {column}: {e}")
+            }
+            None => e.to_string(),
+        }
+    })?;
     msg.transcode_to().map_err(|e| e.to_string())
+}
+
+/// 1-based line and column (in characters) of byte offset `at` of `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = infermesh_core::text::prefix(text, at);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
 }
 
 /// Protobuf text format lets the colon before a list of messages go (`input [ { ... } ]`),
 /// and Triton's configs nearly always leave it out; prost-reflect's parser wants it. Adds
-/// it after a field name that a `[` follows, outside strings and comments.
-fn colon_before_lists(text: &str) -> String {
+/// it after a field name that a `[` follows, outside strings and comments. Returns the
+/// text and the offsets (in it) of the colons added, so errors can point into the file.
+fn colon_before_lists(text: &str) -> (String, Vec<usize>) {
     let mut out = String::with_capacity(text.len() + 16);
+    let mut inserted = Vec::new();
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
         match c {
@@ -77,15 +99,17 @@ fn colon_before_lists(text: &str) -> String {
                     .next()
                     .unwrap_or("");
                 if word.starts_with(|f: char| f.is_ascii_alphabetic() || f == '_') {
-                    out.truncate(trimmed.len());
-                    out.push_str(": ");
+                    // Right after the name, keeping the white space (and so the lines).
+                    let at = trimmed.len();
+                    out.insert(at, ':');
+                    inserted.push(at);
                 }
                 out.push('[');
             }
             _ => out.push(c),
         }
     }
-    out
+    (out, inserted)
 }
 
 /// Which engine runs the model.

@@ -103,3 +103,14 @@ fn complete_fills_from_the_graph_and_names_disagreements() {
         .to_string()
         .contains("'other'"));
 }
+
+#[test]
+fn syntax_errors_name_line_and_column() {
+    // Line 4 lacks the ',' or ']' closing the input list; the parser sees `output` instead.
+    let text = "name: \"m\"\ninput [\n  { name: \"x\" data_type: TYPE_FP32 dims [ 1 ] }\noutput [ { name: \"y\" } ]\n";
+    let err = parse(text).unwrap_err();
+    assert!(err.starts_with("line 4, column 1: "), "{err}");
+    // An unknown field, after a list whose colon was added: still the file's column.
+    let err = parse("input [ ]\n  nmae: \"x\"\n").unwrap_err();
+    assert!(err.starts_with("line 2, column 3: "), "{err}");
+}
