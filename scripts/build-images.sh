@@ -43,13 +43,14 @@ base docker.io/library/python:3.11-slim-bookworm ca-certificates,python3,python3
 podman tag gcr.io/distroless/cc-debian12:nonroot docker.io/library/rust:1.92-slim-bookworm
 
 step "binaries (release, built here)"
+rev=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 cargo build --release --locked -p infermesh-gateway -p infermesh-worker -p infermesh-cli >&2
 rm -rf dist && mkdir dist
 cp target/release/infermesh-gateway target/release/infermesh-worker target/release/infermesh dist/
 
 step "images"
-podman build --pull=never --format docker --isolation chroot -q -f Dockerfile.gateway --build-arg BINARIES=prebuilt -t infermesh-gateway:dev .
-podman build --pull=never --format docker --isolation chroot -q -f Dockerfile.worker --build-arg BINARIES=prebuilt --build-arg VARIANT=cpu \
+podman build --pull=never --format docker --isolation chroot -q -f Dockerfile.gateway --build-arg BINARIES=prebuilt --build-arg INFERMESH_GIT_REV="$rev" -t infermesh-gateway:dev .
+podman build --pull=never --format docker --isolation chroot -q -f Dockerfile.worker --build-arg BINARIES=prebuilt --build-arg INFERMESH_GIT_REV="$rev" --build-arg VARIANT=cpu \
   --build-arg RUNTIME_BASE=docker.io/library/debian:bookworm-slim --build-arg ORT_PACKAGE=onnxruntime \
   -t infermesh-worker:cpu-dev .
 for image in infermesh-gateway:dev infermesh-worker:cpu-dev; do

@@ -23,8 +23,10 @@ class Server:
     """A worker or gateway process on 127.0.0.1, its port learned from its log."""
 
     def __init__(self, cmd, env=None):
-        # Later flags win, so callers may override the grace period.
-        cmd = [cmd[0], "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        # Later flags win, so callers may override the grace period. cmd[0] may be a list
+        # (a binary and its subcommand: `infermesh gateway`).
+        head = list(cmd[0]) if isinstance(cmd[0], (list, tuple)) else [cmd[0]]
+        cmd = [*head, "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
                "--shutdown-grace", "0s", "--log-format", "json", *cmd[1:]]
         env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)

@@ -54,3 +54,43 @@ def test_bench_load_generator(worker):
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["ok"] == 0 and r["errors_by_status"] == {"InvalidArgument": 20}, r
+
+
+def test_version_names_the_git_revision():
+    import re
+
+    from conftest import ROOT
+
+    rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    for name in ["infermesh", "infermesh-worker", "infermesh-gateway"]:
+        out = subprocess.run([binary(name), "--version"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        m = re.fullmatch(r"(\S+) \d+\.\d+\.\d+ \(([0-9a-f]{12}|unknown)\)", out.stdout.strip())
+        assert m and m.group(1) == name, out.stdout
+        if rev.returncode == 0:  # built from this checkout
+            assert m.group(2) == rev.stdout.strip(), (out.stdout, rev.stdout)
+
+
+def flags(help_text):
+    import re
+
+    return sorted(re.findall(r"^\s+(-\w, )?(--[\w-]+)", help_text, re.M))
+
+
+def test_infermesh_gateway_and_worker_are_the_standalone_binaries(worker):
+    for sub in ["gateway", "worker"]:
+        one = cli(sub, "--help")
+        alone = subprocess.run([binary(f"infermesh-{sub}"), "--help"], capture_output=True, text=True, timeout=60)
+        assert one.returncode == 0 and alone.returncode == 0
+        assert flags(one.stdout) == flags(alone.stdout) and len(flags(one.stdout)) > 20
+    # And it runs: a gateway from the one binary answers through the worker.
+    from conftest import Server
+
+    gw = Server([(binary("infermesh"), "gateway"), "--workers", worker.url, "--worker-refresh", "100ms"])
+    try:
+        out = cli("infer", "--url", gw.url, "--model", "digits", "--input", f"input=@{MODELS / 'digits/example.json'}",
+                  "--json")
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["probabilities"][0]) == 10
+    finally:
+        assert gw.stop() == 0

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "infermesh",
-    version,
+    version = infermesh_core::VERSION,
     about = "gRPC inference mesh: local mesh, inference calls, health checks"
 )]
 struct Cli {
@@ -28,6 +28,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run a worker, exactly like the `infermesh-worker` binary.
     Worker(Box<infermesh_worker::WorkerConfig>),
+    /// Run a gateway, exactly like the `infermesh-gateway` binary.
+    Gateway(Box<infermesh_gateway::GatewayConfig>),
     /// Send one inference request and print the outputs.
     Infer(infer::InferArgs),
     /// Load generator speaking the protocol (unary or one stream); `bench engine` runs
@@ -44,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     // `infermesh worker` honours --threads like infermesh-worker; tools use the default.
     let threads = match &command {
         Command::Worker(config) => infermesh_core::serve::worker_threads(config.server.threads),
+        Command::Gateway(config) => config.server.threads,
         _ => 0,
     };
     infermesh_core::serve::runtime(threads)?.block_on(run(command))
@@ -58,6 +61,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
             let result =
                 infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await;
+            if let Some(t) = tracing {
+                t.shutdown(std::time::Duration::from_secs(3)).await;
+            }
+            Ok(result?)
+        }
+        Command::Gateway(config) => {
+            let tracing =
+                infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
+            let listeners = infermesh_gateway::Listeners::bind(&config.server).await?;
+            let result =
+                infermesh_gateway::run(*config, listeners, infermesh_core::serve::signal()).await;
             if let Some(t) = tracing {
                 t.shutdown(std::time::Duration::from_secs(3)).await;
             }

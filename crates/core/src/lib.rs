@@ -28,3 +28,12 @@ pub use datatype::DataType;
 pub use error::{Error, Result};
 pub use lifecycle::Lifecycle;
 pub use tensor::{Tensor, TensorData};
+
+/// `--version` of every binary: the package version and the git revision it was built
+/// from ("unknown" when built without `.git` and without `INFERMESH_GIT_REV`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("INFERMESH_GIT_REV"),
+    ")"
+);

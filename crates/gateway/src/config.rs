@@ -7,7 +7,7 @@ use infermesh_core::{config::parse_duration, ServerArgs};
 /// Balance KServe v2 / Triton gRPC requests, every message of a stream included, across
 /// infermesh (or Triton) workers.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "infermesh-gateway", version, args_override_self = true)]
+#[command(name = "infermesh-gateway", version = infermesh_core::VERSION, args_override_self = true)]
 pub struct GatewayConfig {
     /// Workers as HOST:PORT, comma-separated (static discovery).
     #[arg(

@@ -62,6 +62,7 @@ pub async fn run(
         metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         workers = ?config.workers,
         workers_dns = ?config.workers_dns,
+        version = infermesh_core::VERSION,
         "infermesh gateway listening"
     );
 

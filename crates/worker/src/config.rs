@@ -7,7 +7,7 @@ use infermesh_core::ServerArgs;
 /// Serve ONNX models from a Triton-layout model repository over the KServe v2 / Triton
 /// gRPC protocol.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "infermesh-worker", version, args_override_self = true)]
+#[command(name = "infermesh-worker", version = infermesh_core::VERSION, args_override_self = true)]
 pub struct WorkerConfig {
     /// Model repository in Triton's layout: <dir>/<model>/<version>/model.onnx.
     #[arg(long, env = "INFERMESH_MODEL_REPOSITORY")]

@@ -79,6 +79,7 @@ pub async fn run(
         metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         repository = %config.model_repository.display(),
         mode = ?config.model_control_mode,
+        version = infermesh_core::VERSION,
         "infermesh worker listening"
     );
 
