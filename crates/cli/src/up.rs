@@ -1,18 +1,21 @@
 //! `infermesh up`: a local mesh in one command: N workers as child processes on free
-//! ports (restarted on the same port if one dies), the gateway in front of them, and a real
-//! request through the gateway to prove it answers. Ctrl-C stops everything cleanly.
+//! ports (restarted on the same port if one dies once the mesh is up), the gateway in front
+//! of them, and a real request through the gateway to prove it answers. A worker that
+//! exits or can serve nothing before the mesh is ready fails `up` at once, with the
+//! worker's own last lines. Ctrl-C stops everything cleanly.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+mod child;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
+use child::Worker;
 use clap::Parser;
 use infermesh_gateway::GatewayConfig;
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
     net::TcpListener,
-    process::{Child, Command},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 #[derive(clap::Args)]
@@ -29,53 +32,80 @@ pub struct UpArgs {
     /// Exit after the self-check request instead of serving until Ctrl-C.
     #[arg(long)]
     pub check: bool,
+    /// Serve Prometheus /metrics from every process, on free 127.0.0.1 ports (printed).
+    #[arg(long)]
+    pub metrics: bool,
+    /// Flags for every worker, after `--` (e.g. `infermesh up -- --intra-op-threads 2`).
+    #[arg(last = true, value_name = "WORKER FLAGS")]
+    pub worker_flags: Vec<String>,
 }
 
-/// One worker child and how to start it again.
-struct Slot {
-    args: Vec<String>,
-    addr: String,
-    child: Child,
+/// The checkout this binary was built from (its bundled models and .venv), if still there.
+fn checkout() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::canonicalize(&path).unwrap_or(path)
+}
+
+/// How to call this binary: `infermesh` when that is what PATH finds, else its path.
+fn this_binary() -> String {
+    let me = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            let found = std::fs::canonicalize(d.join("infermesh")).ok();
+            found.is_some() && found == me.as_ref().and_then(|m| std::fs::canonicalize(m).ok())
+        })
+    });
+    match (on_path, me) {
+        (false, Some(me)) => me.display().to_string(),
+        _ => "infermesh".into(),
+    }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     infermesh_core::telemetry::init_logging(infermesh_core::telemetry::LogFormat::Text);
     let repo = args
         .model_repository
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+        .clone()
+        .unwrap_or_else(|| checkout().join("models"));
     // Share the cores between the workers' ONNX Runtime pools instead of oversubscribing.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.workers.max(1)).max(1).to_string();
+    let metrics: &[&str] = if args.metrics {
+        &["--metrics-address", "127.0.0.1", "--metrics-port", "0"]
+    } else {
+        &["--allow-metrics", "false"]
+    };
+    let mut base: Vec<String> = [
+        "worker",
+        "--model-repository",
+        &repo.display().to_string(),
+        "--intra-op-threads",
+        &threads,
+        "--grpc-address",
+        "127.0.0.1",
+        "--shutdown-grace",
+        "0s",
+    ]
+    .iter()
+    .chain(metrics)
+    .map(|s| s.to_string())
+    .collect();
+    // Given last, so they win over the defaults above; the log format is ours to read.
+    base.extend(args.worker_flags.iter().cloned());
+    base.extend(["--log-format".into(), "json".into()]);
 
-    let mut slots = Vec::new();
+    let (fatal_tx, mut fatal) = mpsc::unbounded_channel();
+    let mut workers = Vec::new();
     for _ in 0..args.workers.max(1) {
-        let base = vec![
-            "worker".to_string(),
-            "--model-repository".into(),
-            repo.display().to_string(),
-            "--intra-op-threads".into(),
-            threads.clone(),
-            "--grpc-address".into(),
-            "127.0.0.1".into(),
-            "--allow-metrics".into(),
-            "false".into(),
-            "--shutdown-grace".into(),
-            "0s".into(),
-            "--log-format".into(),
-            "json".into(),
-        ];
-        let (child, addr) = spawn_worker(&base, "0").await?;
-        slots.push(Slot {
-            args: base,
-            addr,
-            child,
-        });
+        match Worker::spawn(&base, "0", fatal_tx.clone()).await {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                stop_all(&mut workers).await;
+                return Err(e);
+            }
+        }
     }
-    let addrs: Vec<String> = slots.iter().map(|s| s.addr.clone()).collect();
-    let pids: Vec<String> = slots
-        .iter()
-        .map(|s| s.child.id().unwrap_or(0).to_string())
-        .collect();
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let config = GatewayConfig::try_parse_from([
@@ -87,113 +117,189 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     ])?;
     let grpc = TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     let addr = grpc.local_addr()?;
+    let gw_metrics = match args.metrics {
+        true => Some(TcpListener::bind("127.0.0.1:0").await?),
+        false => None,
+    };
+    let gw_metrics_addr = gw_metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     let listeners = infermesh_gateway::Listeners {
         grpc,
-        metrics: None,
+        metrics: gw_metrics,
     };
     let mut gw_stop = stop_rx.clone();
     let gateway = tokio::spawn(infermesh_gateway::run(config, listeners, async move {
         let _ = gw_stop.wait_for(|s| *s).await;
     }));
-    let supervisor = tokio::spawn(supervise(slots, stop_rx.clone()));
 
-    let checked = async {
-        wait_ready(&addr.to_string()).await?;
-        self_check(&addr.to_string(), &repo).await
-    }
-    .await;
+    // Until the mesh answers, a worker that exits or says it can serve nothing is fatal:
+    // waiting would only end in a timeout that hides the reason.
+    let checked = {
+        let exits =
+            futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.child.wait())));
+        tokio::select! {
+            r = async {
+                wait_ready(&addr.to_string()).await?;
+                self_check(&addr.to_string(), &repo).await
+            } => r.map(|_| None),
+            Some(why) = fatal.recv() => Err(anyhow::anyhow!(why)),
+            (status, i, _) = exits => Ok(Some((i, status.ok()))),
+        }
+    };
+    let checked = match checked {
+        Ok(None) => Ok(()),
+        Ok(Some((i, status))) => {
+            let lines = workers[i].last_lines().await;
+            let what = status.map_or("?".into(), |s| s.to_string());
+            Err(anyhow::anyhow!(
+                "worker {} exited ({what}) before the mesh was ready; its last lines:\n{lines}",
+                workers[i].addr
+            ))
+        }
+        Err(e) => Err(e),
+    };
+    let mut supervisor = None;
     if checked.is_ok() {
-        println!(
-            "infermesh is up: gateway on {addr}, workers on {} (pids {})",
-            addrs.join(", "),
-            pids.join(", ")
-        );
-        println!("  infermesh infer --url {addr} --model digits --input input=@models/digits/example.json");
-        println!("  .venv/bin/grpcurl -plaintext -d '{{\"name\":\"mlp\"}}' {addr} inference.GRPCInferenceService/ModelMetadata");
-        println!(
-            "  python -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"{addr}\").get_model_metadata(\"mlp\"))'"
-        );
+        print_hints(&addr.to_string(), &workers, gw_metrics_addr).await;
         if !args.check {
+            supervisor = Some(tokio::spawn(supervise(
+                workers,
+                base,
+                fatal_tx,
+                stop_rx.clone(),
+            )));
+            workers = Vec::new();
             println!("serving until Ctrl-C");
             infermesh_core::serve::signal().await;
         }
     }
     let _ = stop_tx.send(true);
     gateway.await?.map_err(|e| anyhow::anyhow!(e))?;
-    supervisor.await??;
+    if let Some(s) = supervisor {
+        s.await??;
+    }
+    stop_all(&mut workers).await;
     checked
 }
 
-/// Starts `infermesh worker` and learns its bound address from its JSON log.
-async fn spawn_worker(base: &[String], port: &str) -> anyhow::Result<(Child, String)> {
-    let exe = std::env::current_exe().context("finding this executable")?;
-    let mut child = Command::new(exe)
-        .args(base)
-        .args(["--grpc-port", port])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting a worker")?;
-    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            let v: Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(a) = v["fields"]["address"].as_str() {
-                return Ok(a.to_string());
-            }
-        }
-        anyhow::bail!("worker exited before listening")
-    })
-    .await
-    .context("worker did not start listening within 60 s")??;
-    // Keep draining its log so it never blocks on a full pipe; show its warnings.
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let v: Value = serde_json::from_str(&line).unwrap_or_default();
-            if matches!(v["level"].as_str(), Some("WARN" | "ERROR")) {
-                eprintln!("worker: {line}");
-            }
-        }
-    });
-    Ok((child, addr))
+/// What to try next, with the models this repository really serves and tools that exist.
+async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net::SocketAddr>) {
+    let pids: Vec<String> = workers
+        .iter()
+        .map(|w| w.child.id().unwrap_or(0).to_string())
+        .collect();
+    let addrs: Vec<&str> = workers.iter().map(|w| w.addr.as_str()).collect();
+    println!(
+        "infermesh is up: gateway on {addr}, workers on {} (pids {})",
+        addrs.join(", "),
+        pids.join(", ")
+    );
+    if let Some(m) = gw_metrics {
+        let each: Vec<String> = workers
+            .iter()
+            .filter_map(|w| w.metrics.as_ref().map(|m| format!("http://{m}/metrics")))
+            .collect();
+        println!(
+            "  metrics: gateway http://{m}/metrics, workers {}",
+            each.join(", ")
+        );
+    }
+    let models = ready_models(addr).await;
+    let model = models
+        .iter()
+        .find(|m| *m == "mlp")
+        .or(models.first())
+        .cloned()
+        .unwrap_or_else(|| "MODEL".into());
+    let cli = this_binary();
+    println!("  {cli} models --url {addr}");
+    let example = checkout().join("models/digits/example.json");
+    if models.iter().any(|m| m == "digits") && example.exists() {
+        println!(
+            "  {cli} infer --url {addr} --model digits --input input=@{}",
+            example.display()
+        );
+    }
+    let venv = checkout().join(".venv/bin");
+    let grpcurl = venv.join("grpcurl");
+    let grpcurl = match grpcurl.exists() {
+        true => grpcurl.display().to_string(),
+        false => "grpcurl".into(),
+    };
+    println!("  {grpcurl} -plaintext -d '{{\"name\":\"{model}\"}}' {addr} inference.GRPCInferenceService/ModelMetadata");
+    let python = venv.join("python");
+    let python = match python.exists() {
+        true => python.display().to_string(),
+        false => "python3  # needs: pip install 'tritonclient[grpc]'\n   ".into(),
+    };
+    println!(
+        "  {python} -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"{addr}\").get_model_metadata(\"{model}\"))'"
+    );
+}
+
+/// Names of the models the mesh has ready.
+async fn ready_models(addr: &str) -> Vec<String> {
+    let Ok(ch) = crate::infer::channel(addr).await else {
+        return Vec::new();
+    };
+    let mut c = infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
+    let request = infermesh_proto::RepositoryIndexRequest {
+        ready: true,
+        ..Default::default()
+    };
+    let mut names: Vec<String> = match c.repository_index(request).await {
+        Ok(r) => r.into_inner().models.into_iter().map(|m| m.name).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.dedup();
+    names
 }
 
 /// Restarts a worker that dies (on its old port, so the gateway finds it again); on stop,
 /// sends SIGTERM to every worker and waits for them.
-async fn supervise(mut slots: Vec<Slot>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn supervise(
+    mut workers: Vec<Worker>,
+    args: Vec<String>,
+    fatal: mpsc::UnboundedSender<String>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     loop {
         let exited = {
             let exits =
-                futures::future::select_all(slots.iter_mut().map(|s| Box::pin(s.child.wait())));
+                futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.child.wait())));
             tokio::select! {
                 (status, i, _) = exits => Some((i, status.ok())),
                 _ = stop.wait_for(|s| *s) => None,
             }
         };
         let Some((i, status)) = exited else { break };
-        let slot = &mut slots[i];
-        let port = slot.addr.rsplit(':').next().unwrap_or("0").to_string();
-        eprintln!("worker {} exited ({status:?}); restarting it", slot.addr);
-        let (child, addr) = spawn_worker(&slot.args, &port).await?;
-        slot.child = child;
-        slot.addr = addr;
+        let w = &mut workers[i];
+        let port = w.addr.rsplit(':').next().unwrap_or("0").to_string();
+        let lines = w.last_lines().await;
+        eprintln!(
+            "worker {} exited ({status:?}); restarting it. Its last lines:\n{lines}",
+            w.addr
+        );
+        *w = Worker::spawn(&args, &port, fatal.clone()).await?;
     }
-    for s in &slots {
-        if let Some(pid) = s.child.id() {
+    stop_all(&mut workers).await;
+    Ok(())
+}
+
+/// SIGTERM to every worker, then waits for each (bounded).
+async fn stop_all(workers: &mut [Worker]) {
+    for w in workers.iter() {
+        if let Some(pid) = w.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
     }
-    for s in &mut slots {
-        let _ = tokio::time::timeout(Duration::from_secs(60), s.child.wait()).await;
+    for w in workers.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(60), w.child.wait()).await;
     }
-    Ok(())
 }
 
 async fn wait_ready(url: &str) -> anyhow::Result<()> {

@@ -245,6 +245,7 @@ impl Endpoint {
                     () = tokio::time::sleep(refresh) => {}
                     () = self.wake.notified() => {}
                 }
+                self.refresh(timeout).await;
             }
         };
         let watch = async {

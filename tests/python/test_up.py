@@ -1,0 +1,56 @@
+"""`infermesh up` says why it failed, at once, in the worker's own words; passes flags after
+`--` to its workers; serves metrics when asked; and its hints name models the repository
+really has."""
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+
+from conftest import MODELS, binary
+
+
+def up(*args, env=None, timeout=60):
+    started = time.monotonic()
+    out = subprocess.run([binary("infermesh"), "up", "--listen", "127.0.0.1:0", "--check", *args],
+                         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return out, time.monotonic() - started
+
+
+def test_without_onnx_runtime_up_fails_at_once_with_the_workers_reason():
+    out, took = up(env={"INFERMESH_ONNXRUNTIME_LIB": "/nonexistent/libonnxruntime.so"}, timeout=30)
+    assert out.returncode != 0
+    assert "cannot load ONNX Runtime from /nonexistent/libonnxruntime.so" in out.stderr, out.stderr[-2000:]
+    assert "exited before listening" in out.stderr
+
+
+def test_a_repository_where_every_model_fails_stops_up_with_the_reason(tmp_path):
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    out, _ = up("--model-repository", str(tmp_path), timeout=30)
+    assert out.returncode != 0
+    assert "can serve nothing" in out.stderr and "no model could be loaded" in out.stderr, out.stderr[-2000:]
+    assert "model=broken" in out.stderr and "Protobuf parsing failed" in out.stderr
+
+
+def test_worker_flags_metrics_and_hints_follow_the_repository(tmp_path):
+    shutil.copytree(MODELS / "mlp", tmp_path / "mlp")
+    # --max-models 0 is valid for a worker; a typo would fail up with the worker's own clap error.
+    out, _ = up("--model-repository", str(tmp_path), "--metrics", "--workers", "1", "--",
+                "--intra-op-threads", "1", "--max-models", "3", timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hints = [line for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert hints and not any("digits" in h for h in hints), "no hint for a model this repository does not have"
+    assert "inference.GRPCInferenceService/ModelMetadata" in out.stdout and '"name":"mlp"' in out.stdout
+    assert 'get_model_metadata("mlp")' in out.stdout
+    urls = re.search(r"metrics: gateway (\S+), workers (\S+)", out.stdout)
+    assert urls, out.stdout
+    # --check has stopped the mesh; that the ports were printed and distinct is what we see.
+    assert urls.group(1) != urls.group(2)
+
+
+def test_worker_flags_reach_the_workers():
+    out, _ = up("--workers", "1", "--", "--no-such-flag", timeout=30)
+    assert out.returncode != 0
+    assert "--no-such-flag" in out.stderr and "exited before listening" in out.stderr, out.stderr[-2000:]
