@@ -24,7 +24,7 @@ pub struct UpArgs {
     #[arg(long, env = "INFERMESH_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
     /// Address the gateway listens on (what clients use).
-    #[arg(long, default_value = "127.0.0.1:8001")]
+    #[arg(long, env = "INFERMESH_UP_LISTEN", default_value = "127.0.0.1:8001")]
     pub listen: std::net::SocketAddr,
     /// Workers to start (child processes on 127.0.0.1, free ports).
     #[arg(long, default_value_t = 2)]
