@@ -7,18 +7,26 @@
 # network, bound to 127.0.0.1, and runs the gateway image's HEALTHCHECK. Containers run with
 # runc and lowered rlimits: this VM refuses raising them, and crun refuses its hybrid
 # cgroups; builds use chroot isolation for the same reason.
-# Not part of scripts/test.sh: it installs podman and debootstrap and takes minutes.
+# Not part of scripts/test.sh: it installs podman system-wide and takes minutes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 step() { printf '\n== %s\n' "$*"; }
 
-step "podman, debootstrap (Debian)"
-if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
+step "podman (Debian, system-wide), debootstrap (Debian, unpacked into .cache/debian)"
+if ! command -v podman >/dev/null; then
+  # A container engine cannot run from a project folder: podman needs its OCI runtime,
+  # conmon, network helpers and /etc/containers policy installed where it looks for them.
+  echo "installing system-wide with apt-get: podman (and the runtime, conmon and configuration it depends on), to build and run the images"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq podman debootstrap >/dev/null || \
-    { apt-get update -qq && apt-get install -y -qq podman debootstrap >/dev/null; }
+  apt-get install -y -qq podman >/dev/null || \
+    { apt-get update -qq && apt-get install -y -qq podman >/dev/null; }
 fi
+# A shell script with its data folder: runs from where it is unpacked (DEBOOTSTRAP_DIR).
+debootstrap_root=$(scripts/debian-local.sh --no-deps debootstrap)
+debootstrap() {
+  DEBOOTSTRAP_DIR="$debootstrap_root/usr/share/debootstrap" "$debootstrap_root/usr/sbin/debootstrap" "$@"
+}
 
 step "local base images from debootstrap (Debian 12, as the real bases are)"
 work=$(mktemp -d)

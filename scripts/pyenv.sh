@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Creates $ROOT/.venv with the pinned test and model-generation tools: real Triton
-# clients (tritonclient, perf_analyzer), onnxruntime for reference outputs, grpcurl; and
-# $ROOT/.venv-checkov with checkov, whose pins clash with those (numpy 2, protobuf 5+).
+# clients (tritonclient, perf_analyzer), onnxruntime for reference outputs, grpcurl,
+# protoc (grpcio-tools), Node.js and npm.
+#   scripts/pyenv.sh          .venv
+#   scripts/pyenv.sh checkov  .venv-checkov only: checkov for the deploy checks, in a venv
+#                             of its own because its pins clash with .venv's (numpy 2,
+#                             protobuf 5+); a few hundred MB, so only when asked.
 # Idempotent: a stamp holding the requirements' hash skips pip when nothing changed,
 # so test scripts can call this on every run at no cost.
 set -euo pipefail
@@ -24,5 +28,8 @@ ensure() {
   echo "$want" > "$stamp"
 }
 
-ensure "$root/.venv" "$root/scripts/requirements.txt"
-ensure "$root/.venv-checkov" "$root/scripts/requirements-checkov.txt"
+case "${1:-}" in
+  "") ensure "$root/.venv" "$root/scripts/requirements.txt" ;;
+  checkov) ensure "$root/.venv-checkov" "$root/scripts/requirements-checkov.txt" ;;
+  *) echo "usage: scripts/pyenv.sh [checkov]" >&2; exit 2 ;;
+esac

@@ -2,7 +2,7 @@
 one name (as a Kubernetes headless Service does); workers listen on 127.0.0.2-4. Adding
 and removing records (edit + SIGHUP) moves traffic; a resolver outage keeps it flowing."""
 import json
-import shutil
+import os
 import signal
 import socket
 import subprocess
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from conftest import MODELS, Server, binary
+from conftest import MODELS, ROOT, Server, binary
 
 NAME = "workers.infermesh.test"
 
@@ -36,9 +36,18 @@ def infer(client, n):
         client.infer("digits", [i])
 
 
+def dnsmasq():
+    """Debian's dnsmasq unpacked into .cache by scripts/dnsmasq.sh (nothing installed
+    system-wide), or the one INFERMESH_DNSMASQ names. Run once here so that a failed
+    download or a missing library shows up as such, not as a gateway without workers."""
+    exe = os.environ.get("INFERMESH_DNSMASQ") or str(ROOT / "scripts" / "dnsmasq.sh")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{exe} --version: {out.stdout[-1000:]}{out.stderr[-2000:]}"
+    return exe
+
+
 def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
-    dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-    assert shutil.os.path.exists(dnsmasq), "dnsmasq is installed by scripts/test.sh"
+    dnsmasq_exe = dnsmasq()
     port = free_port("127.0.0.2")
     workers = {}
     for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
@@ -51,7 +60,7 @@ def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.2 {NAME}\n127.0.0.3 {NAME}\n")
     dns_port = free_port(kind=socket.SOCK_DGRAM)
-    dns = subprocess.Popen([dnsmasq, "-k", "--user=root", f"--port={dns_port}", "--listen-address=127.0.0.1",
+    dns = subprocess.Popen([dnsmasq_exe, "-k", "--user=root", f"--port={dns_port}", "--listen-address=127.0.0.1",
                             "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}",
                             "--log-facility=-", f"--pid-file={tmp_path}/dnsmasq.pid"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
