@@ -56,30 +56,42 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
         Command::Worker(config) => {
-            let tracing =
-                infermesh_core::telemetry::init_server(&config.server, "infermesh-worker");
-            let listeners = infermesh_worker::Listeners::bind(&config.server).await?;
-            let result =
-                infermesh_worker::run(*config, listeners, infermesh_core::serve::signal()).await;
-            if let Some(t) = tracing {
-                t.shutdown(std::time::Duration::from_secs(3)).await;
-            }
-            Ok(result?)
+            let server = config.server.clone();
+            serve(&server, "infermesh-worker", |l| {
+                infermesh_worker::run(*config, l, infermesh_core::serve::signal())
+            })
+            .await
         }
         Command::Gateway(config) => {
-            let tracing =
-                infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
-            let listeners = infermesh_gateway::Listeners::bind(&config.server).await?;
-            let result =
-                infermesh_gateway::run(*config, listeners, infermesh_core::serve::signal()).await;
-            if let Some(t) = tracing {
-                t.shutdown(std::time::Duration::from_secs(3)).await;
-            }
-            Ok(result?)
+            let server = config.server.clone();
+            serve(&server, "infermesh-gateway", |l| {
+                infermesh_gateway::run(*config, l, infermesh_core::serve::signal())
+            })
+            .await
         }
         Command::Infer(args) => infer::run(args).await,
         Command::Health(args) => health::run(args).await,
         Command::Models(args) => models::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
+}
+
+/// Runs a server as its standalone binary does: logging and traces, its listeners, then
+/// flushing the last spans.
+async fn serve<F, E>(
+    server: &infermesh_core::ServerArgs,
+    name: &str,
+    run: impl FnOnce(infermesh_core::serve::Listeners) -> F,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let tracing = infermesh_core::telemetry::init_server(server, name);
+    let listeners = infermesh_core::serve::Listeners::bind(server).await?;
+    let result = run(listeners).await;
+    if let Some(t) = tracing {
+        t.shutdown(std::time::Duration::from_secs(3)).await;
+    }
+    Ok(result?)
 }

@@ -344,6 +344,23 @@ impl Endpoint {
     }
 }
 
+/// A status with the chain of errors under it ("Unavailable: transport error: tcp connect
+/// error: Connection refused"), for logs and `infermesh models`: tonic's message alone
+/// says only "transport error".
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    infermesh_core::text::cap_message(text)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -393,21 +410,4 @@ mod tests {
         ep.set_seen(ready());
         assert!(ep.serves("m", None));
     }
-}
-
-/// A status with the chain of errors under it ("Unavailable: transport error: tcp connect
-/// error: Connection refused"), for logs and `infermesh models`: tonic's message alone
-/// says only "transport error".
-pub fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    infermesh_core::text::cap_message(text)
 }
