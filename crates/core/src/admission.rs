@@ -107,7 +107,8 @@ impl ByteBudget {
             return Err(Error::ResourceExhausted(format!(
                 "request of {n} bytes refused: {prev} bytes of requests are in flight and the limit is {} (--max-inflight-bytes)",
                 self.limit
-            )));
+            ))
+            .because(crate::Reason::OverBudget));
         }
         Ok(BytesPermit {
             n,

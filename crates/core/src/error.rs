@@ -2,6 +2,8 @@
 
 use tonic::{Code, Status};
 
+use crate::Reason;
+
 /// A request-level failure. Each variant is one gRPC status code; the message names the
 /// field, what was expected and what came.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -24,6 +26,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
+    /// A failure with a reason more specific than its code's default ([`Reason::of_code`]).
+    #[error("{1}")]
+    Because(Reason, Box<Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -35,8 +40,24 @@ macro_rules! invalid {
 }
 
 impl Error {
+    /// The same failure, with a more specific reason.
+    pub fn because(self, reason: Reason) -> Self {
+        match self {
+            Self::Because(_, inner) => Self::Because(reason, inner),
+            e => Self::Because(reason, Box::new(e)),
+        }
+    }
+
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::Because(r, _) => *r,
+            e => Reason::of_code(e.code()),
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
+            Self::Because(_, inner) => inner.code(),
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
             Self::Unavailable(_) => Code::Unavailable,
@@ -52,7 +73,10 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let code = e.code();
-        Status::new(code, crate::text::cap_message(e.to_string()))
+        crate::reason::status(
+            e.code(),
+            crate::text::cap_message(e.to_string()),
+            e.reason(),
+        )
     }
 }

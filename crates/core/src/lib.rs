@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model_control;
 pub mod panic;
 pub mod process_metrics;
+pub mod reason;
 pub mod serve;
 pub mod status_map;
 pub mod stream;
@@ -27,6 +28,7 @@ pub use config::ServerArgs;
 pub use datatype::DataType;
 pub use error::{Error, Result};
 pub use lifecycle::Lifecycle;
+pub use reason::Reason;
 pub use tensor::{Tensor, TensorData};
 
 /// `--version` of every binary: the package version and the git revision it was built

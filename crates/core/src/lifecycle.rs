@@ -83,7 +83,8 @@ impl Lifecycle {
         if self.inner.refusing.load(Ordering::SeqCst) {
             return Err(Error::Unavailable(
                 "server is shutting down; retry on another replica".into(),
-            ));
+            )
+            .because(crate::Reason::Draining));
         }
         Ok(())
     }

@@ -97,7 +97,9 @@ where
 }
 
 fn internal() -> tonic::Status {
-    tonic::Status::internal(
+    crate::reason::status(
+        tonic::Code::Internal,
         "the server hit an internal error (a panic) on this request; it was logged",
+        crate::Reason::Engine,
     )
 }

@@ -28,7 +28,11 @@ pub fn message_too_large<B>(mut res: Response<B>) -> Response<B> {
 /// The same mapping for a status met inside a stream's inbound messages.
 pub fn map_status(status: tonic::Status) -> tonic::Status {
     if status.code() == tonic::Code::OutOfRange && status.message().contains(TOO_LARGE) {
-        tonic::Status::resource_exhausted(status.message().to_string())
+        crate::reason::status(
+            tonic::Code::ResourceExhausted,
+            status.message(),
+            crate::Reason::OverBudget,
+        )
     } else {
         status
     }

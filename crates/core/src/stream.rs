@@ -107,9 +107,10 @@ where
                         if let Some((id, n)) = &key {
                             cancellable.insert(id.clone(), (*n, abort));
                         }
-                        let fut = Abortable::new(crate::panic::contain(handle(req)), registration);
+                        let started = Started::default();
+                        let fut = Abortable::new(STARTED.scope(started.clone(), crate::panic::contain(handle(req))), registration);
                         unordered.push(Box::pin(async move {
-                            let result = fut.await.unwrap_or_else(|_| Err(Status::cancelled("cancelled by the client")));
+                            let result = fut.await.unwrap_or_else(|_| Err(started.cancelled()));
                             (key, answer(result, failed))
                         }));
                         continue;
@@ -164,8 +165,38 @@ fn answer(
     }
 }
 
+tokio::task_local! {
+    /// The mark of the stream request being handled (see [`Started`]).
+    static STARTED: Started;
+}
+
+/// Whether work on a cancellable stream request has started on an instance: its cancel
+/// answer then says `cancelled-after-run` (the work was done for nothing) rather than
+/// `cancelled-before-run`, which hedging and fault handling count apart.
+#[derive(Clone, Default)]
+pub struct Started(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Started {
+    /// The mark of the stream request this task is handling, if any.
+    pub fn current() -> Option<Started> {
+        STARTED.try_with(Started::clone).ok()
+    }
+
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn cancelled(&self) -> Status {
+        let reason = match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            true => crate::Reason::CancelledAfterRun,
+            false => crate::Reason::CancelledBeforeRun,
+        };
+        crate::reason::status(tonic::Code::Cancelled, "cancelled by the client", reason)
+    }
+}
+
 /// A failed message's answer: the id tells the client which request failed, and the
-/// parameter its status code (the message is only text).
+/// parameters its status code and reason (the message is only text).
 fn failure(
     status: Status,
     model_name: String,
@@ -175,13 +206,21 @@ fn failure(
     let code = pb::InferParameter {
         parameter_choice: Some(ParameterChoice::Int64Param(status.code() as i64)),
     };
+    let reason = crate::reason::of_status(&status).unwrap_or(crate::Reason::of_code(status.code()));
+    let reason = pb::InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(reason.as_str().into())),
+    };
     pb::ModelStreamInferResponse {
         error_message: crate::text::cap_message(status.message().to_string()),
         infer_response: Some(pb::ModelInferResponse {
             model_name,
             model_version,
             id,
-            parameters: [(STATUS_CODE.to_string(), code)].into(),
+            parameters: [
+                (STATUS_CODE.to_string(), code),
+                (crate::reason::PARAM.to_string(), reason),
+            ]
+            .into(),
             ..Default::default()
         }),
     }

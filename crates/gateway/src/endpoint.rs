@@ -13,7 +13,7 @@ use infermesh_proto::{
 };
 use tonic::transport::Channel;
 
-use crate::{load::Load, metrics::WorkerMetrics};
+use crate::{failure::Failure, load::Load, metrics::WorkerMetrics};
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -154,27 +154,22 @@ impl Endpoint {
             .contains(model)
     }
 
-    /// Learns from a failed call: a model-level answer takes the model off this worker
-    /// until the next refresh; a broken connection ejects the worker for a backoff; any
-    /// other refusal (draining) takes it out until the next good poll.
-    pub fn note_failure(&self, model: &str, status: &tonic::Status) {
-        let msg = status.message();
-        let model_level = status.code() == tonic::Code::NotFound
-            || (status.code() == tonic::Code::Unavailable
-                && msg.contains(&format!("model '{model}'")));
-        if status.code() == tonic::Code::ResourceExhausted {
-            return; // busy, not broken: the load estimate already steers away
-        }
-        if model_level {
-            self.seen
-                .write()
-                .expect("endpoint lock")
-                .models
-                .remove(model);
-        } else if crate::retry::is_transport(status) {
-            self.eject(format!("{}: {msg}", status.code()));
-        } else {
-            self.mark_unready(format!("{}: {msg}", status.code()));
+    /// Learns from a failed call (see `failure`): a model that is gone comes off this
+    /// worker until the next refresh; a broken connection ejects the worker for a backoff;
+    /// a refusal takes it out until the next good poll; busy needs nothing.
+    pub fn note_failure(&self, model: &str, failure: Failure, status: &tonic::Status) {
+        let why = || format!("{:?}: {}", status.code(), status.message());
+        match failure {
+            Failure::ModelGone => {
+                self.seen
+                    .write()
+                    .expect("endpoint lock")
+                    .models
+                    .remove(model);
+            }
+            Failure::Broken => self.eject(why()),
+            Failure::Refusing => self.mark_unready(why()),
+            Failure::Busy | Failure::Final => {}
         }
     }
 
@@ -382,7 +377,8 @@ mod tests {
         let ep = Endpoint::new("127.0.0.1:9", Duration::from_secs(1), Default::default()).unwrap();
         ep.set_seen(ready());
         let broken = tonic::Status::unknown("transport error");
-        ep.note_failure("m", &broken);
+        let note = |s: &tonic::Status| ep.note_failure("m", crate::failure::classify(s), s);
+        note(&broken);
         assert!(!ep.serves("m", None));
         ep.set_seen(ready()); // a poll answering ready during the backoff
         assert!(!ep.serves("m", None), "still ejected");
@@ -390,7 +386,7 @@ mod tests {
         ep.set_seen(ready());
         assert!(ep.serves("m", None), "back after 1 s and a good poll");
 
-        ep.note_failure("m", &broken); // second in a row: 2 s
+        note(&broken); // second in a row: 2 s
         tokio::time::advance(Duration::from_millis(1500)).await;
         ep.set_seen(ready());
         assert!(!ep.serves("m", None));
@@ -399,13 +395,17 @@ mod tests {
         assert!(ep.serves("m", None));
 
         ep.succeeded(); // healthy again: the next ejection is short
-        ep.note_failure("m", &broken);
+        note(&broken);
         tokio::time::advance(Duration::from_millis(1100)).await;
         ep.set_seen(ready());
         assert!(ep.serves("m", None));
 
         // A draining worker's refusal is not an outlier: out until the next good poll.
-        ep.note_failure("m", &tonic::Status::unavailable("server is shutting down"));
+        note(&infermesh_core::reason::status(
+            tonic::Code::Unavailable,
+            "reworded",
+            infermesh_core::Reason::Draining,
+        ));
         assert!(!ep.serves("m", None));
         ep.set_seen(ready());
         assert!(ep.serves("m", None));

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod failure;
 pub mod load;
 pub mod metrics;
 pub mod poison;

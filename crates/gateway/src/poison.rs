@@ -138,7 +138,7 @@ pub fn broke(status: &tonic::Status) -> bool {
     }
     // A unary call whose connection broke mid-call (tonic says so only in words).
     matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
-        && crate::retry::is_transport(status)
+        && crate::failure::transport(status)
 }
 
 #[cfg(test)]

@@ -210,7 +210,8 @@ impl Pool {
                     .collect();
                 return Error::NotFound(format!(
                     "model '{model}' has no version {v}; versions: {have:?}"
-                ));
+                ))
+                .because(infermesh_core::Reason::VersionNotFound);
             }
         }
         Error::Unavailable(format!(

@@ -1,4 +1,4 @@
-//! Which failures are retried on another worker, and the budget that keeps retries from
+//! The budget that keeps retries (which failures are retried: `failure`) from
 //! multiplying load when every worker is failing (as tower's and Linkerd's budgets do):
 //! each request deposits `ratio` of a retry, each retry withdraws one, and a small floor
 //! per second keeps a trickle of retries possible at low traffic.
@@ -6,39 +6,10 @@
 use std::sync::Mutex;
 
 use tokio::time::Instant;
-use tonic::{Code, Status};
-
-/// Failures that mean the request did not run, or ran nowhere that matters: inference is
-/// idempotent, so these go to another worker while the deadline and budget allow.
-pub fn retryable(status: &Status) -> bool {
-    match status.code() {
-        Code::Unavailable | Code::ResourceExhausted | Code::NotFound => true,
-        // tonic's word for a connection that broke mid-call (the worker died): not an
-        // answer from the worker's code, so another worker may run it.
-        Code::Unknown => status.message().contains("transport error"),
-        // The connection's dispatcher went away under the call ("operation was canceled"):
-        // the gateway never cancels a call it is still waiting on, so this is the worker.
-        Code::Cancelled => status.message().contains("operation was canceled"),
-        _ => false,
-    }
-}
 
 /// Seconds of the floor kept in reserve (tower and Linkerd keep a 10 s window), so a
 /// worker dying with many requests in flight can have them all retried.
 const RESERVE_SECS: f64 = 10.0;
-
-/// A failure of the connection to the worker rather than an answer from it.
-pub fn is_transport(status: &Status) -> bool {
-    let msg = status.message();
-    match status.code() {
-        Code::Unknown => msg.contains("transport error"),
-        Code::Cancelled => msg.contains("operation was canceled"),
-        Code::Unavailable => {
-            msg.contains("connect") || msg.contains("transport") || msg.contains("connection")
-        }
-        _ => false,
-    }
-}
 
 pub struct Budget {
     ratio: f64,

@@ -20,10 +20,11 @@ use tracing::{field::Empty, Instrument};
 use crate::{
     config::ControlMode,
     endpoint::Endpoint,
+    failure,
     metrics::{CodeLabels, GatewayMetrics, ModelLabels, OpenGauge, RequestLabels},
     poison::{self, Quarantine},
     pool::Pool,
-    retry::{self, Budget},
+    retry::Budget,
     stats::StatsCache,
     upstream,
 };
@@ -213,8 +214,8 @@ impl GatewayService {
                     ep.succeeded();
                     return Ok(resp);
                 }
-                Err(status) if retry::retryable(&status) => {
-                    ep.note_failure(&req.model_name, &status);
+                Err(status) if failure::classify(&status).retryable() => {
+                    ep.note_failure(&req.model_name, failure::classify(&status), &status);
                     tried.push(ep.addr.clone());
                     if poison::broke(&status) {
                         breaks += 1;
@@ -266,7 +267,8 @@ fn capped(status: Status) -> Status {
         return status;
     }
     let message = infermesh_core::text::cap_message(status.message().to_string());
-    Status::new(status.code(), message)
+    // The details (the reason) travel on unchanged.
+    Status::with_details(status.code(), message, status.details().to_vec().into())
 }
 
 /// Request parameters with the `infermesh_` prefix belong to the mesh; a client may set

@@ -322,7 +322,20 @@ fn deliver(state: &Mutex<State>, msg: pb::ModelStreamInferResponse) {
             }) => Code::from(code as i32),
             _ => Code::Unknown,
         };
-        Err(Status::new(code, msg.error_message))
+        // The worker's reason travels on, in the status details as on a unary call.
+        match resp.parameters.remove(infermesh_core::reason::PARAM) {
+            Some(pb::InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(r)),
+            }) => match infermesh_core::Reason::parse(&r) {
+                Some(reason) => Err(infermesh_core::reason::status(
+                    code,
+                    msg.error_message,
+                    reason,
+                )),
+                None => Err(Status::new(code, msg.error_message)),
+            },
+            _ => Err(Status::new(code, msg.error_message)),
+        }
     };
     let _ = caller.send(answer);
 }

@@ -142,6 +142,7 @@ impl Control {
                 "model_name '{name}': {count} models are loaded, the most this worker allows (--max-models {}); unload one first",
                 self.max_models
             ))
+            .because(infermesh_core::Reason::OverBudget)
             .into());
         }
         self.reload(found).await

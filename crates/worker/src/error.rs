@@ -1,7 +1,7 @@
 //! The worker's errors and their one mapping to gRPC status.
 
-use infermesh_core::text::cap_message;
-use tonic::Status;
+use infermesh_core::{reason, text::cap_message, Reason};
+use tonic::{Code, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -23,9 +23,15 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
             Error::Request(e) => e.into(),
-            Error::Load(m) => Status::unavailable(cap_message(m)),
-            Error::Runtime(m) => Status::internal(cap_message(format!("inference failed: {m}"))),
-            Error::Startup(m) => Status::internal(cap_message(m)),
+            Error::Load(m) => {
+                reason::status(Code::Unavailable, cap_message(m), Reason::ModelNotReady)
+            }
+            Error::Runtime(m) => reason::status(
+                Code::Internal,
+                cap_message(format!("inference failed: {m}")),
+                Reason::Engine,
+            ),
+            Error::Startup(m) => reason::status(Code::Internal, cap_message(m), Reason::Engine),
         }
     }
 }

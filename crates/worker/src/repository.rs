@@ -210,7 +210,8 @@ impl Repository {
                     .join(", ");
                 Err(RequestError::NotFound(format!(
                     "model '{name}' has no version {version}; versions: {have}"
-                )))
+                ))
+                .because(infermesh_core::Reason::VersionNotFound))
             }
         }
     }

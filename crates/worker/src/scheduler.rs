@@ -28,6 +28,8 @@ pub struct Pending {
     pub span: tracing::Span,
     /// Open while the request waits; closed when an instance takes it.
     pub queue_span: tracing::Span,
+    /// Set when an instance takes it, so a stream cancel can say whether work was done.
+    pub started: Option<infermesh_core::stream::Started>,
 }
 
 impl Pending {
@@ -127,6 +129,7 @@ impl Scheduler {
             reply,
             span: infermesh_core::trace::current(),
             queue_span: infermesh_core::child_span!("queue"),
+            started: infermesh_core::stream::Started::current(),
         };
         if self.tx.send(pending).is_err() {
             self.queued.dec();
@@ -222,6 +225,10 @@ impl Batcher {
                         items.push(self.queue.remove(i - taken).expect("index in queue"));
                     }
                     self.queued.dec_by(items.len() as i64);
+                    items
+                        .iter()
+                        .filter_map(|p| p.started.as_ref())
+                        .for_each(|s| s.set());
                     let batch = Batch {
                         items,
                         dispatched: Instant::now(),

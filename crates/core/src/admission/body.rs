@@ -143,7 +143,7 @@ impl Message {
 /// larger than what is left of the budget is refused; a stream's message waits for room.
 fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result<(), Status> {
     if declared > limits.max_message {
-        return Err(Status::resource_exhausted(format!(
+        return Err(over(format!(
             "message of {declared} bytes declared; the limit is {} bytes (--grpc-max-message-bytes)",
             limits.max_message
         )));
@@ -151,13 +151,13 @@ fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result
     // A stream's message waits for room, unless it could never fit.
     let limit = limits.budget.limit();
     if stream && limit > 0 && declared > limit {
-        return Err(Status::resource_exhausted(format!(
+        return Err(over(format!(
             "message of {declared} bytes declared; the server's whole request budget is {limit} bytes (--max-inflight-bytes)"
         )));
     }
     if let (false, Some(left)) = (stream, limits.budget.left().map(|l| l + taken)) {
         if declared > left {
-            return Err(Status::resource_exhausted(format!(
+            return Err(over(format!(
                 "message of {declared} bytes declared; only {left} bytes of the server's request budget are free (--max-inflight-bytes {})",
                 limits.budget.limit()
             )));
@@ -167,7 +167,7 @@ fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result
 }
 
 fn over_budget(limits: &Limits) -> Status {
-    Status::resource_exhausted(format!(
+    over(format!(
         "request refused while arriving: {} bytes of requests are in flight and the limit is {} (--max-inflight-bytes)",
         limits.budget.in_flight(),
         limits.budget.limit()
@@ -175,6 +175,15 @@ fn over_budget(limits: &Limits) -> Status {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// RESOURCE_EXHAUSTED for a byte limit (reason `over-budget`, not `queue-full`).
+fn over(message: String) -> Status {
+    crate::reason::status(
+        tonic::Code::ResourceExhausted,
+        message,
+        crate::Reason::OverBudget,
+    )
+}
 
 impl<B> Body for Counted<B>
 where
