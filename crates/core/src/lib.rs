@@ -23,6 +23,7 @@ pub mod telemetry;
 pub mod tensor;
 pub mod text;
 pub mod trace;
+pub mod unsupported;
 
 pub use config::ServerArgs;
 pub use datatype::DataType;
@@ -30,6 +31,12 @@ pub use error::{Error, Result};
 pub use lifecycle::Lifecycle;
 pub use reason::Reason;
 pub use tensor::{Tensor, TensorData};
+
+// For the macros (`unsupported_rpcs!`), so they work in any crate.
+#[doc(hidden)]
+pub use infermesh_proto as __proto;
+#[doc(hidden)]
+pub use tonic as __tonic;
 
 /// `--version` of every binary: the package version and the git revision it was built
 /// from ("unknown" when built without `.git` and without `INFERMESH_GIT_REV`).

@@ -15,6 +15,51 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.25, 0.5, 1.0, 10.0,
 ];
 
+/// The model label of a request: its name when the server has (or a worker lists) the
+/// model, else "(unknown)", so request names cannot mint new series.
+pub fn model_label(name: &str, known: bool) -> String {
+    if known {
+        name.to_string()
+    } else {
+        "(unknown)".into()
+    }
+}
+
+/// One request's metrics: `record(code, version, elapsed)` runs once, when the request
+/// finishes, or with CANCELLED when its future is dropped first (the client went away or
+/// its deadline passed), so no request goes uncounted.
+pub struct RequestRecord<F: FnMut(tonic::Code, &str, std::time::Duration)> {
+    start: std::time::Instant,
+    record: F,
+    done: bool,
+}
+
+impl<F: FnMut(tonic::Code, &str, std::time::Duration)> RequestRecord<F> {
+    pub fn new(record: F) -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            record,
+            done: false,
+        }
+    }
+
+    pub fn start(&self) -> std::time::Instant {
+        self.start
+    }
+
+    pub fn finish(&mut self, code: tonic::Code, version: &str) {
+        if !std::mem::replace(&mut self.done, true) {
+            (self.record)(code, version, self.start.elapsed());
+        }
+    }
+}
+
+impl<F: FnMut(tonic::Code, &str, std::time::Duration)> Drop for RequestRecord<F> {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled, "");
+    }
+}
+
 /// How long a metrics client has to send its request headers.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -78,6 +78,20 @@ impl Default for GatewayMetrics {
 }
 
 impl GatewayMetrics {
+    /// One finished request (or, with CANCELLED, one whose caller went away).
+    pub fn record_request(&self, model: &str, code: tonic::Code, took: std::time::Duration) {
+        let labels = RequestLabels {
+            model: model.into(),
+            code: format!("{code:?}"),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&ModelLabels {
+                model: labels.model,
+            })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("infermesh_gateway");

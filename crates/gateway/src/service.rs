@@ -10,7 +10,8 @@ use std::{
 
 use futures::future::join_all;
 use infermesh_core::{
-    admission::ByteBudget, stream::UNORDERED, text::clip, trace, Error as RequestError, Lifecycle,
+    admission::ByteBudget, metrics, stream::UNORDERED, text::clip, trace, Error as RequestError,
+    Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
@@ -21,7 +22,7 @@ use crate::{
     config::ControlMode,
     endpoint::Endpoint,
     failure,
-    metrics::{CodeLabels, GatewayMetrics, ModelLabels, OpenGauge, RequestLabels},
+    metrics::{CodeLabels, GatewayMetrics, OpenGauge},
     poison::{self, Quarantine},
     pool::Pool,
     retry::Budget,
@@ -45,32 +46,6 @@ pub struct GatewayService {
     pub metrics: GatewayMetrics,
 }
 
-/// One request's metrics, recorded when it finishes, or as CANCELLED when its future is
-/// dropped first.
-struct Record<'a> {
-    metrics: &'a GatewayMetrics,
-    model: String,
-    start: Instant,
-    code: Option<tonic::Code>,
-}
-
-impl Drop for Record<'_> {
-    fn drop(&mut self) {
-        let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        let labels = RequestLabels {
-            model: self.model.clone(),
-            code: format!("{code:?}"),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&ModelLabels {
-                model: self.model.clone(),
-            })
-            .observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
 type Result<T> = std::result::Result<Response<T>, Status>;
 
 impl GatewayService {
@@ -85,18 +60,10 @@ impl GatewayService {
         deadline: Option<Instant>,
         carry: trace::Carry,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
-        // Label only models some worker has: request names must not mint new series.
-        let model = if self.pool.knows(&req.model_name) {
-            req.model_name.clone()
-        } else {
-            "(unknown)".into()
-        };
-        let mut record = Record {
-            metrics: &self.metrics,
-            model,
-            start: Instant::now(),
-            code: None,
-        };
+        let model = metrics::model_label(&req.model_name, self.pool.knows(&req.model_name));
+        let mut record = metrics::RequestRecord::new(|code, _version, took| {
+            self.metrics.record_request(&model, code, took)
+        });
         infermesh_core::busy_poll::touch();
         // Measured once: it counts against the budget and picks stream or unary forwarding.
         let size = req.encoded_len();
@@ -108,10 +75,11 @@ impl GatewayService {
         }
         .map_err(capped);
         infermesh_core::busy_poll::touch();
-        record.code = Some(
+        record.finish(
             result
                 .as_ref()
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+            "",
         );
         if let Err(status) = &result {
             tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
@@ -299,12 +267,6 @@ async fn unary_call(
     carry.inject(&span, call.metadata_mut());
     let resp = ep.client.clone().model_infer(call).instrument(span).await?;
     Ok(resp.into_inner())
-}
-
-fn unimplemented<T>(what: &str) -> Result<T> {
-    Err(Status::unimplemented(format!(
-        "{what} is not supported by the infermesh gateway"
-    )))
 }
 
 #[tonic::async_trait]
@@ -526,61 +488,7 @@ impl GrpcInferenceService for GatewayService {
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
-    async fn system_shared_memory_status(
-        &self,
-        _: Request<pb::SystemSharedMemoryStatusRequest>,
-    ) -> Result<pb::SystemSharedMemoryStatusResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn system_shared_memory_register(
-        &self,
-        _: Request<pb::SystemSharedMemoryRegisterRequest>,
-    ) -> Result<pb::SystemSharedMemoryRegisterResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn system_shared_memory_unregister(
-        &self,
-        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
-    ) -> Result<pb::SystemSharedMemoryUnregisterResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn cuda_shared_memory_status(
-        &self,
-        _: Request<pb::CudaSharedMemoryStatusRequest>,
-    ) -> Result<pb::CudaSharedMemoryStatusResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn cuda_shared_memory_register(
-        &self,
-        _: Request<pb::CudaSharedMemoryRegisterRequest>,
-    ) -> Result<pb::CudaSharedMemoryRegisterResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn cuda_shared_memory_unregister(
-        &self,
-        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
-    ) -> Result<pb::CudaSharedMemoryUnregisterResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn trace_setting(
-        &self,
-        _: Request<pb::TraceSettingRequest>,
-    ) -> Result<pb::TraceSettingResponse> {
-        unimplemented("TraceSetting")
-    }
-
-    async fn log_settings(
-        &self,
-        _: Request<pb::LogSettingsRequest>,
-    ) -> Result<pb::LogSettingsResponse> {
-        unimplemented("LogSettings")
-    }
+    infermesh_core::unsupported_rpcs!();
 }
 
 impl GatewayService {

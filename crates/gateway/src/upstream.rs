@@ -214,10 +214,9 @@ fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     let timeout = match req
         .parameters
         .get("timeout")
-        .and_then(|p| p.parameter_choice.as_ref())
+        .and_then(infermesh_core::deadline::timeout_param)
     {
-        Some(ParameterChoice::Int64Param(t)) if *t > 0 => left.min(*t),
-        Some(ParameterChoice::Uint64Param(t)) if *t > 0 => left.min(*t as i64),
+        Some(t) if t > 0 => left.min(t),
         _ => left,
     };
     let param = pb::InferParameter {

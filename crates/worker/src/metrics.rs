@@ -148,6 +148,28 @@ impl WorkerMetrics {
         m
     }
 
+    /// One finished request (or, with CANCELLED, one whose caller went away).
+    pub fn record_request(
+        &self,
+        model: &str,
+        version: &str,
+        code: tonic::Code,
+        took: std::time::Duration,
+    ) {
+        let labels = RequestLabels {
+            model: model.into(),
+            version: version.into(),
+            code: format!("{code:?}"),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&ModelLabels {
+                model: labels.model,
+                version: labels.version,
+            })
+            .observe(took.as_secs_f64());
+    }
+
     /// Handles for one model version, cloned into its scheduler and instances.
     pub fn model(&self, model: &str, version: i64) -> ModelMetrics {
         let l = ModelLabels {

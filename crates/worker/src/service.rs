@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{
     admission::{held_reply, ByteBudget},
-    trace, Lifecycle,
+    metrics, trace, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,12 +12,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{
-    control::Control,
-    metrics::{ModelLabels, RequestLabels, WorkerMetrics},
-    repository::Repository,
-    Error,
-};
+use crate::{control::Control, metrics::WorkerMetrics, repository::Repository, Error};
 
 /// Messages of one stream in flight at once (then the stream stops reading).
 const MAX_STREAM_IN_FLIGHT: usize = 256;
@@ -35,60 +30,6 @@ pub struct WorkerService {
     /// Bytes of requests held in memory, process-wide.
     pub budget: ByteBudget,
     pub metrics: WorkerMetrics,
-}
-
-/// One request's metrics: recorded when it finishes, or as CANCELLED when its future is
-/// dropped first (the client went away or its grpc-timeout passed).
-struct Record<'a> {
-    metrics: &'a WorkerMetrics,
-    model: String,
-    start: Instant,
-    done: bool,
-    _inflight: GaugeGuard,
-}
-
-impl<'a> Record<'a> {
-    fn new(metrics: &'a WorkerMetrics, model: String) -> Self {
-        let _inflight = GaugeGuard::new(&metrics.inflight_requests, 1);
-        Self {
-            metrics,
-            model,
-            start: Instant::now(),
-            done: false,
-            _inflight,
-        }
-    }
-
-    fn finish(&mut self, result: &std::result::Result<pb::ModelInferResponse, Error>) {
-        let (version, code) = match result {
-            Ok(r) => (r.model_version.clone(), tonic::Code::Ok),
-            Err(e) => (String::new(), Status::from(e.clone()).code()),
-        };
-        self.record(version, code);
-    }
-
-    fn record(&mut self, version: String, code: tonic::Code) {
-        self.done = true;
-        let model = self.model.clone();
-        let labels = RequestLabels {
-            model: model.clone(),
-            version: version.clone(),
-            code: format!("{code:?}"),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&ModelLabels { model, version })
-            .observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
-impl Drop for Record<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.record(String::new(), tonic::Code::Cancelled);
-        }
-    }
 }
 
 /// Adds to a gauge for as long as it lives; dropped futures (cancelled calls) still undo it.
@@ -118,15 +59,16 @@ impl WorkerService {
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
-        // Label only models this worker has: request names must not mint new series.
-        let model = if self.repo.knows(&req.model_name) {
-            req.model_name.clone()
-        } else {
-            "(unknown)".into()
-        };
-        let mut record = Record::new(&self.metrics, model);
-        let result = self.run(req, deadline, record.start).await;
-        record.finish(&result);
+        let model = metrics::model_label(&req.model_name, self.repo.knows(&req.model_name));
+        let _inflight = GaugeGuard::new(&self.metrics.inflight_requests, 1);
+        let mut record = metrics::RequestRecord::new(|code, version, took| {
+            self.metrics.record_request(&model, version, code, took)
+        });
+        let result = self.run(req, deadline, record.start()).await;
+        match &result {
+            Ok(r) => record.finish(tonic::Code::Ok, &r.model_version),
+            Err(e) => record.finish(Status::from(e.clone()).code(), ""),
+        }
         if let Err(e) = &result {
             let status = Status::from(e.clone());
             tracing::debug!(trace_id = %trace::trace_id(), code = ?status.code(), message = status.message(), "request failed");
@@ -186,12 +128,6 @@ impl WorkerService {
     fn is_ready(&self) -> bool {
         !self.lifecycle.is_draining() && self.control.can_serve()
     }
-}
-
-fn unimplemented<T>(what: &str) -> Result<T> {
-    Err(Status::unimplemented(format!(
-        "{what} is not supported by infermesh"
-    )))
 }
 
 #[tonic::async_trait]
@@ -365,59 +301,5 @@ impl GrpcInferenceService for WorkerService {
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
-    async fn system_shared_memory_status(
-        &self,
-        _: Request<pb::SystemSharedMemoryStatusRequest>,
-    ) -> Result<pb::SystemSharedMemoryStatusResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn system_shared_memory_register(
-        &self,
-        _: Request<pb::SystemSharedMemoryRegisterRequest>,
-    ) -> Result<pb::SystemSharedMemoryRegisterResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn system_shared_memory_unregister(
-        &self,
-        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
-    ) -> Result<pb::SystemSharedMemoryUnregisterResponse> {
-        unimplemented("system shared memory")
-    }
-
-    async fn cuda_shared_memory_status(
-        &self,
-        _: Request<pb::CudaSharedMemoryStatusRequest>,
-    ) -> Result<pb::CudaSharedMemoryStatusResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn cuda_shared_memory_register(
-        &self,
-        _: Request<pb::CudaSharedMemoryRegisterRequest>,
-    ) -> Result<pb::CudaSharedMemoryRegisterResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn cuda_shared_memory_unregister(
-        &self,
-        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
-    ) -> Result<pb::CudaSharedMemoryUnregisterResponse> {
-        unimplemented("CUDA shared memory")
-    }
-
-    async fn trace_setting(
-        &self,
-        _: Request<pb::TraceSettingRequest>,
-    ) -> Result<pb::TraceSettingResponse> {
-        unimplemented("TraceSetting")
-    }
-
-    async fn log_settings(
-        &self,
-        _: Request<pb::LogSettingsRequest>,
-    ) -> Result<pb::LogSettingsResponse> {
-        unimplemented("LogSettings")
-    }
+    infermesh_core::unsupported_rpcs!();
 }
