@@ -2,15 +2,18 @@
 //! request — every message of a ModelStreamInfer stream included — across the workers
 //! where the model version is ready (power of two choices over PeakEWMA × outstanding).
 
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
 pub mod failure;
+pub mod forward;
 pub mod load;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
 pub mod retry;
+pub mod route;
 pub mod service;
 pub mod stats;
 pub mod upstream;
@@ -86,6 +89,7 @@ pub async fn run(
             config.poison_quarantine,
             metrics.poison.clone(),
         )),
+        policy: Default::default(),
         metrics,
     };
     let parts = serve::Parts {

@@ -2,18 +2,20 @@
 //! over the load estimate, among the workers where the model version is ready.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use infermesh_core::{text::clip, Error};
+use infermesh_core::Error;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
+    balance,
     discovery::Change,
-    endpoint::{Endpoint, Seen},
+    endpoint::Endpoint,
     metrics::{ChangeLabels, GatewayMetrics},
+    route,
 };
 
 /// A worker and the task that keeps its state fresh.
@@ -113,14 +115,8 @@ impl Pool {
         health
     }
 
-    /// Picks a worker for (model, version). Version "" goes to the newest version that any
-    /// ready worker has, so a rollout moves traffic as soon as one worker has the new one.
-    /// Returns the worker and the version to ask it for.
-    pub fn pick(&self, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
-        self.pick_excluding(model, version, &[])
-    }
-
-    /// As [`Pool::pick`], skipping workers already tried for this request.
+    /// Routes `(model, version)` and picks a worker for it, skipping workers already
+    /// tried for this request. Returns the worker and the version to ask it for.
     pub fn pick_excluding(
         &self,
         model: &str,
@@ -128,95 +124,14 @@ impl Pool {
         tried: &[String],
     ) -> Result<(Arc<Endpoint>, String), Error> {
         let all = self.all();
-        let want: Option<i64> = if version.is_empty() {
-            all.iter().filter_map(|e| e.newest(model)).max()
-        } else {
-            Some(version.parse().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "model '{}': version '{}' is not a number",
-                    clip(model),
-                    clip(version)
-                ))
-            })?)
-        };
-        let candidates: Vec<&Arc<Endpoint>> = match want {
-            Some(v) => all
-                .iter()
-                .filter(|e| e.serves(model, Some(v)) && !tried.contains(&e.addr))
-                .collect(),
-            None => Vec::new(),
-        };
-        let chosen = match candidates.len() {
-            0 => return Err(self.no_worker(&all, model, version)),
-            1 => candidates[0],
-            n => {
-                // Power of two choices: two distinct random candidates, the less loaded wins.
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let (ea, eb) = (candidates[a], candidates[b]);
-                if ea.load.cost() <= eb.load.cost() {
-                    ea
-                } else {
-                    eb
-                }
-            }
-        };
-        let version = want.map(|v| v.to_string()).unwrap_or_default();
-        Ok((chosen.clone(), version))
+        let target = route::route(&all, model, version, &Default::default())?;
+        let ep = balance::pick(&all, &target, tried)
+            .ok_or_else(|| route::no_worker(&all, model, version))?;
+        Ok((ep, target.version.to_string()))
     }
 
-    fn no_worker(&self, all: &[Arc<Endpoint>], model: &str, version: &str) -> Error {
-        // One snapshot of what each worker said, for every judgement below.
-        let seen: Vec<Seen> = all.iter().map(|e| e.seen()).collect();
-        let lines: Vec<String> = all
-            .iter()
-            .zip(&seen)
-            .map(|(e, s)| {
-                let why = match (&s.problem, s.models.get(model)) {
-                    (Some(p), _) => p.clone(),
-                    (None, Some(v)) => format!("ready versions {v:?}"),
-                    (None, None) if s.known.contains(model) => "model not ready".into(),
-                    (None, None) => "does not have the model".into(),
-                };
-                format!("{} ({why})", e.addr)
-            })
-            .collect();
-        let workers = if lines.is_empty() {
-            "none".into()
-        } else {
-            lines.join(", ")
-        };
-        let model = clip(model);
-        let answered = seen.iter().any(|s| s.ready);
-        if !seen.iter().any(|s| s.known.contains(model.0)) && answered {
-            return Error::NotFound(format!("unknown model '{model}'; workers seen: {workers}"));
-        }
-        let what = if version.is_empty() {
-            String::new()
-        } else {
-            format!(" version {version}")
-        };
-        // A version no worker lists in any state is not coming: NOT_FOUND, not retryable.
-        if let Ok(v) = version.parse::<i64>() {
-            let listed = seen
-                .iter()
-                .any(|s| s.versions.get(model.0).is_some_and(|vs| vs.contains(&v)));
-            if answered && !listed {
-                let have: BTreeSet<i64> = seen
-                    .iter()
-                    .filter_map(|s| s.versions.get(model.0))
-                    .flatten()
-                    .copied()
-                    .collect();
-                return Error::NotFound(format!(
-                    "model '{model}' has no version {v}; versions: {have:?}"
-                ))
-                .because(infermesh_core::Reason::VersionNotFound);
-            }
-        }
-        Error::Unavailable(format!(
-            "no ready worker for model '{model}'{what}; workers seen: {workers}"
-        ))
+    pub fn pick(&self, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
+        self.pick_excluding(model, version, &[])
     }
 }
 

@@ -19,13 +19,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{field::Empty, Instrument};
 
 use crate::{
+    balance,
     config::ControlMode,
     endpoint::Endpoint,
-    failure,
-    metrics::{CodeLabels, GatewayMetrics, OpenGauge},
+    failure, forward,
+    metrics::{GatewayMetrics, OpenGauge},
     poison::{self, Quarantine},
     pool::Pool,
     retry::Budget,
+    route,
     stats::StatsCache,
     upstream,
 };
@@ -43,6 +45,8 @@ pub struct GatewayService {
     /// Request bytes held until their worker answers (`--max-inflight-bytes`).
     pub bytes: ByteBudget,
     pub quarantine: Arc<Quarantine>,
+    /// The routing policy of every model (one for all until per-model settings exist).
+    pub policy: Arc<route::Policy>,
     pub metrics: GatewayMetrics,
 }
 
@@ -88,8 +92,8 @@ impl GatewayService {
         result
     }
 
-    /// `size`: the request's encoded length (the trace parameters an attempt adds are a
-    /// few dozen bytes, nothing next to the 256 KiB stream threshold).
+    /// Refuses a quarantined request, else forwards it (`forward`: route → balance →
+    /// attempts) over this gateway's workers.
     async fn forward(
         &self,
         mut req: pb::ModelInferRequest,
@@ -109,123 +113,97 @@ impl GatewayService {
                 )));
             }
         }
-        let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Status> = None;
-        let mut breaks = 0;
-        loop {
-            let route =
-                infermesh_core::child_span!("route", model = %req.model_name, worker = Empty);
-            let picked = route.in_scope(|| {
-                self.pool
-                    .pick_excluding(&req.model_name, &asked_version, &tried)
-            });
-            if let Ok((ep, _)) = &picked {
-                route.record("worker", ep.addr.as_str());
-            }
-            drop(route);
-            let (ep, version) = match (picked, last) {
-                (Ok(p), _) => p,
-                (Err(_), Some(status)) => return Err(status),
-                (Err(e), None) => return Err(e.into()),
-            };
-            // What is left of the deadline bounds the attempt, whichever way it goes.
-            let left = match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
-                Some(left) if left.is_zero() => {
-                    return Err(Status::deadline_exceeded(
-                        "deadline passed before a worker answered",
-                    ))
-                }
-                left => left,
-            };
-            let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
-            attempt.model_version = version;
+        let mesh = Workers {
+            pool: &self.pool,
+            policy: &self.policy,
+            size,
+            carry,
+        };
+        let retries = forward::Retries {
+            budget: &self.budget,
+            quarantine: &self.quarantine,
+            metrics: &self.metrics,
+        };
+        let deadline = deadline.map(tokio::time::Instant::from_std);
+        forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
+    }
+}
+
+/// The gateway's workers as the forward path sees them: route and balance over the pool,
+/// attempts over the upstream streams (unary calls for messages too large for them).
+struct Workers<'a> {
+    pool: &'a Pool,
+    policy: &'a Arc<route::Policy>,
+    /// The request's encoded length (the trace parameters an attempt adds are a few dozen
+    /// bytes, nothing next to the stream threshold).
+    size: usize,
+    carry: &'a trace::Carry,
+}
+
+impl forward::Mesh for Workers<'_> {
+    type Worker = Arc<Endpoint>;
+
+    fn choose(
+        &self,
+        model: &str,
+        version: &str,
+        tried: &[String],
+    ) -> std::result::Result<(route::Target, Arc<Endpoint>), RequestError> {
+        let span = infermesh_core::child_span!("route", model = %model, worker = Empty);
+        let _entered = span.enter();
+        let all = self.pool.all();
+        let target = route::route(&all, model, version, self.policy)?;
+        let ep = balance::pick(&all, &target, tried)
+            .ok_or_else(|| route::no_worker(&all, model, version))?;
+        span.record("worker", ep.addr.as_str());
+        Ok((target, ep))
+    }
+
+    fn addr(ep: &Arc<Endpoint>) -> &str {
+        &ep.addr
+    }
+
+    fn attempt(
+        &self,
+        ep: &Arc<Endpoint>,
+        mut attempt: pb::ModelInferRequest,
+        left: Option<Duration>,
+        n: usize,
+    ) -> impl std::future::Future<Output = std::result::Result<pb::ModelInferResponse, Status>> + Send
+    {
+        let ep = ep.clone();
+        async move {
             let span = infermesh_core::child_span!(
                 "forward",
                 otel.kind = "client",
                 worker = %ep.addr,
-                attempt = tried.len() + 1,
+                attempt = n,
             );
-            let result = {
-                let _call = ep.call();
-                // Over an upstream stream where there is room, else as a unary call.
-                carry.inject_parameters(&span, &mut attempt.parameters);
-                let stream = if size > upstream::MAX_MESSAGE_BYTES {
-                    Err(attempt)
-                } else {
-                    upstream::send(&ep, attempt, left)
-                        .instrument(span.clone())
-                        .await
-                };
-                match stream {
-                    Ok(answer) => answer,
-                    Err(mut attempt) => {
-                        attempt.parameters.remove("traceparent");
-                        attempt.parameters.remove("tracestate");
-                        unary_call(&ep, attempt, left, carry, span).await
-                    }
-                }
+            let _call = ep.call();
+            self.carry.inject_parameters(&span, &mut attempt.parameters);
+            let stream = if self.size > upstream::MAX_MESSAGE_BYTES {
+                Err(attempt)
+            } else {
+                upstream::send(&ep, attempt, left)
+                    .instrument(span.clone())
+                    .await
             };
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                // Our own timeout on the worker call (tonic reports it as CANCELLED): the
-                // client's deadline, not the worker's fault.
-                if let Err(status) = &result {
-                    if status.code() != tonic::Code::DeadlineExceeded {
-                        return Err(Status::deadline_exceeded(format!(
-                            "deadline passed while worker {} was answering",
-                            ep.addr
-                        )));
-                    }
+            match stream {
+                Ok(answer) => answer,
+                Err(mut attempt) => {
+                    attempt.parameters.remove("traceparent");
+                    attempt.parameters.remove("tracestate");
+                    unary_call(&ep, attempt, left, self.carry, span).await
                 }
-            }
-            match result {
-                Ok(resp) => {
-                    ep.succeeded();
-                    return Ok(resp);
-                }
-                Err(status) if failure::classify(&status).retryable() => {
-                    ep.note_failure(&req.model_name, failure::classify(&status), &status);
-                    tried.push(ep.addr.clone());
-                    if poison::broke(&status) {
-                        breaks += 1;
-                        if breaks >= poison::MAX_BREAKS {
-                            return Err(self.poisoned(&req, &asked_version, &tried));
-                        }
-                    }
-                    if !self.budget.withdraw() {
-                        self.metrics.retry_budget_exhausted.inc();
-                        return Err(status);
-                    }
-                    let labels = CodeLabels {
-                        code: format!("{:?}", status.code()),
-                    };
-                    self.metrics.retries.get_or_create(&labels).inc();
-                    tracing::debug!(trace_id = %trace::trace_id(), worker = %ep.addr, code = ?status.code(), "retrying on another worker");
-                    last = Some(status);
-                }
-                Err(status) => return Err(status),
             }
         }
     }
-}
 
-impl GatewayService {
-    /// The request broke its second worker: refuse its fingerprint from now on.
-    fn poisoned(&self, req: &pb::ModelInferRequest, version: &str, tried: &[String]) -> Status {
-        let fp = self.quarantine.fingerprint(req, version);
-        self.quarantine.add(fp);
-        let ttl = self.quarantine.ttl().as_secs();
-        tracing::error!(
-            fingerprint = format!("{fp:016x}"),
-            model = %clip(&req.model_name),
-            workers = ?tried,
-            quarantine_secs = ttl,
-            "a request broke {} workers; identical requests are refused",
-            poison::MAX_BREAKS
-        );
-        Status::unavailable(format!(
-            "this request broke {} workers (their connections failed while it was on them); identical requests are refused for {ttl}s (fingerprint {fp:016x})",
-            poison::MAX_BREAKS
-        ))
+    fn learn(&self, ep: &Arc<Endpoint>, model: &str, failed: Option<(failure::Failure, &Status)>) {
+        match failed {
+            None => ep.succeeded(),
+            Some((failure, status)) => ep.note_failure(model, failure, status),
+        }
     }
 }
 

@@ -1,0 +1,185 @@
+//! Forward: one request's way to an answer. Each attempt routes the request to a target
+//! and balances it to a worker (`Mesh::choose`), runs within what is left of the deadline,
+//! and on a failure that did not answer about the request itself (`failure`) tries another
+//! worker while the retry budget allows. A request that breaks `max_breaks` workers'
+//! connections is a query of death: refused from then on (`poison`).
+
+use std::{future::Future, time::Duration};
+
+use infermesh_core::Error;
+use infermesh_proto as pb;
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::{
+    failure::{self, Failure},
+    metrics::{CodeLabels, GatewayMetrics},
+    poison::{self, Quarantine},
+    retry::Budget,
+    route::Target,
+};
+
+/// What forwarding needs from the mesh: the gateway's is its pool of workers; tests use
+/// fakes.
+pub trait Mesh {
+    type Worker;
+    /// Route, then balance: the target and a worker for it, not one of `tried`.
+    fn choose(
+        &self,
+        model: &str,
+        version: &str,
+        tried: &[String],
+    ) -> Result<(Target, Self::Worker), Error>;
+    fn addr(worker: &Self::Worker) -> &str;
+    /// One attempt on `worker`, bounded by `left`. `n` counts attempts from 1.
+    fn attempt(
+        &self,
+        worker: &Self::Worker,
+        req: pb::ModelInferRequest,
+        left: Option<Duration>,
+        n: usize,
+    ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send;
+    /// What an attempt taught about its worker (`None`: it answered).
+    fn learn(&self, worker: &Self::Worker, model: &str, failed: Option<(Failure, &Status)>);
+}
+
+/// The shared state retries draw on.
+pub struct Retries<'a> {
+    pub budget: &'a Budget,
+    pub quarantine: &'a Quarantine,
+    pub metrics: &'a GatewayMetrics,
+}
+
+/// What is left of the deadline for the next attempt; DEADLINE_EXCEEDED once it passed.
+pub fn time_left(deadline: Option<Instant>, now: Instant) -> Result<Option<Duration>, Status> {
+    match deadline.map(|d| d.saturating_duration_since(now)) {
+        Some(left) if left.is_zero() => Err(Status::deadline_exceeded(
+            "deadline passed before a worker answered",
+        )),
+        left => Ok(left),
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Try another worker.
+    Retry,
+    /// Answer the client with this attempt's status.
+    GiveUp,
+    /// The request broke its last allowed worker: refuse it from now on.
+    Poisoned,
+}
+
+/// The retry decision for a failed attempt. `breaks` counts the workers whose connection
+/// broke under this request, this attempt included.
+pub fn decide(
+    failure: Failure,
+    breaks: u32,
+    target: &Target,
+    budget_left: impl FnOnce() -> bool,
+) -> Next {
+    if !failure.retryable() || !target.policy.retry {
+        return Next::GiveUp;
+    }
+    if breaks >= target.policy.max_breaks {
+        return Next::Poisoned;
+    }
+    if !budget_left() {
+        return Next::GiveUp;
+    }
+    Next::Retry
+}
+
+/// Forwards `req` (its version already taken into `version`) until an answer, a final
+/// failure, or no worker is left to try.
+pub async fn forward<M: Mesh>(
+    mesh: &M,
+    retries: &Retries<'_>,
+    req: &pb::ModelInferRequest,
+    version: &str,
+    deadline: Option<Instant>,
+) -> Result<pb::ModelInferResponse, Status> {
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<Status> = None;
+    let mut breaks = 0;
+    loop {
+        let (target, worker) = match (mesh.choose(&req.model_name, version, &tried), last) {
+            (Ok(chosen), _) => chosen,
+            // Nobody left to try: the last failure says more than "no worker".
+            (Err(_), Some(status)) => return Err(status),
+            (Err(e), None) => return Err(e.into()),
+        };
+        let left = time_left(deadline, Instant::now())?;
+        let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
+        attempt.model_version = target.version.to_string();
+        let result = mesh.attempt(&worker, attempt, left, tried.len() + 1).await;
+        let status = match result {
+            Ok(resp) => {
+                mesh.learn(&worker, &req.model_name, None);
+                return Ok(resp);
+            }
+            Err(status) => status,
+        };
+        // Our own timeout on the worker call (tonic reports it as CANCELLED): the
+        // client's deadline, not the worker's fault.
+        if deadline.is_some_and(|d| Instant::now() >= d)
+            && status.code() != tonic::Code::DeadlineExceeded
+        {
+            return Err(Status::deadline_exceeded(format!(
+                "deadline passed while worker {} was answering",
+                M::addr(&worker)
+            )));
+        }
+        let failure = failure::classify(&status);
+        mesh.learn(&worker, &req.model_name, Some((failure, &status)));
+        tried.push(M::addr(&worker).to_string());
+        if poison::broke(&status) {
+            breaks += 1;
+        }
+        match decide(failure, breaks, &target, || retries.budget.withdraw()) {
+            Next::Retry => {}
+            Next::GiveUp => {
+                if failure.retryable() && target.policy.retry {
+                    retries.metrics.retry_budget_exhausted.inc();
+                }
+                return Err(status);
+            }
+            Next::Poisoned => {
+                return Err(poisoned(retries.quarantine, req, version, &tried, breaks))
+            }
+        }
+        let labels = CodeLabels {
+            code: format!("{:?}", status.code()),
+        };
+        retries.metrics.retries.get_or_create(&labels).inc();
+        tracing::debug!(trace_id = %infermesh_core::trace::trace_id(), worker = M::addr(&worker), code = ?status.code(), "retrying on another worker");
+        last = Some(status);
+    }
+}
+
+/// The request broke its last allowed worker: refuse its fingerprint from now on.
+fn poisoned(
+    quarantine: &Quarantine,
+    req: &pb::ModelInferRequest,
+    version: &str,
+    tried: &[String],
+    breaks: u32,
+) -> Status {
+    let fp = quarantine.fingerprint(req, version);
+    quarantine.add(fp);
+    let ttl = quarantine.ttl().as_secs();
+    tracing::error!(
+        fingerprint = format!("{fp:016x}"),
+        model = %infermesh_core::text::clip(&req.model_name),
+        workers = ?tried,
+        quarantine_secs = ttl,
+        "a request broke {breaks} workers; identical requests are refused",
+    );
+    Status::unavailable(format!(
+        "this request broke {breaks} workers (their connections failed while it was on them); identical requests are refused for {ttl}s (fingerprint {fp:016x})"
+    ))
+}
+
+#[cfg(test)]
+mod tests;

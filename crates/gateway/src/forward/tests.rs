@@ -1,0 +1,335 @@
+//! The forward path with fake workers on paused time: which failures move a request to
+//! another worker, the retry budget, the deadline, and poison containment.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use infermesh_core::{reason, Reason};
+use tonic::Code;
+
+use super::*;
+use crate::route::Policy;
+
+/// What a fake worker does with one attempt.
+#[derive(Clone)]
+enum Act {
+    Answer,
+    Fail(Status),
+    /// Answers after this long (for deadlines).
+    Slow(Duration),
+}
+
+#[derive(Default)]
+struct Fake {
+    /// Per worker, its script; a worker whose script is empty answers.
+    scripts: Mutex<Vec<(String, VecDeque<Act>)>>,
+    /// (worker, failure) for every attempt, in order.
+    log: Mutex<Vec<(String, Option<Failure>)>>,
+    /// Every worker an attempt went to.
+    attempted: Mutex<Vec<String>>,
+    policy: Arc<Policy>,
+}
+
+impl Fake {
+    fn new(workers: &[(&str, Vec<Act>)]) -> Self {
+        Self {
+            scripts: Mutex::new(
+                workers
+                    .iter()
+                    .map(|(w, acts)| (w.to_string(), acts.iter().cloned().collect()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn log(&self) -> Vec<(String, Option<Failure>)> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Mesh for Fake {
+    type Worker = String;
+
+    fn choose(&self, model: &str, _: &str, tried: &[String]) -> Result<(Target, String), Error> {
+        let scripts = self.scripts.lock().unwrap();
+        let w = scripts
+            .iter()
+            .map(|(w, _)| w.clone())
+            .find(|w| !tried.contains(w))
+            .ok_or_else(|| Error::Unavailable("no ready worker".into()))?;
+        let target = Target {
+            model: model.into(),
+            version: 1,
+            policy: self.policy.clone(),
+        };
+        Ok((target, w))
+    }
+
+    fn addr(w: &String) -> &str {
+        w
+    }
+
+    fn attempt(
+        &self,
+        w: &String,
+        _: pb::ModelInferRequest,
+        left: Option<Duration>,
+        _: usize,
+    ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send {
+        self.attempted.lock().unwrap().push(w.clone());
+        let act = {
+            let mut scripts = self.scripts.lock().unwrap();
+            let script = &mut scripts.iter_mut().find(|(x, _)| x == w).unwrap().1;
+            script.pop_front().unwrap_or(Act::Answer)
+        };
+        let w = w.clone();
+        async move {
+            let answer = || {
+                Ok(pb::ModelInferResponse {
+                    id: w.clone(),
+                    ..Default::default()
+                })
+            };
+            match act {
+                Act::Answer => answer(),
+                Act::Fail(s) => Err(s),
+                // As the real attempt: bounded by what is left of the deadline.
+                Act::Slow(d) => {
+                    match tokio::time::timeout(left.unwrap_or(d * 2), tokio::time::sleep(d)).await {
+                        Ok(()) => answer(),
+                        Err(_) => Err(Status::cancelled("Timeout expired")),
+                    }
+                }
+            }
+        }
+    }
+
+    fn learn(&self, w: &String, _: &str, failed: Option<(Failure, &Status)>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((w.clone(), failed.map(|f| f.0)));
+    }
+}
+
+struct Env {
+    budget: Budget,
+    quarantine: Quarantine,
+    metrics: GatewayMetrics,
+}
+
+impl Env {
+    fn new(budget: Budget) -> Self {
+        Self {
+            budget,
+            quarantine: Quarantine::new(Duration::from_secs(600), Default::default()),
+            metrics: Default::default(),
+        }
+    }
+
+    fn retries(&self) -> Retries<'_> {
+        Retries {
+            budget: &self.budget,
+            quarantine: &self.quarantine,
+            metrics: &self.metrics,
+        }
+    }
+}
+
+fn generous() -> Env {
+    Env::new(Budget::new(1.0, 100.0))
+}
+
+fn req() -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: "m".into(),
+        ..Default::default()
+    }
+}
+
+fn because(code: Code, r: Reason) -> Status {
+    reason::status(code, "words do not matter", r)
+}
+
+fn broken() -> Status {
+    let mut s = Status::unavailable("connection reset");
+    s.set_source(Arc::new(crate::poison::WorkerBroke));
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_that_did_not_answer_move_to_another_worker() {
+    for (status, failure) in [
+        (
+            because(Code::Unavailable, Reason::Draining),
+            Failure::Refusing,
+        ),
+        (
+            because(Code::Unavailable, Reason::ModelNotReady),
+            Failure::ModelGone,
+        ),
+        (
+            because(Code::ResourceExhausted, Reason::QueueFull),
+            Failure::Busy,
+        ),
+        (
+            because(Code::ResourceExhausted, Reason::OverBudget),
+            Failure::Busy,
+        ),
+        (broken(), Failure::Broken),
+    ] {
+        let fake = Fake::new(&[("w1", vec![Act::Fail(status)]), ("w2", vec![])]);
+        let env = generous();
+        let resp = forward(&fake, &env.retries(), &req(), "", None)
+            .await
+            .unwrap();
+        assert_eq!(resp.id, "w2", "{failure:?}");
+        assert_eq!(
+            fake.log(),
+            [("w1".into(), Some(failure)), ("w2".into(), None)]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_about_the_request_itself_are_final() {
+    for r in [
+        Reason::Invalid,
+        Reason::Engine,
+        Reason::Deadline,
+        Reason::CancelledAfterRun,
+    ] {
+        let fake = Fake::new(&[
+            ("w1", vec![Act::Fail(because(Code::InvalidArgument, r))]),
+            ("w2", vec![]),
+        ]);
+        let env = generous();
+        let err = forward(&fake, &env.retries(), &req(), "", None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{r}");
+        assert_eq!(fake.log().len(), 1, "{r}: not retried");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_worker_left_the_last_failure_is_the_answer() {
+    let busy = || Act::Fail(because(Code::ResourceExhausted, Reason::QueueFull));
+    let fake = Fake::new(&[("w1", vec![busy()]), ("w2", vec![busy()])]);
+    let env = generous();
+    let err = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason::of_status(&err), Some(Reason::QueueFull));
+    assert_eq!(fake.log().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_retry_budget_gives_up_and_counts_it() {
+    let env = Env::new(Budget::new(0.0, 0.0));
+    let fake = Fake::new(&[
+        (
+            "w1",
+            vec![Act::Fail(because(Code::Unavailable, Reason::Draining))],
+        ),
+        ("w2", vec![]),
+    ]);
+    let err = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(fake.log().len(), 1);
+    assert_eq!(env.metrics.retry_budget_exhausted.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_without_retries_answers_the_first_failure() {
+    let mut fake = Fake::new(&[
+        (
+            "w1",
+            vec![Act::Fail(because(Code::Unavailable, Reason::Draining))],
+        ),
+        ("w2", vec![]),
+    ]);
+    fake.policy = Arc::new(Policy {
+        retry: false,
+        ..Default::default()
+    });
+    let env = generous();
+    assert!(forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .is_err());
+    assert_eq!(fake.log().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_bounds_every_attempt() {
+    let fake = Fake::new(&[
+        ("w1", vec![Act::Slow(Duration::from_secs(5))]),
+        ("w2", vec![]),
+    ]);
+    let env = generous();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let started = Instant::now();
+    let err = forward(&fake, &env.retries(), &req(), "", Some(deadline))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1),
+        "answered at the deadline"
+    );
+    assert_eq!(
+        *fake.attempted.lock().unwrap(),
+        ["w1"],
+        "no attempt after the deadline"
+    );
+    assert!(
+        fake.log().is_empty(),
+        "the client's deadline is not the worker's fault"
+    );
+    // A deadline already past never reaches a worker.
+    assert_eq!(
+        time_left(Some(Instant::now()), Instant::now())
+            .unwrap_err()
+            .code(),
+        Code::DeadlineExceeded
+    );
+    assert_eq!(time_left(None, Instant::now()).unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_breaks_two_workers_is_quarantined() {
+    let fake = Fake::new(&[
+        ("w1", vec![Act::Fail(broken())]),
+        ("w2", vec![Act::Fail(broken())]),
+        ("w3", vec![]),
+    ]);
+    let env = generous();
+    let err = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(fake.log().len(), 2, "the third worker is spared");
+    let fp = env.quarantine.fingerprint(&req(), "");
+    assert!(env.quarantine.refused(fp).is_some());
+}
+
+#[test]
+fn decide_reads_failure_policy_and_budget() {
+    let target = Target {
+        model: "m".into(),
+        version: 1,
+        policy: Default::default(),
+    };
+    assert_eq!(decide(Failure::Busy, 0, &target, || true), Next::Retry);
+    assert_eq!(decide(Failure::Busy, 0, &target, || false), Next::GiveUp);
+    assert_eq!(decide(Failure::Final, 0, &target, || true), Next::GiveUp);
+    assert_eq!(decide(Failure::Broken, 1, &target, || true), Next::Retry);
+    assert_eq!(decide(Failure::Broken, 2, &target, || true), Next::Poisoned);
+}
