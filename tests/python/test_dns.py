@@ -111,3 +111,95 @@ def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
         for p in workers.values():
             p.terminate()
             p.wait(timeout=30)
+
+
+def start_dns(tmp_path, hosts_text, *extra):
+    """dnsmasq answering from a hosts file; returns (process, port)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(hosts_text)
+    port = free_port(kind=socket.SOCK_DGRAM)
+    proc = subprocess.Popen([dnsmasq(), "-k", "--user=root", f"--port={port}", "--listen-address=127.0.0.1",
+                             "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}",
+                             "--log-facility=-", f"--pid-file={tmp_path}/dnsmasq.pid", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+def gateway_workers(args, want, timeout=30):
+    """Starts a gateway (which need not become ready), waits until its metrics list `want`
+    workers, and returns the set of worker addresses it knows."""
+    import re
+    import urllib.request
+
+    proc = subprocess.Popen([binary("infermesh-gateway"), *args, "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+                             "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--log-format", "json",
+                             "--dns-refresh", "200ms", "--worker-refresh", "1h", "--shutdown-grace", "0s"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = None
+        for line in proc.stderr:
+            fields = json.loads(line).get("fields", {}) if line.startswith("{") else {}
+            if fields.get("metrics"):
+                metrics = fields["metrics"]
+                break
+        assert metrics, "gateway did not log its metrics address"
+        import threading
+        threading.Thread(target=lambda: proc.stderr.read(), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
+            known = set(re.findall(r'^infermesh_gateway_worker_ready\{worker="([^"]+)"\}', text, re.M))
+            if len(known) >= want or time.monotonic() > deadline:
+                return known
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_large_answer_is_seen_whole(tmp_path):
+    """60 A records (about 1 KiB) do not fit the classic 512-byte UDP answer: dnsmasq is
+    told to truncate at 512 bytes, so the resolver must ask again over TCP."""
+    ips = [f"127.0.1.{i}" for i in range(1, 61)]
+    dns, dns_port = start_dns(tmp_path, "".join(f"{ip} {NAME}\n" for ip in ips), "--edns-packet-max=512")
+    try:
+        known = gateway_workers(["--workers-dns", f"{NAME}:9", "--dns-server", f"127.0.0.1:{dns_port}"], 60)
+        assert known == {f"{ip}:9" for ip in ips}, sorted(known)
+    finally:
+        dns.terminate()
+        dns.wait(timeout=10)
+
+
+def test_a_dual_stack_pod_is_one_worker_unless_asked(tmp_path):
+    dns, dns_port = start_dns(tmp_path, f"127.0.0.2 {NAME}\n::1 {NAME}\n")
+    try:
+        args = ["--workers-dns", f"{NAME}:9", "--dns-server", f"127.0.0.1:{dns_port}"]
+        assert gateway_workers(args, 1) == {"127.0.0.2:9"}
+        assert gateway_workers([*args, "--dns-family", "any"], 2) == {"127.0.0.2:9", "[::1]:9"}
+        assert gateway_workers([*args, "--dns-family", "ipv6"], 1) == {"[::1]:9"}
+    finally:
+        dns.terminate()
+        dns.wait(timeout=10)
+
+
+def test_srv_records_give_the_ports(tmp_path):
+    port = free_port("127.0.0.2")
+    worker = subprocess.Popen(
+        [binary("infermesh-worker"), "--model-repository", str(MODELS), "--grpc-address", "127.0.0.2",
+         "--grpc-port", str(port), "--allow-metrics", "false", "--intra-op-threads", "1", "--shutdown-grace", "0s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"pod-a.{NAME}"
+    dns, dns_port = start_dns(tmp_path, f"127.0.0.2 {target}\n", f"--srv-host=_grpc._tcp.{NAME},{target},{port},0,5")
+    gateway = None
+    try:
+        gateway = Server([binary("infermesh-gateway"), "--workers-dns", NAME, "--dns-server", f"127.0.0.1:{dns_port}",
+                          "--dns-refresh", "200ms", "--worker-refresh", "200ms"])
+        infer(gateway.client, 3)
+        assert executions(f"127.0.0.2:{port}") >= 3
+    finally:
+        if gateway:
+            assert gateway.stop() == 0
+        dns.terminate()
+        dns.wait(timeout=10)
+        worker.terminate()
+        worker.wait(timeout=30)

@@ -19,7 +19,8 @@ pub struct GatewayConfig {
     pub workers: Vec<String>,
 
     /// Follow a DNS name as NAME:PORT, e.g. a Kubernetes headless Service
-    /// (infermesh-worker.infermesh.svc.cluster.local:8001): every A record is a worker.
+    /// (infermesh-worker.infermesh.svc.cluster.local:8001): every address record is a
+    /// worker. NAME alone follows the SRV records of _grpc._tcp.NAME (ports from DNS).
     #[arg(long, env = "INFERMESH_WORKERS_DNS", conflicts_with = "workers")]
     pub workers_dns: Option<crate::discovery::DnsTarget>,
 
@@ -27,9 +28,15 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_DNS_REFRESH", default_value = "5s", value_parser = parse_duration)]
     pub dns_refresh: Duration,
 
-    /// Ask this DNS server (HOST:PORT, UDP) instead of the system resolver.
+    /// Ask this DNS server (IP:PORT; UDP, and TCP for answers too large for UDP) instead
+    /// of the servers in /etc/resolv.conf.
     #[arg(long, env = "INFERMESH_DNS_SERVER")]
     pub dns_server: Option<std::net::SocketAddr>,
+
+    /// Which address records are workers: ipv4 (A; a dual-stack pod is one worker), ipv6
+    /// (AAAA), or any (both: every address is a worker).
+    #[arg(long, env = "INFERMESH_DNS_FAMILY", value_enum, default_value = "ipv4")]
+    pub dns_family: crate::discovery::Family,
 
     /// How often each worker's readiness and ready models are refreshed.
     #[arg(long, env = "INFERMESH_WORKER_REFRESH", default_value = "1s", value_parser = parse_duration)]

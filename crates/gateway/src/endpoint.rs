@@ -13,7 +13,7 @@ use infermesh_proto::{
 };
 use tonic::transport::Channel;
 
-use crate::{failure::Failure, load::Load, metrics::WorkerMetrics};
+use crate::{discovery::Discovered, failure::Failure, load::Load, metrics::WorkerMetrics};
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -33,6 +33,8 @@ pub struct Seen {
 
 pub struct Endpoint {
     pub addr: String,
+    /// What discovery said about it (TLS server name, weight, zone).
+    pub found: Discovered,
     pub client: Client,
     pub load: Load,
     channel: Channel,
@@ -83,10 +85,12 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl Endpoint {
     pub fn new(
-        addr: &str,
+        found: impl Into<Discovered>,
         connect_timeout: Duration,
         metrics: WorkerMetrics,
     ) -> Result<Arc<Self>, String> {
+        let found = found.into();
+        let addr = found.addr.as_str();
         let url = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -107,6 +111,7 @@ impl Endpoint {
             .max_encoding_message_size(usize::MAX);
         Ok(Arc::new(Self {
             addr: addr.to_string(),
+            found,
             client,
             load: Load::default(),
             channel,

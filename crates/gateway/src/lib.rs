@@ -53,9 +53,11 @@ pub async fn run(
         Some(target) => discovery::follow_dns(
             target.clone(),
             config.dns_server,
+            config.dns_family,
             config.dns_refresh,
             metrics.dns_failures.clone(),
-        ),
+        )
+        .map_err(Error::Startup)?,
         None => discovery::fixed(&config.workers),
     };
     tokio::spawn(pool.clone().follow(changes));

@@ -49,8 +49,9 @@ impl Pool {
     pub fn apply(self: &Arc<Self>, change: Change) {
         let mut eps = self.endpoints.write().expect("pool lock");
         match change {
-            Change::Insert(addr) if !eps.contains_key(&addr) => {
-                match Endpoint::new(&addr, self.connect_timeout, self.metrics.worker(&addr)) {
+            Change::Insert(found) if !eps.contains_key(&found.addr) => {
+                let addr = found.addr.clone();
+                match Endpoint::new(found, self.connect_timeout, self.metrics.worker(&addr)) {
                     Ok(ep) => {
                         let (refresh, timeout) =
                             (self.refresh, self.connect_timeout.max(self.refresh));

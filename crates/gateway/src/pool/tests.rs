@@ -13,7 +13,7 @@ fn pool_of(n: usize) -> (Arc<Pool>, Vec<Arc<Endpoint>>) {
     for i in 0..n {
         // Port 9 (discard) on loopback: never connected to, the channel is lazy.
         let ep = Endpoint::new(
-            &format!("127.0.0.{}:9", i + 1),
+            format!("127.0.0.{}:9", i + 1).as_str(),
             Duration::from_secs(1),
             Default::default(),
         )
