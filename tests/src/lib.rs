@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: real servers on 127.0.0.1:0, real clients.
 
 pub mod repo;
+pub mod reword;
 pub mod tensors;
 
 use std::{path::PathBuf, time::Duration};
@@ -148,9 +149,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway and waits (bounded) until it reports ready.
     pub async fn start(workers: &[&Worker], extra: &[&str]) -> Gateway {
+        let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
+        Self::start_at(&addrs, extra).await
+    }
+
+    /// As [`Gateway::start`], in front of whatever listens at `workers`.
+    pub async fn start_at(workers: &[std::net::SocketAddr], extra: &[&str]) -> Gateway {
         let list = workers
             .iter()
-            .map(|w| w.addr.to_string())
+            .map(|w| w.to_string())
             .collect::<Vec<_>>()
             .join(",");
         let mut args = vec![
