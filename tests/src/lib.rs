@@ -132,6 +132,19 @@ impl Worker {
     }
 
     /// Signals shutdown and waits for `run` to return.
+    /// RepositoryModelUnload of `model` (the worker runs in explicit mode).
+    pub async fn unload(&self, model: &str) {
+        let unload = infermesh_proto::RepositoryModelUnloadRequest {
+            model_name: model.into(),
+            ..Default::default()
+        };
+        self.client()
+            .await
+            .repository_model_unload(unload)
+            .await
+            .expect("unload");
+    }
+
     pub async fn stop(mut self) -> Result<(), infermesh_worker::Error> {
         let _ = self.stop.take().map(|s| s.send(()));
         self.task.await.expect("worker task")

@@ -264,15 +264,7 @@ async fn unloading_a_model_on_one_worker_costs_no_client_errors() {
             })
         })
         .collect();
-    let unload = infermesh_proto::RepositoryModelUnloadRequest {
-        model_name: "echo".into(),
-        ..Default::default()
-    };
-    a.client()
-        .await
-        .repository_model_unload(unload)
-        .await
-        .unwrap();
+    a.unload("echo").await;
     // Keep the load on until B alone has served 200 more requests.
     let before = executions(&b, "echo").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

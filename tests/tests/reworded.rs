@@ -73,15 +73,7 @@ async fn reworded_failures_route_retry_and_eject_the_same() {
 
     // Retries on model-not-ready: unloading "echo" on A moves it to B (now with room),
     // with no client error and A still in rotation for "special".
-    let unload = infermesh_proto::RepositoryModelUnloadRequest {
-        model_name: "echo".into(),
-        ..Default::default()
-    };
-    a.client()
-        .await
-        .repository_model_unload(unload)
-        .await
-        .unwrap();
+    a.unload("echo").await;
     let b2 = Worker::start(echo_only.path(), &flags).await;
     let pb2 = Reworder::start(&b2).await;
     let gw2 = Gateway::start_at(&[pa.addr, pb2.addr], &[]).await;
