@@ -30,6 +30,7 @@ CORES = os.cpu_count() or 1
 VALUES = [(i % 97) / 97.0 for i in range(784)]  # `infermesh bench`'s own default pattern
 INFERMESH = ("ort", "worker", "gateway1", "gateway2")
 ALL = INFERMESH + ("nginx", "fastapi", "kserve")
+BASELINE = {"gateway1": "gateway1-baseline", "gateway2": "gateway2-baseline"}
 
 
 class Ctx:
@@ -64,9 +65,10 @@ class Ctx:
         h.wait_until(lambda: self.grpc_ready(url), name, procs)
         return url
 
-    def gateway(self, procs, workers: list[str]) -> str:
+    def gateway(self, procs, workers: list[str], bin_dir=None) -> str:
         port = h.free_port()
-        procs.start("gateway", [str(self.bin / "infermesh-gateway"), "--workers", ",".join(workers),
+        gateway = pathlib.Path(bin_dir or self.bin) / "infermesh-gateway"
+        procs.start("gateway", [str(gateway), "--workers", ",".join(workers),
                                 "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
                                 "--allow-metrics", "false", "--shutdown-grace", "0s", "--threads", "1"])
         url = f"127.0.0.1:{port}"
@@ -84,9 +86,9 @@ def setup_worker(ctx, procs):
     return url, {"worker": pids(procs, "worker")}
 
 
-def setup_gateway1(ctx, procs):
+def setup_gateway1(ctx, procs, bin_dir=None):
     w = ctx.worker(procs, "worker", 0)
-    return ctx.gateway(procs, [w]), {"gateway": pids(procs, "gateway"), "worker": pids(procs, "worker")}
+    return ctx.gateway(procs, [w], bin_dir), {"gateway": pids(procs, "gateway"), "worker": pids(procs, "worker")}
 
 
 def _two_workers(ctx, procs):
@@ -95,10 +97,16 @@ def _two_workers(ctx, procs):
     return [ctx.worker(procs, f"worker{i}", t) for i in (1, 2)]
 
 
-def setup_gateway2(ctx, procs):
+def setup_gateway2(ctx, procs, bin_dir=None):
     ws = _two_workers(ctx, procs)
-    return ctx.gateway(procs, ws), {"gateway": pids(procs, "gateway"),
-                                    "workers": pids(procs, "worker1") + pids(procs, "worker2")}
+    return ctx.gateway(procs, ws, bin_dir), {"gateway": pids(procs, "gateway"),
+                                             "workers": pids(procs, "worker1") + pids(procs, "worker2")}
+
+
+def baseline(setup):
+    """The same setup with the gateway binary of --baseline-bin-dir (an older build), so a
+    change to the gateway is measured against what it replaces in the same run."""
+    return lambda ctx, procs: setup(ctx, procs, ctx.args.baseline_bin_dir)
 
 
 def setup_nginx(ctx, procs):
@@ -143,6 +151,8 @@ SETUPS = {  # key: (table label, modes, start)
     "worker": ("infermesh worker direct", ("unary", "stream"), setup_worker),
     "gateway1": ("infermesh gateway + 1 worker", ("unary", "stream"), setup_gateway1),
     "gateway2": ("infermesh gateway + 2 workers", ("unary", "stream"), setup_gateway2),
+    "gateway1-baseline": ("baseline gateway + 1 worker", ("unary", "stream"), baseline(setup_gateway1)),
+    "gateway2-baseline": ("baseline gateway + 2 workers", ("unary", "stream"), baseline(setup_gateway2)),
     "nginx": ("nginx grpc_pass + 2 workers", ("unary", "stream"), setup_nginx),
     "fastapi": ("FastAPI + uvicorn + ONNX Runtime", ("HTTP/JSON",), setup_fastapi),
     "kserve": ("KServe Python server", ("unary",), setup_kserve),
@@ -246,6 +256,7 @@ def main() -> int:
     ap.add_argument("--engine-batches", default="1,8,16,32,64")
     ap.add_argument("--only", default=",".join(ALL), help=f"setups: {','.join(ALL)} or 'infermesh'")
     ap.add_argument("--bin-dir", default=str(ROOT / "target/release"))
+    ap.add_argument("--baseline-bin-dir", help="an older build's binaries: adds the gateway-*-baseline setups")
     ap.add_argument("--peers-python", default=str(ROOT / ".cache/bench-peers/venv/bin/python"))
     ap.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer cross-check")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
@@ -256,6 +267,8 @@ def main() -> int:
     only = set(INFERMESH if args.only == "infermesh" else args.only.split(","))
     if only - set(ALL):
         ap.error(f"unknown setups {sorted(only - set(ALL))}; known: {','.join(ALL)}")
+    if args.baseline_bin_dir:  # each gateway setup again with the older gateway
+        only |= {BASELINE[k] for k in only if k in BASELINE}
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` stops its servers.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(128 + 15))

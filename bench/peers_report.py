@@ -125,6 +125,25 @@ def _targets(res: dict) -> list[str]:
     return out
 
 
+def _against_baseline(rows: list) -> list[str]:
+    """This build's gateway against --baseline-bin-dir's, row by row from the same run."""
+    by = {(r["key"], r["mode"], r["concurrency"]): r for r in rows}
+    out = []
+    for (key, mode, c), old in sorted(by.items()):
+        new = by.get((key.removesuffix("-baseline"), mode, c))
+        if not key.endswith("-baseline") or not new or not old["rps"]:
+            continue
+        cpu = lambda r: r["server"].get("gateway", {}).get("cpu_s_per_1k")  # noqa: E731
+        ratio = f"{cpu(new) / cpu(old):.2f}" if cpu(new) and cpu(old) else ""
+        out.append(f"| {new['setup']} | {mode} | {c} | {new['rps']:.0f} | {old['rps']:.0f} | "
+                   f"{new['rps'] / old['rps']:.2f} | {cpu(new) or 0:.3f} | {cpu(old) or 0:.3f} | {ratio} |")
+    if not out:
+        return []
+    return ["", "This gateway against the baseline build, same run (gateway CPU in s per 1k requests):", "",
+            "| setup | mode | concurrency | req/s | baseline req/s | ratio | CPU | baseline CPU | ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"] + out
+
+
 def markdown(res: dict) -> str:
     rows = res["rows"]
     ref_key = "gateway1" if any(r["key"] == "gateway1" for r in rows) else "worker"
@@ -153,6 +172,7 @@ def markdown(res: dict) -> str:
     if res["engine"]:
         lines += ["", "ONNX Runtime alone, all batch sizes: " + ", ".join(
             f"{r['batch']}: {r['samples_per_s']:.0f} rows/s" for r in res["engine"])]
+    lines += _against_baseline(rows)
     t = _targets(res)
     if t:
         lines += ["", "Against the issue's targets:", ""] + [f"- {x}" for x in t]

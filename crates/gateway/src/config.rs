@@ -60,7 +60,7 @@ pub struct GatewayConfig {
     /// Retries allowed per request on average, on top of a floor of 10 per second (100 in
     /// reserve): with every worker failing, attempts stay under requests × (1 + ratio) +
     /// the floor.
-    #[arg(long, env = "INFERMESH_RETRY_BUDGET_RATIO", default_value_t = 0.2)]
+    #[arg(long, env = "INFERMESH_RETRY_BUDGET_RATIO", default_value = "0.2", value_parser = crate::retry::parse_ratio)]
     pub retry_budget_ratio: f64,
 
     /// none: RepositoryModelLoad/Unload are refused; explicit: they are forwarded to every

@@ -10,6 +10,8 @@ use infermesh_core::Error;
 use infermesh_proto as pb;
 use tokio::time::Instant;
 use tonic::Status;
+// deposit() and withdraw() of the retry budget.
+use tower::retry::budget::Budget as _;
 
 use crate::{
     failure::{self, Failure},

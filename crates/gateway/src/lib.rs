@@ -86,7 +86,7 @@ pub async fn run(
         stats: Default::default(),
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
-        budget: Arc::new(retry::Budget::new(config.retry_budget_ratio, 10.0)),
+        budget: Arc::new(retry::budget(config.retry_budget_ratio)),
         quarantine: Arc::new(poison::Quarantine::new(
             config.poison_quarantine,
             metrics.poison.clone(),

@@ -1,64 +1,44 @@
 //! The budget that keeps retries (which failures are retried: `failure`) from
-//! multiplying load when every worker is failing (as tower's and Linkerd's budgets do):
-//! each request deposits `ratio` of a retry, each retry withdraws one, and a small floor
-//! per second keeps a trickle of retries possible at low traffic.
+//! multiplying load when every worker is failing: tower's `TpsBudget`, the design
+//! Linkerd uses. Each request deposits `ratio` of a retry for 10 s, each retry withdraws
+//! one, and a floor of 10 retries per second keeps a trickle possible at low traffic.
 
-use std::sync::Mutex;
+use std::time::Duration;
 
-use tokio::time::Instant;
+pub use tower::retry::budget::TpsBudget as Budget;
 
-/// Seconds of the floor kept in reserve (tower and Linkerd keep a 10 s window), so a
-/// worker dying with many requests in flight can have them all retried.
-const RESERVE_SECS: f64 = 10.0;
+/// How long a deposit counts (tower and Linkerd use 10 s), so a worker dying with many
+/// requests in flight can have them all retried.
+const WINDOW: Duration = Duration::from_secs(10);
 
-pub struct Budget {
-    ratio: f64,
-    floor_per_sec: f64,
-    max: f64,
-    state: Mutex<(f64, Instant)>,
+/// Retries always allowed per second, whatever the traffic.
+const FLOOR_PER_SEC: u32 = 10;
+
+/// `ratio` retries per request on top of the floor; `ratio` is checked by the flag's
+/// parser (0..=1000, as tower requires).
+pub fn budget(ratio: f64) -> Budget {
+    Budget::new(WINDOW, FLOOR_PER_SEC, ratio as f32)
 }
 
-impl Budget {
-    pub fn new(ratio: f64, floor_per_sec: f64) -> Self {
-        let reserve = floor_per_sec * RESERVE_SECS;
-        let max = reserve + 1000.0 * ratio;
-        Self {
-            ratio,
-            floor_per_sec,
-            max,
-            state: Mutex::new((reserve, Instant::now())),
-        }
-    }
-
-    /// Called once per original request.
-    pub fn deposit(&self) {
-        let mut s = self.state.lock().expect("budget lock");
-        s.0 = (s.0 + self.ratio).min(self.max);
-    }
-
-    /// Takes one retry from the budget, if there is one.
-    pub fn withdraw(&self) -> bool {
-        let mut s = self.state.lock().expect("budget lock");
-        let now = Instant::now();
-        let refill = now.saturating_duration_since(s.1).as_secs_f64() * self.floor_per_sec;
-        s.0 = (s.0 + refill).min(self.max);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+/// `--retry-budget-ratio`: a number tower's budget accepts.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=1000.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is outside 0..=1000"))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tower::retry::budget::Budget as _;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn retries_are_bounded_by_the_ratio_plus_a_floor() {
-        let b = Budget::new(0.2, 1.0);
+        let b = budget(0.2);
         let mut retries = 0;
         for _ in 0..1000 {
             b.deposit();
@@ -66,10 +46,9 @@ mod tests {
                 retries += 1;
             }
         }
-        // 1000 requests × 0.2 plus the reserve of 10 s × 1/s; no time passed.
-        assert!((209..=210).contains(&retries), "{retries}");
-        tokio::time::advance(std::time::Duration::from_secs(5)).await;
-        let extra = (0..10).filter(|_| b.withdraw()).count();
-        assert_eq!(extra, 5, "the floor refills one retry per second");
+        // 1000 requests × 0.2, plus the floor's reserve (10/s over the 10 s window).
+        assert!((200..=300).contains(&retries), "{retries}");
+        assert!(parse_ratio("1001").is_err() && parse_ratio("-1").is_err());
+        assert_eq!(parse_ratio("0.5"), Ok(0.5));
     }
 }

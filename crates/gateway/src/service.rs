@@ -16,6 +16,8 @@ use infermesh_core::{
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
+// deposit() of the retry budget.
+use tower::retry::budget::Budget as _;
 use tracing::{field::Empty, Instrument};
 
 use crate::{

@@ -140,7 +140,7 @@ impl Env {
 }
 
 fn generous() -> Env {
-    Env::new(Budget::new(1.0, 100.0))
+    Env::new(Budget::new(Duration::from_secs(10), 100, 1.0))
 }
 
 fn req() -> pb::ModelInferRequest {
@@ -230,7 +230,7 @@ async fn with_no_worker_left_the_last_failure_is_the_answer() {
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_retry_budget_gives_up_and_counts_it() {
-    let env = Env::new(Budget::new(0.0, 0.0));
+    let env = Env::new(Budget::new(Duration::from_secs(10), 0, 0.0));
     let fake = Fake::new(&[
         (
             "w1",
