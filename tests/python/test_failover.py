@@ -105,3 +105,39 @@ def test_a_stream_survives_a_worker_sigkill():
     assert gateway.stop() == 0
     workers[0].proc.wait(timeout=10)
     assert workers[1].stop() == 0
+
+
+def test_a_stopped_worker_costs_no_request_and_comes_back():
+    """SIGSTOP: the process is alive and its connection open, but nothing answers — no
+    reset to react to. The gateway's keepalive PINGs go unanswered, the connection is
+    closed, the requests on it are retried on the other worker; after SIGCONT the worker
+    is back in rotation and gets traffic again (its hung requests do not shun it)."""
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    stopped = []
+
+    def stop_at(n):
+        if n == 200 and not stopped:
+            workers[0].proc.send_signal(signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    try:
+        failures = load(gateway.url, 800, 8, stop_at)
+        assert stopped and failures == [], failures[:3]
+        workers[0].proc.send_signal(signal.SIGCONT)
+        before = executions(workers[0].url)
+        deadline = time.monotonic() + 60
+        while executions(workers[0].url) == before:
+            assert time.monotonic() < deadline, "the resumed worker never got traffic again"
+            assert load(gateway.url, 40, 4, lambda n: None) == []
+    finally:
+        if workers[0].proc.poll() is None:
+            workers[0].proc.send_signal(signal.SIGCONT)
+        gateway.stop()
+        for w in workers:
+            w.stop()
+
+
+def executions(url):
+    c = grpcclient.InferenceServerClient(url)
+    return c.get_inference_statistics("digits").model_stats[0].execution_count

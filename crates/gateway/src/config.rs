@@ -46,6 +46,17 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_WORKER_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub worker_connect_timeout: Duration,
 
+    /// HTTP/2 PING every worker connection this often, busy or idle: a blackholed or
+    /// stopped worker answers nothing, and only an unanswered PING tells (inside a cluster
+    /// a PING costs microseconds).
+    #[arg(long, env = "INFERMESH_WORKER_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub worker_keepalive_interval: Duration,
+
+    /// A PING unanswered this long closes the worker's connection: its calls fail at once
+    /// and are retried on another worker, instead of waiting for their deadlines.
+    #[arg(long, env = "INFERMESH_WORKER_KEEPALIVE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub worker_keepalive_timeout: Duration,
+
     /// Messages of one ModelStreamInfer stream in flight at once; beyond it the stream
     /// stops reading (back-pressure through HTTP/2 flow control).
     #[arg(long, env = "INFERMESH_MAX_STREAM_INFLIGHT", default_value_t = 128)]

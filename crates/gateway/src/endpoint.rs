@@ -80,13 +80,36 @@ struct Ejection {
     until: Option<tokio::time::Instant>,
 }
 
+/// How the gateway connects to workers (`--worker-connect-timeout`,
+/// `--worker-keepalive-interval`, `--worker-keepalive-timeout`).
+#[derive(Clone, Copy, Debug)]
+pub struct Connect {
+    pub timeout: Duration,
+    /// HTTP/2 PING this often on every worker connection, busy or idle: a worker that is
+    /// blackholed or stopped answers nothing, and only a PING that goes unanswered tells.
+    pub keepalive_interval: Duration,
+    /// An unanswered PING closes the connection after this long: its calls fail at once
+    /// (and are retried elsewhere) instead of waiting for their deadlines.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Connect {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
 const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl Endpoint {
     pub fn new(
         found: impl Into<Discovered>,
-        connect_timeout: Duration,
+        connect: &Connect,
         metrics: WorkerMetrics,
     ) -> Result<Arc<Self>, String> {
         let found = found.into();
@@ -98,13 +121,14 @@ impl Endpoint {
         };
         let channel = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| format!("bad worker address '{addr}': {e}"))?
-            .connect_timeout(connect_timeout)
+            .connect_timeout(connect.timeout)
             .tcp_nodelay(true)
             // Far above any status message a worker sends (4 KiB, percent-encoded): a
             // header list over the limit would tear down the whole connection.
             .http2_max_header_list_size(256 * 1024)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(connect.keepalive_interval)
+            .keep_alive_timeout(connect.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         let client = GrpcInferenceServiceClient::new(channel.clone())
             .max_decoding_message_size(usize::MAX)
@@ -217,7 +241,13 @@ impl Endpoint {
             ));
         }
         self.metrics.ready.set(seen.ready as i64);
-        *self.seen.write().expect("endpoint lock") = seen;
+        let back = seen.ready;
+        let was = std::mem::replace(&mut *self.seen.write().expect("endpoint lock"), seen).ready;
+        if back && !was {
+            // Back from a fault or an ejection: the latency it had then (a request that
+            // hung) must not keep it shunned now.
+            self.load.reset();
+        }
     }
 
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
@@ -379,7 +409,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transport_failures_eject_with_a_doubling_backoff() {
-        let ep = Endpoint::new("127.0.0.1:9", Duration::from_secs(1), Default::default()).unwrap();
+        let ep = Endpoint::new("127.0.0.1:9", &Default::default(), Default::default()).unwrap();
         ep.set_seen(ready());
         let broken = tonic::Status::unknown("transport error");
         let note = |s: &tonic::Status| ep.note_failure("m", crate::failure::classify(s), s);

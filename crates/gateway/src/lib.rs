@@ -46,7 +46,11 @@ pub async fn run(
     let metrics = metrics::GatewayMetrics::register(&mut registry);
     let pool = Pool::new(
         config.worker_refresh,
-        config.worker_connect_timeout,
+        endpoint::Connect {
+            timeout: config.worker_connect_timeout,
+            keepalive_interval: config.worker_keepalive_interval,
+            keepalive_timeout: config.worker_keepalive_timeout,
+        },
         metrics.clone(),
     );
     let changes = match &config.workers_dns {

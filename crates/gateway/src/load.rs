@@ -1,6 +1,8 @@
 //! The load estimate of one worker: PeakEWMA of round-trip time times outstanding requests
 //! (as Linkerd and tower's `balance::p2c` use): a worker that just got slow is avoided at
-//! once, and the estimate decays back over `DECAY`.
+//! once, and the estimate decays back over `DECAY` — also while nothing completes on it,
+//! as Linkerd and Finagle decay on read, so a worker whose last request hung (a fault that
+//! has since healed) or that sat idle is tried again instead of being shunned forever.
 
 use std::{
     sync::{
@@ -39,8 +41,14 @@ impl Default for Load {
 impl Load {
     /// Lower is better.
     pub fn cost(&self) -> f64 {
-        let (ewma, _) = *self.ewma.lock().expect("load lock");
-        ewma * (self.outstanding.load(Ordering::Relaxed) + 1) as f64
+        let (ewma, at) = *self.ewma.lock().expect("load lock");
+        decayed(ewma, at, Instant::now()) * (self.outstanding.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    /// Forgets the latency history: the worker is back from being out of rotation (an
+    /// ejection, a fault), and what it did before says nothing about it now.
+    pub fn reset(&self) {
+        *self.ewma.lock().expect("load lock") = (INITIAL.as_nanos() as f64, Instant::now());
     }
 
     pub fn outstanding(&self) -> u64 {
@@ -60,15 +68,22 @@ impl Load {
         let mut g = self.ewma.lock().expect("load lock");
         let now = Instant::now();
         let rtt = rtt.as_nanos() as f64;
-        if rtt > g.0 {
+        let before = decayed(g.0, g.1, now);
+        if rtt > before {
             g.0 = rtt; // peak: react to a slowdown at once
         } else {
             let elapsed = now.saturating_duration_since(g.1).as_secs_f64();
             let w = (-elapsed / DECAY.as_secs_f64()).exp();
-            g.0 = g.0 * w + rtt * (1.0 - w);
+            g.0 = before * w + rtt * (1.0 - w);
         }
         g.1 = now;
     }
+}
+
+/// The estimate `ewma` (set at `at`) as time has worn it down by `now`.
+fn decayed(ewma: f64, at: Instant, now: Instant) -> f64 {
+    let elapsed = now.saturating_duration_since(at).as_secs_f64();
+    ewma * (-elapsed / DECAY.as_secs_f64()).exp()
 }
 
 pub struct InFlight<'a> {
@@ -96,5 +111,34 @@ mod tests {
         assert_eq!(l.outstanding(), 1);
         drop(g);
         assert_eq!(l.outstanding(), 0);
+    }
+
+    /// A request that hung for 10 s must not keep its worker shunned once the fault is
+    /// over: the estimate wears off with time even when nothing completes there.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_request_wears_off_with_time() {
+        let (hung, healthy) = (Load::default(), Load::default());
+        let g = hung.start();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        drop(g);
+        let h = healthy.start();
+        tokio::time::advance(Duration::from_millis(2)).await;
+        drop(h);
+        assert!(hung.cost() > 1000.0 * healthy.cost());
+        // The healthy worker keeps answering in 2 ms; nothing completes on the other.
+        for _ in 0..120 {
+            tokio::time::advance(Duration::from_millis(998)).await;
+            let h = healthy.start();
+            tokio::time::advance(Duration::from_millis(2)).await;
+            drop(h);
+        }
+        assert!(
+            hung.cost() < healthy.cost(),
+            "{} vs {}",
+            hung.cost(),
+            healthy.cost()
+        );
+        hung.reset();
+        assert_eq!(hung.cost(), INITIAL.as_nanos() as f64);
     }
 }

@@ -13,7 +13,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{
     balance,
     discovery::Change,
-    endpoint::Endpoint,
+    endpoint::{Connect, Endpoint},
     metrics::{ChangeLabels, GatewayMetrics},
     route,
 };
@@ -25,16 +25,16 @@ pub struct Pool {
     /// Workers by address.
     endpoints: RwLock<BTreeMap<String, Member>>,
     refresh: Duration,
-    connect_timeout: Duration,
+    connect: Connect,
     metrics: GatewayMetrics,
 }
 
 impl Pool {
-    pub fn new(refresh: Duration, connect_timeout: Duration, metrics: GatewayMetrics) -> Arc<Self> {
+    pub fn new(refresh: Duration, connect: Connect, metrics: GatewayMetrics) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::default(),
             refresh,
-            connect_timeout,
+            connect,
             metrics,
         })
     }
@@ -51,10 +51,10 @@ impl Pool {
         match change {
             Change::Insert(found) if !eps.contains_key(&found.addr) => {
                 let addr = found.addr.clone();
-                match Endpoint::new(found, self.connect_timeout, self.metrics.worker(&addr)) {
+                match Endpoint::new(found, &self.connect, self.metrics.worker(&addr)) {
                     Ok(ep) => {
                         let (refresh, timeout) =
-                            (self.refresh, self.connect_timeout.max(self.refresh));
+                            (self.refresh, self.connect.timeout.max(self.refresh));
                         let task = tokio::spawn(ep.clone().keep_fresh(refresh, timeout));
                         tracing::info!(worker = %addr, "worker added");
                         self.count_change("insert");

@@ -6,7 +6,7 @@ use crate::endpoint::Seen;
 fn pool_of(n: usize) -> (Arc<Pool>, Vec<Arc<Endpoint>>) {
     let pool = Pool::new(
         Duration::from_secs(3600),
-        Duration::from_secs(1),
+        Default::default(),
         Default::default(),
     );
     let mut eps = Vec::new();
@@ -14,7 +14,7 @@ fn pool_of(n: usize) -> (Arc<Pool>, Vec<Arc<Endpoint>>) {
         // Port 9 (discard) on loopback: never connected to, the channel is lazy.
         let ep = Endpoint::new(
             format!("127.0.0.{}:9", i + 1).as_str(),
-            Duration::from_secs(1),
+            &Default::default(),
             Default::default(),
         )
         .unwrap();
