@@ -141,3 +141,37 @@ def test_a_stopped_worker_costs_no_request_and_comes_back():
 def executions(url):
     c = grpcclient.InferenceServerClient(url)
     return c.get_inference_statistics("digits").model_stats[0].execution_count
+
+
+def test_a_worker_slowed_by_cpu_load_is_not_ejected():
+    """Slow but answering is busy, not broken: with one worker pinned to a core that three
+    busy loops also want, requests still succeed, none is lost, and the gateway ejects
+    nobody (its keepalive PINGs are answered, late or not)."""
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers)
+    burners = []
+    try:
+        # Every thread of worker 0 onto CPU 0, with three busy loops there too.
+        subprocess.run(["taskset", "-a", "-p", "-c", "0", str(workers[0].proc.pid)], check=True,
+                       capture_output=True)
+        burners = [subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+                   for _ in range(3)]
+        assert load(gateway.url, 400, 8, lambda n: None) == []
+        port = gateway.metrics_url.rsplit(":", 1)[1]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        ejections = [float(v) for v in re.findall(r"^infermesh_gateway_worker_ejections_total\{[^}]*\} (\S+)",
+                                                   text, re.M)]
+        assert sum(ejections) == 0, ejections
+        assert executions(workers[0].url) > 0, "the slow worker still served"
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait(timeout=10)
+        gateway.stop()
+        for w in workers:
+            w.stop()
