@@ -43,6 +43,8 @@ pub struct Endpoint {
     wake: tokio::sync::Notify,
     ejection: std::sync::Mutex<Ejection>,
     pub metrics: WorkerMetrics,
+    /// Attempts that timed out since its last answer.
+    timeouts_in_a_row: std::sync::atomic::AtomicU32,
     /// The streams requests travel on to this worker (see `upstream`).
     pub streams: std::sync::Mutex<Vec<Arc<crate::upstream::Upstream>>>,
 }
@@ -104,6 +106,8 @@ impl Default for Connect {
 }
 
 const EJECT_BASE: Duration = Duration::from_secs(1);
+/// Attempts timing out in a row that make a worker an outlier (one may be bad luck).
+const EJECT_AFTER_TIMEOUTS: u32 = 3;
 const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl Endpoint {
@@ -142,6 +146,7 @@ impl Endpoint {
             seen: RwLock::default(),
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
+            timeouts_in_a_row: Default::default(),
             metrics,
             streams: Default::default(),
         }))
@@ -198,12 +203,25 @@ impl Endpoint {
             }
             Failure::Broken => self.eject(why()),
             Failure::Refusing => self.mark_unready(why()),
+            Failure::TimedOut => {
+                let n = self
+                    .timeouts_in_a_row
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if n >= EJECT_AFTER_TIMEOUTS {
+                    self.timeouts_in_a_row
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    self.eject(format!("{n} attempts in a row timed out"));
+                }
+            }
             Failure::Busy | Failure::Final => {}
         }
     }
 
     /// A call succeeded: the worker is healthy, so the next ejection starts short again.
     pub fn succeeded(&self) {
+        self.timeouts_in_a_row
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let mut e = self.ejection.lock().expect("ejection lock");
         if e.in_a_row > 0 {
             *e = Ejection::default();

@@ -20,6 +20,9 @@ pub enum Failure {
     Refusing,
     /// The connection to the worker failed: eject it for a backoff; try another.
     Broken,
+    /// The attempt outlived its per-attempt bound (the worker stopped answering, or its
+    /// link did): cancelled there; try another. Several in a row eject the worker.
+    TimedOut,
     /// An answer about the request itself (invalid, deadline, engine failure): final.
     Final,
 }

@@ -43,6 +43,21 @@ pub trait Mesh {
     ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send;
     /// What an attempt taught about its worker (`None`: it answered).
     fn learn(&self, worker: &Self::Worker, model: &str, failed: Option<(Failure, &Status)>);
+    /// The target's recent 99th-percentile answer time, once known.
+    fn p99(&self, target: &Target) -> Option<Duration>;
+    /// A successful attempt's time.
+    fn observe(&self, target: &Target, took: Duration);
+}
+
+/// The shortest per-attempt timeout: below it, timing out would cut ordinary answers.
+const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// How long one attempt may take when another worker could take over: half of what is
+/// left, and at most 4 × the route's p99 (at least 200 ms), so an attempt stuck on a
+/// worker that stopped answering leaves room for another. `None`: no such bound.
+pub fn attempt_bound(left: Option<Duration>, p99: Option<Duration>) -> Option<Duration> {
+    let (left, p99) = (left?, p99?);
+    Some((left / 2).min((p99 * 4).max(MIN_ATTEMPT)))
 }
 
 /// The shared state retries draw on.
@@ -113,16 +128,30 @@ pub async fn forward<M: Mesh>(
             (Err(e), None) => return Err(e.into()),
         };
         let left = time_left(deadline, Instant::now())?;
+        // A bound shorter than the deadline only where another worker could take over.
+        let bound = attempt_bound(left, mesh.p99(&target)).filter(|_| {
+            let mut others = tried.clone();
+            others.push(M::addr(&worker).to_string());
+            mesh.choose(&req.model_name, version, &others).is_ok()
+        });
         let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
         attempt.model_version = target.version.to_string();
-        let result = mesh.attempt(&worker, attempt, left, tried.len() + 1).await;
+        let started = Instant::now();
+        // The worker is told the bound too (its deadline), so a stuck attempt that is
+        // still queued there never runs.
+        let result = mesh
+            .attempt(&worker, attempt, bound.or(left), tried.len() + 1)
+            .await;
         let status = match result {
             Ok(resp) => {
+                mesh.observe(&target, started.elapsed());
                 mesh.learn(&worker, &req.model_name, None);
                 return Ok(resp);
             }
             Err(status) => status,
         };
+        let timed_out = bound.is_some_and(|b| started.elapsed() >= b)
+            && deadline.is_none_or(|d| Instant::now() < d);
         // Our own timeout on the worker call (tonic reports it as CANCELLED): the
         // client's deadline, not the worker's fault.
         if deadline.is_some_and(|d| Instant::now() >= d)
@@ -133,7 +162,10 @@ pub async fn forward<M: Mesh>(
                 M::addr(&worker)
             )));
         }
-        let failure = failure::classify(&status);
+        let failure = match timed_out {
+            true => Failure::TimedOut,
+            false => failure::classify(&status),
+        };
         mesh.learn(&worker, &req.model_name, Some((failure, &status)));
         tried.push(M::addr(&worker).to_string());
         if poison::broke(&status) {

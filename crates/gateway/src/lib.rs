@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod failure;
 pub mod forward;
+pub mod latency;
 pub mod load;
 pub mod metrics;
 pub mod poison;
@@ -96,6 +97,7 @@ pub async fn run(
             metrics.poison.clone(),
         )),
         policy: Default::default(),
+        latency: Default::default(),
         metrics,
     };
     let parts = serve::Parts {

@@ -49,6 +49,8 @@ pub struct GatewayService {
     pub quarantine: Arc<Quarantine>,
     /// The routing policy of every model (one for all until per-model settings exist).
     pub policy: Arc<route::Policy>,
+    /// Each model's recent answer times (the per-attempt timeout).
+    pub latency: Arc<crate::latency::Latencies>,
     pub metrics: GatewayMetrics,
 }
 
@@ -118,6 +120,7 @@ impl GatewayService {
         let mesh = Workers {
             pool: &self.pool,
             policy: &self.policy,
+            latency: &self.latency,
             size,
             carry,
         };
@@ -136,6 +139,7 @@ impl GatewayService {
 struct Workers<'a> {
     pool: &'a Pool,
     policy: &'a Arc<route::Policy>,
+    latency: &'a crate::latency::Latencies,
     /// The request's encoded length (the trace parameters an attempt adds are a few dozen
     /// bytes, nothing next to the stream threshold).
     size: usize,
@@ -206,6 +210,14 @@ impl forward::Mesh for Workers<'_> {
             None => ep.succeeded(),
             Some((failure, status)) => ep.note_failure(model, failure, status),
         }
+    }
+
+    fn p99(&self, target: &route::Target) -> Option<Duration> {
+        self.latency.p99(&target.model)
+    }
+
+    fn observe(&self, target: &route::Target, took: Duration) {
+        self.latency.observe(&target.model, took);
     }
 }
 

@@ -29,6 +29,8 @@ struct Fake {
     log: Mutex<Vec<(String, Option<Failure>)>>,
     /// Every worker an attempt went to.
     attempted: Mutex<Vec<String>>,
+    /// What the route's p99 is said to be.
+    p99: Mutex<Option<Duration>>,
     policy: Arc<Policy>,
 }
 
@@ -113,6 +115,12 @@ impl Mesh for Fake {
             .unwrap()
             .push((w.clone(), failed.map(|f| f.0)));
     }
+
+    fn p99(&self, _: &Target) -> Option<Duration> {
+        *self.p99.lock().unwrap()
+    }
+
+    fn observe(&self, _: &Target, _: Duration) {}
 }
 
 struct Env {
@@ -332,4 +340,59 @@ fn decide_reads_failure_policy_and_budget() {
     assert_eq!(decide(Failure::Final, 0, &target, || true), Next::GiveUp);
     assert_eq!(decide(Failure::Broken, 1, &target, || true), Next::Retry);
     assert_eq!(decide(Failure::Broken, 2, &target, || true), Next::Poisoned);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_attempt_gives_way_to_another_worker_in_time() {
+    let fake = Fake::new(&[
+        ("w1", vec![Act::Slow(Duration::from_secs(60))]),
+        ("w2", vec![]),
+    ]);
+    *fake.p99.lock().unwrap() = Some(Duration::from_millis(10));
+    let env = generous();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    let resp = forward(&fake, &env.retries(), &req(), "", Some(deadline))
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w2");
+    // max(4 × 10 ms, 200 ms): the stuck attempt gave way at 200 ms.
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+    assert_eq!(fake.log()[0], ("w1".into(), Some(Failure::TimedOut)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_other_worker_or_no_history_an_attempt_gets_the_whole_deadline() {
+    // Alone: a slow answer is still an answer.
+    let fake = Fake::new(&[("w1", vec![Act::Slow(Duration::from_secs(3))])]);
+    *fake.p99.lock().unwrap() = Some(Duration::from_millis(10));
+    let env = generous();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_eq!(
+        forward(&fake, &env.retries(), &req(), "", Some(deadline))
+            .await
+            .unwrap()
+            .id,
+        "w1"
+    );
+    // No history yet: the first requests of a slow model are not cut short.
+    let fake = Fake::new(&[
+        ("w1", vec![Act::Slow(Duration::from_secs(3))]),
+        ("w2", vec![]),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_eq!(
+        forward(&fake, &env.retries(), &req(), "", Some(deadline))
+            .await
+            .unwrap()
+            .id,
+        "w1"
+    );
+    // No deadline: no bound either (keepalive notices a worker that stopped answering).
+    assert_eq!(attempt_bound(None, Some(Duration::from_millis(10))), None);
+    assert_eq!(
+        attempt_bound(Some(Duration::from_secs(1)), Some(Duration::from_secs(2))),
+        Some(Duration::from_millis(500)),
+        "never more than half of what is left"
+    );
 }
