@@ -21,6 +21,9 @@ scripts/pyenv.sh
 step "dnsmasq (Debian package, unpacked into .cache/debian) for the DNS discovery test"
 scripts/dnsmasq.sh --version | sed -n 1p
 
+step "iptables (Debian package, unpacked into .cache/debian) for the network-fault tests"
+scripts/iptables.sh -V
+
 step "protoc plugins for Go and C++ (Debian packages, unpacked into .cache/debian) for the proto checks"
 scripts/debian-local.sh --no-deps protoc-gen-go
 scripts/debian-local.sh --no-deps protoc-gen-go-grpc
