@@ -2,8 +2,9 @@
 namespace of its own, and the gateway with its clients in another, joined by veth pairs
 (10.231.N.0/30, addresses that exist only inside these namespaces). Under load with 5 s
 deadlines, one worker is faulted for 3 s: its link blackholed (iptables DROP both ways,
-nothing answered, nothing reset), or its process stopped (SIGSTOP: alive, connection
-open, silent). Clients see no failure, and after the fault heals the worker gets traffic
+nothing answered, nothing reset), its connections reset (REJECT with tcp-reset), or its
+process stopped (SIGSTOP: alive, connection open, silent); and one worker behind a link
+that adds 50 ms each way (a userspace delay proxy: netem is not available here). Clients see no failure, and after the fault heals the worker gets traffic
 again. Counts only, never timings. Needs root (ip netns); in CI (CI=true) a missing
 permission fails rather than skips. iptables comes from Debian's package unpacked into
 .cache (scripts/iptables.sh)."""
@@ -19,6 +20,8 @@ import pytest
 from conftest import MODELS, ROOT, binary
 
 CLIENT = str(ROOT / "tests" / "python" / "fault_client.py")
+DELAY_PROXY = str(ROOT / "tests" / "python" / "delay_proxy.py")
+SLOW_MS = 50
 IPTABLES = str(ROOT / "scripts" / "iptables.sh")
 WORKERS = 3
 PORT = 8001
@@ -31,7 +34,8 @@ def sh(*cmd, check=True):
 class Mesh:
     """The namespaces, links and processes of one test; `close()` removes them all."""
 
-    def __init__(self):
+    def __init__(self, slow_last=False):
+        """`slow_last`: the last worker is reached through a link that adds 50 ms each way."""
         self.tag = f"imf{os.getpid() % 100000}"
         self.gw = f"{self.tag}-gw"
         self.procs, self.namespaces = [], []
@@ -60,11 +64,16 @@ class Mesh:
                                    "--grpc-address", addr, "--grpc-port", str(PORT), "--allow-metrics", "false",
                                    "--intra-op-threads", "1", "--threads", "1", "--shutdown-grace", "0s"])
             self.workers.append((f"{addr}:{PORT}", proc))
+        listed = [w for w, _ in self.workers]
+        if slow_last:
+            ns, addr = f"{self.tag}-w{WORKERS}", f"10.231.{WORKERS}.2"
+            self.start(ns, [sys.executable, DELAY_PROXY, f"{addr}:{PORT + 1}", f"{addr}:{PORT}", str(SLOW_MS)])
+            listed[-1] = f"{addr}:{PORT + 1}"
         self.url = f"127.0.0.1:{PORT}"
-        self.start(self.gw, [binary("infermesh-gateway"), "--workers", ",".join(w for w, _ in self.workers),
+        self.start(self.gw, [binary("infermesh-gateway"), "--workers", ",".join(listed),
                              "--grpc-address", "127.0.0.1", "--grpc-port", str(PORT), "--allow-metrics", "false",
                              "--threads", "1", "--shutdown-grace", "0s"])
-        for w, _ in self.workers:
+        for w in listed:
             self.client("ready", w)
         self.client("ready", self.url)
 
@@ -151,3 +160,26 @@ def test_a_stopped_worker_costs_no_request_and_returns(mesh):
     counts = under_load(mesh, lambda: proc.send_signal(signal.SIGSTOP), lambda: proc.send_signal(signal.SIGCONT))
     assert counts["sent"] > 100 and counts["failed"] == 0, counts
     comes_back(mesh, 1)
+
+
+def test_a_worker_that_resets_connections_costs_no_request_and_returns(mesh):
+    addr = "10.231.1.2"
+    reject = [("-A", "OUTPUT", "-d", addr, "-p", "tcp"), ("-A", "INPUT", "-s", addr, "-p", "tcp")]
+    counts = under_load(mesh, lambda: [mesh.iptables(*r, "-j", "REJECT", "--reject-with", "tcp-reset")
+                                       for r in reject],
+                        lambda: mesh.iptables("-F"))
+    assert counts["sent"] > 100 and counts["failed"] == 0, counts
+    comes_back(mesh, 0)
+
+
+def test_a_slow_link_costs_no_request_and_gets_less_traffic():
+    mesh = Mesh(slow_last=True)
+    try:
+        before = mesh.executions()
+        counts = mesh.client("load", mesh.url, "6", "6")
+        assert counts["sent"] > 100 and counts["failed"] == 0, counts
+        served = [a - b for a, b in zip(mesh.executions(), before)]
+        # Busy, not broken: the slow worker still serves, and the balancer sends it less.
+        assert 0 < served[-1] < min(served[:-1]), served
+    finally:
+        mesh.close()
