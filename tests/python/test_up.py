@@ -54,3 +54,36 @@ def test_worker_flags_reach_the_workers():
     out, _ = up("--workers", "1", "--", "--no-such-flag", timeout=30)
     assert out.returncode != 0
     assert "--no-such-flag" in out.stderr and "exited before listening" in out.stderr, out.stderr[-2000:]
+
+
+def test_workers_do_not_outlive_a_killed_up():
+    import signal
+
+    proc = subprocess.Popen([binary("infermesh"), "up", "--listen", "127.0.0.1:0", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            m = re.search(r"\(pids ([\d, ]+)\)", line)
+            if m:
+                pids = [int(p) for p in m.group(1).split(", ")]
+                break
+            assert time.monotonic() < deadline
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGKILL)  # no handler runs, no drop: only the kernel can tell them
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]
+                  for p in pids):
+            assert time.monotonic() < deadline, "workers outlived their up"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in pids:  # only if still ours: a pid can be reused once its worker is gone
+            try:
+                if b"infermesh" in open(f"/proc/{p}/cmdline", "rb").read():
+                    os.kill(p, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass

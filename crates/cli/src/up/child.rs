@@ -44,7 +44,9 @@ impl Worker {
         fatal: mpsc::UnboundedSender<String>,
     ) -> anyhow::Result<Worker> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        die_with_parent(&mut command);
+        let mut child = command
             .args(args)
             .args(["--grpc-port", port])
             // An error's backtrace would push the error itself out of the kept lines.
@@ -121,6 +123,20 @@ impl Worker {
     pub async fn last_lines(&mut self) -> String {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.drain).await;
         show(&self.tail)
+    }
+}
+
+/// The worker gets SIGTERM (and drains) when `up` dies, however it dies: `kill_on_drop`
+/// covers a clean exit only, and a SIGKILLed `up` must not leave workers behind.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
     }
 }
 
