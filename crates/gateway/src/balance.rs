@@ -6,8 +6,13 @@ use std::sync::Arc;
 
 use crate::{endpoint::Endpoint, route::Target};
 
-/// The chosen worker, or `None` when no untried ready worker has the target.
-pub fn pick(workers: &[Arc<Endpoint>], target: &Target, tried: &[String]) -> Option<Arc<Endpoint>> {
+/// The chosen worker, and whether another untried one has the target too; `None` when
+/// no untried ready worker has it.
+pub fn pick(
+    workers: &[Arc<Endpoint>],
+    target: &Target,
+    tried: &[String],
+) -> Option<(Arc<Endpoint>, bool)> {
     // Two distinct candidates drawn uniformly in one pass (a reservoir of two), so each
     // worker's state is read once and nothing is allocated per request.
     let (mut a, mut b, mut n) = (None, None, 0usize);
@@ -40,5 +45,5 @@ pub fn pick(workers: &[Arc<Endpoint>], target: &Target, tried: &[String]) -> Opt
         }
         _ => return None,
     };
-    Some(chosen.clone())
+    Some((chosen.clone(), n > 1))
 }

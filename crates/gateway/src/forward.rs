@@ -31,7 +31,7 @@ pub trait Mesh {
         model: &str,
         version: &str,
         tried: &[String],
-    ) -> Result<(Target, Self::Worker), Error>;
+    ) -> Result<Chosen<Self::Worker>, Error>;
     fn addr(worker: &Self::Worker) -> &str;
     /// One attempt on `worker`, bounded by `left`. `n` counts attempts from 1.
     fn attempt(
@@ -58,6 +58,15 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(200);
 pub fn attempt_bound(left: Option<Duration>, p99: Option<Duration>) -> Option<Duration> {
     let (left, p99) = (left?, p99?);
     Some((left / 2).min((p99 * 4).max(MIN_ATTEMPT)))
+}
+
+/// What route and balance chose for one attempt.
+pub struct Chosen<W> {
+    pub target: Target,
+    pub worker: W,
+    /// Another untried worker could take the target too (so an attempt may be cut
+    /// short and retried there).
+    pub fallback: bool,
 }
 
 /// The shared state retries draw on.
@@ -121,7 +130,11 @@ pub async fn forward<M: Mesh>(
     let mut last: Option<Status> = None;
     let mut breaks = 0;
     loop {
-        let (target, worker) = match (mesh.choose(&req.model_name, version, &tried), last) {
+        let Chosen {
+            target,
+            worker,
+            fallback,
+        } = match (mesh.choose(&req.model_name, version, &tried), last) {
             (Ok(chosen), _) => chosen,
             // Nobody left to try: the last failure says more than "no worker".
             (Err(_), Some(status)) => return Err(status),
@@ -129,11 +142,7 @@ pub async fn forward<M: Mesh>(
         };
         let left = time_left(deadline, Instant::now())?;
         // A bound shorter than the deadline only where another worker could take over.
-        let bound = attempt_bound(left, mesh.p99(&target)).filter(|_| {
-            let mut others = tried.clone();
-            others.push(M::addr(&worker).to_string());
-            mesh.choose(&req.model_name, version, &others).is_ok()
-        });
+        let bound = attempt_bound(left, mesh.p99(&target)).filter(|_| fallback);
         let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
         attempt.model_version = target.version.to_string();
         let started = Instant::now();

@@ -126,7 +126,7 @@ impl Pool {
     ) -> Result<(Arc<Endpoint>, String), Error> {
         let all = self.all();
         let target = route::route(&all, model, version, &Default::default())?;
-        let ep = balance::pick(&all, &target, tried)
+        let (ep, _) = balance::pick(&all, &target, tried)
             .ok_or_else(|| route::no_worker(&all, model, version))?;
         Ok((ep, target.version.to_string()))
     }

@@ -154,15 +154,19 @@ impl forward::Mesh for Workers<'_> {
         model: &str,
         version: &str,
         tried: &[String],
-    ) -> std::result::Result<(route::Target, Arc<Endpoint>), RequestError> {
+    ) -> std::result::Result<forward::Chosen<Arc<Endpoint>>, RequestError> {
         let span = infermesh_core::child_span!("route", model = %model, worker = Empty);
         let _entered = span.enter();
         let all = self.pool.all();
         let target = route::route(&all, model, version, self.policy)?;
-        let ep = balance::pick(&all, &target, tried)
+        let (ep, fallback) = balance::pick(&all, &target, tried)
             .ok_or_else(|| route::no_worker(&all, model, version))?;
         span.record("worker", ep.addr.as_str());
-        Ok((target, ep))
+        Ok(forward::Chosen {
+            target,
+            worker: ep,
+            fallback,
+        })
     }
 
     fn addr(ep: &Arc<Endpoint>) -> &str {

@@ -55,19 +55,26 @@ impl Fake {
 impl Mesh for Fake {
     type Worker = String;
 
-    fn choose(&self, model: &str, _: &str, tried: &[String]) -> Result<(Target, String), Error> {
+    fn choose(&self, model: &str, _: &str, tried: &[String]) -> Result<Chosen<String>, Error> {
         let scripts = self.scripts.lock().unwrap();
-        let w = scripts
+        let mut untried = scripts
             .iter()
-            .map(|(w, _)| w.clone())
-            .find(|w| !tried.contains(w))
-            .ok_or_else(|| Error::Unavailable("no ready worker".into()))?;
+            .map(|(w, _)| w)
+            .filter(|w| !tried.contains(w));
+        let worker = untried
+            .next()
+            .ok_or_else(|| Error::Unavailable("no ready worker".into()))?
+            .clone();
         let target = Target {
             model: model.into(),
             version: 1,
             policy: self.policy.clone(),
         };
-        Ok((target, w))
+        Ok(Chosen {
+            target,
+            worker,
+            fallback: untried.next().is_some(),
+        })
     }
 
     fn addr(w: &String) -> &str {
