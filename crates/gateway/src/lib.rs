@@ -65,7 +65,7 @@ pub async fn run(
         .map_err(Error::Startup)?,
         None => discovery::fixed(&config.workers),
     };
-    tokio::spawn(pool.clone().follow(changes));
+    let following = tokio::spawn(pool.clone().follow(changes));
     infermesh_core::busy_poll::start(std::time::Duration::from_micros(config.busy_poll_us));
     let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
     tracing::info!(
@@ -77,11 +77,12 @@ pub async fn run(
         "infermesh gateway listening"
     );
 
-    tokio::spawn(follow_health(
+    let health_task = tokio::spawn(follow_health(
         pool.clone(),
         lifecycle.clone(),
         config.worker_refresh / 2,
     ));
+    let members = pool.clone();
 
     let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = GatewayService {
@@ -107,9 +108,15 @@ pub async fn run(
         health,
         registry,
     };
-    serve::serve_inference(service, parts, &config.server, shutdown)
+    let served = serve::serve_inference(service, parts, &config.server, shutdown)
         .await
-        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
+    // Nothing of the gateway outlives `run`: discovery, health and every worker's
+    // refresher and connections stop with it (it may run inside a longer-lived process).
+    following.abort();
+    health_task.abort();
+    members.close();
+    served
 }
 
 /// Health follows the pool: "" is SERVING while at least one worker is ready; each model

@@ -84,6 +84,13 @@ impl Pool {
         self.metrics.discovery_changes.get_or_create(&labels).inc();
     }
 
+    /// Stops every worker's refresher and drops its connections.
+    pub fn close(&self) {
+        for (_, (_, task)) in std::mem::take(&mut *self.endpoints.write().expect("pool lock")) {
+            task.abort();
+        }
+    }
+
     /// Whether any worker lists the model (bounds metric labels to real models).
     pub fn knows(&self, model: &str) -> bool {
         self.all().iter().any(|e| e.knows(model))

@@ -76,7 +76,8 @@ pub fn follow_dns(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut current: BTreeMap<String, Discovered> = BTreeMap::new();
-        loop {
+        // Until nobody follows the changes any more (the gateway stopped).
+        while !tx.is_closed() {
             match resolve(&resolver, &target).await {
                 Ok(found) if !found.is_empty() => {
                     let next: BTreeMap<String, Discovered> =
