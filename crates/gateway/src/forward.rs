@@ -142,7 +142,10 @@ pub async fn forward<M: Mesh>(
         };
         let left = time_left(deadline, Instant::now())?;
         // A bound shorter than the deadline only where another worker could take over.
-        let bound = attempt_bound(left, mesh.p99(&target)).filter(|_| fallback);
+        // Looked up only for requests with a deadline and another worker to go to.
+        let bound = (left.is_some() && fallback)
+            .then(|| attempt_bound(left, mesh.p99(&target)))
+            .flatten();
         let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
         attempt.model_version = target.version.to_string();
         let started = Instant::now();
