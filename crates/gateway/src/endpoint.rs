@@ -64,6 +64,7 @@ impl Drop for Call<'_> {
 
 impl Endpoint {
     pub fn call(&self) -> Call<'_> {
+        self.metrics.attempts.inc();
         self.metrics.outstanding.inc();
         self.metrics.load.set((self.load.cost() / 1000.0) as i64);
         Call {

@@ -43,6 +43,7 @@ fn latency() -> Histogram {
 pub struct GatewayMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub worker_attempts: Family<WorkerLabels, Counter>,
     pub worker_outstanding: Family<WorkerLabels, Gauge>,
     pub worker_load: Family<WorkerLabels, Gauge>,
     pub worker_ready: Family<WorkerLabels, Gauge>,
@@ -62,6 +63,7 @@ impl Default for GatewayMetrics {
         Self {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency),
+            worker_attempts: Family::default(),
             worker_outstanding: Family::default(),
             worker_load: Family::default(),
             worker_ready: Family::default(),
@@ -104,6 +106,11 @@ impl GatewayMetrics {
             "request_duration_seconds",
             "Arrival to answer at the gateway, retries included",
             m.request_duration.clone(),
+        );
+        r.register(
+            "worker_attempts",
+            "Attempts sent to each worker (retries and stream messages included)",
+            m.worker_attempts.clone(),
         );
         r.register(
             "worker_outstanding",
@@ -168,6 +175,7 @@ impl GatewayMetrics {
             worker: addr.to_string(),
         };
         WorkerMetrics {
+            attempts: self.worker_attempts.get_or_create(&l).clone(),
             outstanding: self.worker_outstanding.get_or_create(&l).clone(),
             load: self.worker_load.get_or_create(&l).clone(),
             ready: self.worker_ready.get_or_create(&l).clone(),
@@ -181,6 +189,7 @@ impl GatewayMetrics {
         let l = WorkerLabels {
             worker: addr.to_string(),
         };
+        self.worker_attempts.remove(&l);
         self.worker_outstanding.remove(&l);
         self.worker_load.remove(&l);
         self.worker_ready.remove(&l);
@@ -192,6 +201,7 @@ impl GatewayMetrics {
 /// One worker's handles, held by its endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerMetrics {
+    pub attempts: Counter,
     pub outstanding: Gauge,
     pub load: Gauge,
     pub ready: Gauge,
