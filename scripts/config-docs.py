@@ -25,8 +25,9 @@ TABLES = [
     ("health", ["infermesh", "health"]),
     ("bench", ["infermesh", "bench"]),
 ]
-# A flag line; clap puts short help on the same line, long help on the lines below.
-FLAG = re.compile(r"^\s+(?:-\w, )?(--[\w-]+)(?: <([^>]+)>(?:\.\.\.)?)?(?:\s{2,}(\S.*))?\s*$")
+# A flag line; clap puts short help on the same line, long help on the lines below. An
+# optional value shows as [<VALUE>].
+FLAG = re.compile(r"^\s+(?:-\w, )?(--[\w-]+)(?: \[?<([^>]+)>\]?(?:\.\.\.)?)?(?:\s{2,}(\S.*))?\s*$")
 TAGS = re.compile(r"\s*\[(env|default|possible values|aliases): ([^\]]*)\]")
 
 
@@ -39,14 +40,22 @@ def flags(bin_dir, cmd):
         m = FLAG.match(line)
         if not m or m.group(1) in ("--help", "--version"):
             continue
-        body = [m.group(3) or ""]
-        # The help text: the indented lines up to the next flag or section.
+        body, values = [m.group(3) or ""], []
+        # The help text: the indented lines up to the next flag or section. Long help
+        # (doc comments of several paragraphs) separates its parts with blank lines and
+        # lists possible values as "- value: meaning" lines.
         for more in lines[i + 1:]:
-            if FLAG.match(more) or not more.strip() or not more.startswith("   "):
+            if FLAG.match(more) or (more.strip() and not more.startswith("   ")):
                 break
-            body.append(more.strip())
+            item = re.match(r"^\s+- ([\w-]+)(?::|$)", more)
+            if item:
+                values.append(item.group(1))
+            elif more.strip() != "Possible values:":
+                body.append(more.strip())
         help_text = " ".join(b for b in body if b)
         tags = dict(TAGS.findall(help_text))
+        if values and "possible values" not in tags:
+            tags["possible values"] = ", ".join(values)
         help_text = TAGS.sub("", help_text).strip()
         env = tags.get("env", "").rstrip("=").split("=")[0]
         value = m.group(2) or ""
