@@ -119,7 +119,7 @@ def main() -> None:
         for _ in range(2):
             port = free_port()
             start([str(BIN / "infermesh-worker"), "--model-repository", str(d), "--grpc-address", "127.0.0.1",
-                   "--grpc-port", str(port), "--allow-metrics", "false", "--intra-op-threads", "1",
+                   "--grpc-port", str(port), "--health-port", "0", "--allow-metrics", "false", "--intra-op-threads", "1",
                    "--shutdown-grace", "0s"])
             workers.append(f"127.0.0.1:{port}")
         for w in workers:
@@ -129,7 +129,7 @@ def main() -> None:
         for n, extra in ((1, []), (2, []), ("busy", ["--busy-poll-us", "100"])):
             port = free_port()
             p = start([str(BIN / "infermesh-gateway"), "--workers", ",".join(workers[:1 if n == "busy" else n]),
-                       "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false",
+                       "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--health-port", "0", "--allow-metrics", "false",
                        "--shutdown-grace", "0s", "--threads", "1", *extra])
             gws[n] = (f"127.0.0.1:{port}", p.pid)
             wait_ready(gws[n][0])

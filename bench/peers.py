@@ -59,7 +59,7 @@ class Ctx:
     def worker(self, procs, name: str, threads: int) -> str:
         port = h.free_port()
         procs.start(name, [str(self.bin / "infermesh-worker"), "--model-repository", str(self.repo),
-                           "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--allow-metrics", "false",
+                           "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--health-port", "0", "--allow-metrics", "false",
                            "--intra-op-threads", str(threads), "--shutdown-grace", "0s"])
         url = f"127.0.0.1:{port}"
         h.wait_until(lambda: self.grpc_ready(url), name, procs)
@@ -69,7 +69,7 @@ class Ctx:
         port = h.free_port()
         gateway = pathlib.Path(bin_dir or self.bin) / "infermesh-gateway"
         procs.start("gateway", [str(gateway), "--workers", ",".join(workers),
-                                "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
+                                "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--health-port", "0",
                                 "--allow-metrics", "false", "--shutdown-grace", "0s", "--threads", "1"])
         url = f"127.0.0.1:{port}"
         h.wait_until(lambda: self.grpc_ready(url), "gateway", procs)

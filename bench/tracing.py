@@ -46,10 +46,10 @@ def run_setup(repo, flags, env, collector):
         wport, gport = free_port(), free_port()
         common = ["--grpc-address", "127.0.0.1", "--metrics-port", "0", "--shutdown-grace", "0s", *flags]
         procs.append(subprocess.Popen([str(BIN / "infermesh-worker"), "--model-repository", str(repo), "--grpc-port",
-                                       str(wport), "--intra-op-threads", "1", *common], env=env,
+                                       str(wport), "--health-port", "0", "--intra-op-threads", "1", *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([str(BIN / "infermesh-gateway"), "--workers", f"127.0.0.1:{wport}",
-                                       "--grpc-port", str(gport), "--threads", "1", *common], env=env,
+                                       "--grpc-port", str(gport), "--health-port", "0", "--threads", "1", *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         url = f"127.0.0.1:{gport}"
         wait_ready(url)

@@ -108,7 +108,7 @@ def main() -> None:
     port, mport = free_port(), free_port()
     worker = subprocess.Popen(
         [str(BIN / "infermesh-worker"), "--model-repository", str(d), "--grpc-address", "127.0.0.1",
-         "--grpc-port", str(port), "--metrics-port", str(mport), "--shutdown-grace", "0s"],
+         "--grpc-port", str(port), "--health-port", "0", "--metrics-port", str(mport), "--shutdown-grace", "0s"],
         stderr=subprocess.DEVNULL,
     )
     url = f"127.0.0.1:{port}"

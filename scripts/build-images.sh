@@ -67,13 +67,16 @@ for image in infermesh-gateway:dev infermesh-worker:cpu-dev; do
 done
 
 step "run both images on 127.0.0.1 and the gateway image's HEALTHCHECK"
-# The HEALTHCHECK calls 127.0.0.1:8001 (the default port), so the gateway listens there.
-wport=18301 gport=8001
-if ss -ltn | grep -q ":$gport "; then echo "port $gport is taken on this machine"; exit 1; fi
+# The HEALTHCHECK calls the health port at 127.0.0.1:8003 (its default), so the gateway's
+# health port is there.
+wport=18301 gport=18300 hport=8003
+if ss -ltn | grep -q ":$hport "; then echo "port $hport is taken on this machine"; exit 1; fi
 worker=$(podman --runtime runc run -d --rm --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 --health-interval disable -v "$root/models:/models:ro" infermesh-worker:cpu-dev \
-  --grpc-address 127.0.0.1 --grpc-port $wport --metrics-address 127.0.0.1 --metrics-port 18302)
+  --grpc-address 127.0.0.1 --grpc-port $wport --metrics-address 127.0.0.1 --metrics-port 18302 \
+  --health-address 127.0.0.1 --health-port 18304)
 gateway=$(podman --runtime runc run -d --rm --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 --health-interval disable infermesh-gateway:dev --workers 127.0.0.1:$wport \
-  --grpc-address 127.0.0.1 --grpc-port $gport --metrics-address 127.0.0.1 --metrics-port 18303)
+  --grpc-address 127.0.0.1 --grpc-port $gport --metrics-address 127.0.0.1 --metrics-port 18303 \
+  --health-address 127.0.0.1 --health-port $hport)
 cleanup() { podman stop -t 5 "$gateway" "$worker" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 healthy=""

@@ -27,6 +27,7 @@ class Server:
         # (a binary and its subcommand: `infermesh gateway`).
         head = list(cmd[0]) if isinstance(cmd[0], (list, tuple)) else [cmd[0]]
         cmd = [*head, "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+               "--health-address", "127.0.0.1", "--health-port", "0",
                "--shutdown-grace", "0s", "--log-format", "json", *cmd[1:]]
         env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -41,6 +42,7 @@ class Server:
             if "address" in fields:
                 self.url = fields["address"]
                 self.metrics_url = fields.get("metrics")
+                self.health_url = fields.get("health")
                 break
             if time.monotonic() > deadline:
                 break

@@ -228,7 +228,7 @@ def test_at_the_fd_limit_the_server_backs_off_and_keeps_serving(tmp_path):
     connections already open keep working."""
     log = tmp_path / "worker.log"
     cmd = ["bash", "-c", 'ulimit -n 96; exec "$@"', "worker", binary("infermesh-worker"),
-           "--model-repository", str(HOSTILE), "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+           "--model-repository", str(HOSTILE), "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
            "--allow-metrics", "false", "--log-format", "json", "--shutdown-grace", "0s"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stderr=out)

@@ -79,7 +79,7 @@ def test_pods_are_hardened_and_consistent(overlay):
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
         assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == 8001, (name, probe)
+            assert c[probe]["grpc"]["port"] == 8003, (name, probe)
         assert "service" not in c["readinessProbe"]["grpc"], "readiness is the server's own health"
         assert c["livenessProbe"]["grpc"]["service"] == "liveness"
         assert c["resources"]["requests"] and c["resources"]["limits"], name
@@ -223,7 +223,7 @@ def matches(selector, labels):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_ports_and_gpus_line_up(overlay):
     """Every selector picks the pods it means, every Service and probe port is a container
-    port at the binaries' defaults (gRPC 8001, metrics 8002), and GPUs appear only in the
+    port at the binaries' defaults (gRPC 8001, metrics 8002, health 8003), and GPUs appear only in the
     GPU overlays."""
     docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
     deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
@@ -232,7 +232,7 @@ def test_selectors_ports_and_gpus_line_up(overlay):
         assert matches(dep["spec"]["selector"]["matchLabels"], pods[name]["metadata"]["labels"]), name
         (c,) = pods[name]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": 8001, "metrics": 8002}, name
+        assert ports == {"grpc": 8001, "metrics": 8002, "health": 8003}, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] in ports.values(), (name, probe)
     for d in docs:

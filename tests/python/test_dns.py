@@ -53,7 +53,7 @@ def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
     for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
         proc = subprocess.Popen(
             [binary("infermesh-worker"), "--model-repository", str(MODELS), "--grpc-address", ip,
-             "--grpc-port", str(port), "--allow-metrics", "false", "--intra-op-threads", "1",
+             "--grpc-port", str(port), "--health-port", "0", "--allow-metrics", "false", "--intra-op-threads", "1",
              "--shutdown-grace", "0s"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         workers[ip] = proc
@@ -131,7 +131,7 @@ def gateway_workers(args, want, timeout=30):
     import re
     import urllib.request
 
-    proc = subprocess.Popen([binary("infermesh-gateway"), *args, "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+    proc = subprocess.Popen([binary("infermesh-gateway"), *args, "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
                              "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--log-format", "json",
                              "--dns-refresh", "200ms", "--worker-refresh", "1h", "--shutdown-grace", "0s"],
                             stderr=subprocess.PIPE, text=True)
@@ -186,7 +186,7 @@ def test_srv_records_give_the_ports(tmp_path):
     port = free_port("127.0.0.2")
     worker = subprocess.Popen(
         [binary("infermesh-worker"), "--model-repository", str(MODELS), "--grpc-address", "127.0.0.2",
-         "--grpc-port", str(port), "--allow-metrics", "false", "--intra-op-threads", "1", "--shutdown-grace", "0s"],
+         "--grpc-port", str(port), "--health-port", "0", "--allow-metrics", "false", "--intra-op-threads", "1", "--shutdown-grace", "0s"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"pod-a.{NAME}"
     dns, dns_port = start_dns(tmp_path, f"127.0.0.2 {target}\n", f"--srv-host=_grpc._tcp.{NAME},{target},{port},0,5")

@@ -20,7 +20,7 @@ from conftest import MODELS, Gateway, Worker, binary
 def test_a_missing_repository_stops_the_worker_with_the_reason(tmp_path):
     missing = tmp_path / "no" / "such" / "dir"
     out = subprocess.run([binary("infermesh-worker"), "--model-repository", str(missing),
-                          "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"],
+                          "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert str(missing) in out.stderr and "--model-repository" in out.stderr, out.stderr[-2000:]
@@ -28,7 +28,7 @@ def test_a_missing_repository_stops_the_worker_with_the_reason(tmp_path):
 
 def test_an_empty_repository_is_never_serving(tmp_path):
     proc = subprocess.Popen([binary("infermesh-worker"), "--model-repository", str(tmp_path),
-                             "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+                             "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0",
                              "--log-format", "json", "--shutdown-grace", "0s"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -59,8 +59,8 @@ def test_a_port_clash_names_the_port_and_its_flags():
         port = taken.getsockname()[1]
         for name in ["infermesh-worker", "infermesh-gateway"]:
             target = ["--model-repository", "/tmp"] if name == "infermesh-worker" else ["--workers", "127.0.0.1:9"]
-            for flags, what in [(["--grpc-port", str(port), "--metrics-port", "0"], "--grpc-port"),
-                                (["--grpc-port", "0", "--metrics-port", str(port)], "--metrics-port")]:
+            for flags, what in [(["--grpc-port", str(port), "--health-port", "0", "--metrics-port", "0"], "--grpc-port"),
+                                (["--grpc-port", "0", "--health-port", "0", "--metrics-port", str(port)], "--metrics-port")]:
                 out = subprocess.run([binary(name), *target, "--grpc-address", "127.0.0.1",
                                       "--metrics-address", "127.0.0.1", *flags],
                                      capture_output=True, text=True, timeout=60)
@@ -92,7 +92,7 @@ def wait_for(what, check):
 
 def started(*flags):
     """A worker process and its address, once its start set has been tried."""
-    proc = subprocess.Popen([binary("infermesh-worker"), "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+    proc = subprocess.Popen([binary("infermesh-worker"), "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
                              "--metrics-port", "0", "--log-format", "json", "--shutdown-grace", "0s", *flags],
                             stderr=subprocess.PIPE, text=True)
     url, metrics = None, None
@@ -187,7 +187,7 @@ def test_a_dead_worker_is_reported_at_once_with_the_cause():
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     proc = subprocess.Popen([binary("infermesh-gateway"), "--workers", dead, "--grpc-address", "127.0.0.1",
-                             "--grpc-port", "0", "--metrics-port", "0", "--log-format", "json",
+                             "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0", "--log-format", "json",
                              "--shutdown-grace", "0s", "--worker-refresh", "100ms"],
                             stderr=subprocess.PIPE, text=True)
     try:

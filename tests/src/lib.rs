@@ -52,6 +52,8 @@ pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> 
 pub struct Worker {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    /// The plaintext health port.
+    pub health_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), infermesh_worker::Error>>,
 }
@@ -85,9 +87,13 @@ impl Worker {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_addr = health.local_addr().unwrap();
         let listeners = infermesh_worker::Listeners {
             grpc,
             metrics: Some(metrics),
+            health: Some(health),
+            tls: infermesh_core::serve::load_tls(&config.server).expect("TLS material"),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(infermesh_worker::run(config, listeners, async {
@@ -96,6 +102,7 @@ impl Worker {
         Worker {
             addr,
             metrics_addr,
+            health_addr,
             stop: Some(stop),
             task,
         }
@@ -155,6 +162,8 @@ impl Worker {
 pub struct Gateway {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    /// The plaintext health port.
+    pub health_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), infermesh_gateway::Error>>,
 }
@@ -190,9 +199,13 @@ impl Gateway {
         let addr = grpc.local_addr().unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_addr = health.local_addr().unwrap();
         let listeners = infermesh_gateway::Listeners {
             grpc,
             metrics: Some(metrics),
+            health: Some(health),
+            tls: infermesh_core::serve::load_tls(&config.server).expect("TLS material"),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(infermesh_gateway::run(config, listeners, async {
@@ -201,6 +214,7 @@ impl Gateway {
         let gw = Gateway {
             addr,
             metrics_addr,
+            health_addr,
             stop: Some(stop),
             task,
         };

@@ -593,3 +593,63 @@ async fn gateway_metrics_count_requests_workers_and_streams() {
     assert!(a.metric("process_cpu_seconds_total").await.unwrap() > 0.0);
     gw.stop().await.unwrap();
 }
+
+/// The gateway's health port follows its health: "" with the pool, each model with the
+/// workers that have it ready.
+#[tokio::test]
+async fn the_gateway_health_port_follows_the_pool_and_its_models() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let (_repo, w1, w2) = two_workers().await;
+    let gw = Gateway::start(&[&w1, &w2], &[]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.health_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let h = HealthClient::new(channel);
+    let status = |service: &str| {
+        let mut h = h.clone();
+        let service = service.to_string();
+        async move {
+            h.check(HealthCheckRequest { service })
+                .await
+                .map(|r| r.into_inner().status())
+        }
+    };
+    // Health follows the pool's refreshes: watch each entry come to SERVING.
+    for service in ["", "echo"] {
+        let mut watch = h
+            .clone()
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(r) = watch.next().await {
+                if r.unwrap().status() == ServingStatus::Serving {
+                    return;
+                }
+            }
+            panic!("the watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{service:?} SERVING on the health port"));
+    }
+    assert_eq!(status("echo").await.unwrap(), ServingStatus::Serving);
+    let err = status("no-such-model").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Nothing but health there.
+    let err = infermesh_tests::client(&format!("http://{}", gw.health_addr))
+        .await
+        .server_ready(infermesh_proto::ServerReadyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    gw.stop().await.unwrap();
+    w1.stop().await.unwrap();
+    w2.stop().await.unwrap();
+}

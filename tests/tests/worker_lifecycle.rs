@@ -320,3 +320,29 @@ async fn liveness_service_stays_serving_while_draining() {
     );
     stopping.abort();
 }
+
+/// The health port serves the same statuses as the gRPC port, and nothing else: a probe
+/// that cannot speak TLS or send credentials still sees the truth.
+#[tokio::test]
+async fn the_health_port_answers_health_and_nothing_else() {
+    let dir = repo_with_broken_model();
+    let worker = Worker::start(dir.path(), &[]).await;
+    let port = format!("http://{}", worker.health_addr);
+    for service in ["", "liveness", "digits"] {
+        assert_eq!(
+            health(&port, service).await.unwrap(),
+            health(&worker.url(), service).await.unwrap(),
+            "{service:?}"
+        );
+        assert_eq!(
+            health(&port, service).await.unwrap(),
+            ServingStatus::Serving
+        );
+    }
+    let unknown = health(&port, "no-such-model").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let mut other = infermesh_tests::client(&port).await;
+    let err = other.server_live(ServerLiveRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    worker.stop().await.unwrap();
+}

@@ -85,6 +85,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "127.0.0.1",
         "--shutdown-grace",
         "0s",
+        "--health-address",
+        "127.0.0.1",
+        "--health-port",
+        "0",
     ]
     .iter()
     .chain(metrics)
@@ -124,9 +128,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         false => None,
     };
     let gw_metrics_addr = gw_metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+    // The gateway's health port on a free loopback port: `up` runs several servers on one
+    // host, and 8003 would be taken by the first.
     let listeners = infermesh_gateway::Listeners {
         grpc,
         metrics: gw_metrics,
+        health: Some(TcpListener::bind("127.0.0.1:0").await?),
+        tls: None,
     };
     let mut gw_stop = stop_rx.clone();
     let gateway = tokio::spawn(infermesh_gateway::run(config, listeners, async move {

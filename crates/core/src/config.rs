@@ -26,6 +26,23 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_METRICS_PORT", default_value_t = 8002)]
     pub metrics_port: u16,
 
+    /// Serve grpc.health.v1 alone, in plaintext, on <health-address>:<health-port>: the
+    /// port for Kubernetes gRPC probes and load balancers, which cannot speak TLS or send
+    /// credentials. Same statuses as on the gRPC port; nothing else is served there.
+    #[arg(long, env = "INFERMESH_ALLOW_HEALTH_PORT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_health_port: bool,
+
+    /// Address the health port binds.
+    #[arg(long, env = "INFERMESH_HEALTH_ADDRESS", default_value = "0.0.0.0")]
+    pub health_address: IpAddr,
+
+    /// Health port. 0 picks a free port and logs it.
+    #[arg(long, env = "INFERMESH_HEALTH_PORT", default_value_t = 8003)]
+    pub health_port: u16,
+
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+
     /// Largest gRPC message accepted or sent, in bytes (Triton accepts up to 2 GiB; raise it
     /// for larger tensors). A larger request is answered RESOURCE_EXHAUSTED from its 5-byte
     /// prefix, before any of it is buffered.

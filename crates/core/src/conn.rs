@@ -8,6 +8,10 @@
 //!   connections already open keep being served.
 //! - A connection whose client preface and first SETTINGS frame have not arrived within
 //!   `--grpc-handshake-timeout` is closed (a slow-loris holds nothing for long).
+//! - With TLS, each handshake runs beside the accept loop (a slow one holds up no other)
+//!   within `--grpc-handshake-timeout`, with the configuration current at that moment
+//!   (rotated certificates reach new connections); a connection in its handshake counts
+//!   against `--max-connections`. A client that does not speak TLS is closed.
 //! - A connection with no call open for `--grpc-idle-timeout` is closed. Calls are
 //!   counted by [`CallLayer`] through the connection's [`ConnInfo`], which tonic puts in
 //!   every request's extensions; keepalive pings do not count as use.
@@ -24,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::Stream;
+use futures::{stream::FuturesUnordered, Stream, StreamExt};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -119,14 +123,71 @@ impl Every {
     }
 }
 
-/// The accepted connections of `listener`, as `serve_with_incoming` takes them.
+/// How long a TLS handshake may take when `--grpc-handshake-timeout` is 0 (off): never
+/// forever.
+const TLS_HANDSHAKE_MAX: Duration = Duration::from_secs(10);
+
+/// One open connection counted against `--max-connections` until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(open.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type Handshake = Pin<Box<dyn Future<Output = Option<Conn>> + Send>>;
+
+/// The TLS handshake of one accepted connection; None when it failed or took too long.
+fn handshake(
+    tls: &crate::tls::ServerTls,
+    stream: TcpStream,
+    slot: Slot,
+    limits: Limits,
+) -> Handshake {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.get());
+    let within = match limits.handshake_timeout {
+        t if t.is_zero() => TLS_HANDSHAKE_MAX,
+        t => t,
+    };
+    Box::pin(async move {
+        let peer = stream.peer_addr().ok();
+        match tokio::time::timeout(within, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => Some(Conn::new(Io::Tls(Box::new(tls)), slot, limits)),
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(
+                    ?peer,
+                    "TLS handshake not completed within --grpc-handshake-timeout"
+                );
+                None
+            }
+        }
+    })
+}
+
+/// The accepted connections of `listener`, as `serve_with_incoming` takes them; over TLS
+/// when `tls` is given.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
+    tls: Option<crate::tls::ServerTls>,
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
     struct State {
         listener: TcpListener,
         limits: Limits,
+        tls: Option<crate::tls::ServerTls>,
+        handshakes: FuturesUnordered<Handshake>,
         open: Arc<AtomicUsize>,
         backoff: Duration,
         errors: Every,
@@ -135,6 +196,8 @@ pub fn incoming(
     let state = State {
         listener,
         limits,
+        tls,
+        handshakes: FuturesUnordered::new(),
         open: Arc::new(AtomicUsize::new(0)),
         backoff: BACKOFF_FIRST,
         errors: Every::new(),
@@ -142,7 +205,16 @@ pub fn incoming(
     };
     futures::stream::unfold(state, |mut s| async move {
         loop {
-            match s.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = s.listener.accept() => accepted,
+                Some(done) = s.handshakes.next(), if !s.handshakes.is_empty() => {
+                    if let Some(conn) = done {
+                        return Some((Ok(conn), s));
+                    }
+                    continue;
+                }
+            };
+            match accepted {
                 Ok((stream, _)) => {
                     s.backoff = BACKOFF_FIRST;
                     if s.open.load(Ordering::SeqCst) >= s.limits.max_connections {
@@ -157,8 +229,14 @@ pub fn incoming(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let conn = Conn::new(stream, s.open.clone(), s.limits);
-                    return Some((Ok(conn), s));
+                    let slot = Slot::take(&s.open);
+                    match &s.tls {
+                        Some(tls) => s.handshakes.push(handshake(tls, stream, slot, s.limits)),
+                        None => {
+                            let conn = Conn::new(Io::Plain(stream), slot, s.limits);
+                            return Some((Ok(conn), s));
+                        }
+                    }
                 }
                 Err(e) => {
                     if let Some(n) = s.errors.tick() {
@@ -172,29 +250,96 @@ pub fn incoming(
     })
 }
 
-pin_project_lite::pin_project! {
-    /// One accepted connection, counted while open.
-    pub struct Conn {
-        #[pin]
-        stream: TcpStream,
-        // Bytes of the handshake still to come, and when they must have come by.
-        handshake: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
-        open: Arc<AtomicUsize>,
-        activity: Arc<Activity>,
-        idle: Duration,
-        idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// A connection's bytes: TCP, or TLS over TCP.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
 
-    impl PinnedDrop for Conn {
-        fn drop(this: Pin<&mut Self>) {
-            this.open.fetch_sub(1, Ordering::SeqCst);
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
         }
     }
 }
 
+/// Calls `$method` on whichever stream `$io` (a `Pin<&mut Io>`) holds; both are Unpin.
+macro_rules! on_io {
+    ($io:expr, $s:ident => $call:expr) => {
+        match $io.get_mut() {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_io!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_io!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_io!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One accepted connection, counted while open.
+    pub struct Conn {
+        #[pin]
+        stream: Io,
+        // Bytes of the HTTP/2 handshake still to come, and when they must have come by.
+        handshake: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+        slot: Slot,
+        activity: Arc<Activity>,
+        idle: Duration,
+        idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
 impl Conn {
-    fn new(stream: TcpStream, open: Arc<AtomicUsize>, limits: Limits) -> Self {
-        open.fetch_add(1, Ordering::SeqCst);
+    fn new(stream: Io, slot: Slot, limits: Limits) -> Self {
         let handshake = (!limits.handshake_timeout.is_zero()).then(|| {
             (
                 HANDSHAKE_BYTES,
@@ -204,7 +349,7 @@ impl Conn {
         Self {
             stream,
             handshake,
-            open,
+            slot,
             activity: Arc::new(Activity::new()),
             idle: limits.idle_timeout,
             idle_timer: None,
@@ -306,7 +451,7 @@ impl Connected for Conn {
 
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
-            tcp: self.stream.connect_info(),
+            tcp: self.stream.tcp().connect_info(),
             activity: self.activity.clone(),
         }
     }

@@ -22,8 +22,10 @@ pub mod stream;
 pub mod telemetry;
 pub mod tensor;
 pub mod text;
+pub mod tls;
 pub mod trace;
 pub mod unsupported;
+pub mod watch;
 
 pub use config::ServerArgs;
 pub use datatype::DataType;

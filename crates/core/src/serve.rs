@@ -16,6 +16,10 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `/metrics`; `None` serves no metrics.
     pub metrics: Option<TcpListener>,
+    /// Plaintext `grpc.health.v1` alone, for probes; `None` serves no health port.
+    pub health: Option<TcpListener>,
+    /// TLS on the gRPC port; `None` is plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Listeners {
@@ -24,7 +28,25 @@ impl Listeners {
         Ok(Self {
             grpc: bind(args).await?,
             metrics: bind_metrics(args).await?,
+            health: bind_health(args).await?,
+            tls: load_tls(args)?,
         })
+    }
+
+    /// The bound addresses as a server logs them at start: `address`, `metrics` and
+    /// `health` ("off" for those not served).
+    pub fn addresses(&self) -> std::io::Result<[String; 3]> {
+        let off = |l: &Option<TcpListener>| -> std::io::Result<String> {
+            Ok(match l {
+                Some(l) => l.local_addr()?.to_string(),
+                None => "off".into(),
+            })
+        };
+        Ok([
+            self.grpc.local_addr()?.to_string(),
+            off(&self.metrics)?,
+            off(&self.health)?,
+        ])
     }
 }
 
@@ -53,16 +75,20 @@ where
     H: tonic_health::pb::health_server::Health,
 {
     let Parts {
-        listeners,
+        mut listeners,
         lifecycle,
         budget,
         health,
         mut registry,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+    let reloads = crate::watch::register(&mut registry);
+    let watched = listeners.tls.iter().map(|t| t.watched()).collect();
+    // Aborted when serving ends.
+    let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads).map(AbortOnDrop);
     crate::trace::register(&mut registry);
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(listener) = listeners.metrics {
+    if let Some(listener) = listeners.metrics.take() {
         tokio::spawn(crate::metrics::serve(
             listener,
             std::sync::Arc::new(registry),
@@ -83,7 +109,7 @@ where
     };
     let served = serve(
         Routes::new(inference),
-        listeners.grpc,
+        listeners,
         args,
         limits,
         lifecycle,
@@ -127,11 +153,37 @@ pub async fn bind_metrics(args: &ServerArgs) -> std::io::Result<Option<TcpListen
     })
 }
 
+/// The gRPC port's TLS material from the flags (None: plaintext), loaded once so that a
+/// bad file stops the server at start with its name.
+pub fn load_tls(args: &ServerArgs) -> std::io::Result<Option<crate::tls::ServerTls>> {
+    crate::tls::ServerFiles::from_args(&args.tls)
+        .and_then(|f| f.map(crate::tls::ServerTls::load).transpose())
+        .map_err(std::io::Error::other)
+}
+
+/// Binds the plaintext health listener, unless `--allow-health-port false`.
+pub async fn bind_health(args: &ServerArgs) -> std::io::Result<Option<TcpListener>> {
+    if !args.allow_health_port {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(args.health_address, args.health_port);
+    TcpListener::bind(addr).await.map(Some).map_err(|e| {
+        which_port(
+            e,
+            "health",
+            addr,
+            "--health-address/--health-port, or --allow-health-port false",
+        )
+    })
+}
+
 /// Serves `routes` plus `grpc.health.v1` and reflection (v1 and v1alpha, since grpcurl
-/// 1.8 speaks only v1alpha) on `listener` until `shutdown` resolves, then drains.
+/// 1.8 speaks only v1alpha) on the gRPC listener (over TLS when configured), and health
+/// alone on the health listener, until `shutdown` resolves, then drains. Metrics are
+/// served by the caller.
 pub async fn serve(
     routes: Routes,
-    listener: TcpListener,
+    listeners: Listeners,
     args: &ServerArgs,
     limits: crate::admission::body::Limits,
     lifecycle: Lifecycle,
@@ -155,6 +207,36 @@ pub async fn serve(
     let v1alpha = v1alpha
         .build_v1alpha()
         .expect("descriptor sets compiled into the binary are valid");
+
+    let conn_limits = crate::conn::Limits {
+        max_connections: args.max_connections,
+        handshake_timeout: args.grpc_handshake_timeout,
+        idle_timeout: args.grpc_idle_timeout,
+    };
+    // The health port: the same health service, alone and in plaintext, until this
+    // function returns (the sender is dropped then, which stops it).
+    let (_stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let Listeners {
+        grpc: listener,
+        health: health_listener,
+        tls,
+        metrics: _,
+    } = listeners;
+    if let Some(l) = health_listener {
+        let served = Server::builder()
+            .tcp_nodelay(true)
+            .layer(crate::panic::CatchPanicLayer)
+            .layer(crate::conn::CallLayer)
+            .add_service(health.clone())
+            .serve_with_incoming_shutdown(crate::conn::incoming(l, conn_limits, None), async {
+                let _ = health_stopped.await;
+            });
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::warn!(error = %e, "health port stopped");
+            }
+        });
+    }
 
     let routes = routes
         .add_service(health)
@@ -181,14 +263,7 @@ pub async fn serve(
     // Our own accept loop (see `conn`): TCP_NODELAY per connection (tonic applies it only
     // to listeners it binds itself), the connection cap, the handshake timeout, and a
     // backoff on accept errors such as EMFILE.
-    let incoming = crate::conn::incoming(
-        listener,
-        crate::conn::Limits {
-            max_connections: args.max_connections,
-            handshake_timeout: args.grpc_handshake_timeout,
-            idle_timeout: args.grpc_idle_timeout,
-        },
-    );
+    let incoming = crate::conn::incoming(listener, conn_limits, tls);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
@@ -259,4 +334,13 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         b
     };
     builder.enable_all().build()
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -25,7 +25,6 @@ pub use config::GatewayConfig;
 use infermesh_core::{serve, Lifecycle};
 use pool::Pool;
 use service::GatewayService;
-use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,10 +66,13 @@ pub async fn run(
     };
     let following = tokio::spawn(pool.clone().follow(changes));
     infermesh_core::busy_poll::start(std::time::Duration::from_micros(config.busy_poll_us));
-    let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
+    let addresses = listeners
+        .addresses()
+        .map_err(|e| Error::Startup(e.to_string()))?;
     tracing::info!(
-        address = %local(&listeners.grpc)?,
-        metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        address = %addresses[0],
+        metrics = %addresses[1],
+        health = %addresses[2],
         workers = ?config.workers,
         workers_dns = ?config.workers_dns,
         version = infermesh_core::VERSION,

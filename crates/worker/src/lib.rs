@@ -26,7 +26,6 @@ use metrics::WorkerMetrics;
 use model::Defaults;
 use repository::Repository;
 use service::WorkerService;
-use tokio::net::TcpListener;
 
 /// Picks the ONNX Runtime library: flag/env, then ORT_DYLIB_PATH, then known places.
 pub fn onnxruntime_library(config: &WorkerConfig) -> Result<PathBuf, Error> {
@@ -73,10 +72,13 @@ pub async fn run(
             config.model_repository.display()
         ))
     })?;
-    let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::Startup(e.to_string()));
+    let addresses = listeners
+        .addresses()
+        .map_err(|e| Error::Startup(e.to_string()))?;
     tracing::info!(
-        address = %local(&listeners.grpc)?,
-        metrics = %listeners.metrics.as_ref().map(local).transpose()?.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        address = %addresses[0],
+        metrics = %addresses[1],
+        health = %addresses[2],
         repository = %config.model_repository.display(),
         mode = ?config.model_control_mode,
         version = infermesh_core::VERSION,

@@ -1,0 +1,285 @@
+//! TLS for both binaries: rustls with the ring provider (no OpenSSL). Servers take their
+//! material from PEM files named by flags (Triton's names); the file watcher
+//! ([`crate::watch`]) swaps new material in, and every handshake takes what is current, so
+//! a certificate rotated on disk reaches new connections without a restart while open
+//! ones go on.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use rustls::{
+    client::danger::HandshakeSignatureValid,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+/// The TLS flags of a server's gRPC port.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// Serve gRPC over TLS (Triton's flag; TLS is also on whenever --grpc-server-cert is
+    /// given). Needs --grpc-server-cert and --grpc-server-key.
+    #[arg(long, env = "INFERMESH_GRPC_USE_SSL", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub grpc_use_ssl: bool,
+
+    /// The server's certificate chain (PEM), leaf first. Reloaded when the file changes.
+    #[arg(long, env = "INFERMESH_GRPC_SERVER_CERT", requires = "grpc_server_key")]
+    pub grpc_server_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC). Reloaded with the
+    /// certificate.
+    #[arg(long, env = "INFERMESH_GRPC_SERVER_KEY", requires = "grpc_server_cert")]
+    pub grpc_server_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to (with
+    /// --grpc-use-ssl-mutual). Reloaded when the file changes.
+    #[arg(long, env = "INFERMESH_GRPC_ROOT_CERT")]
+    pub grpc_root_cert: Option<PathBuf>,
+
+    /// Require a client certificate from --grpc-root-cert's CAs on every connection (mTLS).
+    #[arg(long, env = "INFERMESH_GRPC_USE_SSL_MUTUAL", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub grpc_use_ssl_mutual: bool,
+
+    /// Accept only client certificates valid for one of these names (DNS or IP SANs),
+    /// comma-separated: workers take the gateway's certificate and not every certificate
+    /// the same CA issued. Needs --grpc-use-ssl-mutual.
+    #[arg(
+        long,
+        env = "INFERMESH_GRPC_ALLOWED_CLIENT_NAMES",
+        value_delimiter = ','
+    )]
+    pub grpc_allowed_client_names: Vec<String>,
+}
+
+/// What a TLS server reads from disk.
+#[derive(Clone, Debug)]
+pub struct ServerFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Some: client certificates are required and must chain to these CAs.
+    pub client_ca: Option<PathBuf>,
+    /// Non-empty: a client certificate must also be valid for one of these names.
+    pub allowed_names: Vec<ServerName<'static>>,
+}
+
+impl ServerFiles {
+    /// The files the flags name, or None for plaintext; contradictory flags are errors
+    /// that name them.
+    pub fn from_args(args: &TlsArgs) -> Result<Option<Self>, String> {
+        let (cert, key) = match (&args.grpc_server_cert, &args.grpc_server_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ if args.grpc_use_ssl || args.grpc_use_ssl_mutual => {
+                return Err(
+                    "--grpc-use-ssl needs --grpc-server-cert and --grpc-server-key (PEM files)"
+                        .into(),
+                )
+            }
+            _ => return Ok(None),
+        };
+        let client_ca = match (&args.grpc_root_cert, args.grpc_use_ssl_mutual) {
+            (Some(ca), true) => Some(ca.clone()),
+            (None, true) => {
+                return Err("--grpc-use-ssl-mutual needs --grpc-root-cert (the client CAs)".into())
+            }
+            (Some(_), false) => return Err(
+                "--grpc-root-cert is read only with --grpc-use-ssl-mutual (client certificates)"
+                    .into(),
+            ),
+            (None, false) => None,
+        };
+        if !args.grpc_allowed_client_names.is_empty() && client_ca.is_none() {
+            return Err("--grpc-allowed-client-names needs --grpc-use-ssl-mutual".into());
+        }
+        let allowed_names = args
+            .grpc_allowed_client_names
+            .iter()
+            .map(|n| {
+                ServerName::try_from(n.trim().to_string()).map_err(|_| {
+                    format!("--grpc-allowed-client-names: '{n}' is not a DNS name or IP address")
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Self {
+            cert,
+            key,
+            client_ca,
+            allowed_names,
+        }))
+    }
+
+    /// Every file the material comes from (what the watcher hashes).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut p = vec![self.cert.clone(), self.key.clone()];
+        p.extend(self.client_ca.clone());
+        p
+    }
+
+    /// Reads the files into a server configuration: TLS 1.2 and 1.3, ALPN h2.
+    pub fn load(&self) -> Result<ServerConfig, String> {
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = Arc::new(roots(ca)?);
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                        .build()
+                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                if self.allowed_names.is_empty() {
+                    builder.with_client_cert_verifier(verifier)
+                } else {
+                    builder.with_client_cert_verifier(Arc::new(AllowedNames {
+                        inner: verifier,
+                        names: self.allowed_names.clone(),
+                    }))
+                }
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs(&self.cert)?, key(&self.key)?)
+            .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Certificates from a PEM file; none is an error that names the file.
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key from a PEM file.
+pub fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A CA bundle from a PEM file.
+pub fn roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// Material that a reload swaps whole; each user takes what is current.
+#[derive(Debug)]
+pub struct Reloadable<T>(RwLock<Arc<T>>);
+
+impl<T> Reloadable<T> {
+    pub fn new(value: T) -> Self {
+        Self(RwLock::new(Arc::new(value)))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().expect("reloadable lock").clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.write().expect("reloadable lock") = Arc::new(value);
+    }
+}
+
+/// A server's TLS: the files and the configuration loaded from them.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub files: ServerFiles,
+    pub current: Arc<Reloadable<ServerConfig>>,
+}
+
+impl ServerTls {
+    /// Loads the files once; an error names the file and what is wrong with it.
+    pub fn load(files: ServerFiles) -> Result<Self, String> {
+        let config = files.load()?;
+        Ok(Self {
+            files,
+            current: Arc::new(Reloadable::new(config)),
+        })
+    }
+
+    /// The watched entry that reloads this material when its files change.
+    pub fn watched(&self) -> crate::watch::Watched {
+        let (files, current) = (self.files.clone(), self.current.clone());
+        crate::watch::Watched::new(
+            "grpc-server-cert",
+            self.files.paths(),
+            Box::new(move || files.load().map(|c| current.set(c))),
+        )
+    }
+}
+
+/// Client certificates must chain to the CA and be valid for one of the allowed names.
+#[derive(Debug)]
+struct AllowedNames {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ClientCertVerifier for AllowedNames {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        if self
+            .names
+            .iter()
+            .any(|n| rustls::client::verify_server_name(&parsed, n).is_ok())
+        {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
