@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests: real servers on 127.0.0.1:0, real clients.
 
+pub mod pki;
 pub mod repo;
 pub mod reword;
 pub mod tensors;
@@ -63,6 +64,19 @@ impl Worker {
     pub async fn start(repository: &std::path::Path, extra: &[&str]) -> Worker {
         let worker = Self::spawn(repository, extra).await;
         wait_ready(&worker.url()).await;
+        worker
+    }
+
+    /// A worker with TLS on its gRPC port (its flags in `extra`), ready as seen by a
+    /// client that trusts `ca`.
+    pub async fn start_tls(
+        repository: &std::path::Path,
+        extra: &[&str],
+        ca: &std::path::Path,
+        identity: Option<&pki::Leaf>,
+    ) -> Worker {
+        let worker = Self::spawn(repository, extra).await;
+        wait_ready_tls(worker.addr, ca, identity).await;
         worker
     }
 
@@ -177,6 +191,25 @@ impl Gateway {
 
     /// As [`Gateway::start`], in front of whatever listens at `workers`.
     pub async fn start_at(workers: &[std::net::SocketAddr], extra: &[&str]) -> Gateway {
+        let gw = Self::spawn_at(workers, extra).await;
+        wait_ready(&gw.url()).await;
+        gw
+    }
+
+    /// A gateway with TLS on its gRPC port (its flags in `extra`), ready as seen by a
+    /// client that trusts `ca`.
+    pub async fn start_tls(
+        workers: &[std::net::SocketAddr],
+        extra: &[&str],
+        ca: &std::path::Path,
+    ) -> Gateway {
+        let gw = Self::spawn_at(workers, extra).await;
+        wait_ready_tls(gw.addr, ca, None).await;
+        gw
+    }
+
+    /// Starts a gateway without waiting for it to be ready.
+    pub async fn spawn_at(workers: &[std::net::SocketAddr], extra: &[&str]) -> Gateway {
         let list = workers
             .iter()
             .map(|w| w.to_string())
@@ -218,7 +251,6 @@ impl Gateway {
             stop: Some(stop),
             task,
         };
-        wait_ready(&gw.url()).await;
         gw
     }
 
@@ -263,4 +295,49 @@ pub async fn wait_ready(url: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls ServerReady over TLS (the certificate checked for "localhost" against `ca`,
+/// `identity` as the client certificate) until true; panics after 60 s.
+pub async fn wait_ready_tls(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<&pki::Leaf>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) = tls_client(addr, ca, identity, "localhost").await {
+            if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
+                if r.into_inner().ready {
+                    return;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} did not become ready over TLS in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TLS client: the server's certificate checked against `ca` for `name`, with a client
+/// certificate when `identity` is given. Connects at once, so a refused handshake is the
+/// error.
+pub async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<&pki::Leaf>,
+    name: &str,
+) -> Result<Client, tonic::transport::Error> {
+    let files = infermesh_core::tls::ClientFiles {
+        ca: Some(ca.to_path_buf()),
+        identity: identity.map(|l| (l.cert.clone(), l.key.clone())),
+    };
+    let tls = infermesh_core::tls::ClientTls::load(files, Some(name)).expect("client TLS");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tls.connector(None))
+        .await?;
+    Ok(GrpcInferenceServiceClient::new(channel))
 }

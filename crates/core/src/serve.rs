@@ -60,6 +60,9 @@ pub struct Parts<H> {
     pub budget: crate::admission::ByteBudget,
     pub health: tonic_health::pb::health_server::HealthServer<H>,
     pub registry: prometheus_client::registry::Registry,
+    /// Files to reload besides the gRPC port's TLS material (the gateway's client
+    /// certificate); one watcher serves them all.
+    pub watched: Vec<crate::watch::Watched>,
 }
 
 /// Serves an `inference.GRPCInferenceService` (with the message-size flags), health,
@@ -80,10 +83,11 @@ where
         budget,
         health,
         mut registry,
+        mut watched,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
     let reloads = crate::watch::register(&mut registry);
-    let watched = listeners.tls.iter().map(|t| t.watched()).collect();
+    watched.extend(listeners.tls.iter().map(|t| t.watched()));
     // Aborted when serving ends.
     let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads).map(AbortOnDrop);
     crate::trace::register(&mut registry);

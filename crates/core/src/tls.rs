@@ -9,6 +9,10 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+mod client;
+
+pub use client::{ClientFiles, ClientTls, Connector};
+
 use rustls::{
     client::danger::HandshakeSignatureValid,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},

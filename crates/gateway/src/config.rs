@@ -57,6 +57,30 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_WORKER_KEEPALIVE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub worker_keepalive_timeout: Duration,
 
+    /// Speak TLS to workers, verifying their certificates against these CAs (PEM).
+    /// Reloaded when the file changes.
+    #[arg(long, env = "INFERMESH_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<std::path::PathBuf>,
+
+    /// The gateway's client certificate chain (PEM) for workers that require one (mTLS).
+    /// Reloaded when the file changes; used from the next connection on.
+    #[arg(long, env = "INFERMESH_WORKER_TLS_CERT", requires_all = ["worker_tls_key", "worker_tls_ca"])]
+    pub worker_tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --worker-tls-cert (PEM).
+    #[arg(long, env = "INFERMESH_WORKER_TLS_KEY", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<std::path::PathBuf>,
+
+    /// The name every worker's certificate must be valid for (e.g. the headless
+    /// Service's DNS name when workers are dialled by IP). Default: the name a worker was
+    /// found under (--workers-dns) or the host of its address.
+    #[arg(
+        long,
+        env = "INFERMESH_WORKER_TLS_SERVER_NAME",
+        requires = "worker_tls_ca"
+    )]
+    pub worker_tls_server_name: Option<String>,
+
     /// Messages of one ModelStreamInfer stream in flight at once; beyond it the stream
     /// stops reading (back-pressure through HTTP/2 flow control).
     #[arg(long, env = "INFERMESH_MAX_STREAM_INFLIGHT", default_value_t = 128)]

@@ -85,7 +85,7 @@ struct Ejection {
 
 /// How the gateway connects to workers (`--worker-connect-timeout`,
 /// `--worker-keepalive-interval`, `--worker-keepalive-timeout`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Connect {
     pub timeout: Duration,
     /// HTTP/2 PING this often on every worker connection, busy or idle: a worker that is
@@ -94,6 +94,8 @@ pub struct Connect {
     /// An unanswered PING closes the connection after this long: its calls fail at once
     /// (and are retried elsewhere) instead of waiting for their deadlines.
     pub keepalive_timeout: Duration,
+    /// TLS to workers (`--worker-tls-*`); None: plaintext.
+    pub tls: Option<infermesh_core::tls::ClientTls>,
 }
 
 impl Default for Connect {
@@ -102,6 +104,7 @@ impl Default for Connect {
             timeout: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -124,7 +127,7 @@ impl Endpoint {
         } else {
             format!("http://{addr}")
         };
-        let channel = tonic::transport::Endpoint::from_shared(url)
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| format!("bad worker address '{addr}': {e}"))?
             .connect_timeout(connect.timeout)
             .tcp_nodelay(true)
@@ -133,8 +136,13 @@ impl Endpoint {
             .http2_max_header_list_size(256 * 1024)
             .http2_keep_alive_interval(connect.keepalive_interval)
             .keep_alive_timeout(connect.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = match &connect.tls {
+            Some(tls) => {
+                endpoint.connect_with_connector_lazy(tls.connector(found.server_name.as_deref()))
+            }
+            None => endpoint.connect_lazy(),
+        };
         let client = GrpcInferenceServiceClient::new(channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);

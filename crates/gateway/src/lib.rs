@@ -44,12 +44,28 @@ pub async fn run(
     let lifecycle = Lifecycle::new(reporter).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::GatewayMetrics::register(&mut registry);
+    let worker_tls = config
+        .worker_tls_ca
+        .as_ref()
+        .map(|ca| {
+            let files = infermesh_core::tls::ClientFiles {
+                ca: Some(ca.clone()),
+                identity: config
+                    .worker_tls_cert
+                    .clone()
+                    .zip(config.worker_tls_key.clone()),
+            };
+            infermesh_core::tls::ClientTls::load(files, config.worker_tls_server_name.as_deref())
+                .map_err(|e| Error::Startup(format!("--worker-tls-*: {e}")))
+        })
+        .transpose()?;
     let pool = Pool::new(
         config.worker_refresh,
         endpoint::Connect {
             timeout: config.worker_connect_timeout,
             keepalive_interval: config.worker_keepalive_interval,
             keepalive_timeout: config.worker_keepalive_timeout,
+            tls: worker_tls.clone(),
         },
         metrics.clone(),
     );
@@ -109,6 +125,7 @@ pub async fn run(
         budget,
         health,
         registry,
+        watched: worker_tls.iter().map(|t| t.watched("worker-tls")).collect(),
     };
     let served = serve::serve_inference(service, parts, &config.server, shutdown)
         .await

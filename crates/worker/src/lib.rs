@@ -153,6 +153,7 @@ pub async fn run(
         budget,
         health,
         registry,
+        watched: Vec::new(),
     };
     serve::serve_inference(service, parts, &config.server, shutdown)
         .await
