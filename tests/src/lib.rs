@@ -244,14 +244,13 @@ impl Gateway {
         let task = tokio::spawn(infermesh_gateway::run(config, listeners, async {
             let _ = stopped.await;
         }));
-        let gw = Gateway {
+        Gateway {
             addr,
             metrics_addr,
             health_addr,
             stop: Some(stop),
             task,
-        };
-        gw
+        }
     }
 
     pub fn url(&self) -> String {
