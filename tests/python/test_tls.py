@@ -126,3 +126,26 @@ def test_the_health_port_answers_in_plaintext_while_grpc_is_tls(mesh, which):
             for reply in health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30):
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
+
+
+def test_the_cli_speaks_tls_and_mtls(mesh):
+    cert, key = (str(p) for p in mesh["certs"]["client"])
+    ca = str(mesh["certs"]["ca"])
+    cli = binary("infermesh")
+
+    def run(*args):
+        return subprocess.run([cli, *args], capture_output=True, text=True, timeout=60)
+
+    example = str(MODELS / "digits" / "example.json")
+    out = run("infer", "--url", f"https://{mesh['worker'].url}", "--ca", ca, "--cert", cert, "--key", key,
+              "--model", "digits", "--input", f"input=@{example}")
+    assert out.returncode == 0 and "label" in out.stdout, out.stderr
+    out = run("models", "--url", mesh["gateway"].url, "--ca", ca)
+    assert out.returncode == 0 and "digits" in out.stdout, out.stderr
+    # The health port, in plaintext, as the images' HEALTHCHECK calls it.
+    out = run("health", "--url", mesh["gateway"].health_url)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
+    # Without its certificate the worker refuses the CLI, and says so.
+    out = run("infer", "--url", f"https://{mesh['worker'].url}", "--ca", ca, "--model", "digits",
+              "--input", f"input=@{example}")
+    assert out.returncode != 0

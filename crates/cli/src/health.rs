@@ -10,6 +10,8 @@ pub struct HealthArgs {
     /// Server address, e.g. localhost:8001 or http://localhost:8001.
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Health service to check: "" for the whole server, or a model name.
     #[arg(long, default_value = "")]
     pub service: String,
@@ -20,7 +22,7 @@ pub struct HealthArgs {
 
 pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
     let check = async {
-        let channel = crate::infer::channel(&args.url).await?;
+        let channel = crate::infer::channel(&args.url, &args.tls).await?;
         let resp = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: args.service.clone(),

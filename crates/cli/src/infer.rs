@@ -13,9 +13,12 @@ use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct InferArgs {
-    /// Server address, e.g. localhost:8001 or http://localhost:8001.
+    /// Server address, e.g. localhost:8001, http://localhost:8001 or
+    /// https://infer.example.com:443.
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Model name.
     #[arg(long)]
     pub model: String,
@@ -31,21 +34,31 @@ pub struct InferArgs {
     pub json: bool,
 }
 
-pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    let url = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
+/// A connection to `url`: over TLS for https:// or when `tls` names certificates.
+pub async fn channel(url: &str, tls: &crate::tls::TlsArgs) -> anyhow::Result<Channel> {
+    let client_tls = tls.client(url)?;
+    // TLS is ours (the connector below), so tonic always sees http://.
+    let dial = match url.split_once("://") {
+        Some((_, rest)) => format!("http://{rest}"),
+        None => format!("http://{url}"),
     };
-    Channel::from_shared(url.clone())
-        .with_context(|| format!("bad url {url}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))
+    let endpoint = Channel::from_shared(dial).with_context(|| format!("bad url {url}"))?;
+    match client_tls {
+        Some(t) => endpoint.connect_with_connector(t.connector(None)).await,
+        None => endpoint.connect().await,
+    }
+    .with_context(|| format!("cannot connect to {url}"))
 }
 
 pub async fn run(args: InferArgs) -> anyhow::Result<()> {
-    let outputs = call(&args.url, &args.model, &args.version, &args.inputs).await?;
+    let outputs = call(
+        &args.url,
+        &args.tls,
+        &args.model,
+        &args.version,
+        &args.inputs,
+    )
+    .await?;
     if args.json {
         println!("{}", Value::Object(outputs));
     } else {
@@ -59,11 +72,12 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
 /// Sends one request built from NAME=JSON inputs; returns outputs as nested arrays.
 pub async fn call(
     url: &str,
+    tls: &crate::tls::TlsArgs,
     model: &str,
     version: &str,
     inputs: &[String],
 ) -> anyhow::Result<Map<String, Value>> {
-    let mut client = GrpcInferenceServiceClient::new(channel(url).await?)
+    let mut client = GrpcInferenceServiceClient::new(channel(url, tls).await?)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let meta = client

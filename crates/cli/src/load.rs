@@ -28,6 +28,8 @@ pub struct LoadArgs {
     /// Server address (a worker or the gateway).
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Model name.
     #[arg(long, default_value = "mlp")]
     pub model: String,
@@ -63,7 +65,7 @@ struct Tally {
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
-    let channel = crate::infer::channel(&args.url).await?;
+    let channel = crate::infer::channel(&args.url, &args.tls).await?;
     let client = GrpcInferenceServiceClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);

@@ -6,6 +6,7 @@ mod infer;
 mod json;
 mod load;
 mod models;
+mod tls;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -9,13 +9,16 @@ pub struct ModelsArgs {
     /// Server address, e.g. localhost:8001.
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
-    let mut client = GrpcInferenceServiceClient::new(crate::infer::channel(&args.url).await?);
+    let mut client =
+        GrpcInferenceServiceClient::new(crate::infer::channel(&args.url, &args.tls).await?);
     let answer = client
         .repository_index(RepositoryIndexRequest::default())
         .await

@@ -248,7 +248,7 @@ async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net
 
 /// Names of the models the mesh has ready.
 async fn ready_models(addr: &str) -> Vec<String> {
-    let Ok(ch) = crate::infer::channel(addr).await else {
+    let Ok(ch) = crate::infer::channel(addr, &Default::default()).await else {
         return Vec::new();
     };
     let mut c = infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
@@ -313,7 +313,7 @@ async fn stop_all(workers: &mut [Worker]) {
 async fn wait_ready(url: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(ch) = crate::infer::channel(url).await {
+        if let Ok(ch) = crate::infer::channel(url, &Default::default()).await {
             let mut c =
                 infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
             if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
@@ -342,7 +342,7 @@ async fn self_check(url: &str, repo: &std::path::Path) -> anyhow::Result<()> {
     };
     let v: Value = serde_json::from_str(&text)?;
     let inputs = vec![format!("input={}", v["inputs"])];
-    let out = crate::infer::call(url, "digits", "", &inputs).await?;
+    let out = crate::infer::call(url, &Default::default(), "digits", "", &inputs).await?;
     let got = &out["label"];
     println!("digits: predicted {got}, expected {}", v["labels"]);
     anyhow::ensure!(
