@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, binary
 
-OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit"]
+OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit", "production-tls"]
 
 
 def run(*cmd):
@@ -196,12 +196,13 @@ def test_checkov_passes_with_every_skip_justified(tmp_path):
     assert "Failed checks: 0" in out, out
 
 
-CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/", "cert-manager.io/")
 
 
 def test_custom_resources_match_their_crd_schemas():
-    """ServiceMonitor, PrometheusRule and ScaledObject (which kubernetes-validate has no
-    schema for) validated against the CRDs' published JSON schemas (tests/crd)."""
+    """ServiceMonitor, PrometheusRule, ScaledObject, and cert-manager's Certificate and
+    Issuer (which kubernetes-validate has no schema for) validated against the CRDs'
+    published JSON schemas (tests/crd)."""
     import json
 
     docs = {}
@@ -209,7 +210,7 @@ def test_custom_resources_match_their_crd_schemas():
         for d in yaml.safe_load_all(render(overlay)):
             if d and d["apiVersion"].startswith(CRD_GROUPS):
                 docs[(d["kind"], d["metadata"]["name"])] = d
-    assert {k for k, _ in docs} == {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+    assert {k for k, _ in docs} == {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Certificate", "Issuer"}
     out = subprocess.run(["node", "validate.mjs"], input=json.dumps(list(docs.values())), capture_output=True,
                          text=True, timeout=60, cwd=ROOT / "tests/crd")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -250,3 +251,35 @@ def test_selectors_ports_and_gpus_line_up(overlay):
             assert d["spec"]["scaleTargetRef"]["name"] in deps, name
     gpus = [n for n, p in pods.items() if "nvidia.com/gpu" in p["spec"]["containers"][0]["resources"].get("limits", {})]
     assert gpus == ([] if overlay in ("cpu", "explicit") else ["infermesh-worker"])
+
+
+def test_the_tls_shape_lines_up():
+    """production-tls: every mounted Secret is one a Certificate writes, read-only; the
+    name the gateway checks is on the workers' certificate; the workers accept exactly the
+    gateway's client certificate's name, which only a client-auth certificate carries; the
+    CA issuer is the one that signs the three certificates; probes stay on the health
+    port."""
+    docs = [d for d in yaml.safe_load_all(render("production-tls")) if d]
+    certs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    by_secret = {c["secretName"]: c for c in certs.values()}
+    deps = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+    env = {name: {e["name"]: e.get("value") for e in pod["containers"][0]["env"]} for name, pod in deps.items()}
+    for name, pod in deps.items():
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        for vol, secret in secrets.items():
+            assert secret in by_secret, (name, secret)
+            assert mounts[vol]["readOnly"] is True, (name, vol)
+        c = pod["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == 8003, (name, probe)
+    worker, gateway = env["infermesh-worker"], env["infermesh-gateway"]
+    assert worker["INFERMESH_GRPC_USE_SSL_MUTUAL"] == "true"
+    assert gateway["INFERMESH_WORKER_TLS_SERVER_NAME"] in certs["infermesh-worker-serving"]["dnsNames"]
+    allowed = worker["INFERMESH_GRPC_ALLOWED_CLIENT_NAMES"].split(",")
+    client_names = [n for c in certs.values() if "client auth" in c.get("usages", []) for n in c["dnsNames"]]
+    assert sorted(allowed) == sorted(client_names) == certs["infermesh-gateway-client"]["dnsNames"]
+    for name in ("infermesh-gateway-serving", "infermesh-worker-serving", "infermesh-gateway-client"):
+        assert certs[name]["issuerRef"] == {"name": "infermesh-ca", "kind": "Issuer"}, name
+        assert "client auth" not in certs[name]["usages"] or name == "infermesh-gateway-client"
+    assert certs["infermesh-ca"]["isCA"] is True
