@@ -87,3 +87,17 @@ def test_workers_do_not_outlive_a_killed_up():
                     os.kill(p, signal.SIGKILL)
             except (FileNotFoundError, ProcessLookupError):
                 pass
+
+
+def test_up_serves_tls_with_a_certificate_and_its_hints_say_how_to_call_it(tmp_path):
+    from pki import Ca
+
+    ca = Ca(tmp_path, "ca")
+    cert, key = ca.leaf("server", ["localhost", "127.0.0.1"], 1)
+    out, _ = up("--workers", "1", "--cert", str(cert), "--key", str(key), "--ca", str(ca.cert), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The self-check request went through TLS; the hints carry the CA.
+    assert "digits: predicted" in out.stdout, out.stdout
+    assert re.search(r"gateway on https://127\.0\.0\.1:\d+,", out.stdout), out.stdout
+    assert f"--ca {ca.cert}" in out.stdout and f"-cacert {ca.cert}" in out.stdout, out.stdout
+    assert "root_certificates=" in out.stdout, out.stdout

@@ -289,6 +289,39 @@ async fn a_certificate_rotated_on_disk_reaches_new_connections_and_open_streams_
     worker.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_bad_certificate_on_disk_is_counted_and_the_last_good_one_stays() {
+    let p = pki();
+    let worker = Worker::start_tls(
+        &models(),
+        &[
+            "--grpc-server-cert",
+            s(&p.server.cert),
+            "--grpc-server-key",
+            s(&p.server.key),
+        ],
+        &p.ca.cert,
+        None,
+    )
+    .await;
+    std::fs::write(&p.server.cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    worker
+        .wait_metric(
+            "infermesh_config_reloads_total{file=\"grpc-server-cert\",result=\"error\"}",
+            |v| v >= 1.0,
+        )
+        .await;
+    assert_eq!(
+        served_certificate(worker.addr, &p.ca.cert).await,
+        p.server.der,
+        "new connections still get the last good certificate"
+    );
+    ready(worker.addr, &p.ca.cert, None, "localhost")
+        .await
+        .unwrap();
+    worker.stop().await.unwrap();
+}
+
 /// The certificate a new TLS connection to `addr` is given.
 async fn served_certificate(addr: std::net::SocketAddr, ca: &Path) -> Vec<u8> {
     let config = infermesh_core::tls::ClientFiles {

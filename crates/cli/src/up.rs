@@ -35,6 +35,18 @@ pub struct UpArgs {
     /// Serve Prometheus /metrics from every process, on free 127.0.0.1 ports (printed).
     #[arg(long)]
     pub metrics: bool,
+    /// Serve the gateway's port over TLS with this certificate chain (PEM); it must be
+    /// valid for the --listen address (e.g. an IP SAN 127.0.0.1, as mkcert's are). The
+    /// workers behind it stay on loopback in plaintext.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) that `up`'s own checks and printed commands verify the
+    /// gateway with; default: the system's.
+    #[arg(long, requires = "cert")]
+    pub ca: Option<PathBuf>,
     /// Flags for every worker, after `--` (e.g. `infermesh up -- --intra-op-threads 2`).
     #[arg(last = true, value_name = "WORKER FLAGS")]
     pub worker_flags: Vec<String>,
@@ -134,7 +146,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         grpc,
         metrics: gw_metrics,
         health: Some(TcpListener::bind("127.0.0.1:0").await?),
-        tls: None,
+        tls: server_tls(&args)?,
+    };
+    let mesh = Mesh {
+        url: match args.cert {
+            Some(_) => format!("https://{addr}"),
+            None => addr.to_string(),
+        },
+        tls: crate::tls::TlsArgs {
+            ca: args.ca.clone(),
+            ..Default::default()
+        },
     };
     let mut gw_stop = stop_rx.clone();
     let gateway = tokio::spawn(infermesh_gateway::run(config, listeners, async move {
@@ -148,8 +170,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.child.wait())));
         tokio::select! {
             r = async {
-                wait_ready(&addr.to_string()).await?;
-                self_check(&addr.to_string(), &repo).await
+                wait_ready(&mesh).await?;
+                self_check(&mesh, &repo).await
             } => r.map(|_| None),
             Some(why) = fatal.recv() => Err(anyhow::anyhow!(why)),
             (status, i, _) = exits => Ok(Some((i, status.ok()))),
@@ -169,7 +191,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let mut supervisor = None;
     if checked.is_ok() {
-        print_hints(&addr.to_string(), &workers, gw_metrics_addr).await;
+        print_hints(&mesh, &workers, gw_metrics_addr).await;
         if !args.check {
             supervisor = Some(tokio::spawn(supervise(
                 workers,
@@ -191,8 +213,41 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     checked
 }
 
+/// How clients reach the mesh: its URL (https:// with --cert) and the CA to trust.
+struct Mesh {
+    url: String,
+    tls: crate::tls::TlsArgs,
+}
+
+impl Mesh {
+    /// The flags every printed command needs for TLS (`flag` is the tool's CA flag).
+    fn ca_flag(&self, flag: &str) -> String {
+        match &self.tls.ca {
+            Some(ca) => format!(" {flag} {}", ca.display()),
+            None => String::new(),
+        }
+    }
+}
+
+/// The gateway's TLS material from --cert/--key, if given.
+fn server_tls(args: &UpArgs) -> anyhow::Result<Option<infermesh_core::tls::ServerTls>> {
+    let (Some(cert), Some(key)) = (&args.cert, &args.key) else {
+        return Ok(None);
+    };
+    let files = infermesh_core::tls::ServerFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+        allowed_names: Vec::new(),
+    };
+    infermesh_core::tls::ServerTls::load(files)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("--cert/--key: {e}"))
+}
+
 /// What to try next, with the models this repository really serves and tools that exist.
-async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net::SocketAddr>) {
+async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::net::SocketAddr>) {
+    let addr = mesh.url.as_str();
     let pids: Vec<String> = workers
         .iter()
         .map(|w| w.child.id().unwrap_or(0).to_string())
@@ -213,7 +268,7 @@ async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net
             each.join(", ")
         );
     }
-    let models = ready_models(addr).await;
+    let models = ready_models(mesh).await;
     let model = models
         .iter()
         .find(|m| *m == "mlp")
@@ -221,11 +276,12 @@ async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net
         .cloned()
         .unwrap_or_else(|| "MODEL".into());
     let cli = this_binary();
-    println!("  {cli} models --url {addr}");
+    let ca = mesh.ca_flag("--ca");
+    println!("  {cli} models --url {addr}{ca}");
     let example = checkout().join("models/digits/example.json");
     if models.iter().any(|m| m == "digits") && example.exists() {
         println!(
-            "  {cli} infer --url {addr} --model digits --input input=@{}",
+            "  {cli} infer --url {addr}{ca} --model digits --input input=@{}",
             example.display()
         );
     }
@@ -235,20 +291,31 @@ async fn print_hints(addr: &str, workers: &[Worker], gw_metrics: Option<std::net
         true => grpcurl.display().to_string(),
         false => "grpcurl".into(),
     };
-    println!("  {grpcurl} -plaintext -d '{{\"name\":\"{model}\"}}' {addr} inference.GRPCInferenceService/ModelMetadata");
+    // grpcurl and tritonclient take host:port, and their own TLS flags.
+    let host = addr.trim_start_matches("https://");
+    let security = match mesh.tls.ca.is_some() || addr.starts_with("https://") {
+        true => mesh.ca_flag("-cacert"),
+        false => " -plaintext".into(),
+    };
+    println!("  {grpcurl}{security} -d '{{\"name\":\"{model}\"}}' {host} inference.GRPCInferenceService/ModelMetadata");
     let python = venv.join("python");
     let python = match python.exists() {
         true => python.display().to_string(),
         false => "python3  # needs: pip install 'tritonclient[grpc]'\n   ".into(),
     };
+    let ssl = match (&mesh.tls.ca, addr.starts_with("https://")) {
+        (Some(ca), _) => format!(", ssl=True, root_certificates=\"{}\"", ca.display()),
+        (None, true) => ", ssl=True".into(),
+        (None, false) => String::new(),
+    };
     println!(
-        "  {python} -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"{addr}\").get_model_metadata(\"{model}\"))'"
+        "  {python} -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"{host}\"{ssl}).get_model_metadata(\"{model}\"))'"
     );
 }
 
 /// Names of the models the mesh has ready.
-async fn ready_models(addr: &str) -> Vec<String> {
-    let Ok(ch) = crate::infer::channel(addr, &Default::default()).await else {
+async fn ready_models(mesh: &Mesh) -> Vec<String> {
+    let Ok(ch) = crate::infer::channel(&mesh.url, &mesh.tls).await else {
         return Vec::new();
     };
     let mut c = infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
@@ -310,10 +377,10 @@ async fn stop_all(workers: &mut [Worker]) {
     }
 }
 
-async fn wait_ready(url: &str) -> anyhow::Result<()> {
+async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(ch) = crate::infer::channel(url, &Default::default()).await {
+        if let Ok(ch) = crate::infer::channel(&mesh.url, &mesh.tls).await {
             let mut c =
                 infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
             if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
@@ -331,7 +398,7 @@ async fn wait_ready(url: &str) -> anyhow::Result<()> {
 }
 
 /// Classifies the bundled digits samples through the mesh and compares with the labels.
-async fn self_check(url: &str, repo: &std::path::Path) -> anyhow::Result<()> {
+async fn self_check(mesh: &Mesh, repo: &std::path::Path) -> anyhow::Result<()> {
     let samples = repo.join("digits/samples.json");
     let Ok(text) = std::fs::read_to_string(&samples) else {
         println!(
@@ -342,7 +409,7 @@ async fn self_check(url: &str, repo: &std::path::Path) -> anyhow::Result<()> {
     };
     let v: Value = serde_json::from_str(&text)?;
     let inputs = vec![format!("input={}", v["inputs"])];
-    let out = crate::infer::call(url, &Default::default(), "digits", "", &inputs).await?;
+    let out = crate::infer::call(&mesh.url, &mesh.tls, "digits", "", &inputs).await?;
     let got = &out["label"];
     println!("digits: predicted {got}, expected {}", v["labels"]);
     anyhow::ensure!(
