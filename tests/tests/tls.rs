@@ -221,6 +221,19 @@ async fn the_gateway_speaks_mtls_to_workers_and_tls_to_clients() {
         let reply = c.model_infer(digits(&id)).await.unwrap().into_inner();
         assert_eq!(reply.id, id);
     }
+    // The gateway's client certificate rotated on disk is reloaded; requests go on.
+    p.ca.leaf(p.dir.path(), "gateway", &["gateway.infermesh.test"], 20);
+    let reloaded = "infermesh_config_reloads_total{file=\"worker-tls\",result=\"ok\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !infermesh_tests::metric_at(gw.metrics_addr, reloaded)
+        .await
+        .is_some_and(|v| v >= 1.0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{reloaded} never 1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = c.model_infer(digits("rotated")).await.unwrap().into_inner();
+    assert_eq!(reply.id, "rotated");
     gw.stop().await.unwrap();
 
     // Without its client certificate the gateway gets nothing from the worker.
