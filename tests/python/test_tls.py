@@ -149,3 +149,16 @@ def test_the_cli_speaks_tls_and_mtls(mesh):
     out = run("infer", "--url", f"https://{mesh['worker'].url}", "--ca", ca, "--model", "digits",
               "--input", f"input=@{example}")
     assert out.returncode != 0
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--grpc-use-ssl"], "--grpc-use-ssl needs --grpc-server-cert and --grpc-server-key"),
+    (["--grpc-server-cert", "/nonexistent/server.pem", "--grpc-server-key", "/nonexistent/server.key"],
+     "/nonexistent/server.pem"),
+])
+def test_tls_flags_that_cannot_work_stop_the_server_at_start(flags, says):
+    out = subprocess.run([binary("infermesh-worker"), "--model-repository", str(MODELS), "--grpc-address", "127.0.0.1",
+                          "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0", *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert says in out.stderr, out.stderr[-2000:]

@@ -287,3 +287,69 @@ impl ClientCertVerifier for AllowedNames {
         self.inner.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(f: impl FnOnce(&mut TlsArgs)) -> Result<Option<ServerFiles>, String> {
+        let mut a = TlsArgs::default();
+        f(&mut a);
+        ServerFiles::from_args(&a)
+    }
+
+    #[test]
+    fn contradictory_flags_are_errors_that_name_them() {
+        assert!(args(|_| {}).unwrap().is_none(), "no flags: plaintext");
+        let e = args(|a| a.grpc_use_ssl = true).unwrap_err();
+        assert!(e.contains("--grpc-server-cert"), "{e}");
+        let with_files = |a: &mut TlsArgs| {
+            a.grpc_server_cert = Some("c.pem".into());
+            a.grpc_server_key = Some("k.pem".into());
+        };
+        let e = args(|a| {
+            with_files(a);
+            a.grpc_use_ssl_mutual = true;
+        })
+        .unwrap_err();
+        assert!(e.contains("--grpc-root-cert"), "{e}");
+        let e = args(|a| {
+            with_files(a);
+            a.grpc_root_cert = Some("ca.pem".into());
+        })
+        .unwrap_err();
+        assert!(e.contains("--grpc-use-ssl-mutual"), "{e}");
+        let e = args(|a| {
+            with_files(a);
+            a.grpc_allowed_client_names = vec!["gw".into()];
+        })
+        .unwrap_err();
+        assert!(e.contains("--grpc-allowed-client-names"), "{e}");
+        let e = args(|a| {
+            with_files(a);
+            a.grpc_use_ssl_mutual = true;
+            a.grpc_root_cert = Some("ca.pem".into());
+            a.grpc_allowed_client_names = vec!["not a name!".into()];
+        })
+        .unwrap_err();
+        assert!(e.contains("'not a name!'"), "{e}");
+        let files = args(with_files).unwrap().unwrap();
+        assert!(files.client_ca.is_none() && files.allowed_names.is_empty());
+    }
+
+    #[test]
+    fn a_missing_or_empty_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("infermesh-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = certs(&empty).unwrap_err();
+        assert!(
+            e.contains("empty.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let e = key(&dir.join("missing.key")).unwrap_err();
+        assert!(e.contains("missing.key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
