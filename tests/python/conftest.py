@@ -22,9 +22,9 @@ def binary(name: str) -> str:
 class Server:
     """A worker or gateway process on 127.0.0.1, its port learned from its log."""
 
-    def __init__(self, cmd, env=None, tls=None):
+    def __init__(self, cmd, env=None, tls=None, headers=None):
         """`tls`: tritonclient's TLS arguments (ssl, root_certificates, ...) for a server
-        whose gRPC port speaks TLS."""
+        whose gRPC port speaks TLS; `headers`: what the readiness check sends (a token)."""
         # Later flags win, so callers may override the grace period. cmd[0] may be a list
         # (a binary and its subcommand: `infermesh gateway`).
         head = list(cmd[0]) if isinstance(cmd[0], (list, tuple)) else [cmd[0]]
@@ -53,7 +53,7 @@ class Server:
         self.log = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
         self.client = grpcclient.InferenceServerClient(self.url, **(tls or {}))
-        while not self.client.is_server_ready():
+        while not self.client.is_server_ready(headers=headers):
             assert time.monotonic() < deadline and self.proc.poll() is None, f"{cmd[0]} not ready"
             time.sleep(0.05)
 

@@ -11,7 +11,7 @@ pub struct HealthArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::tls::TlsArgs,
+    pub tls: crate::conn::ConnArgs,
     /// Health service to check: "" for the whole server, or a model name.
     #[arg(long, default_value = "")]
     pub service: String,

@@ -9,7 +9,6 @@ use infermesh_proto::{
     model_infer_request::InferInputTensor, ModelInferRequest, ModelMetadataRequest,
 };
 use serde_json::{Map, Value};
-use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct InferArgs {
@@ -18,7 +17,7 @@ pub struct InferArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::tls::TlsArgs,
+    pub tls: crate::conn::ConnArgs,
     /// Model name.
     #[arg(long)]
     pub model: String,
@@ -34,20 +33,9 @@ pub struct InferArgs {
     pub json: bool,
 }
 
-/// A connection to `url`: over TLS for https:// or when `tls` names certificates.
-pub async fn channel(url: &str, tls: &crate::tls::TlsArgs) -> anyhow::Result<Channel> {
-    let client_tls = tls.client(url)?;
-    // TLS is ours (the connector below), so tonic always sees http://.
-    let dial = match url.split_once("://") {
-        Some((_, rest)) => format!("http://{rest}"),
-        None => format!("http://{url}"),
-    };
-    let endpoint = Channel::from_shared(dial).with_context(|| format!("bad url {url}"))?;
-    match client_tls {
-        Some(t) => endpoint.connect_with_connector(t.connector(None)).await,
-        None => endpoint.connect().await,
-    }
-    .with_context(|| format!("cannot connect to {url}"))
+/// A connection to `url` (see [`crate::conn::connect`]).
+pub async fn channel(url: &str, args: &crate::conn::ConnArgs) -> anyhow::Result<crate::conn::Conn> {
+    crate::conn::connect(url, args).await
 }
 
 pub async fn run(args: InferArgs) -> anyhow::Result<()> {
@@ -72,7 +60,7 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
 /// Sends one request built from NAME=JSON inputs; returns outputs as nested arrays.
 pub async fn call(
     url: &str,
-    tls: &crate::tls::TlsArgs,
+    tls: &crate::conn::ConnArgs,
     model: &str,
     version: &str,
     inputs: &[String],

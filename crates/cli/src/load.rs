@@ -29,7 +29,7 @@ pub struct LoadArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::tls::TlsArgs,
+    pub tls: crate::conn::ConnArgs,
     /// Model name.
     #[arg(long, default_value = "mlp")]
     pub model: String,
@@ -133,7 +133,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 /// One stream, `concurrency` requests in flight; responses come back in request order,
 /// so send times queue up in order too.
 async fn stream_load(
-    mut client: GrpcInferenceServiceClient<tonic::transport::Channel>,
+    mut client: GrpcInferenceServiceClient<crate::conn::Conn>,
     request: ModelInferRequest,
     args: &LoadArgs,
     limit: u64,
@@ -191,7 +191,7 @@ async fn stream_load(
 }
 
 async fn build_request(
-    client: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
+    client: &mut GrpcInferenceServiceClient<crate::conn::Conn>,
     args: &LoadArgs,
 ) -> anyhow::Result<ModelInferRequest> {
     let meta = client

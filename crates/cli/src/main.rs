@@ -1,12 +1,13 @@
 //! `infermesh`: run a local mesh, call servers, check health.
 
+mod auth;
 mod bench;
+mod conn;
 mod health;
 mod infer;
 mod json;
 mod load;
 mod models;
-mod tls;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// grpc.health.v1 Check; exits 0 when SERVING (usable as a container HEALTHCHECK).
     Health(health::HealthArgs),
+    /// API keys for --auth-config.
+    Auth(auth::AuthArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +77,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Health(args) => health::run(args).await,
         Command::Models(args) => models::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Auth(args) => auth::run(args),
     }
 }
 

@@ -10,7 +10,7 @@ pub struct ModelsArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::tls::TlsArgs,
+    pub tls: crate::conn::ConnArgs,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,

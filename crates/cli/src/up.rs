@@ -153,7 +153,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Some(_) => format!("https://{addr}"),
             None => addr.to_string(),
         },
-        tls: crate::tls::TlsArgs {
+        tls: crate::conn::ConnArgs {
             ca: args.ca.clone(),
             ..Default::default()
         },
@@ -216,7 +216,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// How clients reach the mesh: its URL (https:// with --cert) and the CA to trust.
 struct Mesh {
     url: String,
-    tls: crate::tls::TlsArgs,
+    tls: crate::conn::ConnArgs,
 }
 
 impl Mesh {

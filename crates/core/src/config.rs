@@ -43,6 +43,9 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+
     /// Largest gRPC message accepted or sent, in bytes (Triton accepts up to 2 GiB; raise it
     /// for larger tensors). A larger request is answered RESOURCE_EXHAUSTED from its 5-byte
     /// prefix, before any of it is buffered.

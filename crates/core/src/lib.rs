@@ -3,6 +3,7 @@
 //! sequence.
 
 pub mod admission;
+pub mod auth;
 pub mod busy_poll;
 pub mod config;
 pub mod conn;

@@ -63,6 +63,8 @@ pub struct Parts<H> {
     /// Files to reload besides the gRPC port's TLS material (the gateway's client
     /// certificate); one watcher serves them all.
     pub watched: Vec<crate::watch::Watched>,
+    /// Tenants and their rights (`--auth-config`); None lets every caller do everything.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 /// Serves an `inference.GRPCInferenceService` (with the message-size flags), health,
@@ -84,10 +86,12 @@ where
         health,
         mut registry,
         mut watched,
+        auth,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
     let reloads = crate::watch::register(&mut registry);
     watched.extend(listeners.tls.iter().map(|t| t.watched()));
+    watched.extend(auth.iter().map(|a| a.watched()));
     // Aborted when serving ends.
     let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads).map(AbortOnDrop);
     crate::trace::register(&mut registry);
@@ -106,16 +110,19 @@ where
         infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-    let limits = crate::admission::body::Limits {
-        budget,
-        max_message: limit,
-        stall: args.grpc_stall_timeout,
+    let guards = Guards {
+        body: crate::admission::body::Limits {
+            budget,
+            max_message: limit,
+            stall: args.grpc_stall_timeout,
+        },
+        auth,
     };
     let served = serve(
         Routes::new(inference),
         listeners,
         args,
-        limits,
+        guards,
         lifecycle,
         health,
         shutdown,
@@ -123,6 +130,12 @@ where
     .await;
     let _ = stop_metrics.send(());
     served
+}
+
+/// What every call on the gRPC port passes before a handler: byte accounting and auth.
+pub struct Guards {
+    pub body: crate::admission::body::Limits,
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 /// Binds the gRPC listener from the flags (port 0 picks one).
@@ -189,7 +202,7 @@ pub async fn serve(
     routes: Routes,
     listeners: Listeners,
     args: &ServerArgs,
-    limits: crate::admission::body::Limits,
+    guards: Guards,
     lifecycle: Lifecycle,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -258,7 +271,8 @@ pub async fn serve(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
         ))
         .layer(crate::panic::CatchPanicLayer)
-        .layer(crate::admission::body::CountedLayer(limits))
+        .layer(crate::admission::body::CountedLayer(guards.body))
+        .layer(crate::auth::AuthLayer(guards.auth))
         .layer(crate::conn::CallLayer);
     if !args.max_connection_age.is_zero() {
         builder = builder.max_connection_age(args.max_connection_age);

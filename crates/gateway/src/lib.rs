@@ -43,6 +43,8 @@ pub async fn run(
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
     let mut registry = prometheus_client::registry::Registry::default();
+    let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)
+        .map_err(Error::Startup)?;
     let metrics = metrics::GatewayMetrics::register(&mut registry);
     let worker_tls = config
         .worker_tls_ca
@@ -124,6 +126,7 @@ pub async fn run(
         lifecycle,
         budget,
         health,
+        auth,
         registry,
         watched: worker_tls.iter().map(|t| t.watched("worker-tls")).collect(),
     };

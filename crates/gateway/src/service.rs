@@ -10,8 +10,8 @@ use std::{
 
 use futures::future::join_all;
 use infermesh_core::{
-    admission::ByteBudget, metrics, stream::UNORDERED, text::clip, trace, Error as RequestError,
-    Lifecycle,
+    admission::ByteBudget, auth, metrics, stream::UNORDERED, text::clip, trace,
+    Error as RequestError, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
@@ -286,6 +286,7 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<pb::ModelReadyResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         let ready =
             self.pool.pick(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
@@ -307,6 +308,7 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<pb::ModelMetadataResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let mut req = req.into_inner();
         let (ep, version) = self.pool.pick(&req.name, &req.version)?;
         req.version = version;
@@ -319,6 +321,7 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<pb::ModelConfigResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let mut req = req.into_inner();
         let (ep, version) = self.pool.pick(&req.name, &req.version)?;
         req.version = version;
@@ -338,10 +341,15 @@ impl GrpcInferenceService for GatewayService {
             &req.get_ref().model_name,
             trace::incoming(req.metadata()),
         );
-        let resp = self
-            .infer(req.into_inner(), deadline, carry)
-            .instrument(span)
-            .await?;
+        let caller = auth::caller(&req);
+        let req = req.into_inner();
+        let model = req.model_name.clone();
+        let resp = auth::infer(
+            caller.as_ref(),
+            &model,
+            self.infer(req, deadline, carry).instrument(span),
+        )
+        .await?;
         Ok(infermesh_core::admission::held_reply(resp, &self.bytes))
     }
 
@@ -357,6 +365,9 @@ impl GrpcInferenceService for GatewayService {
         let open = OpenGauge::new(&self.metrics.open_streams);
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
+        // Checked per message: a stream may mix models, and each message counts against
+        // the tenant's quotas; a refused message gets its error and the stream goes on.
+        let caller = auth::caller(&req);
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
             infermesh_core::stream::Options {
@@ -369,7 +380,12 @@ impl GrpcInferenceService for GatewayService {
                 let svc = svc.clone();
                 let (span, carry) =
                     trace::request("ModelStreamInfer", &m.model_name, parent.clone());
-                async move { svc.infer(m, None, carry).await }.instrument(span)
+                let caller = caller.clone();
+                async move {
+                    let model = m.model_name.clone();
+                    auth::infer(caller.as_ref(), &model, svc.infer(m, None, carry)).await
+                }
+                .instrument(span)
             },
         )))
     }
@@ -378,6 +394,10 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<pb::ModelStatisticsResponse> {
+        let caller = auth::caller(&req);
+        if !req.get_ref().name.is_empty() {
+            auth::check_model(&req, &req.get_ref().name)?;
+        }
         let req = req.into_inner();
         let workers = self.pool.all();
         let reports = join_all(workers.iter().map(|ep| {
@@ -393,7 +413,10 @@ impl GrpcInferenceService for GatewayService {
                 self.stats.update(&ep.addr, r.into_inner().model_stats);
             }
         }
-        let model_stats = self.stats.sum(&req.name, &req.version);
+        let mut model_stats = self.stats.sum(&req.name, &req.version);
+        if let Some(c) = &caller {
+            model_stats.retain(|m| c.allows_model(&m.name));
+        }
         if !req.name.is_empty() && model_stats.is_empty() {
             return Err(RequestError::NotFound(format!(
                 "no statistics for model '{}'",
@@ -409,6 +432,7 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<pb::RepositoryIndexResponse> {
+        let caller = auth::caller(&req);
         let ready_only = req.into_inner().ready;
         let workers = self.pool.all();
         let answers = join_all(workers.iter().map(|ep| {
@@ -437,6 +461,7 @@ impl GrpcInferenceService for GatewayService {
         let models = union
             .into_iter()
             .filter(|(_, (ready, _))| *ready || !ready_only)
+            .filter(|((name, _), _)| caller.as_ref().is_none_or(|c| c.allows_model(name)))
             .map(
                 |((name, version), (ready, on))| pb::repository_index_response::ModelIndex {
                     name,
@@ -456,7 +481,9 @@ impl GrpcInferenceService for GatewayService {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<pb::RepositoryModelLoadResponse> {
         self.allow_control()?;
+        let tenant = auth::caller(&req).map(|c| c.tenant().to_string());
         let req = req.into_inner();
+        tracing::info!(model = %clip(&req.model_name), tenant = ?tenant, "model load asked");
         infermesh_core::model_control::check_name(&req.model_name)?;
         infermesh_core::model_control::check_load_parameters(req.parameters.keys())?;
         let answers = join_all(self.pool.all().into_iter().map(|ep| {
@@ -473,7 +500,9 @@ impl GrpcInferenceService for GatewayService {
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<pb::RepositoryModelUnloadResponse> {
         self.allow_control()?;
+        let tenant = auth::caller(&req).map(|c| c.tenant().to_string());
         let req = req.into_inner();
+        tracing::info!(model = %clip(&req.model_name), tenant = ?tenant, "model unload asked");
         infermesh_core::model_control::check_name(&req.model_name)?;
         let answers = join_all(self.pool.all().into_iter().map(|ep| {
             let req = req.clone();

@@ -58,6 +58,8 @@ pub async fn run(
 ) -> Result<(), Error> {
     onnx::init(&onnxruntime_library(&config)?)?;
     let mut registry = prometheus_client::registry::Registry::default();
+    let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)
+        .map_err(Error::Startup)?;
     let metrics = WorkerMetrics::register(&mut registry);
     let (reporter, health) = tonic_health::server::health_reporter();
     let lifecycle = Lifecycle::new(reporter).await;
@@ -152,6 +154,7 @@ pub async fn run(
         lifecycle,
         budget,
         health,
+        auth,
         registry,
         watched: Vec::new(),
     };

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{
     admission::{held_reply, ByteBudget},
-    metrics, trace, Lifecycle,
+    auth, metrics, trace, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
@@ -152,6 +152,7 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<pb::ModelReadyResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         let ready = self.repo.get(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
@@ -172,6 +173,7 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<pb::ModelMetadataResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         let model = self
             .repo
@@ -184,6 +186,7 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<pb::ModelConfigResponse> {
+        auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         let model = self
             .repo
@@ -205,10 +208,14 @@ impl GrpcInferenceService for WorkerService {
             &req.get_ref().model_name,
             trace::incoming(req.metadata()),
         );
-        let resp = self
-            .infer(req.into_inner(), deadline)
-            .instrument(span)
-            .await?;
+        let caller = auth::caller(&req);
+        let req = req.into_inner();
+        let model = req.model_name.clone();
+        let resp = auth::infer(caller.as_ref(), &model, async {
+            self.infer(req, deadline).await.map_err(Status::from)
+        })
+        .instrument(span)
+        .await?;
         Ok(held_reply(resp, &self.budget))
     }
 
@@ -222,6 +229,8 @@ impl GrpcInferenceService for WorkerService {
         let svc = self.clone();
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
+        // Checked per message: the model and the tenant's quotas.
+        let caller = auth::caller(&req);
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
         Ok(Response::new(infermesh_core::stream::serve(
             req.into_inner(),
@@ -235,7 +244,15 @@ impl GrpcInferenceService for WorkerService {
                 // A gateway sharing one stream between messages sends each one's context.
                 let cx = trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone());
                 let (span, _) = trace::request("ModelStreamInfer", &m.model_name, cx);
-                async move { svc.infer(m, None).await.map_err(Status::from) }.instrument(span)
+                let caller = caller.clone();
+                async move {
+                    let model = m.model_name.clone();
+                    auth::infer(caller.as_ref(), &model, async {
+                        svc.infer(m, None).await.map_err(Status::from)
+                    })
+                    .await
+                }
+                .instrument(span)
             },
         )))
     }
@@ -244,6 +261,10 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::ModelStatisticsRequest>,
     ) -> Result<pb::ModelStatisticsResponse> {
+        let caller = auth::caller(&req);
+        if !req.get_ref().name.is_empty() {
+            auth::check_model(&req, &req.get_ref().name)?;
+        }
         let req = req.into_inner();
         let models = if req.name.is_empty() {
             self.repo.ready_models()
@@ -261,6 +282,7 @@ impl GrpcInferenceService for WorkerService {
         Ok(Response::new(pb::ModelStatisticsResponse {
             model_stats: models
                 .iter()
+                .filter(|m| caller.as_ref().is_none_or(|c| c.allows_model(&m.name)))
                 .map(|m| m.stats.to_pb(&m.name, m.version))
                 .collect(),
         }))
@@ -270,9 +292,13 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<pb::RepositoryIndexResponse> {
+        let caller = auth::caller(&req);
         let mut models = self.repo.index();
         if req.into_inner().ready {
             models.retain(|m| m.state == "READY");
+        }
+        if let Some(c) = &caller {
+            models.retain(|m| c.allows_model(&m.name));
         }
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }

@@ -1,0 +1,72 @@
+//! The tower layer that authenticates each call (health excepted) and checks the RPC's
+//! scope before any handler runs.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tonic::body::Body;
+
+use super::{rpc_scope, Auth};
+
+/// Applies `auth` when there is one; a no-op otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct AuthLayer(pub Option<Arc<Auth>>);
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            auth: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Option<Arc<Auth>>,
+}
+
+impl<S> tower::Service<http::Request<Body>> for AuthService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let Some(auth) = &self.auth else {
+            return Box::pin(self.inner.call(req));
+        };
+        let path = req.uri().path();
+        // Probes and load balancers send no credentials.
+        if path.starts_with("/grpc.health.v1.Health/") {
+            return Box::pin(self.inner.call(req));
+        }
+        let checked = auth.authenticate(req.headers()).and_then(|caller| {
+            if let Some(scope) = rpc_scope(path) {
+                caller.require(scope)?;
+            }
+            Ok(caller)
+        });
+        match checked {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(req))
+            }
+            Err(status) => {
+                let resp = status.into_http::<Body>();
+                Box::pin(async move { Ok(resp) })
+            }
+        }
+    }
+}

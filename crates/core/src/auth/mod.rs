@@ -1,0 +1,339 @@
+//! Who is calling and what they may do: tenants from `--auth-config` (API keys kept as
+//! SHA-256 hashes, compared in constant time), scopes per RPC and per model, and quotas
+//! per tenant. A tower layer authenticates every call but health and checks the RPC's
+//! scope; it puts the [`Caller`] in the request's extensions, where handlers check models
+//! and quotas (per stream message too).
+
+pub mod file;
+mod layer;
+pub mod limits;
+
+use std::{path::PathBuf, sync::Arc};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
+use tonic::Status;
+
+pub use file::{hash_key, Scope};
+pub use layer::AuthLayer;
+
+use crate::tls::Reloadable;
+
+/// The auth flags (both binaries).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AuthArgs {
+    /// Tenants: their API keys (SHA-256 hashes), scopes, models and quotas, as YAML (see
+    /// docs/security.md). Callers send `authorization: Bearer <token>`. Reloaded when the
+    /// file changes; a bad file keeps the last good one. Without it, anyone who can reach
+    /// the port may do everything.
+    #[arg(long, env = "INFERMESH_AUTH_CONFIG")]
+    pub auth_config: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantCode {
+    pub tenant: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantReason {
+    pub tenant: String,
+    pub reason: String,
+}
+
+/// `infermesh_tenant_requests_total` and `infermesh_auth_denied_total`; tenant labels
+/// are configured tenants only (anything else is "(unknown)").
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    pub requests: Family<TenantCode, Counter>,
+    pub denied: Family<TenantReason, Counter>,
+}
+
+const UNKNOWN: &str = "(unknown)";
+
+/// One tenant as loaded, with its quota state.
+#[derive(Debug)]
+pub struct TenantState {
+    pub spec: file::TenantSpec,
+    key_hashes: Vec<[u8; 32]>,
+    quota: Arc<limits::Quota>,
+}
+
+#[derive(Debug, Default)]
+pub struct Tenants(Vec<Arc<TenantState>>);
+
+impl Tenants {
+    /// From the file's text; tenants whose name and limits did not change keep their
+    /// quota state across a reload.
+    fn build(text: &str, before: Option<&Tenants>) -> Result<Self, String> {
+        let parsed = file::parse(text)?;
+        Ok(Self(
+            parsed
+                .into_iter()
+                .map(|t| {
+                    let kept = before.and_then(|b| {
+                        b.0.iter()
+                            .find(|o| o.spec.name == t.spec.name && o.spec.limits == t.spec.limits)
+                    });
+                    Arc::new(TenantState {
+                        quota: kept.map_or_else(
+                            || Arc::new(limits::Quota::new(&t.spec.limits)),
+                            |o| o.quota.clone(),
+                        ),
+                        spec: t.spec,
+                        key_hashes: t.key_hashes,
+                    })
+                })
+                .collect(),
+        ))
+    }
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    path: PathBuf,
+    current: Arc<Reloadable<Tenants>>,
+    pub metrics: AuthMetrics,
+}
+
+impl Auth {
+    /// Loads the file the flags name (None: no auth) and registers the metrics.
+    pub fn from_args(
+        args: &AuthArgs,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<Option<Arc<Self>>, String> {
+        let Some(path) = &args.auth_config else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
+        let tenants = Tenants::build(&text, None)
+            .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
+        let metrics = AuthMetrics::default();
+        registry.register(
+            "infermesh_tenant_requests",
+            "Inference requests (each stream message counts) by tenant and gRPC status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "infermesh_auth_denied",
+            "Calls refused by auth or quota, by tenant and reason",
+            metrics.denied.clone(),
+        );
+        Ok(Some(Arc::new(Self {
+            path: path.clone(),
+            current: Arc::new(Reloadable::new(tenants)),
+            metrics,
+        })))
+    }
+
+    /// The watched entry that reloads the file when it changes.
+    pub fn watched(&self) -> crate::watch::Watched {
+        let (path, current) = (self.path.clone(), self.current.clone());
+        crate::watch::Watched::new(
+            "auth-config",
+            vec![self.path.clone()],
+            Box::new(move || {
+                let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+                let next = Tenants::build(&text, Some(&current.get()))?;
+                current.set(next);
+                Ok(())
+            }),
+        )
+    }
+
+    fn deny(&self, tenant: &str, reason: &str) {
+        self.metrics
+            .denied
+            .get_or_create(&TenantReason {
+                tenant: tenant.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// The caller the request's credentials name, or UNAUTHENTICATED.
+    pub fn authenticate(self: &Arc<Self>, headers: &http::HeaderMap) -> Result<Caller, Status> {
+        let token = match bearer(headers) {
+            Ok(t) => t,
+            Err(why) => {
+                self.deny(UNKNOWN, "no-credential");
+                return Err(Status::unauthenticated(why));
+            }
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let tenants = self.current.get();
+        // Every key is compared, in constant time, whichever matches.
+        let mut found = None;
+        for t in &tenants.0 {
+            for k in &t.key_hashes {
+                if constant_time_eq(k, digest.as_ref()) {
+                    found = Some(t.clone());
+                }
+            }
+        }
+        match found {
+            Some(tenant) => Ok(Caller {
+                tenant,
+                auth: self.clone(),
+            }),
+            None => {
+                self.deny(UNKNOWN, "bad-credential");
+                Err(Status::unauthenticated(
+                    "authorization: the bearer token matches no key",
+                ))
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer(headers: &http::HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or("authorization: expected 'Bearer <token>', got no authorization header")?;
+    let value = value
+        .to_str()
+        .map_err(|_| "authorization: expected 'Bearer <token>', got bytes that are not text")?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err("authorization: expected 'Bearer <token>'"),
+    }
+}
+
+/// An authenticated caller, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    tenant: Arc<TenantState>,
+    auth: Arc<Auth>,
+}
+
+impl Caller {
+    pub fn tenant(&self) -> &str {
+        &self.tenant.spec.name
+    }
+
+    pub fn has(&self, scope: Scope) -> bool {
+        self.tenant.spec.scopes.contains(&scope)
+    }
+
+    /// PERMISSION_DENIED naming the scope, never the tenant's other rights.
+    pub fn require(&self, scope: Scope) -> Result<(), Status> {
+        if self.has(scope) {
+            return Ok(());
+        }
+        self.auth.deny(self.tenant(), "scope");
+        Err(Status::permission_denied(format!(
+            "this credential lacks the '{}' scope",
+            scope.as_str()
+        )))
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.tenant
+            .spec
+            .models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model))
+    }
+
+    /// PERMISSION_DENIED naming the model when it is not open to this caller.
+    pub fn model(&self, model: &str) -> Result<(), Status> {
+        if self.allows_model(model) {
+            return Ok(());
+        }
+        self.auth.deny(self.tenant(), "model");
+        Err(Status::permission_denied(format!(
+            "model '{}' is not open to this credential",
+            crate::text::clip(model)
+        )))
+    }
+
+    /// One inference request against the tenant's quotas: RESOURCE_EXHAUSTED at once
+    /// when over; the permit is held while it runs.
+    pub fn admit(&self) -> Result<limits::Permit, Status> {
+        self.tenant.quota.admit().map_err(|over| {
+            let (reason, what) = match over {
+                limits::Over::Rate => ("rate", "requests_per_second"),
+                limits::Over::Concurrency => ("concurrency", "max_concurrent"),
+            };
+            self.auth.deny(self.tenant(), reason);
+            Status::resource_exhausted(format!("over this tenant's {what}"))
+        })
+    }
+
+    /// Counts one finished inference request.
+    pub fn record(&self, code: tonic::Code) {
+        self.auth
+            .metrics
+            .requests
+            .get_or_create(&TenantCode {
+                tenant: self.tenant().into(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+}
+
+/// The scope an RPC needs beyond a valid credential (None: any valid credential).
+pub fn rpc_scope(path: &str) -> Option<Scope> {
+    let method = path.strip_prefix("/inference.GRPCInferenceService/");
+    match method {
+        Some("ServerLive" | "ServerReady" | "ServerMetadata") => None,
+        Some(
+            "ModelInfer" | "ModelStreamInfer" | "ModelMetadata" | "ModelConfig" | "ModelReady",
+        ) => Some(Scope::Infer),
+        Some("ModelStatistics" | "RepositoryIndex") => Some(Scope::Read),
+        // Model control, and everything else that changes the server (shared memory,
+        // trace and log settings).
+        Some(_) => Some(Scope::Admin),
+        None if path.starts_with("/grpc.reflection.") => Some(Scope::Read),
+        None => Some(Scope::Admin),
+    }
+}
+
+/// The caller the auth layer put in a request (None without `--auth-config`).
+pub fn caller<T>(req: &tonic::Request<T>) -> Option<Caller> {
+    req.extensions().get::<Caller>().cloned()
+}
+
+/// PERMISSION_DENIED when `model` is not open to the request's caller.
+pub fn check_model<T>(req: &tonic::Request<T>, model: &str) -> Result<(), Status> {
+    match req.extensions().get::<Caller>() {
+        Some(c) => c.model(model),
+        None => Ok(()),
+    }
+}
+
+/// Runs one inference request (a unary call or one stream message) as `caller`: the
+/// model must be open to it and its quotas must admit it; its code is counted.
+pub async fn infer<T>(
+    caller: Option<&Caller>,
+    model: &str,
+    run: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let Some(c) = caller else {
+        return run.await;
+    };
+    let result = match c.model(model).and_then(|()| c.admit()) {
+        Err(s) => Err(s),
+        Ok(_permit) => run.await,
+    };
+    c.record(
+        result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+    );
+    result
+}
