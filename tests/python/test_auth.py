@@ -238,3 +238,84 @@ def test_the_cli_makes_keys_and_sends_tokens(mesh):
     assert out.returncode == 0 and "digits" in out.stdout, out.stdout + out.stderr
     out = subprocess.run([cli, "models", "--url", url], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "authorization: expected" in out.stderr, out.stderr
+
+
+SUBJECT = "system:serviceaccount:apps:frontend"
+AUDIENCE, ISSUER = "infermesh", "https://kubernetes.default.svc"
+
+
+@pytest.fixture(scope="module")
+def jwt_mesh(tmp_path_factory, mesh):
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    d = tmp_path_factory.mktemp("jwt")
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    keys = []
+    for kid, alg, key, algo in (("k-rsa", "RS256", rsa_key, jwt.algorithms.RSAAlgorithm),
+                                ("k-ec", "ES256", ec_key, jwt.algorithms.ECAlgorithm)):
+        jwk = json.loads(algo.to_jwk(key.public_key()))
+        keys.append({**jwk, "kid": kid, "alg": alg, "use": "sig"})
+    jwks = d / "jwks.json"
+    jwks.write_text(json.dumps({"keys": keys}))
+    path = d / "auth.yaml"
+    path.write_text(auth_file(f"""  - name: frontend
+    subjects: ["{SUBJECT}"]
+    scopes: [infer]
+"""))
+    gateway = Server([binary("infermesh-gateway"), "--workers", mesh["worker"].url, "--worker-refresh", "100ms",
+                      "--auth-config", str(path), "--auth-jwks", str(jwks), "--auth-jwt-audience", AUDIENCE,
+                      "--auth-jwt-issuer", ISSUER], headers=bearer("admin"))
+
+    def token(alg="RS256", sub=SUBJECT, aud=AUDIENCE, iss=ISSUER, exp_in=600):
+        import time
+
+        now = int(time.time())
+        key, kid = (rsa_key, "k-rsa") if alg == "RS256" else (ec_key, "k-ec")
+        claims = {"sub": sub, "aud": aud, "iss": iss, "iat": now, "nbf": now, "exp": now + exp_in}
+        return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
+
+    yield {"gateway": gateway, "token": token}
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+def test_a_valid_jwt_is_its_subjects_tenant(jwt_mesh, alg):
+    c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)
+    h = {"authorization": f"Bearer {jwt_mesh['token'](alg)}"}
+    assert c.get_model_metadata("digits", headers=h).name == "digits"
+    assert c.infer("digits", [digits_input()], headers=h).as_numpy("label").shape[0] == 1
+
+
+@pytest.mark.parametrize("bad,says", [
+    ({"exp_in": -120}, "expired"),
+    ({"aud": "someone-else"}, "expected audience"),
+    ({"iss": "https://evil.example"}, "expected issuer"),
+])
+def test_an_expired_or_misaddressed_jwt_is_unauthenticated(jwt_mesh, bad, says):
+    c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)
+    h = {"authorization": f"Bearer {jwt_mesh['token'](**bad)}"}
+    status, message = code_of(lambda: c.is_server_live(headers=h))
+    assert status == "StatusCode.UNAUTHENTICATED" and says in message, (status, message)
+
+
+def test_a_valid_jwt_whose_subject_no_tenant_lists_is_permission_denied(jwt_mesh):
+    c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)
+    h = {"authorization": f"Bearer {jwt_mesh['token'](sub='system:serviceaccount:apps:stranger')}"}
+    status, message = code_of(lambda: c.is_server_live(headers=h))
+    assert status == "StatusCode.PERMISSION_DENIED" and "subject" in message, (status, message)
+
+
+def test_a_jwt_signed_by_another_key_is_unauthenticated(jwt_mesh):
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    now = int(time.time())
+    forged = jwt.encode({"sub": SUBJECT, "aud": AUDIENCE, "iss": ISSUER, "exp": now + 600},
+                        rsa.generate_private_key(65537, 2048), algorithm="RS256", headers={"kid": "k-rsa"})
+    c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)
+    status, message = code_of(lambda: c.is_server_live(headers={"authorization": f"Bearer {forged}"}))
+    assert status == "StatusCode.UNAUTHENTICATED" and "bad signature" in message, (status, message)

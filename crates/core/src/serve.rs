@@ -91,7 +91,7 @@ where
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
     let reloads = crate::watch::register(&mut registry);
     watched.extend(listeners.tls.iter().map(|t| t.watched()));
-    watched.extend(auth.iter().map(|a| a.watched()));
+    watched.extend(auth.iter().flat_map(|a| a.watched()));
     // Aborted when serving ends.
     let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads).map(AbortOnDrop);
     crate::trace::register(&mut registry);

@@ -5,6 +5,7 @@
 //! and quotas (per stream message too).
 
 pub mod file;
+mod jwt;
 mod layer;
 pub mod limits;
 
@@ -30,6 +31,20 @@ pub struct AuthArgs {
     /// the port may do everything.
     #[arg(long, env = "INFERMESH_AUTH_CONFIG")]
     pub auth_config: Option<PathBuf>,
+
+    /// Also take JWTs (RS256, ES256) signed by these keys (a JWKS file, reloaded when it
+    /// changes) as credentials; a token's `sub` names its tenant (`subjects` in the auth
+    /// file).
+    #[arg(long, env = "INFERMESH_AUTH_JWKS", requires_all = ["auth_config", "auth_jwt_audience", "auth_jwt_issuer"])]
+    pub auth_jwks: Option<PathBuf>,
+
+    /// The `aud` a JWT must carry.
+    #[arg(long, env = "INFERMESH_AUTH_JWT_AUDIENCE", requires = "auth_jwks")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "INFERMESH_AUTH_JWT_ISSUER", requires = "auth_jwks")]
+    pub auth_jwt_issuer: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +111,7 @@ impl Tenants {
 pub struct Auth {
     path: PathBuf,
     current: Arc<Reloadable<Tenants>>,
+    jwt: Option<jwt::Jwt>,
     pub metrics: AuthMetrics,
 }
 
@@ -112,6 +128,16 @@ impl Auth {
             .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
         let tenants = Tenants::build(&text, None)
             .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
+        let jwt = match (
+            &args.auth_jwks,
+            &args.auth_jwt_audience,
+            &args.auth_jwt_issuer,
+        ) {
+            (Some(jwks), Some(aud), Some(iss)) => {
+                Some(jwt::Jwt::load(jwks.clone(), aud.clone(), iss.clone())?)
+            }
+            _ => None,
+        };
         let metrics = AuthMetrics::default();
         registry.register(
             "infermesh_tenant_requests",
@@ -126,12 +152,19 @@ impl Auth {
         Ok(Some(Arc::new(Self {
             path: path.clone(),
             current: Arc::new(Reloadable::new(tenants)),
+            jwt,
             metrics,
         })))
     }
 
-    /// The watched entry that reloads the file when it changes.
-    pub fn watched(&self) -> crate::watch::Watched {
+    /// The watched entries that reload the auth file and the JWKS when they change.
+    pub fn watched(&self) -> Vec<crate::watch::Watched> {
+        let mut all: Vec<_> = self.jwt.iter().map(jwt::Jwt::watched).collect();
+        all.push(self.tenants_watched());
+        all
+    }
+
+    fn tenants_watched(&self) -> crate::watch::Watched {
         let (path, current) = (self.path.clone(), self.current.clone());
         crate::watch::Watched::new(
             "auth-config",
@@ -164,8 +197,31 @@ impl Auth {
                 return Err(Status::unauthenticated(why));
             }
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let tenants = self.current.get();
+        if let (Some(jwt), true) = (&self.jwt, token.matches('.').count() == 2) {
+            let sub = jwt.subject(token).map_err(|why| {
+                self.deny(UNKNOWN, "bad-credential");
+                Status::unauthenticated(format!("authorization: {why}"))
+            })?;
+            let tenant = tenants
+                .0
+                .iter()
+                .find(|t| t.spec.subjects.iter().any(|s| *s == sub))
+                .cloned();
+            return match tenant {
+                Some(tenant) => Ok(Caller {
+                    tenant,
+                    auth: self.clone(),
+                }),
+                None => {
+                    self.deny(UNKNOWN, "unknown-subject");
+                    Err(Status::permission_denied(
+                        "authorization: the token is valid, but its subject is no tenant's",
+                    ))
+                }
+            };
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         // Every key is compared, in constant time, whichever matches.
         let mut found = None;
         for t in &tenants.0 {

@@ -1,0 +1,89 @@
+//! JWTs as credentials (Kubernetes projected service-account tokens work this way):
+//! RS256 or ES256 tokens verified against a JWKS file (signature, `exp` and `nbf` with 30 s
+//! of leeway, `aud`, `iss`); the tenant is the one whose `subjects` lists the token's `sub`.
+
+use std::{path::PathBuf, sync::Arc};
+
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algorithm, Validation};
+
+use crate::tls::Reloadable;
+
+/// Clock skew allowed on `exp` and `nbf`.
+const LEEWAY_S: u64 = 30;
+
+#[derive(Debug)]
+pub struct Jwt {
+    path: PathBuf,
+    keys: Arc<Reloadable<JwkSet>>,
+    audience: String,
+    issuer: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+fn read(path: &std::path::Path) -> Result<JwkSet, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| format!("not a JWKS: {e}"))
+}
+
+impl Jwt {
+    pub fn load(path: PathBuf, audience: String, issuer: String) -> Result<Self, String> {
+        let keys = read(&path).map_err(|e| format!("--auth-jwks {}: {e}", path.display()))?;
+        Ok(Self {
+            path,
+            keys: Arc::new(Reloadable::new(keys)),
+            audience,
+            issuer,
+        })
+    }
+
+    pub fn watched(&self) -> crate::watch::Watched {
+        let (path, keys) = (self.path.clone(), self.keys.clone());
+        crate::watch::Watched::new(
+            "auth-jwks",
+            vec![self.path.clone()],
+            Box::new(move || read(&path).map(|k| keys.set(k))),
+        )
+    }
+
+    /// The token's subject, or why it is not a valid token (for UNAUTHENTICATED).
+    pub fn subject(&self, token: &str) -> Result<String, String> {
+        let header = decode_header(token).map_err(|e| format!("JWT: {e}"))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(format!(
+                "JWT: expected alg RS256 or ES256, got {:?}",
+                header.alg
+            ));
+        }
+        let keys = self.keys.get();
+        let jwk = match &header.kid {
+            Some(kid) => keys.find(kid),
+            None if keys.keys.len() == 1 => keys.keys.first(),
+            None => None,
+        }
+        .ok_or("JWT: no key in the JWKS matches its kid")?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| format!("JWT: {e}"))?;
+        let mut v = Validation::new(header.alg);
+        v.leeway = LEEWAY_S;
+        v.validate_nbf = true;
+        v.set_audience(&[&self.audience]);
+        v.set_issuer(&[&self.issuer]);
+        v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+        let data = decode::<Claims>(token, &key, &v).map_err(|e| {
+            let why = match e.kind() {
+                ErrorKind::ExpiredSignature => "expired".to_string(),
+                ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
+                ErrorKind::InvalidAudience => format!("expected audience '{}'", self.audience),
+                ErrorKind::InvalidIssuer => format!("expected issuer '{}'", self.issuer),
+                ErrorKind::InvalidSignature => "bad signature".into(),
+                ErrorKind::MissingRequiredClaim(c) => format!("no '{c}' claim"),
+                other => format!("{other:?}"),
+            };
+            format!("JWT: {why}")
+        })?;
+        Ok(data.claims.sub)
+    }
+}
