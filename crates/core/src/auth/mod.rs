@@ -206,7 +206,7 @@ impl Auth {
             let tenant = tenants
                 .0
                 .iter()
-                .find(|t| t.spec.subjects.iter().any(|s| *s == sub))
+                .find(|t| t.spec.subjects.contains(&sub))
                 .cloned();
             return match tenant {
                 Some(tenant) => Ok(Caller {
