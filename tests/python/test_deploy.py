@@ -254,7 +254,8 @@ def test_selectors_ports_and_gpus_line_up(overlay):
 
 
 def test_the_tls_shape_lines_up():
-    """production-tls: every mounted Secret is one a Certificate writes, read-only; the
+    """production-tls: every mounted Secret is one a Certificate writes (or the auth
+    Secret), read-only; the
     name the gateway checks is on the workers' certificate; the workers accept exactly the
     gateway's client certificate's name, which only a client-auth certificate carries; the
     CA issuer is the one that signs the three certificates; probes stay on the health
@@ -262,13 +263,16 @@ def test_the_tls_shape_lines_up():
     docs = [d for d in yaml.safe_load_all(render("production-tls")) if d]
     certs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
     by_secret = {c["secretName"]: c for c in certs.values()}
+    secret_objects = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    # Everything lives in the namespace the pods mount Secrets from.
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"infermesh"}
     deps = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
     env = {name: {e["name"]: e.get("value") for e in pod["containers"][0]["env"]} for name, pod in deps.items()}
     for name, pod in deps.items():
         secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
         mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
         for vol, secret in secrets.items():
-            assert secret in by_secret, (name, secret)
+            assert secret in by_secret or secret in secret_objects, (name, secret)
             assert mounts[vol]["readOnly"] is True, (name, vol)
         c = pod["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -283,3 +287,12 @@ def test_the_tls_shape_lines_up():
         assert certs[name]["issuerRef"] == {"name": "infermesh-ca", "kind": "Issuer"}, name
         assert "client auth" not in certs[name]["usages"] or name == "infermesh-gateway-client"
     assert certs["infermesh-ca"]["isCA"] is True
+    # The auth file comes from a Secret, mounted read-only where the flag points, and
+    # every key in it has the form the gateway accepts.
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    auth = yaml.safe_load(secrets["infermesh-auth"]["stringData"]["auth.yaml"])
+    for t in auth["tenants"]:
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", k) for k in t["keys"]), t
+    mounts = {m["mountPath"]: m for m in deps["infermesh-gateway"]["containers"][0]["volumeMounts"]}
+    assert gateway["INFERMESH_AUTH_CONFIG"] == "/etc/infermesh/auth/auth.yaml"
+    assert mounts["/etc/infermesh/auth"]["readOnly"] is True

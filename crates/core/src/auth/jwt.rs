@@ -1,8 +1,16 @@
 //! JWTs as credentials (Kubernetes projected service-account tokens work this way):
 //! RS256 or ES256 tokens verified against a JWKS file (signature, `exp` and `nbf` with 30 s
 //! of leeway, `aud`, `iss`); the tenant is the one whose `subjects` lists the token's `sub`.
+//!
+//! A verified token is remembered (by its SHA-256) until it expires, so a client that
+//! sends the same token on every call pays for the signature once, as Envoy's jwt_authn
+//! cache does; a JWKS reload forgets them all.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algorithm, Validation};
 
@@ -10,6 +18,11 @@ use crate::tls::Reloadable;
 
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_S: u64 = 30;
+/// Verified tokens remembered at most (beyond it the memory starts over).
+const CACHE_MAX: usize = 4096;
+
+/// Verified tokens: SHA-256 of the token → (subject, exp).
+type Verified = Mutex<HashMap<[u8; 32], (String, u64)>>;
 
 #[derive(Debug)]
 pub struct Jwt {
@@ -17,11 +30,19 @@ pub struct Jwt {
     keys: Arc<Reloadable<JwkSet>>,
     audience: String,
     issuer: String,
+    verified: Arc<Verified>,
 }
 
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn read(path: &std::path::Path) -> Result<JwkSet, String> {
@@ -37,20 +58,43 @@ impl Jwt {
             keys: Arc::new(Reloadable::new(keys)),
             audience,
             issuer,
+            verified: Arc::default(),
         })
     }
 
     pub fn watched(&self) -> crate::watch::Watched {
-        let (path, keys) = (self.path.clone(), self.keys.clone());
+        let (path, keys, verified) = (self.path.clone(), self.keys.clone(), self.verified.clone());
         crate::watch::Watched::new(
             "auth-jwks",
             vec![self.path.clone()],
-            Box::new(move || read(&path).map(|k| keys.set(k))),
+            Box::new(move || {
+                let k = read(&path)?;
+                keys.set(k);
+                verified.lock().expect("jwt cache lock").clear();
+                Ok(())
+            }),
         )
     }
 
     /// The token's subject, or why it is not a valid token (for UNAUTHENTICATED).
     pub fn subject(&self, token: &str) -> Result<String, String> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let id: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        if let Some((sub, exp)) = self.verified.lock().expect("jwt cache lock").get(&id) {
+            if now_s() <= exp + LEEWAY_S {
+                return Ok(sub.clone());
+            }
+        }
+        let claims = self.verify(token)?;
+        let mut cache = self.verified.lock().expect("jwt cache lock");
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id, (claims.sub.clone(), claims.exp));
+        Ok(claims.sub)
+    }
+
+    fn verify(&self, token: &str) -> Result<Claims, String> {
         let header = decode_header(token).map_err(|e| format!("JWT: {e}"))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(format!(
@@ -84,6 +128,6 @@ impl Jwt {
             };
             format!("JWT: {why}")
         })?;
-        Ok(data.claims.sub)
+        Ok(data.claims)
     }
 }
