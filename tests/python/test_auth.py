@@ -319,3 +319,16 @@ def test_a_jwt_signed_by_another_key_is_unauthenticated(jwt_mesh):
     c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)
     status, message = code_of(lambda: c.is_server_live(headers={"authorization": f"Bearer {forged}"}))
     assert status == "StatusCode.UNAUTHENTICATED" and "bad signature" in message, (status, message)
+
+
+def test_worker_addresses_reach_only_callers_with_admin(mesh):
+    c = grpcclient.InferenceServerClient(mesh["gateway"].url)
+    worker = mesh["worker"].url
+    _, message = code_of(lambda: c.get_model_metadata("no-such-model", headers=bearer("other")))
+    assert "unknown model 'no-such-model'" in message and worker not in message, message
+    _, message = code_of(lambda: c.get_model_metadata("no-such-model", headers=bearer("admin")))
+    assert worker in message, message
+    reasons = [m.reason for m in c.get_model_repository_index(headers=bearer("reader")).models]
+    assert reasons and all(worker not in r for r in reasons), reasons
+    reasons = [m.reason for m in c.get_model_repository_index(headers=bearer("admin")).models]
+    assert any(worker in r for r in reasons), reasons

@@ -97,6 +97,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "127.0.0.1",
         "--shutdown-grace",
         "0s",
+        // A local mesh is its user's own: full messages even if they add --auth-config.
+        "--verbose-errors",
         "--health-address",
         "127.0.0.1",
         "--health-port",

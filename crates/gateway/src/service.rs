@@ -309,11 +309,20 @@ impl GrpcInferenceService for GatewayService {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<pb::ModelMetadataResponse> {
         auth::check_model(&req, &req.get_ref().name)?;
+        let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = self.pool.pick(&req.name, &req.version)?;
+        let (ep, version) = self
+            .pool
+            .pick(&req.name, &req.version)
+            .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(
-            ep.client.clone().model_metadata(req).await?.into_inner(),
+            ep.client
+                .clone()
+                .model_metadata(req)
+                .await
+                .map_err(|e| self.scrub(caller.as_ref(), e))?
+                .into_inner(),
         ))
     }
 
@@ -322,11 +331,20 @@ impl GrpcInferenceService for GatewayService {
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<pb::ModelConfigResponse> {
         auth::check_model(&req, &req.get_ref().name)?;
+        let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = self.pool.pick(&req.name, &req.version)?;
+        let (ep, version) = self
+            .pool
+            .pick(&req.name, &req.version)
+            .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(
-            ep.client.clone().model_config(req).await?.into_inner(),
+            ep.client
+                .clone()
+                .model_config(req)
+                .await
+                .map_err(|e| self.scrub(caller.as_ref(), e))?
+                .into_inner(),
         ))
     }
 
@@ -349,7 +367,8 @@ impl GrpcInferenceService for GatewayService {
             &model,
             self.infer(req, deadline, carry).instrument(span),
         )
-        .await?;
+        .await
+        .map_err(|s| self.scrub(caller.as_ref(), s))?;
         Ok(infermesh_core::admission::held_reply(resp, &self.bytes))
     }
 
@@ -383,7 +402,9 @@ impl GrpcInferenceService for GatewayService {
                 let caller = caller.clone();
                 async move {
                     let model = m.model_name.clone();
-                    auth::infer(caller.as_ref(), &model, svc.infer(m, None, carry)).await
+                    auth::infer(caller.as_ref(), &model, svc.infer(m, None, carry))
+                        .await
+                        .map_err(|s| svc.scrub(caller.as_ref(), s))
                 }
                 .instrument(span)
             },
@@ -467,12 +488,17 @@ impl GrpcInferenceService for GatewayService {
                     name,
                     version,
                     state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
-                    reason: format!("workers: {}", on.join(", ")),
+                    reason: match caller.as_ref() {
+                        Some(c) if !c.sees_internals() => format!("on {} workers", on.len()),
+                        _ => format!("workers: {}", on.join(", ")),
+                    },
                 },
             )
             .collect();
         let mut response = Response::new(pb::RepositoryIndexResponse { models });
-        worker_states(&workers, response.metadata_mut());
+        if caller.as_ref().is_none_or(|c| c.sees_internals()) {
+            worker_states(&workers, response.metadata_mut());
+        }
         Ok(response)
     }
 
@@ -517,6 +543,19 @@ impl GrpcInferenceService for GatewayService {
 }
 
 impl GatewayService {
+    /// A failure as the caller may see it: worker addresses and paths only for callers
+    /// with `admin` (or with --verbose-errors) when auth is on.
+    fn scrub(&self, caller: Option<&auth::Caller>, status: Status) -> Status {
+        match caller {
+            Some(c) if !c.sees_internals() => {
+                let all = self.pool.all();
+                let addrs: Vec<&str> = all.iter().map(|e| e.addr.as_str()).collect();
+                c.scrub_status(status, &addrs)
+            }
+            _ => status,
+        }
+    }
+
     fn allow_control(&self) -> std::result::Result<(), Status> {
         if self.control == ControlMode::None {
             return Err(RequestError::FailedPrecondition(

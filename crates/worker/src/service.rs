@@ -299,6 +299,10 @@ impl GrpcInferenceService for WorkerService {
         }
         if let Some(c) = &caller {
             models.retain(|m| c.allows_model(&m.name));
+            // Load failures name files: only for callers who may see them.
+            for m in &mut models {
+                m.reason = c.scrub(&m.reason, &[]);
+            }
         }
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }

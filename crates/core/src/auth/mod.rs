@@ -45,6 +45,13 @@ pub struct AuthArgs {
     /// The `iss` a JWT must carry.
     #[arg(long, env = "INFERMESH_AUTH_JWT_ISSUER", requires = "auth_jwks")]
     pub auth_jwt_issuer: Option<String>,
+
+    /// With --auth-config, show worker addresses and file paths in error messages and
+    /// RepositoryIndex reasons to every caller, not only to callers with `admin`
+    /// (`infermesh up` sets it).
+    #[arg(long, env = "INFERMESH_VERBOSE_ERRORS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub verbose_errors: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +119,7 @@ pub struct Auth {
     path: PathBuf,
     current: Arc<Reloadable<Tenants>>,
     jwt: Option<jwt::Jwt>,
+    verbose: bool,
     pub metrics: AuthMetrics,
 }
 
@@ -153,6 +161,7 @@ impl Auth {
             path: path.clone(),
             current: Arc::new(Reloadable::new(tenants)),
             jwt,
+            verbose: args.verbose_errors,
             metrics,
         })))
     }
@@ -246,6 +255,28 @@ impl Auth {
     }
 }
 
+/// Absolute paths (a word starting with '/' that has another '/') become "<path>".
+fn scrub_paths(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('/') {
+        let starts_word = i == 0 || rest[..i].ends_with([' ', '\'', '"', '(', '=', ':']);
+        let end = rest[i..]
+            .find([' ', '\'', '"', ')', ',', ';', ':'])
+            .map_or(rest.len(), |e| i + e);
+        let word = &rest[i..end];
+        out.push_str(&rest[..i]);
+        if starts_word && word[1..].contains('/') {
+            out.push_str("<path>");
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -294,6 +325,34 @@ impl Caller {
             "this credential lacks the '{}' scope",
             scope.as_str()
         )))
+    }
+
+    /// Whether this caller may see worker addresses and file paths in messages.
+    pub fn sees_internals(&self) -> bool {
+        self.auth.verbose || self.has(Scope::Admin)
+    }
+
+    /// `message` as this caller may see it: without internals, each of `addresses`
+    /// becomes "a worker" and absolute paths become "<path>".
+    pub fn scrub(&self, message: &str, addresses: &[&str]) -> String {
+        if self.sees_internals() {
+            return message.to_string();
+        }
+        let mut out = message.to_string();
+        for a in addresses {
+            out = out.replace(a, "a worker");
+        }
+        scrub_paths(&out)
+    }
+
+    /// A status as this caller may see it (see [`Caller::scrub`]); details go on as they
+    /// are (reasons carry no addresses).
+    pub fn scrub_status(&self, status: Status, addresses: &[&str]) -> Status {
+        if self.sees_internals() {
+            return status;
+        }
+        let message = self.scrub(status.message(), addresses);
+        Status::with_details(status.code(), message, status.details().to_vec().into())
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
@@ -392,4 +451,16 @@ pub async fn infer<T>(
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
     );
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_are_scrubbed_and_other_slashes_kept() {
+        assert_eq!(
+            super::scrub_paths("cannot read /models/mlp/1/model.onnx: 1/2 done (at '/etc/x/y')"),
+            "cannot read <path>: 1/2 done (at '<path>')"
+        );
+        assert_eq!(super::scrub_paths("no slash"), "no slash");
+    }
 }
