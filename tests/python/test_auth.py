@@ -332,3 +332,20 @@ def test_worker_addresses_reach_only_callers_with_admin(mesh):
     assert reasons and all(worker not in r for r in reasons), reasons
     reasons = [m.reason for m in c.get_model_repository_index(headers=bearer("admin")).models]
     assert any(worker in r for r in reasons), reasons
+
+
+def test_a_worker_called_directly_checks_the_same_file(mesh):
+    """For clients that call a worker without the gateway."""
+    worker = Server([binary("infermesh-worker"), "--model-repository", str(MODELS), "--auth-config",
+                     str(mesh["path"])], headers=bearer("admin"))
+    try:
+        c = grpcclient.InferenceServerClient(worker.url)
+        status, _ = code_of(lambda: c.infer("digits", [digits_input()]))
+        assert status == "StatusCode.UNAUTHENTICATED"
+        assert c.infer("digits", [digits_input()], headers=bearer("infer")).as_numpy("label").shape[0] == 1
+        status, message = code_of(lambda: c.get_model_metadata("mlp", headers=bearer("infer")))
+        assert status == "StatusCode.PERMISSION_DENIED" and "model 'mlp'" in message, message
+        names = {m.name for m in c.get_model_repository_index(headers=bearer("reader")).models}
+        assert names == {"mlp"}, names
+    finally:
+        assert worker.stop() == 0
