@@ -14,7 +14,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from gateway import BIN, SECONDS, free_port  # noqa: E402
-from tls import bench, healthy  # noqa: E402
+from tls import best_of, healthy  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 KEY = "bench-api-key-0123456789abcdef"
@@ -69,14 +69,7 @@ def main() -> None:
                        "--health-port", str(ghealth), *common, *flags])
             healthy(ghealth)
             running[name] = (f"127.0.0.1:{gport}", client, [g.pid, w.pid])
-        results = {}
-        for _ in range(ROUNDS):
-            for c in (1, 32):
-                for name, (url, flags, pids) in running.items():
-                    r = bench(url, c, flags, pids)
-                    best = results.get((name, c))
-                    if best is None or r["requests_per_s"] > best["requests_per_s"]:
-                        results[(name, c)] = r
+        results = best_of(running, ROUNDS)
         print(f"Identity model, `infermesh bench` unary over one connection, {SECONDS:g} s per run, best of "
               f"{ROUNDS} interleaved rounds; CPU in ms per 1,000 requests.\n")
         print("| gateway | concurrency | req/s | vs no auth | p50 ms | gateway CPU | vs no auth |")

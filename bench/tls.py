@@ -43,6 +43,20 @@ def bench(url, c, flags, pids):
     return r
 
 
+def best_of(running, rounds):
+    """{(setup, concurrency): the best of `rounds` interleaved runs}: the setups share two
+    cores with the client, so each gets the same conditions in turn."""
+    results = {}
+    for _ in range(rounds):
+        for c in (1, 32):
+            for name, (url, flags, pids) in running.items():
+                r = bench(url, c, flags, pids)
+                best = results.get((name, c))
+                if best is None or r["requests_per_s"] > best["requests_per_s"]:
+                    results[(name, c)] = r
+    return results
+
+
 def main() -> None:
     d = pathlib.Path(tempfile.mkdtemp(prefix="infermesh-tls-bench-"))
     (d / "echo" / "1").mkdir(parents=True)
@@ -88,15 +102,7 @@ def main() -> None:
             healthy(ghealth)
             scheme = "https://localhost" if client_flags else "127.0.0.1"
             running[name] = (f"{scheme}:{gport}", client_flags, [g.pid, w.pid])
-        results = {}
-        # Interleaved rounds, the best of each: the setups share two cores with the client.
-        for _ in range(ROUNDS):
-            for c in (1, 32):
-                for name, (url, flags, pids) in running.items():
-                    r = bench(url, c, flags, pids)
-                    best = results.get((name, c))
-                    if best is None or r["requests_per_s"] > best["requests_per_s"]:
-                        results[(name, c)] = r
+        results = best_of(running, ROUNDS)
         print(f"Identity model, `infermesh bench` unary over one connection, {SECONDS:g} s per run, best of "
               f"{ROUNDS} interleaved rounds; CPU in ms per 1,000 requests.\n")
         print("| hops | concurrency | req/s | vs plaintext | p50 ms | gateway CPU | vs plaintext | worker CPU |")

@@ -45,6 +45,33 @@ struct Pki {
     gateway: Leaf,
 }
 
+impl Pki {
+    /// A worker serving TLS with the server certificate.
+    async fn tls_worker(&self) -> Worker {
+        let (cert, key) = (s(&self.server.cert), s(&self.server.key));
+        let flags = ["--grpc-server-cert", cert, "--grpc-server-key", key];
+        Worker::start_tls(&models(), &flags, &self.ca.cert, None).await
+    }
+
+    /// A worker that also requires a client certificate from the CA, for the gateway's
+    /// name only.
+    async fn mtls_worker(&self) -> Worker {
+        let (cert, key, ca) = (s(&self.server.cert), s(&self.server.key), s(&self.ca.cert));
+        let flags = [
+            "--grpc-server-cert",
+            cert,
+            "--grpc-server-key",
+            key,
+            "--grpc-use-ssl-mutual",
+            "--grpc-root-cert",
+            ca,
+            "--grpc-allowed-client-names",
+            "gateway.infermesh.test",
+        ];
+        Worker::start_tls(&models(), &flags, &self.ca.cert, Some(&self.gateway)).await
+    }
+}
+
 fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "mesh-ca");
@@ -65,18 +92,7 @@ fn s(p: &Path) -> &str {
 #[tokio::test]
 async fn a_tls_worker_serves_tls_and_refuses_plaintext_while_its_health_port_stays_plain() {
     let p = pki();
-    let worker = Worker::start_tls(
-        &models(),
-        &[
-            "--grpc-server-cert",
-            s(&p.server.cert),
-            "--grpc-server-key",
-            s(&p.server.key),
-        ],
-        &p.ca.cert,
-        None,
-    )
-    .await;
+    let worker = p.tls_worker().await;
     ready(worker.addr, &p.ca.cert, None, "localhost")
         .await
         .unwrap();
@@ -144,23 +160,7 @@ async fn mtls_refuses_no_certificate_another_ca_and_names_not_allowed() {
     let stranger = other.leaf(p.dir.path(), "stranger", &["gateway.infermesh.test"], 3);
     let sibling =
         p.ca.leaf(p.dir.path(), "sibling", &["batch-job.infermesh.test"], 4);
-    let worker = Worker::start_tls(
-        &models(),
-        &[
-            "--grpc-server-cert",
-            s(&p.server.cert),
-            "--grpc-server-key",
-            s(&p.server.key),
-            "--grpc-use-ssl-mutual",
-            "--grpc-root-cert",
-            s(&p.ca.cert),
-            "--grpc-allowed-client-names",
-            "gateway.infermesh.test",
-        ],
-        &p.ca.cert,
-        Some(&p.gateway),
-    )
-    .await;
+    let worker = p.mtls_worker().await;
     let ca = &p.ca.cert;
     ready(worker.addr, ca, Some(&p.gateway), "localhost")
         .await
@@ -179,23 +179,7 @@ async fn mtls_refuses_no_certificate_another_ca_and_names_not_allowed() {
 #[tokio::test]
 async fn the_gateway_speaks_mtls_to_workers_and_tls_to_clients() {
     let p = pki();
-    let worker = Worker::start_tls(
-        &models(),
-        &[
-            "--grpc-server-cert",
-            s(&p.server.cert),
-            "--grpc-server-key",
-            s(&p.server.key),
-            "--grpc-use-ssl-mutual",
-            "--grpc-root-cert",
-            s(&p.ca.cert),
-            "--grpc-allowed-client-names",
-            "gateway.infermesh.test",
-        ],
-        &p.ca.cert,
-        Some(&p.gateway),
-    )
-    .await;
+    let worker = p.mtls_worker().await;
     let gw = Gateway::start_tls(
         &[worker.addr],
         &[
@@ -251,18 +235,7 @@ async fn the_gateway_speaks_mtls_to_workers_and_tls_to_clients() {
 #[tokio::test]
 async fn a_certificate_rotated_on_disk_reaches_new_connections_and_open_streams_go_on() {
     let p = pki();
-    let worker = Worker::start_tls(
-        &models(),
-        &[
-            "--grpc-server-cert",
-            s(&p.server.cert),
-            "--grpc-server-key",
-            s(&p.server.key),
-        ],
-        &p.ca.cert,
-        None,
-    )
-    .await;
+    let worker = p.tls_worker().await;
     let mut old = tls_client(worker.addr, &p.ca.cert, None, "localhost")
         .await
         .unwrap();
@@ -305,18 +278,7 @@ async fn a_certificate_rotated_on_disk_reaches_new_connections_and_open_streams_
 #[tokio::test]
 async fn a_bad_certificate_on_disk_is_counted_and_the_last_good_one_stays() {
     let p = pki();
-    let worker = Worker::start_tls(
-        &models(),
-        &[
-            "--grpc-server-cert",
-            s(&p.server.cert),
-            "--grpc-server-key",
-            s(&p.server.key),
-        ],
-        &p.ca.cert,
-        None,
-    )
-    .await;
+    let worker = p.tls_worker().await;
     std::fs::write(&p.server.cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     worker
         .wait_metric(
