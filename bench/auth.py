@@ -8,13 +8,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from gateway import BIN, SECONDS, free_port  # noqa: E402
-from tls import best_of, healthy  # noqa: E402
+from tls import best_of, echo_repo, healthy  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 KEY = "bench-api-key-0123456789abcdef"
@@ -26,11 +25,7 @@ def main() -> None:
     import jwt
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    d = pathlib.Path(tempfile.mkdtemp(prefix="infermesh-auth-bench-"))
-    (d / "echo" / "1").mkdir(parents=True)
-    (d / "echo" / "config.pbtxt").write_text(
-        'backend: "identity"\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+    d = echo_repo("infermesh-auth-bench-")
     rsa_key = rsa.generate_private_key(65537, 2048)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
     (d / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k", "alg": "RS256", "use": "sig"}]}))

@@ -43,26 +43,37 @@ def bench(url, c, flags, pids):
     return r
 
 
-def best_of(running, rounds):
-    """{(setup, concurrency): the best of `rounds` interleaved runs}: the setups share two
-    cores with the client, so each gets the same conditions in turn."""
-    results = {}
-    for _ in range(rounds):
-        for c in (1, 32):
-            for name, (url, flags, pids) in running.items():
-                r = bench(url, c, flags, pids)
-                best = results.get((name, c))
-                if best is None or r["requests_per_s"] > best["requests_per_s"]:
-                    results[(name, c)] = r
-    return results
-
-
-def main() -> None:
-    d = pathlib.Path(tempfile.mkdtemp(prefix="infermesh-tls-bench-"))
+def echo_repo(prefix: str) -> pathlib.Path:
+    """A temporary model repository holding the identity model `echo` (no model cost)."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     (d / "echo" / "1").mkdir(parents=True)
     (d / "echo" / "config.pbtxt").write_text(
         'backend: "identity"\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+    return d
+
+
+def best_of(running, rounds):
+    """{(setup, concurrency): the best of `rounds` interleaved runs}: the setups share two
+    cores with the client, so each gets the same conditions in turn."""
+    results = {}
+    names = list(running)
+    for r in range(rounds):
+        # Each round starts with another setup: the first run after a pause pays for
+        # waking the cores, and that cost should not land on one setup every time.
+        order = names[r % len(names):] + names[:r % len(names)]
+        for c in (1, 32):
+            for name in order:
+                url, flags, pids = running[name]
+                got = bench(url, c, flags, pids)
+                best = results.get((name, c))
+                if best is None or got["requests_per_s"] > best["requests_per_s"]:
+                    results[(name, c)] = got
+    return results
+
+
+def main() -> None:
+    d = echo_repo("infermesh-tls-bench-")
     ca = Ca(d, "ca")
     s_cert, s_key = (str(p) for p in ca.leaf("server", ["localhost", "127.0.0.1"], 1))
     g_cert, g_key = (str(p) for p in ca.leaf("gateway", ["gateway.infermesh.test"], 2))
