@@ -92,8 +92,8 @@ where
     let reloads = crate::watch::register(&mut registry);
     watched.extend(listeners.tls.iter().map(|t| t.watched()));
     watched.extend(auth.iter().flat_map(|a| a.watched()));
-    // Aborted when serving ends.
-    let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads).map(AbortOnDrop);
+    // Stops when serving ends.
+    let _watching = crate::watch::spawn(watched, crate::watch::PERIOD, reloads);
     crate::trace::register(&mut registry);
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(listener) = listeners.metrics.take() {
@@ -352,13 +352,4 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         b
     };
     builder.enable_all().build()
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

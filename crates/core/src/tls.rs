@@ -6,13 +6,14 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 mod client;
 
 pub use client::{ClientFiles, ClientTls, Connector};
 
+use crate::watch::Reloadable;
 use rustls::{
     client::danger::HandshakeSignatureValid,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
@@ -185,24 +186,6 @@ pub fn roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// Material that a reload swaps whole; each user takes what is current.
-#[derive(Debug)]
-pub struct Reloadable<T>(RwLock<Arc<T>>);
-
-impl<T> Reloadable<T> {
-    pub fn new(value: T) -> Self {
-        Self(RwLock::new(Arc::new(value)))
-    }
-
-    pub fn get(&self) -> Arc<T> {
-        self.0.read().expect("reloadable lock").clone()
-    }
-
-    pub fn set(&self, value: T) {
-        *self.0.write().expect("reloadable lock") = Arc::new(value);
-    }
-}
-
 /// A server's TLS: the files and the configuration loaded from them.
 #[derive(Clone, Debug)]
 pub struct ServerTls {
@@ -216,18 +199,15 @@ impl ServerTls {
         let config = files.load()?;
         Ok(Self {
             files,
-            current: Arc::new(Reloadable::new(config)),
+            current: Reloadable::new(config),
         })
     }
 
     /// The watched entry that reloads this material when its files change.
     pub fn watched(&self) -> crate::watch::Watched {
-        let (files, current) = (self.files.clone(), self.current.clone());
-        crate::watch::Watched::new(
-            "grpc-server-cert",
-            self.files.paths(),
-            Box::new(move || files.load().map(|c| current.set(c))),
-        )
+        let files = self.files.clone();
+        self.current
+            .watched("grpc-server-cert", self.files.paths(), move || files.load())
     }
 }
 

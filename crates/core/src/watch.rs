@@ -1,4 +1,5 @@
-//! One watcher for every file a server reloads without a restart (TLS material now).
+//! One watcher for every file a server reloads without a restart: TLS material, the auth
+//! file and the JWKS, each held in a [`Reloadable`] that a reload swaps whole.
 //!
 //! It polls a hash of each entry's file contents, following symlinks: Kubernetes swaps a
 //! mounted Secret or ConfigMap by repointing a `..data` symlink, which a per-file inotify
@@ -9,6 +10,7 @@
 use std::{
     hash::{Hash, Hasher},
     path::PathBuf,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -39,10 +41,43 @@ pub fn register(registry: &mut prometheus_client::registry::Registry) -> Reloads
     reloads
 }
 
+/// Material that a reload swaps whole; each user takes what is current.
+#[derive(Debug)]
+pub struct Reloadable<T>(RwLock<Arc<T>>);
+
+impl<T: Send + Sync + 'static> Reloadable<T> {
+    pub fn new(value: T) -> Arc<Self> {
+        Arc::new(Self(RwLock::new(Arc::new(value))))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().expect("reloadable lock").clone()
+    }
+
+    /// The watched entry named `name` (the metric's `file` label): when `paths` change,
+    /// `load` runs and what it returns becomes current; an error leaves the last good one.
+    pub fn watched(
+        self: &Arc<Self>,
+        name: &str,
+        paths: Vec<PathBuf>,
+        load: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+    ) -> Watched {
+        let me = self.clone();
+        Watched {
+            name: name.into(),
+            paths,
+            reload: Box::new(move || {
+                let value = load()?;
+                *me.0.write().expect("reloadable lock") = Arc::new(value);
+                Ok(())
+            }),
+        }
+    }
+}
+
 type Reload = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// One reloadable thing: its name (the metric's `file` label), its files and how to
-/// reload them.
+/// One reloadable thing: its name, its files and how to reload them.
 pub struct Watched {
     name: String,
     paths: Vec<PathBuf>,
@@ -50,14 +85,6 @@ pub struct Watched {
 }
 
 impl Watched {
-    pub fn new(name: &str, paths: Vec<PathBuf>, reload: Reload) -> Self {
-        Self {
-            name: name.into(),
-            paths,
-            reload,
-        }
-    }
-
     /// A hash of the files' contents (a file that cannot be read hashes as its error).
     fn digest(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -71,18 +98,25 @@ impl Watched {
     }
 }
 
-/// Polls `entries` every `period` until the returned task is dropped or aborted. The
-/// material loaded at start is taken as current.
-pub fn spawn(
-    entries: Vec<Watched>,
-    period: Duration,
-    reloads: Reloads,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// Stops the watcher when dropped.
+pub struct Watching(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `entries` every `period` for as long as the returned guard lives. The material
+/// loaded at start is taken as current.
+pub fn spawn(entries: Vec<Watched>, period: Duration, reloads: Reloads) -> Watching {
     if entries.is_empty() {
-        return None;
+        return Watching(None);
     }
     let mut seen: Vec<u64> = entries.iter().map(Watched::digest).collect();
-    Some(tokio::spawn(async move {
+    Watching(Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -113,5 +147,5 @@ pub fn spawn(
                     .inc();
             }
         }
-    }))
+    })))
 }

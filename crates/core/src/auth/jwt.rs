@@ -4,7 +4,8 @@
 //!
 //! A verified token is remembered (by its SHA-256) until it expires, so a client that
 //! sends the same token on every call pays for the signature once, as Envoy's jwt_authn
-//! cache does; a JWKS reload forgets them all.
+//! cache does. The memory belongs to the keys that verified them, so a JWKS reload starts
+//! with none.
 
 use std::{
     collections::HashMap,
@@ -14,23 +15,26 @@ use std::{
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algorithm, Validation};
 
-use crate::tls::Reloadable;
+use crate::watch::Reloadable;
 
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_S: u64 = 30;
 /// Verified tokens remembered at most (beyond it the memory starts over).
 const CACHE_MAX: usize = 4096;
 
-/// Verified tokens: SHA-256 of the token → (subject, exp).
-type Verified = Mutex<HashMap<[u8; 32], (String, u64)>>;
+/// The JWKS, and the tokens it verified: SHA-256 of the token → (subject, exp).
+#[derive(Debug)]
+struct Keys {
+    set: JwkSet,
+    verified: Mutex<HashMap<[u8; 32], (String, u64)>>,
+}
 
 #[derive(Debug)]
 pub struct Jwt {
     path: PathBuf,
-    keys: Arc<Reloadable<JwkSet>>,
+    keys: Arc<Reloadable<Keys>>,
     audience: String,
     issuer: String,
-    verified: Arc<Verified>,
 }
 
 #[derive(serde::Deserialize)]
@@ -45,9 +49,13 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn read(path: &std::path::Path) -> Result<JwkSet, String> {
+fn read(path: &std::path::Path) -> Result<Keys, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    serde_json::from_str(&text).map_err(|e| format!("not a JWKS: {e}"))
+    let set = serde_json::from_str(&text).map_err(|e| format!("not a JWKS: {e}"))?;
+    Ok(Keys {
+        set,
+        verified: Mutex::default(),
+    })
 }
 
 impl Jwt {
@@ -55,38 +63,30 @@ impl Jwt {
         let keys = read(&path).map_err(|e| format!("--auth-jwks {}: {e}", path.display()))?;
         Ok(Self {
             path,
-            keys: Arc::new(Reloadable::new(keys)),
+            keys: Reloadable::new(keys),
             audience,
             issuer,
-            verified: Arc::default(),
         })
     }
 
     pub fn watched(&self) -> crate::watch::Watched {
-        let (path, keys, verified) = (self.path.clone(), self.keys.clone(), self.verified.clone());
-        crate::watch::Watched::new(
-            "auth-jwks",
-            vec![self.path.clone()],
-            Box::new(move || {
-                let k = read(&path)?;
-                keys.set(k);
-                verified.lock().expect("jwt cache lock").clear();
-                Ok(())
-            }),
-        )
+        let path = self.path.clone();
+        self.keys
+            .watched("auth-jwks", vec![self.path.clone()], move || read(&path))
     }
 
     /// The token's subject, or why it is not a valid token (for UNAUTHENTICATED).
     pub fn subject(&self, token: &str) -> Result<String, String> {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let id: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-        if let Some((sub, exp)) = self.verified.lock().expect("jwt cache lock").get(&id) {
+        let keys = self.keys.get();
+        if let Some((sub, exp)) = keys.verified.lock().expect("jwt cache lock").get(&id) {
             if now_s() <= exp + LEEWAY_S {
                 return Ok(sub.clone());
             }
         }
-        let claims = self.verify(token)?;
-        let mut cache = self.verified.lock().expect("jwt cache lock");
+        let claims = self.verify(token, &keys.set)?;
+        let mut cache = keys.verified.lock().expect("jwt cache lock");
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
@@ -94,7 +94,7 @@ impl Jwt {
         Ok(claims.sub)
     }
 
-    fn verify(&self, token: &str) -> Result<Claims, String> {
+    fn verify(&self, token: &str, keys: &JwkSet) -> Result<Claims, String> {
         let header = decode_header(token).map_err(|e| format!("JWT: {e}"))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(format!(
@@ -102,7 +102,6 @@ impl Jwt {
                 header.alg
             ));
         }
-        let keys = self.keys.get();
         let jwk = match &header.kid {
             Some(kid) => keys.find(kid),
             None if keys.keys.len() == 1 => keys.keys.first(),

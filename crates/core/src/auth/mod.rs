@@ -20,7 +20,7 @@ use tonic::Status;
 pub use file::{hash_key, Scope};
 pub use layer::AuthLayer;
 
-use crate::tls::Reloadable;
+use crate::watch::Reloadable;
 
 /// The auth flags (both binaries).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -88,10 +88,11 @@ pub struct TenantState {
 pub struct Tenants(Vec<Arc<TenantState>>);
 
 impl Tenants {
-    /// From the file's text; tenants whose name and limits did not change keep their
+    /// From the file at `path`; tenants whose name and limits did not change keep their
     /// quota state across a reload.
-    fn build(text: &str, before: Option<&Tenants>) -> Result<Self, String> {
-        let parsed = file::parse(text)?;
+    fn read(path: &std::path::Path, before: Option<&Tenants>) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let parsed = file::parse(&text)?;
         Ok(Self(
             parsed
                 .into_iter()
@@ -132,9 +133,7 @@ impl Auth {
         let Some(path) = &args.auth_config else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
-        let tenants = Tenants::build(&text, None)
+        let tenants = Tenants::read(path, None)
             .map_err(|e| format!("--auth-config {}: {e}", path.display()))?;
         let jwt = match (
             &args.auth_jwks,
@@ -159,7 +158,7 @@ impl Auth {
         );
         Ok(Some(Arc::new(Self {
             path: path.clone(),
-            current: Arc::new(Reloadable::new(tenants)),
+            current: Reloadable::new(tenants),
             jwt,
             verbose: args.verbose_errors,
             metrics,
@@ -168,23 +167,15 @@ impl Auth {
 
     /// The watched entries that reload the auth file and the JWKS when they change.
     pub fn watched(&self) -> Vec<crate::watch::Watched> {
-        let mut all: Vec<_> = self.jwt.iter().map(jwt::Jwt::watched).collect();
-        all.push(self.tenants_watched());
-        all
-    }
-
-    fn tenants_watched(&self) -> crate::watch::Watched {
         let (path, current) = (self.path.clone(), self.current.clone());
-        crate::watch::Watched::new(
-            "auth-config",
-            vec![self.path.clone()],
-            Box::new(move || {
-                let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-                let next = Tenants::build(&text, Some(&current.get()))?;
-                current.set(next);
-                Ok(())
-            }),
-        )
+        let tenants = self
+            .current
+            .watched("auth-config", vec![self.path.clone()], move || {
+                Tenants::read(&path, Some(&current.get()))
+            });
+        let mut all: Vec<_> = self.jwt.iter().map(jwt::Jwt::watched).collect();
+        all.push(tenants);
+        all
     }
 
     fn deny(&self, tenant: &str, reason: &str) {

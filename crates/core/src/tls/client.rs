@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use rustls::{pki_types::ServerName, ClientConfig};
 use tokio::net::TcpStream;
 
-use super::{certs, key, provider, roots, Reloadable};
+use super::{certs, key, provider, roots};
+use crate::watch::Reloadable;
 
 /// What a TLS client reads from disk.
 #[derive(Clone, Debug, Default)]
@@ -71,7 +72,7 @@ impl ClientTls {
             })
             .transpose()?;
         Ok(Self {
-            current: Arc::new(Reloadable::new(files.load()?)),
+            current: Reloadable::new(files.load()?),
             files,
             server_name,
         })
@@ -79,12 +80,9 @@ impl ClientTls {
 
     /// The watched entry that reloads this material when its files change.
     pub fn watched(&self, name: &str) -> crate::watch::Watched {
-        let (files, current) = (self.files.clone(), self.current.clone());
-        crate::watch::Watched::new(
-            name,
-            self.files.paths(),
-            Box::new(move || files.load().map(|c| current.set(c))),
-        )
+        let files = self.files.clone();
+        self.current
+            .watched(name, self.files.paths(), move || files.load())
     }
 
     /// A connector for `tonic::transport::Endpoint::connect_with_connector`. The name
