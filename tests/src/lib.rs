@@ -8,7 +8,9 @@ pub mod tensors;
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use infermesh_proto::{
+    grpc_inference_service_client::GrpcInferenceServiceClient, ServerReadyRequest,
+};
 use infermesh_worker::WorkerConfig;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -279,21 +281,13 @@ pub async fn client(url: &str) -> Client {
 /// Polls ServerReady at `url` until true; panics after 60 s (models load in the
 /// background).
 pub async fn wait_ready(url: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await {
-            if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
-                if r.into_inner().ready {
-                    return;
-                }
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} did not become ready in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(url, || async {
+        let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await else {
+            return false;
+        };
+        is_ready(&mut c, tonic::Request::new(ServerReadyRequest {})).await
+    })
+    .await
 }
 
 /// Polls ServerReady over TLS (the certificate checked for "localhost" against `ca`,
@@ -303,18 +297,33 @@ pub async fn wait_ready_tls(
     ca: &std::path::Path,
     identity: Option<&pki::Leaf>,
 ) {
+    poll_until(&format!("{addr} over TLS"), || async {
+        let Ok(mut c) = tls_client(addr, ca, identity, "localhost").await else {
+            return false;
+        };
+        is_ready(&mut c, tonic::Request::new(ServerReadyRequest {})).await
+    })
+    .await
+}
+
+/// Whether ServerReady, as `request` asks it, answers true.
+pub async fn is_ready(c: &mut Client, request: tonic::Request<ServerReadyRequest>) -> bool {
+    c.server_ready(request)
+        .await
+        .is_ok_and(|r| r.into_inner().ready)
+}
+
+/// Polls `ready` until it says true; panics after 60 s, naming `what`.
+pub async fn poll_until<F, Fut>(what: &str, ready: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut c) = tls_client(addr, ca, identity, "localhost").await {
-            if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
-                if r.into_inner().ready {
-                    return;
-                }
-            }
-        }
+    while !ready().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{addr} did not become ready over TLS in 60 s"
+            "{what} did not become ready in 60 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

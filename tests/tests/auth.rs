@@ -1,10 +1,8 @@
 //! Tenants' concurrency caps at the gateway: over its cap a tenant is refused at once while
 //! another tenant is served, and both are counted per tenant.
 
-use std::time::Duration;
-
 use infermesh_proto::{ModelInferRequest, ServerReadyRequest};
-use infermesh_tests::{metric_at, repo::*, tensors::*, Gateway, Worker};
+use infermesh_tests::{is_ready, metric_at, poll_until, repo::*, tensors::*, Gateway, Worker};
 use tonic::{Code, Request};
 
 fn ident(id: &str) -> ModelInferRequest {
@@ -37,23 +35,14 @@ async fn over_its_concurrency_cap_a_tenant_is_refused_at_once_and_another_is_ser
     .unwrap();
     let gw = Gateway::spawn_at(&[w.addr], &["--auth-config", file.to_str().unwrap()]).await;
     let client = gw.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    poll_until("the gateway", || async {
         let mut ready = Request::new(ServerReadyRequest {});
         ready
             .metadata_mut()
             .insert("authorization", "Bearer k-free".parse().unwrap());
-        if client
-            .clone()
-            .server_ready(ready)
-            .await
-            .is_ok_and(|r| r.into_inner().ready)
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gateway not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        is_ready(&mut client.clone(), ready).await
+    })
+    .await;
 
     let mut c = client.clone();
     let first =
