@@ -33,24 +33,26 @@ pub struct AuthService<S> {
 impl<S> tower::Service<http::Request<Body>> for AuthService<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+    // No allocation per call: the inner future, or the refusal ready at once.
+    type Future =
+        futures::future::Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        use futures::future::Either;
         let Some(auth) = &self.auth else {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         };
         let path = req.uri().path();
         // Probes and load balancers send no credentials.
         if path.starts_with("/grpc.health.v1.Health/") {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         }
         let checked = auth.authenticate(req.headers()).and_then(|caller| {
             if let Some(scope) = rpc_scope(path) {
@@ -61,12 +63,9 @@ where
         match checked {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(req))
+                Either::Left(self.inner.call(req))
             }
-            Err(status) => {
-                let resp = status.into_http::<Body>();
-                Box::pin(async move { Ok(resp) })
-            }
+            Err(status) => Either::Right(std::future::ready(Ok(status.into_http::<Body>()))),
         }
     }
 }
