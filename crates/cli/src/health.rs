@@ -11,7 +11,7 @@ pub struct HealthArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::conn::ConnArgs,
+    pub conn: crate::conn::ConnArgs,
     /// Health service to check: "" for the whole server, or a model name.
     #[arg(long, default_value = "")]
     pub service: String,
@@ -22,7 +22,7 @@ pub struct HealthArgs {
 
 pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
     let check = async {
-        let channel = crate::infer::channel(&args.url, &args.tls).await?;
+        let channel = crate::conn::connect(&args.url, &args.conn).await?;
         let resp = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: args.service.clone(),

@@ -17,7 +17,7 @@ pub struct InferArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::conn::ConnArgs,
+    pub conn: crate::conn::ConnArgs,
     /// Model name.
     #[arg(long)]
     pub model: String,
@@ -33,15 +33,10 @@ pub struct InferArgs {
     pub json: bool,
 }
 
-/// A connection to `url` (see [`crate::conn::connect`]).
-pub async fn channel(url: &str, args: &crate::conn::ConnArgs) -> anyhow::Result<crate::conn::Conn> {
-    crate::conn::connect(url, args).await
-}
-
 pub async fn run(args: InferArgs) -> anyhow::Result<()> {
     let outputs = call(
         &args.url,
-        &args.tls,
+        &args.conn,
         &args.model,
         &args.version,
         &args.inputs,
@@ -60,12 +55,12 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
 /// Sends one request built from NAME=JSON inputs; returns outputs as nested arrays.
 pub async fn call(
     url: &str,
-    tls: &crate::conn::ConnArgs,
+    conn: &crate::conn::ConnArgs,
     model: &str,
     version: &str,
     inputs: &[String],
 ) -> anyhow::Result<Map<String, Value>> {
-    let mut client = GrpcInferenceServiceClient::new(channel(url, tls).await?)
+    let mut client = GrpcInferenceServiceClient::new(crate::conn::connect(url, conn).await?)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let meta = client

@@ -29,7 +29,7 @@ pub struct LoadArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::conn::ConnArgs,
+    pub conn: crate::conn::ConnArgs,
     /// Model name.
     #[arg(long, default_value = "mlp")]
     pub model: String,
@@ -65,7 +65,7 @@ struct Tally {
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
-    let channel = crate::infer::channel(&args.url, &args.tls).await?;
+    let channel = crate::conn::connect(&args.url, &args.conn).await?;
     let client = GrpcInferenceServiceClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);

@@ -10,7 +10,7 @@ pub struct ModelsArgs {
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
-    pub tls: crate::conn::ConnArgs,
+    pub conn: crate::conn::ConnArgs,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -18,7 +18,7 @@ pub struct ModelsArgs {
 
 pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let mut client =
-        GrpcInferenceServiceClient::new(crate::infer::channel(&args.url, &args.tls).await?);
+        GrpcInferenceServiceClient::new(crate::conn::connect(&args.url, &args.conn).await?);
     let answer = client
         .repository_index(RepositoryIndexRequest::default())
         .await

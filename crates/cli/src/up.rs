@@ -155,7 +155,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Some(_) => format!("https://{addr}"),
             None => addr.to_string(),
         },
-        tls: crate::conn::ConnArgs {
+        conn: crate::conn::ConnArgs {
             ca: args.ca.clone(),
             ..Default::default()
         },
@@ -218,13 +218,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// How clients reach the mesh: its URL (https:// with --cert) and the CA to trust.
 struct Mesh {
     url: String,
-    tls: crate::conn::ConnArgs,
+    conn: crate::conn::ConnArgs,
 }
 
 impl Mesh {
     /// The flags every printed command needs for TLS (`flag` is the tool's CA flag).
     fn ca_flag(&self, flag: &str) -> String {
-        match &self.tls.ca {
+        match &self.conn.ca {
             Some(ca) => format!(" {flag} {}", ca.display()),
             None => String::new(),
         }
@@ -295,7 +295,7 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
     };
     // grpcurl and tritonclient take host:port, and their own TLS flags.
     let host = addr.trim_start_matches("https://");
-    let security = match mesh.tls.ca.is_some() || addr.starts_with("https://") {
+    let security = match mesh.conn.ca.is_some() || addr.starts_with("https://") {
         true => mesh.ca_flag("-cacert"),
         false => " -plaintext".into(),
     };
@@ -305,7 +305,7 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
         true => python.display().to_string(),
         false => "python3  # needs: pip install 'tritonclient[grpc]'\n   ".into(),
     };
-    let ssl = match (&mesh.tls.ca, addr.starts_with("https://")) {
+    let ssl = match (&mesh.conn.ca, addr.starts_with("https://")) {
         (Some(ca), _) => format!(", ssl=True, root_certificates=\"{}\"", ca.display()),
         (None, true) => ", ssl=True".into(),
         (None, false) => String::new(),
@@ -317,7 +317,7 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
 
 /// Names of the models the mesh has ready.
 async fn ready_models(mesh: &Mesh) -> Vec<String> {
-    let Ok(ch) = crate::infer::channel(&mesh.url, &mesh.tls).await else {
+    let Ok(ch) = crate::conn::connect(&mesh.url, &mesh.conn).await else {
         return Vec::new();
     };
     let mut c = infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
@@ -382,7 +382,7 @@ async fn stop_all(workers: &mut [Worker]) {
 async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(ch) = crate::infer::channel(&mesh.url, &mesh.tls).await {
+        if let Ok(ch) = crate::conn::connect(&mesh.url, &mesh.conn).await {
             let mut c =
                 infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
             if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
@@ -411,7 +411,7 @@ async fn self_check(mesh: &Mesh, repo: &std::path::Path) -> anyhow::Result<()> {
     };
     let v: Value = serde_json::from_str(&text)?;
     let inputs = vec![format!("input={}", v["inputs"])];
-    let out = crate::infer::call(&mesh.url, &mesh.tls, "digits", "", &inputs).await?;
+    let out = crate::infer::call(&mesh.url, &mesh.conn, "digits", "", &inputs).await?;
     let got = &out["label"];
     println!("digits: predicted {got}, expected {}", v["labels"]);
     anyhow::ensure!(
