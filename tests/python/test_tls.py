@@ -142,8 +142,13 @@ def test_the_cli_speaks_tls_and_mtls(mesh):
     assert out.returncode == 0 and "label" in out.stdout, out.stderr
     out = run("models", "--url", mesh["gateway"].url, "--ca", ca)
     assert out.returncode == 0 and "digits" in out.stdout, out.stderr
-    # The health port, in plaintext, as the images' HEALTHCHECK calls it.
-    out = run("health", "--url", mesh["gateway"].health_url)
+    # The health port, in plaintext, as the images' HEALTHCHECK calls it. The gateway's
+    # health follows its pool's refreshes, so it may say SERVING a moment after ready.
+    import time
+
+    deadline = time.monotonic() + 30
+    while (out := run("health", "--url", mesh["gateway"].health_url)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
     # Without its certificate the worker refuses the CLI, and says so.
     out = run("infer", "--url", f"https://{mesh['worker'].url}", "--ca", ca, "--model", "digits",
