@@ -15,13 +15,17 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.25, 0.5, 1.0, 10.0,
 ];
 
+/// The label value for anything a client named that the server does not know (a model,
+/// a tenant), so request contents cannot mint new series.
+pub const UNKNOWN: &str = "(unknown)";
+
 /// The model label of a request: its name when the server has (or a worker lists) the
-/// model, else "(unknown)", so request names cannot mint new series.
+/// model, else [`UNKNOWN`].
 pub fn model_label(name: &str, known: bool) -> String {
     if known {
         name.to_string()
     } else {
-        "(unknown)".into()
+        UNKNOWN.into()
     }
 }
 

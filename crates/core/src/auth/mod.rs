@@ -74,7 +74,7 @@ pub struct AuthMetrics {
     pub denied: Family<TenantReason, Counter>,
 }
 
-const UNKNOWN: &str = "(unknown)";
+use crate::metrics::UNKNOWN;
 
 /// One tenant as loaded, with its quota state.
 #[derive(Debug)]
