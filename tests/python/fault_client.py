@@ -27,38 +27,12 @@ import tritonclient.grpc as grpcclient
 MODELS = pathlib.Path(__file__).resolve().parents[2] / "models"
 
 
-def load(url, seconds, concurrency):
+def requests_for(url, seconds, concurrency, deadline):
+    """digits requests from `concurrency` threads for `seconds`: each one's start (Unix
+    time), latency, and error (None when it succeeded)."""
     s = json.loads((MODELS / "digits/samples.json").read_text())
     x = np.array(s["inputs"][:1], dtype=np.float32)
-    sent, failed, errors, lock = [0], [0], [], threading.Lock()
-    end = time.monotonic() + seconds
-
-    def run():
-        c = grpcclient.InferenceServerClient(url)
-        while time.monotonic() < end:
-            i = grpcclient.InferInput("input", [1, 64], "FP32")
-            i.set_data_from_numpy(x)
-            try:
-                c.infer("digits", [i], client_timeout=5.0)
-                ok = True
-            except Exception as e:  # noqa: BLE001 - every failure counts
-                ok = False
-                with lock:
-                    errors.append(str(e)[:300])
-            with lock:
-                sent[0] += 1
-                failed[0] += 0 if ok else 1
-
-    threads = [threading.Thread(target=run) for _ in range(concurrency)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    print(json.dumps({"sent": sent[0], "failed": failed[0], "errors": errors[:3]}))
-
-
-def timed(url, seconds, concurrency, deadline, metrics_url=None):
-    s = json.loads((MODELS / "digits/samples.json").read_text())
-    x = np.array(s["inputs"][:1], dtype=np.float32)
-    requests, samples, lock = [], [], threading.Lock()
+    done, lock = [], threading.Lock()
     end = time.monotonic() + seconds
 
     def run():
@@ -70,12 +44,27 @@ def timed(url, seconds, concurrency, deadline, metrics_url=None):
             t, p = time.time(), time.perf_counter()
             try:
                 c.infer("digits", [i], client_timeout=deadline)
-                ok = True
-            except Exception:  # noqa: BLE001 - every failure counts
-                ok = False
-            mine.append((t, time.perf_counter() - p, ok))
+                error = None
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                error = str(e)[:300]
+            mine.append((t, time.perf_counter() - p, error))
         with lock:
-            requests.extend(mine)
+            done.extend(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return sorted(done, key=lambda r: r[0])
+
+
+def load(url, seconds, concurrency):
+    done = requests_for(url, seconds, concurrency, 5.0)
+    errors = [e for _, _, e in done if e is not None]
+    print(json.dumps({"sent": len(done), "failed": len(errors), "errors": errors[:3]}))
+
+
+def timed(url, seconds, concurrency, deadline, metrics_url=None):
+    samples, end = [], time.monotonic() + seconds
 
     def scrape():
         line = re.compile(r'^infermesh_gateway_worker_attempts_total\{worker="([^"]+)"\} (\d+)', re.M)
@@ -88,12 +77,14 @@ def timed(url, seconds, concurrency, deadline, metrics_url=None):
                 pass
             time.sleep(0.1)  # the sampling period
 
-    threads = [threading.Thread(target=run) for _ in range(concurrency)]
+    scraper = threading.Thread(target=scrape)
     if metrics_url:
-        threads.append(threading.Thread(target=scrape))
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    print(json.dumps({"requests": sorted(requests), "attempts": samples}))
+        scraper.start()
+    done = requests_for(url, seconds, concurrency, deadline)
+    if metrics_url:
+        scraper.join()
+    requests = [(t, dt, error is None) for t, dt, error in done]
+    print(json.dumps({"requests": requests, "attempts": samples}))
 
 
 def stream(url, messages):
