@@ -30,6 +30,8 @@ def main() -> None:
     keys: ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
     subjects: ["system:serviceaccount:bench:client"]
     scopes: [infer, read]
+    models: ["*"]
+    limits: {{}}
 """)
     now = int(time.time())
     token = jwt.encode({"sub": "system:serviceaccount:bench:client", "aud": "infermesh", "iss": "bench",

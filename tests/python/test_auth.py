@@ -31,20 +31,27 @@ tenants:
     keys: ["{hash_key(TOKENS['infer'])}"]
     scopes: [infer]
     models: [digits]
+    limits: {{}}
   - name: team-read
     keys: ["{hash_key(TOKENS['reader'])}"]
     scopes: [read]
     models: [mlp]
+    limits: {{}}
   - name: ops
     keys: ["{hash_key(TOKENS['admin'])}"]
     scopes: [infer, read, admin]
+    models: ["*"]
+    limits: {{}}
   - name: team-limited
     keys: ["{hash_key(TOKENS['limited'])}"]
     scopes: [infer]
+    models: ["*"]
     limits: {{requests_per_second: 1, burst: 3, max_concurrent: 2}}
   - name: team-other
     keys: ["{hash_key(TOKENS['other'])}"]
     scopes: [infer]
+    models: ["*"]
+    limits: {{}}
 {extra}"""
 
 
@@ -181,6 +188,8 @@ def test_a_tenant_added_to_the_file_is_accepted_without_a_restart(mesh):
     mesh["path"].write_text(auth_file(f"""  - name: team-new
     keys: ["{hash_key('tok-new-team')}"]
     scopes: [infer]
+    models: ["*"]
+    limits: {{}}
 """))
     import time
 
@@ -263,6 +272,8 @@ def jwt_mesh(tmp_path_factory, mesh):
     path.write_text(auth_file(f"""  - name: frontend
     subjects: ["{SUBJECT}"]
     scopes: [infer]
+    models: ["*"]
+    limits: {{}}
 """))
     gateway = Server([binary("infermesh-gateway"), "--workers", mesh["worker"].url, "--worker-refresh", "100ms",
                       "--auth-config", str(path), "--auth-jwks", str(jwks), "--auth-jwt-audience", AUDIENCE,
@@ -290,8 +301,8 @@ def test_a_valid_jwt_is_its_subjects_tenant(jwt_mesh, alg):
 
 @pytest.mark.parametrize("bad,says", [
     ({"exp_in": -120}, "expired"),
-    ({"aud": "someone-else"}, "expected audience"),
-    ({"iss": "https://evil.example"}, "expected issuer"),
+    ({"aud": "someone-else"}, "wrong audience"),
+    ({"iss": "https://evil.example"}, "wrong issuer"),
 ])
 def test_an_expired_or_misaddressed_jwt_is_unauthenticated(jwt_mesh, bad, says):
     c = grpcclient.InferenceServerClient(jwt_mesh["gateway"].url)

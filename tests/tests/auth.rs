@@ -27,7 +27,7 @@ async fn over_its_concurrency_cap_a_tenant_is_refused_at_once_and_another_is_ser
     std::fs::write(
         &file,
         format!(
-            "tenants:\n  - name: capped\n    keys: [\"{}\"]\n    scopes: [infer]\n    limits: {{max_concurrent: 1}}\n  - name: free\n    keys: [\"{}\"]\n    scopes: [infer]\n",
+            "tenants:\n  - name: capped\n    keys: [\"{}\"]\n    scopes: [infer]\n    models: [\"*\"]\n    limits: {{max_concurrent: 1}}\n  - name: free\n    keys: [\"{}\"]\n    scopes: [infer]\n    models: [\"*\"]\n    limits: {{}}\n",
             infermesh_core::auth::hash_key("k-capped"),
             infermesh_core::auth::hash_key("k-free"),
         ),

@@ -40,6 +40,20 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_HEALTH_PORT", default_value_t = 8003)]
     pub health_port: u16,
 
+    /// Connections the health port holds open at once, apart from --max-connections: the
+    /// main port's traffic can never starve a probe.
+    #[arg(long, env = "INFERMESH_HEALTH_MAX_CONNECTIONS", default_value_t = 256)]
+    pub health_max_connections: usize,
+
+    /// Connections one peer address may hold open on the health port (a kubelet probes
+    /// from its node's address, one connection per probe). 0 = no per-peer cap.
+    #[arg(
+        long,
+        env = "INFERMESH_HEALTH_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 8
+    )]
+    pub health_max_connections_per_peer: usize,
+
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 
@@ -65,8 +79,10 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
-    /// A connection whose HTTP/2 preface and first SETTINGS frame have not arrived within
-    /// this long is closed (so half-open handshakes hold nothing). 0 = never.
+    /// A connection whose TLS handshake, HTTP/2 preface and whole first SETTINGS frame
+    /// have not arrived within this long after it was accepted is closed, and so is one
+    /// that opens no call within this long after its handshake (half-open handshakes and
+    /// silent connections hold nothing). 0 = never.
     #[arg(long, env = "INFERMESH_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_handshake_timeout: Duration,
 
@@ -89,6 +105,12 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_GRPC_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub grpc_stall_timeout: Duration,
 
+    /// Bytes per second a request message in progress must keep up, measured over each
+    /// --grpc-stall-timeout window; a message trickled more slowly is dropped with its
+    /// bytes (DEADLINE_EXCEEDED). 0 = any progress will do.
+    #[arg(long, env = "INFERMESH_GRPC_MIN_RECEIVE_RATE", default_value_t = 1024)]
+    pub grpc_min_receive_rate: usize,
+
     /// After SIGTERM, how long to keep serving while health already says NOT_SERVING, so
     /// Kubernetes endpoints and gateways stop sending before new requests are refused.
     #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
@@ -100,8 +122,9 @@ pub struct ServerArgs {
     pub drain_timeout: Duration,
 
     /// Close each client connection (with GOAWAY, after its requests finish) once it is this
-    /// old, so long-lived clients re-balance across replicas. 0 keeps connections forever.
-    #[arg(long, env = "INFERMESH_MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    /// old, so long-lived clients re-balance across replicas and no connection outlives its
+    /// credentials' review for long. 0 keeps connections forever.
+    #[arg(long, env = "INFERMESH_MAX_CONNECTION_AGE", default_value = "1h", value_parser = parse_duration)]
     pub max_connection_age: Duration,
 
     /// Threads serving gRPC. 1 runs everything on one thread (no cross-thread wake-ups: the

@@ -6,12 +6,16 @@
 //! - Accept errors (EMFILE at the fd limit, ENOBUFS) back off from 10 ms doubling to 1 s
 //!   and are logged at most once a second with a count: the loop never spins, and the
 //!   connections already open keep being served.
-//! - A connection whose client preface and first SETTINGS frame have not arrived within
-//!   `--grpc-handshake-timeout` is closed (a slow-loris holds nothing for long).
-//! - With TLS, each handshake runs beside the accept loop (a slow one holds up no other)
-//!   within `--grpc-handshake-timeout`, with the configuration current at that moment
-//!   (rotated certificates reach new connections); a connection in its handshake counts
-//!   against `--max-connections`. A client that does not speak TLS is closed.
+//! - A connection whose TLS handshake, client preface and whole first SETTINGS frame
+//!   (header and payload, however the bytes are cut) have not arrived within
+//!   `--grpc-handshake-timeout` of its accept is closed, and so is one that opens no call
+//!   within that long after its handshake (a slow-loris holds nothing for long).
+//! - With TLS, each handshake runs beside the accept loop (a slow one holds up no other),
+//!   with the configuration current at that moment (rotated certificates reach new
+//!   connections); a connection in its handshake counts against `--max-connections`. A
+//!   client that does not speak TLS is closed.
+//! - Where a per-peer cap is set (the health port), one peer address holds at most that
+//!   many connections; one beyond is closed at once.
 //! - A connection with no call open for `--grpc-idle-timeout` is closed. Calls are
 //!   counted by [`CallLayer`] through the connection's [`ConnInfo`], which tonic puts in
 //!   every request's extensions; keepalive pings do not count as use.
@@ -35,8 +39,9 @@ use tokio::{
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// The client preface (24 bytes) and the header of its first SETTINGS frame (9).
-const HANDSHAKE_BYTES: usize = 24 + 9;
+/// The client preface (24 bytes), then the 9-byte header of its first frame (SETTINGS).
+const PREFACE: usize = 24;
+const FRAME_HEADER: usize = 9;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -47,12 +52,16 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// 0 = never.
     pub idle_timeout: Duration,
+    /// Connections one peer address may hold; 0 = no cap.
+    pub max_per_peer: usize,
 }
 
 /// Calls open on one connection, and when the last one ended.
 #[derive(Debug)]
 pub struct Activity {
     open: AtomicUsize,
+    /// Whether any call was ever opened.
+    used: std::sync::atomic::AtomicBool,
     last: std::sync::Mutex<tokio::time::Instant>,
 }
 
@@ -60,6 +69,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             open: AtomicUsize::new(0),
+            used: Default::default(),
             last: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -79,6 +89,7 @@ pub struct OpenCall(Arc<Activity>);
 impl OpenCall {
     pub fn new(activity: &Arc<Activity>) -> Self {
         activity.open.fetch_add(1, Ordering::SeqCst);
+        activity.used.store(true, Ordering::Relaxed);
         Self(activity.clone())
     }
 }
@@ -127,19 +138,50 @@ impl Every {
 /// forever.
 const TLS_HANDSHAKE_MAX: Duration = Duration::from_secs(10);
 
-/// One open connection counted against `--max-connections` until dropped.
-struct Slot(Arc<AtomicUsize>);
+/// Connections open per peer address (only where a per-peer cap is set).
+type Peers = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One open connection counted against `--max-connections` (and its peer's cap) until
+/// dropped.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    peer: Option<(Peers, std::net::IpAddr)>,
+}
 
 impl Slot {
     fn take(open: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::SeqCst);
-        Self(open.clone())
+        Self {
+            open: open.clone(),
+            peer: None,
+        }
+    }
+
+    /// Counts the connection against its peer's cap; false when the peer is at it.
+    fn for_peer(&mut self, peers: &Peers, ip: std::net::IpAddr, max: usize) -> bool {
+        let mut held = peers.lock().expect("peers lock");
+        let n = held.entry(ip).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        self.peer = Some((peers.clone(), ip));
+        true
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        if let Some((peers, ip)) = self.peer.take() {
+            let mut held = peers.lock().expect("peers lock");
+            if let Some(n) = held.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -157,10 +199,12 @@ fn handshake(
         t if t.is_zero() => TLS_HANDSHAKE_MAX,
         t => t,
     };
+    let accepted = tokio::time::Instant::now();
     Box::pin(async move {
         let peer = stream.peer_addr().ok();
         match tokio::time::timeout(within, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => Some(Conn::new(Io::Tls(Box::new(tls)), slot, limits)),
+            // The HTTP/2 handshake must end within the same time from the accept.
+            Ok(Ok(tls)) => Some(Conn::new(Io::Tls(Box::new(tls)), slot, limits, accepted)),
             Ok(Err(e)) => {
                 tracing::debug!(?peer, error = %e, "TLS handshake failed");
                 None
@@ -189,6 +233,7 @@ pub fn incoming(
         tls: Option<crate::tls::ServerTls>,
         handshakes: FuturesUnordered<Handshake>,
         open: Arc<AtomicUsize>,
+        peers: Peers,
         backoff: Duration,
         errors: Every,
         refused: Every,
@@ -199,6 +244,7 @@ pub fn incoming(
         tls,
         handshakes: FuturesUnordered::new(),
         open: Arc::new(AtomicUsize::new(0)),
+        peers: Default::default(),
         backoff: BACKOFF_FIRST,
         errors: Every::new(),
         refused: Every::new(),
@@ -215,7 +261,7 @@ pub fn incoming(
                 }
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     s.backoff = BACKOFF_FIRST;
                     if s.open.load(Ordering::SeqCst) >= s.limits.max_connections {
                         drop(stream);
@@ -223,17 +269,31 @@ pub fn incoming(
                             tracing::warn!(
                                 closed = n,
                                 max = s.limits.max_connections,
-                                "connections over --max-connections closed at once"
+                                "connections over the connection limit closed at once"
+                            );
+                        }
+                        continue;
+                    }
+                    let mut slot = Slot::take(&s.open);
+                    if s.limits.max_per_peer > 0
+                        && !slot.for_peer(&s.peers, peer.ip(), s.limits.max_per_peer)
+                    {
+                        drop((stream, slot));
+                        if let Some(n) = s.refused.tick() {
+                            tracing::warn!(
+                                closed = n,
+                                max = s.limits.max_per_peer,
+                                "connections over the per-peer limit closed at once"
                             );
                         }
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let slot = Slot::take(&s.open);
                     match &s.tls {
                         Some(tls) => s.handshakes.push(handshake(tls, stream, slot, s.limits)),
                         None => {
-                            let conn = Conn::new(Io::Plain(stream), slot, s.limits);
+                            let now = tokio::time::Instant::now();
+                            let conn = Conn::new(Io::Plain(stream), slot, s.limits, now);
                             return Some((Ok(conn), s));
                         }
                     }
@@ -324,13 +384,54 @@ impl AsyncWrite for Io {
     }
 }
 
+/// The HTTP/2 handshake as it arrives: the preface, then the first frame's header,
+/// whose length says how much payload is still to come.
+#[derive(Debug, Default)]
+struct Handshake2 {
+    seen: usize,
+    header: [u8; FRAME_HEADER],
+}
+
+impl Handshake2 {
+    /// Takes the bytes read; true once the preface and the whole first frame are in.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if let Some(i) = self.seen.checked_sub(PREFACE).filter(|i| *i < FRAME_HEADER) {
+                self.header[i] = b;
+            }
+            self.seen += 1;
+            if self.done() {
+                return true;
+            }
+        }
+        self.done()
+    }
+
+    fn done(&self) -> bool {
+        if self.seen < PREFACE + FRAME_HEADER {
+            return false;
+        }
+        let len = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]);
+        self.seen >= PREFACE + FRAME_HEADER + len as usize
+    }
+}
+
+/// Where a connection is in its life, for the handshake timer.
+enum Phase {
+    /// Handshake bytes still to come by the deadline.
+    Handshake(Handshake2, Pin<Box<tokio::time::Sleep>>),
+    /// Handshake done: a first call must open by the deadline.
+    FirstCall(Pin<Box<tokio::time::Sleep>>),
+    Open,
+}
+
 pin_project_lite::pin_project! {
     /// One accepted connection, counted while open.
     pub struct Conn {
         #[pin]
         stream: Io,
-        // Bytes of the HTTP/2 handshake still to come, and when they must have come by.
-        handshake: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+        phase: Phase,
+        handshake_timeout: Duration,
         slot: Slot,
         activity: Arc<Activity>,
         idle: Duration,
@@ -339,16 +440,21 @@ pin_project_lite::pin_project! {
 }
 
 impl Conn {
-    fn new(stream: Io, slot: Slot, limits: Limits) -> Self {
-        let handshake = (!limits.handshake_timeout.is_zero()).then(|| {
-            (
-                HANDSHAKE_BYTES,
-                Box::pin(tokio::time::sleep(limits.handshake_timeout)),
-            )
-        });
+    /// `accepted`: when the TCP connection was accepted (the handshake timer runs from
+    /// there, through TLS).
+    fn new(stream: Io, slot: Slot, limits: Limits, accepted: tokio::time::Instant) -> Self {
+        let timeout = limits.handshake_timeout;
+        let phase = match timeout.is_zero() {
+            true => Phase::Open,
+            false => Phase::Handshake(
+                Handshake2::default(),
+                Box::pin(tokio::time::sleep_until(accepted + timeout)),
+            ),
+        };
         Self {
             stream,
-            handshake,
+            phase,
+            handshake_timeout: timeout,
             slot,
             activity: Arc::new(Activity::new()),
             idle: limits.idle_timeout,
@@ -391,24 +497,38 @@ impl AsyncRead for Conn {
                 }
             }
         }
-        if let Some((left, deadline)) = this.handshake {
-            match &polled {
+        match this.phase {
+            Phase::Open => {}
+            Phase::Handshake(progress, deadline) => match &polled {
                 Poll::Ready(Ok(())) => {
-                    let got = buf.filled().len() - before;
-                    *left = left.saturating_sub(got);
-                    if *left == 0 || got == 0 {
-                        *this.handshake = None;
+                    let got = &buf.filled()[before..];
+                    if progress.feed(got) {
+                        *this.phase =
+                            Phase::FirstCall(Box::pin(tokio::time::sleep(*this.handshake_timeout)));
+                    } else if got.is_empty() {
+                        *this.phase = Phase::Open; // end of stream: hyper closes it
                     }
                 }
-                Poll::Ready(Err(_)) => *this.handshake = None,
+                Poll::Ready(Err(_)) => *this.phase = Phase::Open,
                 Poll::Pending => {
                     if deadline.as_mut().poll(cx).is_ready() {
-                        *this.handshake = None;
+                        *this.phase = Phase::Open;
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "HTTP/2 handshake not completed within --grpc-handshake-timeout",
                         )));
                     }
+                }
+            },
+            Phase::FirstCall(deadline) => {
+                if this.activity.used.load(Ordering::Relaxed) {
+                    *this.phase = Phase::Open;
+                } else if polled.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                    *this.phase = Phase::Open;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no call opened within --grpc-handshake-timeout of the handshake",
+                    )));
                 }
             }
         }

@@ -111,11 +111,13 @@ where
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
     let guards = Guards {
-        body: crate::admission::body::Limits {
+        body: crate::admission::body::Admission::new(crate::admission::body::Limits {
             budget,
             max_message: limit,
+            max_message_is: "--grpc-max-message-bytes",
             stall: args.grpc_stall_timeout,
-        },
+            min_rate: args.grpc_min_receive_rate,
+        }),
         auth,
     };
     let served = serve(
@@ -134,7 +136,7 @@ where
 
 /// What every call on the gRPC port passes before a handler: byte accounting and auth.
 pub struct Guards {
-    pub body: crate::admission::body::Limits,
+    pub body: crate::admission::body::Admission,
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
@@ -229,6 +231,14 @@ pub async fn serve(
         max_connections: args.max_connections,
         handshake_timeout: args.grpc_handshake_timeout,
         idle_timeout: args.grpc_idle_timeout,
+        max_per_peer: 0,
+    };
+    // The health port has the whole connection layer with limits of its own, so neither
+    // the main port's traffic nor its own can starve a probe.
+    let health_limits = crate::conn::Limits {
+        max_connections: args.health_max_connections,
+        max_per_peer: args.health_max_connections_per_peer,
+        ..conn_limits
     };
     // The health port: the same health service, alone and in plaintext, until this
     // function returns (the sender is dropped then, which stops it).
@@ -240,12 +250,19 @@ pub async fn serve(
         metrics: _,
     } = listeners;
     if let Some(l) = health_listener {
-        let served = Server::builder()
-            .tcp_nodelay(true)
+        let small = crate::admission::body::Admission::small_only(
+            args.grpc_stall_timeout,
+            args.grpc_min_receive_rate,
+        );
+        let served = connection_layer(Server::builder(), args, HEALTH_STREAMS)
+            .layer(tower::util::MapResponseLayer::new(
+                crate::status_map::message_too_large::<Body> as fn(_) -> _,
+            ))
             .layer(crate::panic::CatchPanicLayer)
+            .layer(crate::admission::body::CountedLayer(small))
             .layer(crate::conn::CallLayer)
             .add_service(health.clone())
-            .serve_with_incoming_shutdown(crate::conn::incoming(l, conn_limits, None), async {
+            .serve_with_incoming_shutdown(crate::conn::incoming(l, health_limits, None), async {
                 let _ = health_stopped.await;
             });
         tokio::spawn(async move {
@@ -260,23 +277,16 @@ pub async fn serve(
         .add_service(v1)
         .add_service(v1alpha);
 
-    let mut builder = Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(args.grpc_max_concurrent_streams)
-        .http2_keepalive_interval(
-            (!args.grpc_keepalive_time.is_zero()).then_some(args.grpc_keepalive_time),
-        )
-        .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
+    // Auth comes before byte counting: the tenant is known from the headers, so its
+    // bytes count against its own share from the first one.
+    let mut builder = connection_layer(Server::builder(), args, args.grpc_max_concurrent_streams)
         .layer(tower::util::MapResponseLayer::new(
             crate::status_map::message_too_large::<Body> as fn(_) -> _,
         ))
         .layer(crate::panic::CatchPanicLayer)
-        .layer(crate::admission::body::CountedLayer(guards.body))
         .layer(crate::auth::AuthLayer(guards.auth))
+        .layer(crate::admission::body::CountedLayer(guards.body))
         .layer(crate::conn::CallLayer);
-    if !args.max_connection_age.is_zero() {
-        builder = builder.max_connection_age(args.max_connection_age);
-    }
 
     // Our own accept loop (see `conn`): TCP_NODELAY per connection (tonic applies it only
     // to listeners it binds itself), the connection cap, the handshake timeout, and a
@@ -310,6 +320,24 @@ pub async fn serve(
             tracing::warn!("shutdown: drain timeout passed with requests still open; exiting");
             Ok(())
         }
+    }
+}
+
+/// Calls one connection of the health port may have open at once: a probe makes one.
+const HEALTH_STREAMS: u32 = 16;
+
+/// The HTTP/2 settings every port shares: streams per connection, keepalive, age.
+fn connection_layer(builder: Server, args: &ServerArgs, streams: u32) -> Server {
+    let builder = builder
+        .tcp_nodelay(true)
+        .max_concurrent_streams(streams)
+        .http2_keepalive_interval(
+            (!args.grpc_keepalive_time.is_zero()).then_some(args.grpc_keepalive_time),
+        )
+        .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout));
+    match args.max_connection_age.is_zero() {
+        true => builder,
+        false => builder.max_connection_age(args.max_connection_age),
     }
 }
 

@@ -55,21 +55,26 @@ pub struct Options {
     /// control lets it be written, so replies nobody reads hold back new requests rather
     /// than memory.
     pub replies: Option<crate::admission::ByteBudget>,
+    /// Who opened the stream (with `--auth-config`): the credential is checked again
+    /// before each message, and the stream ends with UNAUTHENTICATED once it is revoked
+    /// or expired; each message is handled as the tenant the credential names then.
+    pub caller: Option<crate::auth::Caller>,
 }
 
-/// Serves one stream. `handle` answers one message.
+/// Serves one stream. `handle` answers one message, as the caller given.
 pub fn serve<F, Fut>(
     mut inbound: Streaming<pb::ModelInferRequest>,
     options: Options,
     handle: F,
 ) -> ResponseStream
 where
-    F: Fn(pb::ModelInferRequest) -> Fut + Send + 'static,
+    F: Fn(pb::ModelInferRequest, Option<crate::auth::Caller>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
 {
     let max_in_flight = options.max_in_flight.max(1);
     let cancels = options.cancels;
     let replies = options.replies;
+    let mut caller = options.caller;
     let (tx, rx) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
         let mut ordered: FuturesOrdered<Answer> = FuturesOrdered::new();
@@ -93,11 +98,18 @@ where
                         continue;
                     }
                     Ok(Some(req)) => {
+                        if let Some(Err(status)) = caller.as_mut().map(crate::auth::Caller::refresh) {
+                            // The credential is gone: no more messages; answer those in
+                            // flight, then end the stream with why.
+                            reading = false;
+                            broken = Some(status);
+                            continue;
+                        }
                         let (id, model_name, model_version) =
                             (req.id.clone(), req.model_name.clone(), req.model_version.clone());
                         let failed = move |status: Status| failure(status, model_name, model_version, id);
                         if !flag(&req, UNORDERED) {
-                            let fut = crate::panic::contain(handle(req));
+                            let fut = crate::panic::contain(handle(req, caller.clone()));
                             ordered.push_back(Box::pin(async move { answer(fut.await, failed) }));
                             continue;
                         }
@@ -108,7 +120,7 @@ where
                             cancellable.insert(id.clone(), (*n, abort));
                         }
                         let started = Started::default();
-                        let fut = Abortable::new(STARTED.scope(started.clone(), crate::panic::contain(handle(req))), registration);
+                        let fut = Abortable::new(STARTED.scope(started.clone(), crate::panic::contain(handle(req, caller.clone()))), registration);
                         unordered.push(Box::pin(async move {
                             let result = fut.await.unwrap_or_else(|_| Err(started.cancelled()));
                             (key, answer(result, failed))

@@ -3,14 +3,22 @@
 //!
 //! It polls a hash of each entry's file contents, following symlinks: Kubernetes swaps a
 //! mounted Secret or ConfigMap by repointing a `..data` symlink, which a per-file inotify
-//! watch misses. On a change it calls the entry's reload; when that fails, the last good
-//! material stays in use and the failure is logged and counted. Counted in
-//! `infermesh_config_reloads_total{file,result}` (result: ok | error).
+//! watch misses.
+//!
+//! The settle rule, the same for every file: a change is applied only once two polls in a
+//! row read identical bytes, and only if it loads and validates completely (a file still
+//! being written is never taken half-way, even when its first half parses); the bytes are
+//! read again after loading, and a file that changed meanwhile waits for the next poll.
+//! When loading fails, the last good material stays in use and the failure is logged and
+//! counted. Counted in `infermesh_config_reloads_total{file,result}` (result: ok | error).
 
 use std::{
     hash::{Hash, Hasher},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -41,17 +49,35 @@ pub fn register(registry: &mut prometheus_client::registry::Registry) -> Reloads
     reloads
 }
 
-/// Material that a reload swaps whole; each user takes what is current.
+/// Material that a reload swaps whole; each user takes what is current, without a lock.
 #[derive(Debug)]
-pub struct Reloadable<T>(RwLock<Arc<T>>);
+pub struct Reloadable<T> {
+    value: arc_swap::ArcSwap<T>,
+    /// Counts swaps: a holder of something derived from the value (a stream's tenant)
+    /// looks again only when it moved.
+    generation: AtomicU64,
+}
 
 impl<T: Send + Sync + 'static> Reloadable<T> {
     pub fn new(value: T) -> Arc<Self> {
-        Arc::new(Self(RwLock::new(Arc::new(value))))
+        Arc::new(Self {
+            value: arc_swap::ArcSwap::from_pointee(value),
+            generation: AtomicU64::new(0),
+        })
     }
 
     pub fn get(&self) -> Arc<T> {
-        self.0.read().expect("reloadable lock").clone()
+        self.value.load_full()
+    }
+
+    /// How many times the value was swapped.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn set(&self, value: T) {
+        self.value.store(Arc::new(value));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The watched entry named `name` (the metric's `file` label): when `paths` change,
@@ -68,14 +94,17 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             paths,
             reload: Box::new(move || {
                 let value = load()?;
-                *me.0.write().expect("reloadable lock") = Arc::new(value);
-                Ok(())
+                let me = me.clone();
+                Ok(Box::new(move || me.set(value)) as Commit)
             }),
         }
     }
 }
 
-type Reload = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Makes a loaded value current.
+type Commit = Box<dyn FnOnce() + Send>;
+/// Loads and validates; what it returns applies the result.
+type Reload = Box<dyn Fn() -> Result<Commit, String> + Send + Sync>;
 
 /// One reloadable thing: its name, its files and how to reload them.
 pub struct Watched {
@@ -115,29 +144,21 @@ pub fn spawn(entries: Vec<Watched>, period: Duration, reloads: Reloads) -> Watch
     if entries.is_empty() {
         return Watching(None);
     }
-    let mut seen: Vec<u64> = entries.iter().map(Watched::digest).collect();
+    let mut states: Vec<Settle> = entries
+        .iter()
+        .map(|e| Settle {
+            applied: e.digest(),
+            pending: None,
+        })
+        .collect();
     Watching(Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for (entry, last) in entries.iter().zip(seen.iter_mut()) {
-                let now = entry.digest();
-                if now == *last {
+            for (entry, state) in entries.iter().zip(states.iter_mut()) {
+                let Some(result) = state.poll(entry) else {
                     continue;
-                }
-                // Remembered either way: a bad file is reported once, and tried again when
-                // it changes.
-                *last = now;
-                let result = match (entry.reload)() {
-                    Ok(()) => {
-                        tracing::info!(file = %entry.name, "reloaded");
-                        "ok"
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %entry.name, error = %e, "reload failed; keeping the last good one");
-                        "error"
-                    }
                 };
                 reloads
                     .get_or_create(&ReloadLabels {
@@ -149,3 +170,48 @@ pub fn spawn(entries: Vec<Watched>, period: Duration, reloads: Reloads) -> Watch
         }
     })))
 }
+
+/// Where one entry is in the settle rule.
+struct Settle {
+    /// The bytes last applied, or last refused (a bad file is reported once, and tried
+    /// again when it changes).
+    applied: u64,
+    /// Changed bytes seen by the last poll, not yet read twice.
+    pending: Option<u64>,
+}
+
+impl Settle {
+    /// One poll: "ok" or "error" when a settled change was tried, None otherwise.
+    fn poll(&mut self, entry: &Watched) -> Option<&'static str> {
+        let now = entry.digest();
+        if now == self.applied {
+            self.pending = None;
+            return None;
+        }
+        if self.pending != Some(now) {
+            self.pending = Some(now); // changed, or still changing: read it again next time
+            return None;
+        }
+        let loaded = (entry.reload)();
+        if loaded.is_ok() && entry.digest() != now {
+            self.pending = None; // written again while it was loaded: wait for it
+            return None;
+        }
+        self.pending = None;
+        self.applied = now;
+        Some(match loaded {
+            Ok(commit) => {
+                commit();
+                tracing::info!(file = %entry.name, "reloaded");
+                "ok"
+            }
+            Err(e) => {
+                tracing::warn!(file = %entry.name, error = %e, "reload failed; keeping the last good one");
+                "error"
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -223,7 +223,7 @@ impl Endpoint {
                     self.eject(format!("{n} attempts in a row timed out"));
                 }
             }
-            Failure::Busy | Failure::Final => {}
+            Failure::Busy | Failure::OutOfTime | Failure::Final => {}
         }
     }
 

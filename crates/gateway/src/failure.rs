@@ -23,6 +23,9 @@ pub enum Failure {
     /// The attempt outlived its per-attempt bound (the worker stopped answering, or its
     /// link did): cancelled there; try another. Several in a row eject the worker.
     TimedOut,
+    /// The attempt used up its half of a client deadline too short for the worker's
+    /// usual time: try another; nothing is held against the worker.
+    OutOfTime,
     /// An answer about the request itself (invalid, deadline, engine failure): final.
     Final,
 }

@@ -52,12 +52,25 @@ pub trait Mesh {
 /// The shortest per-attempt timeout: below it, timing out would cut ordinary answers.
 const MIN_ATTEMPT: Duration = Duration::from_millis(200);
 
+/// A per-attempt bound, and where it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    pub after: Duration,
+    /// The worker's own slowness set it (4 × p99, at least 200 ms), not the client's
+    /// short deadline: only then does running past it count toward ejecting the worker.
+    pub own: bool,
+}
+
 /// How long one attempt may take when another worker could take over: half of what is
 /// left, and at most 4 × the route's p99 (at least 200 ms), so an attempt stuck on a
 /// worker that stopped answering leaves room for another. `None`: no such bound.
-pub fn attempt_bound(left: Option<Duration>, p99: Option<Duration>) -> Option<Duration> {
+pub fn attempt_bound(left: Option<Duration>, p99: Option<Duration>) -> Option<Bound> {
     let (left, p99) = (left?, p99?);
-    Some((left / 2).min((p99 * 4).max(MIN_ATTEMPT)))
+    let own = (p99 * 4).max(MIN_ATTEMPT);
+    Some(Bound {
+        after: (left / 2).min(own),
+        own: own <= left / 2,
+    })
 }
 
 /// What route and balance chose for one attempt.
@@ -152,7 +165,12 @@ pub async fn forward<M: Mesh>(
         // The worker is told the bound too (its deadline), so a stuck attempt that is
         // still queued there never runs.
         let result = mesh
-            .attempt(&worker, attempt, bound.or(left), tried.len() + 1)
+            .attempt(
+                &worker,
+                attempt,
+                bound.map(|b| b.after).or(left),
+                tried.len() + 1,
+            )
             .await;
         let status = match result {
             Ok(resp) => {
@@ -162,8 +180,9 @@ pub async fn forward<M: Mesh>(
             }
             Err(status) => status,
         };
-        let timed_out = bound.is_some_and(|b| started.elapsed() >= b)
-            && deadline.is_none_or(|d| Instant::now() < d);
+        let timed_out = bound
+            .filter(|b| started.elapsed() >= b.after)
+            .filter(|_| deadline.is_none_or(|d| Instant::now() < d));
         // Our own timeout on the worker call (tonic reports it as CANCELLED): the
         // client's deadline, not the worker's fault.
         if deadline.is_some_and(|d| Instant::now() >= d)
@@ -175,8 +194,10 @@ pub async fn forward<M: Mesh>(
             )));
         }
         let failure = match timed_out {
-            true => Failure::TimedOut,
-            false => failure::classify(&status),
+            Some(Bound { own: true, .. }) => Failure::TimedOut,
+            // Cut short by the client's own short deadline: says nothing of the worker.
+            Some(Bound { own: false, .. }) => Failure::OutOfTime,
+            None => failure::classify(&status),
         };
         mesh.learn(&worker, &req.model_name, Some((failure, &status)));
         tried.push(M::addr(&worker).to_string());

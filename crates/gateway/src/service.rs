@@ -393,13 +393,13 @@ impl GrpcInferenceService for GatewayService {
                 max_in_flight: self.max_stream_inflight,
                 cancels: false,
                 replies: Some(self.bytes.clone()),
+                caller,
             },
-            move |m| {
+            move |m, caller| {
                 let _open = &open; // lives as long as the stream
                 let svc = svc.clone();
                 let (span, carry) =
                     trace::request("ModelStreamInfer", &m.model_name, parent.clone());
-                let caller = caller.clone();
                 async move {
                     let model = m.model_name.clone();
                     auth::infer(caller.as_ref(), &model, svc.infer(m, None, carry))

@@ -229,7 +229,7 @@ impl GrpcInferenceService for WorkerService {
         let svc = self.clone();
         // Every message is a span of its own under the context the stream was opened with.
         let parent = trace::incoming(req.metadata());
-        // Checked per message: the model and the tenant's quotas.
+        // Checked per message: the credential, the model and the tenant's quotas.
         let caller = auth::caller(&req);
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
         Ok(Response::new(infermesh_core::stream::serve(
@@ -238,13 +238,13 @@ impl GrpcInferenceService for WorkerService {
                 max_in_flight: MAX_STREAM_IN_FLIGHT,
                 cancels: true,
                 replies: Some(self.budget.clone()),
+                caller,
             },
-            move |m| {
+            move |m, caller| {
                 let svc = svc.clone();
                 // A gateway sharing one stream between messages sends each one's context.
                 let cx = trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone());
                 let (span, _) = trace::request("ModelStreamInfer", &m.model_name, cx);
-                let caller = caller.clone();
                 async move {
                     let model = m.model_name.clone();
                     auth::infer(caller.as_ref(), &model, async {

@@ -18,14 +18,68 @@ use tonic::Status;
 
 use super::{ByteBudget, BytesPermit};
 
-/// Limits every request body of one server shares.
+/// The limits one class of calls shares (inference, or the small calls).
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub budget: ByteBudget,
-    /// Largest message (`--grpc-max-message-bytes`).
+    /// Largest message.
     pub max_message: usize,
+    /// What sets `max_message`, for messages: "--grpc-max-message-bytes".
+    pub max_message_is: &'static str,
     /// A message that made no progress for this long is dropped.
     pub stall: Duration,
+    /// Bytes per second a message in progress must keep up, measured over each `stall`
+    /// window (0: any progress will do), so a body trickled a byte at a time cannot hold
+    /// its bytes for long.
+    pub min_rate: usize,
+}
+
+impl Limits {
+    /// Bytes a message must receive in one stall window (at least 1).
+    fn window_need(&self) -> usize {
+        let per_window = (self.min_rate as f64 * self.stall.as_secs_f64()) as usize;
+        per_window.max(1)
+    }
+}
+
+/// Largest message of a small call (health, metadata, config, index, statistics, ready,
+/// control, reflection): their messages are a few names long.
+pub const SMALL_MESSAGE: usize = 8 << 10;
+/// The byte pool small calls share on one port, apart from the inference budget: a flood
+/// of them never takes the inference budget, and inference never fails a probe.
+pub const SMALL_POOL: usize = 1 << 20;
+
+/// The limits each class of calls on one port gets.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// ModelInfer and ModelStreamInfer; with auth, each tenant's share of it.
+    pub inference: Limits,
+    /// Every other call.
+    pub small: Limits,
+}
+
+impl Admission {
+    /// Small calls only (the health port), in a pool of their own.
+    pub fn small_only(stall: Duration, min_rate: usize) -> Self {
+        let small = Limits {
+            budget: ByteBudget::new(SMALL_POOL),
+            max_message: SMALL_MESSAGE,
+            max_message_is: "the limit for small calls (health, metadata, index)",
+            stall,
+            min_rate,
+        };
+        Self {
+            inference: small.clone(),
+            small,
+        }
+    }
+
+    /// Inference with `inference`; small calls in a pool of their own.
+    pub fn new(inference: Limits) -> Self {
+        let mut me = Self::small_only(inference.stall, inference.min_rate);
+        me.inference = inference;
+        me
+    }
 }
 
 /// Where the reader is in the current message.
@@ -56,13 +110,15 @@ pin_project_lite::pin_project! {
         parked: Option<Frame<Bytes>>,
         waiting: Option<Waiting>,
         stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Bytes received in the current stall window, and how many it needs.
+        window: (usize, usize),
         failed: bool,
     }
 }
 
 impl<B> Counted<B> {
-    /// `stream`: the body of a ModelStreamInfer call (waits for budget) rather than a
-    /// unary call (refused at once).
+    /// `stream`: the body of a streaming call (waits for budget) rather than a unary call
+    /// (refused at once).
     pub fn new(inner: B, limits: Limits, stream: bool) -> Self {
         Self {
             inner,
@@ -72,6 +128,7 @@ impl<B> Counted<B> {
             parked: None,
             waiting: None,
             stall: None,
+            window: (0, 0),
             failed: false,
         }
     }
@@ -88,6 +145,11 @@ enum Refused {
 impl Message {
     fn in_progress(&self) -> bool {
         self.prefix_len > 0
+    }
+
+    /// Bytes of this message still to come.
+    fn remaining(&self) -> usize {
+        (5 - self.prefix_len) + self.left
     }
 
     /// Accounts one data frame, all or nothing: its bytes are taken from the budget first,
@@ -144,21 +206,23 @@ impl Message {
 fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result<(), Status> {
     if declared > limits.max_message {
         return Err(over(format!(
-            "message of {declared} bytes declared; the limit is {} bytes (--grpc-max-message-bytes)",
-            limits.max_message
+            "message of {declared} bytes declared; the limit is {} bytes ({})",
+            limits.max_message, limits.max_message_is
         )));
     }
     // A stream's message waits for room, unless it could never fit.
     let limit = limits.budget.limit();
     if stream && limit > 0 && declared > limit {
         return Err(over(format!(
-            "message of {declared} bytes declared; the server's whole request budget is {limit} bytes (--max-inflight-bytes)"
+            "message of {declared} bytes declared; {} is {limit} bytes in all",
+            limits.budget.what()
         )));
     }
     if let (false, Some(left)) = (stream, limits.budget.left().map(|l| l + taken)) {
         if declared > left {
             return Err(over(format!(
-                "message of {declared} bytes declared; only {left} bytes of the server's request budget are free (--max-inflight-bytes {})",
+                "message of {declared} bytes declared; only {left} bytes of {} are free (limit {})",
+                limits.budget.what(),
                 limits.budget.limit()
             )));
         }
@@ -168,8 +232,9 @@ fn admit(declared: usize, limits: &Limits, stream: bool, taken: usize) -> Result
 
 fn over_budget(limits: &Limits) -> Status {
     over(format!(
-        "request refused while arriving: {} bytes of requests are in flight and the limit is {} (--max-inflight-bytes)",
+        "request refused while arriving: {} bytes of requests are in flight and {} is {} bytes",
         limits.budget.in_flight(),
+        limits.budget.what(),
         limits.budget.limit()
     ))
 }
@@ -208,7 +273,14 @@ where
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {
-                    return stalled(this.msg, this.limits, this.stall, this.failed, cx)
+                    return stalled(
+                        this.msg,
+                        this.limits,
+                        this.stall,
+                        this.window,
+                        this.failed,
+                        cx,
+                    )
                 }
             },
         };
@@ -219,8 +291,14 @@ where
             match this.msg.feed(data, this.limits, *this.stream) {
                 Ok(()) => {
                     *this.waiting = None;
-                    // Progress: the stall clock starts again (it runs only mid-message).
-                    *this.stall = None;
+                    // Enough progress: the stall clock starts again (it runs only
+                    // mid-message).
+                    if this.stall.is_some() {
+                        this.window.0 += data.len();
+                        if this.window.0 >= this.window.1 {
+                            *this.stall = None;
+                        }
+                    }
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Err(Refused::Status(status)) => {
@@ -248,7 +326,14 @@ where
                         continue;
                     }
                     *this.parked = Some(frame);
-                    return stalled(this.msg, this.limits, this.stall, this.failed, cx);
+                    return stalled(
+                        this.msg,
+                        this.limits,
+                        this.stall,
+                        this.window,
+                        this.failed,
+                        cx,
+                    );
                 }
             }
         }
@@ -263,44 +348,57 @@ where
     }
 }
 
-/// Nothing to hand on now: a message left part-way for the stall timeout is dropped.
+/// Nothing to hand on now: a message that received less than its window's need (any
+/// byte, or `--grpc-min-receive-rate` × the window) within the stall timeout is dropped.
 fn stalled(
     msg: &mut Message,
     limits: &Limits,
     stall: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    window: &mut (usize, usize),
     failed: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     if !msg.in_progress() || limits.stall.is_zero() {
+        *stall = None;
         return Poll::Pending;
     }
     let timeout = limits.stall;
-    let sleep = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    let sleep = stall.get_or_insert_with(|| {
+        *window = (0, limits.window_need().min(msg.remaining()).max(1));
+        Box::pin(tokio::time::sleep(timeout))
+    });
     if sleep.as_mut().poll(cx).is_pending() {
         return Poll::Pending;
     }
     *failed = true;
     let got = msg.held.as_ref().map_or(0, BytesPermit::bytes);
     *msg = Message::default();
-    let status = Status::deadline_exceeded(format!(
-        "message stalled: no progress for {timeout:?} with {got} bytes of it received (--grpc-stall-timeout)"
-    ));
-    Poll::Ready(Some(Err(status.into())))
+    let message = if window.0 == 0 {
+        format!("message stalled: no progress for {timeout:?} with {got} bytes of it received (--grpc-stall-timeout)")
+    } else {
+        format!(
+            "message arriving too slowly: {} bytes in the last {timeout:?}, below --grpc-min-receive-rate {} bytes/s ({got} bytes of it received)",
+            window.0, limits.min_rate
+        )
+    };
+    Poll::Ready(Some(Err(Status::deadline_exceeded(message).into())))
 }
 
 #[cfg(test)]
 mod tests;
 
-/// A tower layer for a server's router: every inference request body is [`Counted`].
+/// A tower layer for a server's router: every request body is [`Counted`] from its first
+/// byte, inference against the inference budget (with auth, the caller's share of it),
+/// everything else against the small calls' pool with the small message cap.
 #[derive(Clone, Debug)]
-pub struct CountedLayer(pub Limits);
+pub struct CountedLayer(pub Admission);
 
 impl<S> tower::Layer<S> for CountedLayer {
     type Service = CountedService<S>;
     fn layer(&self, inner: S) -> CountedService<S> {
         CountedService {
             inner,
-            limits: self.0.clone(),
+            admission: self.0.clone(),
         }
     }
 }
@@ -308,7 +406,17 @@ impl<S> tower::Layer<S> for CountedLayer {
 #[derive(Clone, Debug)]
 pub struct CountedService<S> {
     inner: S,
-    limits: Limits,
+    admission: Admission,
+}
+
+/// What a call's path says about its body: inference or small, streaming or unary.
+fn class(path: &str) -> (bool, bool) {
+    match path.strip_prefix("/inference.GRPCInferenceService/") {
+        Some("ModelInfer") => (true, false),
+        Some("ModelStreamInfer") => (true, true),
+        // Reflection is the one small call that streams requests.
+        _ => (false, path.ends_with("/ServerReflectionInfo")),
+    }
 }
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for CountedService<S>
@@ -327,15 +435,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    /// Only inference carries tensors; health, readiness and metadata calls are small and
-    /// must keep answering when the budget is spent.
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let path = req.uri().path();
-        if !(path.ends_with("/ModelInfer") || path.ends_with("/ModelStreamInfer")) {
-            return Box::pin(self.inner.call(req));
-        }
-        let stream = path.ends_with("/ModelStreamInfer");
-        let limits = self.limits.clone();
+        let (inference, stream) = class(req.uri().path());
+        let limits = match inference {
+            true => {
+                let mut limits = self.admission.inference.clone();
+                // The tenant is known from the headers: its bytes count against its own
+                // share from the first one.
+                if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
+                    limits.budget = caller.share(&limits.budget);
+                }
+                limits
+            }
+            false => self.admission.small.clone(),
+        };
         let call = self
             .inner
             .call(req.map(|b| tonic::body::Body::new(Counted::new(b, limits, stream))));

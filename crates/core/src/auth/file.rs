@@ -6,9 +6,12 @@
 //!     keys: ["sha256:<hex of the bearer token>"]      # never the token itself
 //!     subjects: ["system:serviceaccount:apps:frontend"] # JWT subjects that are this tenant
 //!     scopes: [infer, read]                             # infer | read | admin
-//!     models: [mlp, digits]                             # optional allow-list; absent = all
-//!     limits: {requests_per_second: 200, burst: 400, max_concurrent: 64}
+//!     models: [mlp, digits]                             # ["*"]: every model
+//!     limits: {requests_per_second: 200, burst: 400, max_concurrent: 64, max_inflight_share: 0.5}
 //! ```
+//!
+//! `scopes`, `models` and `limits` are required (`limits: {}` for none): a field left out
+//! by mistake, or cut off in a half-written file, never widens access.
 
 use serde::Deserialize;
 
@@ -39,6 +42,19 @@ pub struct Limits {
     pub burst: Option<u32>,
     /// Inference requests in flight at once.
     pub max_concurrent: Option<u32>,
+    /// The fraction of the server's request byte budget (`--max-inflight-bytes`) this
+    /// tenant's requests may hold at once, counted from their first byte; default 0.5.
+    pub max_inflight_share: Option<f64>,
+}
+
+/// A tenant's share of the byte budget when its limits name none: one tenant may take
+/// half, so it can never take all.
+pub const DEFAULT_SHARE: f64 = 0.5;
+
+impl Limits {
+    pub fn share(&self) -> f64 {
+        self.max_inflight_share.unwrap_or(DEFAULT_SHARE)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -49,11 +65,16 @@ pub struct TenantSpec {
     pub keys: Vec<String>,
     #[serde(default)]
     pub subjects: Vec<String>,
-    #[serde(default)]
     pub scopes: Vec<Scope>,
-    pub models: Option<Vec<String>>,
-    #[serde(default)]
+    /// The models open to this tenant; `["*"]` for all.
+    pub models: Vec<String>,
     pub limits: Limits,
+}
+
+impl TenantSpec {
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +132,11 @@ pub fn parse(text: &str) -> Result<Vec<Tenant>, String> {
         if l.burst.is_some() && l.requests_per_second.is_none() {
             return Err(format!("{at}.limits.burst: needs requests_per_second"));
         }
+        if l.max_inflight_share.is_some_and(|s| !(s > 0.0 && s <= 1.0)) {
+            return Err(format!(
+                "{at}.limits.max_inflight_share: expected a fraction above 0 and at most 1"
+            ));
+        }
         tenants.push(Tenant { spec, key_hashes });
     }
     Ok(tenants)
@@ -149,23 +175,26 @@ mod tests {
         assert_eq!(t[0].key_hashes.len(), 1);
         for (text, says) in [
             (
-                "tenants:\n  - name: a\n    keys: [\"abc\"]\n",
+                "tenants:\n  - name: a\n    keys: [\"abc\"]\n    scopes: []\n    models: []\n    limits: {}\n",
                 "tenants[0] (a).keys[0]",
             ),
+            ("tenants:\n  - name: a\n    scopes: [infer]\n    limits: {}\n", "missing field `models`"),
+            ("tenants:\n  - name: a\n    models: [\"*\"]\n    limits: {}\n", "missing field `scopes`"),
+            ("tenants:\n  - name: a\n    scopes: [infer]\n    models: [\"*\"]\n", "missing field `limits`"),
             (
                 "tenants:\n  - name: a\n    scopes: [root]\n",
                 "unknown variant `root`",
             ),
             (
-                "tenants:\n  - name: a\n  - name: a\n",
+                "tenants:\n  - name: a\n    scopes: []\n    models: []\n    limits: {}\n  - name: a\n    scopes: []\n    models: []\n    limits: {}\n",
                 "tenants[1] (a).name",
             ),
             (
-                "tenants:\n  - name: a\n    limits: {burst: 3}\n",
+                "tenants:\n  - name: a\n    scopes: []\n    models: []\n    limits: {burst: 3}\n",
                 "needs requests_per_second",
             ),
             (
-                "tenants:\n  - name: a\n    limits: {requests_per_second: -1}\n",
+                "tenants:\n  - name: a\n    scopes: []\n    models: []\n    limits: {requests_per_second: -1}\n",
                 "above 0",
             ),
             (

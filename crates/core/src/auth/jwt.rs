@@ -1,6 +1,6 @@
 //! JWTs as credentials (Kubernetes projected service-account tokens work this way):
-//! RS256 or ES256 tokens verified against a JWKS file (signature, `exp` and `nbf` with 30 s
-//! of leeway, `aud`, `iss`); the tenant is the one whose `subjects` lists the token's `sub`.
+//! RS256 or ES256 tokens verified against a JWKS file (signature, `exp` and `nbf` with
+//! `--auth-jwt-leeway`, `aud`, `iss`); the tenant is the one whose `subjects` lists the token's `sub`.
 //!
 //! A verified token is remembered (by its SHA-256) until it expires, so a client that
 //! sends the same token on every call pays for the signature once, as Envoy's jwt_authn
@@ -17,8 +17,6 @@ use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algori
 
 use crate::watch::Reloadable;
 
-/// Clock skew allowed on `exp` and `nbf`.
-const LEEWAY_S: u64 = 30;
 /// Verified tokens remembered at most (beyond it the memory starts over).
 const CACHE_MAX: usize = 4096;
 
@@ -35,6 +33,8 @@ pub struct Jwt {
     keys: Arc<Reloadable<Keys>>,
     audience: String,
     issuer: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    leeway: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -59,14 +59,29 @@ fn read(path: &std::path::Path) -> Result<Keys, String> {
 }
 
 impl Jwt {
-    pub fn load(path: PathBuf, audience: String, issuer: String) -> Result<Self, String> {
+    pub fn load(
+        path: PathBuf,
+        audience: String,
+        issuer: String,
+        leeway: u64,
+    ) -> Result<Self, String> {
         let keys = read(&path).map_err(|e| format!("--auth-jwks {}: {e}", path.display()))?;
         Ok(Self {
             path,
             keys: Reloadable::new(keys),
             audience,
             issuer,
+            leeway,
         })
+    }
+
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
+    /// Reloads of the JWKS so far.
+    pub fn generation(&self) -> u64 {
+        self.keys.generation()
     }
 
     pub fn watched(&self) -> crate::watch::Watched {
@@ -75,14 +90,15 @@ impl Jwt {
             .watched("auth-jwks", vec![self.path.clone()], move || read(&path))
     }
 
-    /// The token's subject, or why it is not a valid token (for UNAUTHENTICATED).
-    pub fn subject(&self, token: &str) -> Result<String, String> {
+    /// The token's subject and `exp`, or why it is not a valid token (for
+    /// UNAUTHENTICATED; it never names the audience or issuer expected).
+    pub fn subject(&self, token: &str) -> Result<(String, u64), String> {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let id: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
         let keys = self.keys.get();
         if let Some((sub, exp)) = keys.verified.lock().expect("jwt cache lock").get(&id) {
-            if now_s() <= exp + LEEWAY_S {
-                return Ok(sub.clone());
+            if now_s() <= exp.saturating_add(self.leeway) {
+                return Ok((sub.clone(), *exp));
             }
         }
         let claims = self.verify(token, &keys.set)?;
@@ -91,7 +107,7 @@ impl Jwt {
             cache.clear();
         }
         cache.insert(id, (claims.sub.clone(), claims.exp));
-        Ok(claims.sub)
+        Ok((claims.sub, claims.exp))
     }
 
     fn verify(&self, token: &str, keys: &JwkSet) -> Result<Claims, String> {
@@ -110,7 +126,7 @@ impl Jwt {
         .ok_or("JWT: no key in the JWKS matches its kid")?;
         let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| format!("JWT: {e}"))?;
         let mut v = Validation::new(header.alg);
-        v.leeway = LEEWAY_S;
+        v.leeway = self.leeway;
         v.validate_nbf = true;
         v.set_audience(&[&self.audience]);
         v.set_issuer(&[&self.issuer]);
@@ -119,8 +135,9 @@ impl Jwt {
             let why = match e.kind() {
                 ErrorKind::ExpiredSignature => "expired".to_string(),
                 ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
-                ErrorKind::InvalidAudience => format!("expected audience '{}'", self.audience),
-                ErrorKind::InvalidIssuer => format!("expected issuer '{}'", self.issuer),
+                // The expected values are the server's configuration, not for strangers.
+                ErrorKind::InvalidAudience => "wrong audience".to_string(),
+                ErrorKind::InvalidIssuer => "wrong issuer".to_string(),
                 ErrorKind::InvalidSignature => "bad signature".into(),
                 ErrorKind::MissingRequiredClaim(c) => format!("no '{c}' claim"),
                 other => format!("{other:?}"),

@@ -89,6 +89,7 @@ mod tests {
             requests_per_second: Some(10.0),
             burst: Some(5),
             max_concurrent: None,
+            max_inflight_share: None,
         });
         let ok = (0..8).filter(|_| q.admit().is_ok()).count();
         assert_eq!(ok, 5);
@@ -103,6 +104,7 @@ mod tests {
             requests_per_second: None,
             burst: None,
             max_concurrent: Some(2),
+            max_inflight_share: None,
         });
         let a = q.admit().unwrap();
         let _b = q.admit().unwrap();

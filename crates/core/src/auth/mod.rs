@@ -46,6 +46,12 @@ pub struct AuthArgs {
     #[arg(long, env = "INFERMESH_AUTH_JWT_ISSUER", requires = "auth_jwks")]
     pub auth_jwt_issuer: Option<String>,
 
+    /// Clock skew allowed on a JWT's `exp` and `nbf`. A stream opened with a token is
+    /// refused (UNAUTHENTICATED, the stream ends) at its first message after `exp` plus
+    /// this.
+    #[arg(long, env = "INFERMESH_AUTH_JWT_LEEWAY", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub auth_jwt_leeway: std::time::Duration,
+
     /// With --auth-config, show worker addresses and file paths in error messages and
     /// RepositoryIndex reasons to every caller, not only to callers with `admin`
     /// (`infermesh up` sets it).
@@ -82,7 +88,13 @@ pub struct TenantState {
     pub spec: file::TenantSpec,
     key_hashes: Vec<[u8; 32]>,
     quota: Arc<limits::Quota>,
+    /// Its share of the request byte budget, made at its first call (a child of the
+    /// process budget); kept, with the bytes it holds, across reloads.
+    share: std::sync::OnceLock<crate::admission::ByteBudget>,
 }
+
+/// What a tenant's share is called in messages.
+const SHARE: &str = "this tenant's share of the request budget (limits.max_inflight_share)";
 
 #[derive(Debug, Default)]
 pub struct Tenants(Vec<Arc<TenantState>>);
@@ -97,15 +109,25 @@ impl Tenants {
             parsed
                 .into_iter()
                 .map(|t| {
-                    let kept = before.and_then(|b| {
-                        b.0.iter()
-                            .find(|o| o.spec.name == t.spec.name && o.spec.limits == t.spec.limits)
+                    let same_name =
+                        before.and_then(|b| b.0.iter().find(|o| o.spec.name == t.spec.name));
+                    let kept = same_name.filter(|o| {
+                        let (a, b) = (&o.spec.limits, &t.spec.limits);
+                        (a.requests_per_second, a.burst, a.max_concurrent)
+                            == (b.requests_per_second, b.burst, b.max_concurrent)
                     });
+                    // Bytes held across a reload still count against the tenant.
+                    let share = std::sync::OnceLock::new();
+                    if let Some(held) = same_name.and_then(|o| o.share.get()) {
+                        held.set_fraction(t.spec.limits.share());
+                        let _ = share.set(held.clone());
+                    }
                     Arc::new(TenantState {
                         quota: kept.map_or_else(
                             || Arc::new(limits::Quota::new(&t.spec.limits)),
                             |o| o.quota.clone(),
                         ),
+                        share,
                         spec: t.spec,
                         key_hashes: t.key_hashes,
                     })
@@ -140,9 +162,12 @@ impl Auth {
             &args.auth_jwt_audience,
             &args.auth_jwt_issuer,
         ) {
-            (Some(jwks), Some(aud), Some(iss)) => {
-                Some(jwt::Jwt::load(jwks.clone(), aud.clone(), iss.clone())?)
-            }
+            (Some(jwks), Some(aud), Some(iss)) => Some(jwt::Jwt::load(
+                jwks.clone(),
+                aud.clone(),
+                iss.clone(),
+                args.auth_jwt_leeway.as_secs(),
+            )?),
             _ => None,
         };
         let metrics = AuthMetrics::default();
@@ -188,6 +213,12 @@ impl Auth {
             .inc();
     }
 
+    /// Reloads of the auth file and the JWKS so far: a stream looks its tenant up again
+    /// only when this moved.
+    fn generation(&self) -> u64 {
+        self.current.generation() + self.jwt.as_ref().map_or(0, jwt::Jwt::generation)
+    }
+
     /// The caller the request's credentials name, or UNAUTHENTICATED.
     pub fn authenticate(self: &Arc<Self>, headers: &http::HeaderMap) -> Result<Caller, Status> {
         let token = match bearer(headers) {
@@ -197,53 +228,90 @@ impl Auth {
                 return Err(Status::unauthenticated(why));
             }
         };
+        let credential = match (&self.jwt, token.matches('.').count() == 2) {
+            (Some(_), true) => Credential::Jwt {
+                token: token.into(),
+                exp: 0,
+            },
+            _ => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+                Credential::Key(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+            }
+        };
+        let generation = self.generation();
+        let (tenant, credential) = self.resolve(credential)?;
+        Ok(Caller {
+            tenant,
+            auth: self.clone(),
+            credential,
+            generation,
+        })
+    }
+
+    /// The tenant a credential names now (a JWT verified, its expiry learned).
+    fn resolve(&self, credential: Credential) -> Result<(Arc<TenantState>, Credential), Status> {
         let tenants = self.current.get();
-        if let (Some(jwt), true) = (&self.jwt, token.matches('.').count() == 2) {
-            let sub = jwt.subject(token).map_err(|why| {
-                self.deny(UNKNOWN, "bad-credential");
-                Status::unauthenticated(format!("authorization: {why}"))
-            })?;
-            let tenant = tenants
-                .0
-                .iter()
-                .find(|t| t.spec.subjects.contains(&sub))
-                .cloned();
-            return match tenant {
-                Some(tenant) => Ok(Caller {
-                    tenant,
-                    auth: self.clone(),
-                }),
-                None => {
-                    self.deny(UNKNOWN, "unknown-subject");
-                    Err(Status::permission_denied(
-                        "authorization: the token is valid, but its subject is no tenant's",
-                    ))
-                }
-            };
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        // Every key is compared, in constant time, whichever matches.
-        let mut found = None;
-        for t in &tenants.0 {
-            for k in &t.key_hashes {
-                if constant_time_eq(k, digest.as_ref()) {
-                    found = Some(t.clone());
+        match credential {
+            Credential::Jwt { token, .. } => {
+                let jwt = self
+                    .jwt
+                    .as_ref()
+                    .expect("a JWT credential needs --auth-jwks");
+                let (sub, exp) = jwt.subject(&token).map_err(|why| {
+                    self.deny(UNKNOWN, "bad-credential");
+                    Status::unauthenticated(format!("authorization: {why}"))
+                })?;
+                let tenant = tenants
+                    .0
+                    .iter()
+                    .find(|t| t.spec.subjects.contains(&sub))
+                    .cloned();
+                match tenant {
+                    Some(tenant) => Ok((tenant, Credential::Jwt { token, exp })),
+                    None => {
+                        self.deny(UNKNOWN, "unknown-subject");
+                        Err(Status::permission_denied(
+                            "authorization: the token is valid, but its subject is no tenant's",
+                        ))
+                    }
                 }
             }
-        }
-        match found {
-            Some(tenant) => Ok(Caller {
-                tenant,
-                auth: self.clone(),
-            }),
-            None => {
-                self.deny(UNKNOWN, "bad-credential");
-                Err(Status::unauthenticated(
-                    "authorization: the bearer token matches no key",
-                ))
+            Credential::Key(digest) => {
+                // Every key is compared, in constant time, whichever matches.
+                let mut found = None;
+                for t in &tenants.0 {
+                    for k in &t.key_hashes {
+                        if constant_time_eq(k, &digest) {
+                            found = Some(t.clone());
+                        }
+                    }
+                }
+                match found {
+                    Some(tenant) => Ok((tenant, credential)),
+                    None => {
+                        self.deny(UNKNOWN, "bad-credential");
+                        Err(Status::unauthenticated(
+                            "authorization: the bearer token matches no key",
+                        ))
+                    }
+                }
             }
         }
     }
+}
+
+/// What a caller presented: the SHA-256 of an API key, or a JWT (kept to verify again
+/// when the JWKS changes) with its `exp`.
+#[derive(Clone, Debug)]
+enum Credential {
+    Key([u8; 32]),
+    Jwt { token: Arc<str>, exp: u64 },
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Absolute paths (a word starting with '/' that has another '/') become "<path>".
@@ -295,9 +363,60 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, &'static str> {
 pub struct Caller {
     tenant: Arc<TenantState>,
     auth: Arc<Auth>,
+    credential: Credential,
+    /// The auth generation `tenant` was looked up at.
+    generation: u64,
 }
 
 impl Caller {
+    /// Checks the credential again before another message of a long-lived stream: an
+    /// expired JWT, or a key or subject that a reload removed, is UNAUTHENTICATED (the
+    /// stream ends); a reload that changed the tenant's models or limits applies from
+    /// here on. Looks the tenant up again only when the auth file or JWKS was reloaded.
+    pub fn refresh(&mut self) -> Result<(), Status> {
+        if let Credential::Jwt { exp, .. } = &self.credential {
+            let leeway = self.auth.jwt.as_ref().map_or(0, jwt::Jwt::leeway);
+            if now_s() > exp.saturating_add(leeway) {
+                self.auth.deny(self.tenant(), "expired");
+                return Err(Status::unauthenticated(
+                    "authorization: the token this stream was opened with has expired",
+                ));
+            }
+        }
+        let generation = self.auth.generation();
+        if generation == self.generation {
+            return Ok(());
+        }
+        let (tenant, credential) =
+            self.auth
+                .resolve(self.credential.clone())
+                .map_err(|s| match s.code() {
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                        Status::unauthenticated(format!(
+                            "{}; it was revoked while this stream was open",
+                            s.message()
+                        ))
+                    }
+                    _ => s,
+                })?;
+        self.tenant = tenant;
+        self.credential = credential;
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// The tenant's share of `process` (the request byte budget), made at first use.
+    pub fn share(&self, process: &crate::admission::ByteBudget) -> crate::admission::ByteBudget {
+        self.tenant
+            .share
+            .get_or_init(|| {
+                let share = process.share(0, SHARE);
+                share.set_fraction(self.tenant.spec.limits.share());
+                share
+            })
+            .clone()
+    }
+
     pub fn tenant(&self) -> &str {
         &self.tenant.spec.name
     }
@@ -347,11 +466,7 @@ impl Caller {
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
-        self.tenant
-            .spec
-            .models
-            .as_ref()
-            .is_none_or(|m| m.iter().any(|x| x == model))
+        self.tenant.spec.allows_model(model)
     }
 
     /// PERMISSION_DENIED naming the model when it is not open to this caller.

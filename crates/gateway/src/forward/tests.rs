@@ -399,7 +399,39 @@ async fn with_no_other_worker_or_no_history_an_attempt_gets_the_whole_deadline()
     assert_eq!(attempt_bound(None, Some(Duration::from_millis(10))), None);
     assert_eq!(
         attempt_bound(Some(Duration::from_secs(1)), Some(Duration::from_secs(2))),
-        Some(Duration::from_millis(500)),
+        Some(Bound {
+            after: Duration::from_millis(500),
+            own: false
+        }),
         "never more than half of what is left"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_cut_by_a_short_client_deadline_is_not_held_against_its_worker() {
+    // A 100 ms deadline gives a 50 ms bound, below the 200 ms floor: running past it says
+    // nothing about the worker.
+    let fake = Fake::new(&[
+        ("w1", vec![Act::Slow(Duration::from_millis(80))]),
+        ("w2", vec![Act::Slow(Duration::from_millis(80))]),
+    ]);
+    *fake.p99.lock().unwrap() = Some(Duration::from_millis(1));
+    let env = generous();
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let err = forward(&fake, &env.retries(), &req(), "", Some(deadline))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(fake.log()[0], ("w1".into(), Some(Failure::OutOfTime)));
+    assert_eq!(
+        attempt_bound(
+            Some(Duration::from_secs(2)),
+            Some(Duration::from_millis(10))
+        ),
+        Some(Bound {
+            after: Duration::from_millis(200),
+            own: true
+        }),
+        "the worker's own bound (200 ms floor) within a roomy deadline"
     );
 }

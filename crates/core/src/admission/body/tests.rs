@@ -43,7 +43,9 @@ fn limits(budget: usize, max_message: usize) -> Limits {
     Limits {
         budget: ByteBudget::new(budget),
         max_message,
+        max_message_is: "--grpc-max-message-bytes",
         stall: Duration::from_secs(30),
+        min_rate: 0,
     }
 }
 
@@ -179,4 +181,75 @@ async fn a_stream_waits_for_room_instead_of_failing() {
     let got = next.await.unwrap().unwrap().unwrap();
     assert_eq!(got, 35);
     assert_eq!(l.budget.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_trickled_below_the_minimum_rate_is_dropped() {
+    // 1 KiB/s over a 30 s window: 30 KiB per window. One byte every 10 s never resets the
+    // stall clock the way any progress used to.
+    let l = Limits {
+        min_rate: 1024,
+        ..limits(1 << 20, 1 << 20)
+    };
+    let (tx, mut b) = body(l.clone());
+    tx.send(data([prefix(100_000), vec![0u8; 10]].concat()))
+        .unwrap();
+    b.frame().await.unwrap().unwrap();
+    let start = tokio::time::Instant::now();
+    let trickle = tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if tx.send(data(vec![0u8])).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let err = loop {
+        match b.frame().await.unwrap() {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(code(err), tonic::Code::DeadlineExceeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(l.budget.in_flight(), 0, "its bytes are released");
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_share_is_refused_while_another_is_served() {
+    let process = ByteBudget::new(1000);
+    let (alice, bob) = (process.share(0, "alice's share"), process.share(0, "bob"));
+    alice.set_fraction(0.5);
+    bob.set_fraction(0.5);
+    let mut l = limits(0, 1 << 20);
+    l.budget = alice.clone();
+    // alice holds most of her share with a message that has not finished arriving...
+    let (_tx_a, mut a) = body(l.clone());
+    _tx_a
+        .send(data([prefix(490), vec![0u8; 395]].concat()))
+        .unwrap();
+    a.frame().await.unwrap().unwrap();
+    assert_eq!(alice.in_flight(), 400);
+    assert_eq!(process.in_flight(), 400);
+    // ...so her next call is refused at its prefix, naming her share,
+    let (tx, mut a2) = body(l);
+    tx.send(data(prefix(300))).unwrap();
+    let err = a2.frame().await.unwrap().unwrap_err();
+    assert_eq!(code(err), tonic::Code::ResourceExhausted);
+    // while bob's call of the same size is served from his.
+    let mut lb = limits(0, 1 << 20);
+    lb.budget = bob.clone();
+    let (tx, mut b) = body(lb);
+    tx.send(data([prefix(400), vec![0u8; 400]].concat()))
+        .unwrap();
+    b.frame().await.unwrap().unwrap();
+    assert_eq!(
+        process.in_flight(),
+        400,
+        "bob's complete message is released"
+    );
 }
