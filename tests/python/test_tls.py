@@ -33,6 +33,8 @@ def mesh(tmp_path_factory):
         "client": ca.leaf("client", [CLIENT_NAME], 3),
         "not-listed": ca.leaf("not-listed", ["batch.infermesh.test"], 4),
         "stranger": other.leaf("stranger", [CLIENT_NAME], 5),
+        # A wildcard in a client certificate names no one: it matches no allowed name.
+        "wildcard": ca.leaf("wildcard", ["*.infermesh.test"], 6),
     }
     server_cert, server_key = (str(p) for p in certs["server"])
 
@@ -79,7 +81,7 @@ def test_tritonclient_over_tls_through_the_gateway_with_mtls_to_the_worker(mesh)
     digits(c)
 
 
-@pytest.mark.parametrize("who", ["no certificate", "stranger", "not-listed", "plaintext"])
+@pytest.mark.parametrize("who", ["no certificate", "stranger", "not-listed", "wildcard", "plaintext"])
 def test_the_worker_refuses_clients_it_should_not_trust(mesh, who):
     url = mesh["worker"].url
     if who == "plaintext":

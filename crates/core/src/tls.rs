@@ -49,9 +49,11 @@ pub struct TlsArgs {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub grpc_use_ssl_mutual: bool,
 
-    /// Accept only client certificates valid for one of these names (DNS or IP SANs),
-    /// comma-separated: workers take the gateway's certificate and not every certificate
-    /// the same CA issued. Needs --grpc-use-ssl-mutual.
+    /// Accept only client certificates with one of these names among their SANs (DNS
+    /// names, IP addresses or URIs such as spiffe://..., matched exactly: a wildcard in a
+    /// client certificate matches nothing), comma-separated: workers take the gateway's
+    /// certificate and not every certificate the same CA issued. Needs
+    /// --grpc-use-ssl-mutual.
     #[arg(
         long,
         env = "INFERMESH_GRPC_ALLOWED_CLIENT_NAMES",
@@ -67,8 +69,53 @@ pub struct ServerFiles {
     pub key: PathBuf,
     /// Some: client certificates are required and must chain to these CAs.
     pub client_ca: Option<PathBuf>,
-    /// Non-empty: a client certificate must also be valid for one of these names.
-    pub allowed_names: Vec<ServerName<'static>>,
+    /// Non-empty: a client certificate must also carry one of these names.
+    pub allowed_names: Vec<ClientName>,
+}
+
+/// A name a client certificate must carry exactly, as one of its SANs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientName {
+    /// Lowercase.
+    Dns(String),
+    Ip(std::net::IpAddr),
+    Uri(String),
+}
+
+impl ClientName {
+    fn parse(n: &str) -> Option<Self> {
+        let n = n.trim();
+        if let Ok(ip) = n.parse() {
+            return Some(Self::Ip(ip));
+        }
+        if n.contains("://") {
+            return Some(Self::Uri(n.to_string()));
+        }
+        match ServerName::try_from(n) {
+            Ok(ServerName::DnsName(_)) if !n.contains('*') => {
+                Some(Self::Dns(n.to_ascii_lowercase()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether one SAN of a client certificate is this name, exactly.
+    fn matches(&self, san: &x509_parser::extensions::GeneralName<'_>) -> bool {
+        use x509_parser::extensions::GeneralName as G;
+        match (self, san) {
+            // A wildcard names no client.
+            (Self::Dns(want), G::DNSName(got)) => {
+                !got.contains('*') && got.eq_ignore_ascii_case(want)
+            }
+            (Self::Uri(want), G::URI(got)) => got == want,
+            (Self::Ip(want), G::IPAddress(got)) => match (want, got.len()) {
+                (std::net::IpAddr::V4(w), 4) => w.octets() == got[..4],
+                (std::net::IpAddr::V6(w), 16) => w.octets() == got[..16],
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl ServerFiles {
@@ -103,8 +150,8 @@ impl ServerFiles {
             .grpc_allowed_client_names
             .iter()
             .map(|n| {
-                ServerName::try_from(n.trim().to_string()).map_err(|_| {
-                    format!("--grpc-allowed-client-names: '{n}' is not a DNS name or IP address")
+                ClientName::parse(n).ok_or_else(|| {
+                    format!("--grpc-allowed-client-names: '{n}' is not a DNS name (without wildcards), IP address or URI")
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -211,11 +258,11 @@ impl ServerTls {
     }
 }
 
-/// Client certificates must chain to the CA and be valid for one of the allowed names.
+/// Client certificates must chain to the CA and carry one of the allowed names exactly.
 #[derive(Debug)]
 struct AllowedNames {
     inner: Arc<dyn ClientCertVerifier>,
-    names: Vec<ServerName<'static>>,
+    names: Vec<ClientName>,
 }
 
 impl ClientCertVerifier for AllowedNames {
@@ -231,11 +278,14 @@ impl ClientCertVerifier for AllowedNames {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        if self
-            .names
-            .iter()
-            .any(|n| rustls::client::verify_server_name(&parsed, n).is_ok())
+        let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(end_entity.as_ref()).map_err(|_| bad())?;
+        let sans = cert.subject_alternative_name().map_err(|_| bad())?;
+        let names = sans.iter().flat_map(|s| s.value.general_names.iter());
+        if names
+            .into_iter()
+            .any(|san| self.names.iter().any(|n| n.matches(san)))
         {
             Ok(ClientCertVerified::assertion())
         } else {
@@ -313,6 +363,14 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("'not a name!'"), "{e}");
+        let e = args(|a| {
+            with_files(a);
+            a.grpc_use_ssl_mutual = true;
+            a.grpc_root_cert = Some("ca.pem".into());
+            a.grpc_allowed_client_names = vec!["*.infermesh.svc".into()];
+        })
+        .unwrap_err();
+        assert!(e.contains("without wildcards"), "{e}");
         let files = args(with_files).unwrap().unwrap();
         assert!(files.client_ca.is_none() && files.allowed_names.is_empty());
     }
