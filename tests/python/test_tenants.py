@@ -38,6 +38,11 @@ def tenants(alice_models='["vec_fp32"]', with_alice=True, bob_models='["*"]'):
     scopes: [infer]
     models: {bob_models}
     limits: {{}}
+  - name: carol
+    keys: ["{key_line('tok-carol')}"]
+    scopes: [infer, read]
+    models: ["*"]
+    limits: {{small_calls_per_second: 5}}
   - name: ops
     keys: ["{key_line('tok-ops')}"]
     subjects: ["{SUBJECT}"]
@@ -239,3 +244,23 @@ def test_a_half_written_auth_file_keeps_the_last_good_policy(mesh):
         assert "PERMISSION_DENIED" in str(denied.value) or "not open" in str(denied.value), denied.value
     finally:
         rewrite(mesh, full)
+
+
+def test_calls_that_are_not_inference_count_against_their_own_bucket(mesh):
+    """carol (5 small calls a second) floods RepositoryIndex and metadata: beyond her
+    bucket she is refused RESOURCE_EXHAUSTED at once, and bob's calls are untouched."""
+    c = grpcclient.InferenceServerClient(mesh["gateway"].url)
+    codes = []
+    for n in range(40):
+        try:
+            if n % 2:
+                c.get_model_repository_index(headers=bearer("carol"))
+            else:
+                c.get_model_metadata("vec_fp32", headers=bearer("carol"))
+            codes.append("OK")
+        except Exception as e:  # noqa: BLE001
+            assert "small_calls_per_second" in str(e), e
+            codes.append("RESOURCE_EXHAUSTED")
+    assert codes.count("OK") <= 15 and codes.count("RESOURCE_EXHAUSTED") >= 25, codes
+    for _ in range(10):
+        assert c.get_model_metadata("vec_fp32", headers=bearer("bob")).name == "vec_fp32"

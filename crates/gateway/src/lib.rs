@@ -16,6 +16,7 @@ pub mod pool;
 pub mod retry;
 pub mod route;
 pub mod service;
+pub mod single_flight;
 pub mod stats;
 pub mod upstream;
 
@@ -119,6 +120,7 @@ pub async fn run(
         )),
         policy: Default::default(),
         latency: Default::default(),
+        flights: Default::default(),
         metrics,
     };
     let parts = serve::Parts {

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tower::retry::budget::Budget as _;
 use tracing::{field::Empty, Instrument};
 
+use crate::single_flight::SingleFlight;
 use crate::{
     balance,
     config::ControlMode,
@@ -51,7 +52,35 @@ pub struct GatewayService {
     pub policy: Arc<route::Policy>,
     /// Each model's recent answer times (the per-attempt timeout).
     pub latency: Arc<crate::latency::Latencies>,
+    /// Concurrent fan-out calls share one round of worker calls.
+    pub flights: Arc<Flights>,
     pub metrics: GatewayMetrics,
+}
+
+/// Each worker's answer to one round of a fan-out call, by address.
+type Answers<T> = Vec<(String, Option<T>)>;
+
+/// The fan-out calls that run in single flight (see `single_flight`).
+#[derive(Default)]
+pub struct Flights {
+    index: SingleFlight<Answers<pb::RepositoryIndexResponse>>,
+    statistics: SingleFlight<Answers<pb::ModelStatisticsResponse>>,
+}
+
+/// Asks every worker in `workers` at once (`call` makes one worker's call).
+async fn fan_out<T, F>(
+    workers: Vec<Arc<crate::endpoint::Endpoint>>,
+    call: impl Fn(Arc<crate::endpoint::Endpoint>) -> F,
+) -> Answers<T>
+where
+    F: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
+{
+    let answers = join_all(workers.iter().cloned().map(call)).await;
+    workers
+        .iter()
+        .zip(answers)
+        .map(|(ep, a)| (ep.addr.clone(), a.ok().map(Response::into_inner)))
+        .collect()
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
@@ -421,17 +450,20 @@ impl GrpcInferenceService for GatewayService {
         }
         let req = req.into_inner();
         let workers = self.pool.all();
-        let reports = join_all(workers.iter().map(|ep| {
-            let mut c = ep.client.clone();
-            async move {
-                c.model_statistics(pb::ModelStatisticsRequest::default())
-                    .await
-            }
-        }))
-        .await;
-        for (ep, r) in workers.iter().zip(reports) {
-            if let Ok(r) = r {
-                self.stats.update(&ep.addr, r.into_inner().model_stats);
+        let reports = self
+            .flights
+            .statistics
+            .run(|| {
+                fan_out(workers, |ep| async move {
+                    let mut c = ep.client.clone();
+                    c.model_statistics(pb::ModelStatisticsRequest::default())
+                        .await
+                })
+            })
+            .await;
+        for (addr, r) in reports {
+            if let Some(r) = r {
+                self.stats.update(&addr, r.model_stats);
             }
         }
         let mut model_stats = self.stats.sum(&req.name, &req.version);
@@ -456,26 +488,29 @@ impl GrpcInferenceService for GatewayService {
         let caller = auth::caller(&req);
         let ready_only = req.into_inner().ready;
         let workers = self.pool.all();
-        let answers = join_all(workers.iter().map(|ep| {
-            let mut c = ep.client.clone();
-            async move {
-                c.repository_index(pb::RepositoryIndexRequest::default())
-                    .await
-            }
-        }))
-        .await;
+        let answers = self
+            .flights
+            .index
+            .run(|| {
+                fan_out(workers.clone(), |ep| async move {
+                    let mut c = ep.client.clone();
+                    c.repository_index(pb::RepositoryIndexRequest::default())
+                        .await
+                })
+            })
+            .await;
         let mut union: std::collections::BTreeMap<(String, String), (bool, Vec<String>)> =
             Default::default();
-        for (ep, a) in workers.iter().zip(answers) {
-            let Ok(a) = a else { continue };
-            for m in a.into_inner().models {
+        for (addr, a) in answers {
+            let Some(a) = a else { continue };
+            for m in a.models {
                 let e = union.entry((m.name, m.version)).or_default();
                 let ready = m.state == "READY";
                 e.0 |= ready;
                 e.1.push(if ready {
-                    ep.addr.clone()
+                    addr.clone()
                 } else {
-                    format!("{} ({} {})", ep.addr, m.state, m.reason)
+                    format!("{} ({} {})", addr, m.state, m.reason)
                 });
             }
         }

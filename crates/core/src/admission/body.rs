@@ -409,6 +409,11 @@ pub struct CountedService<S> {
     admission: Admission,
 }
 
+/// Whether a call's path is inference (ModelInfer or ModelStreamInfer).
+pub fn is_inference(path: &str) -> bool {
+    class(path).0
+}
+
 /// What a call's path says about its body: inference or small, streaming or unary.
 fn class(path: &str) -> (bool, bool) {
     match path.strip_prefix("/inference.GRPCInferenceService/") {

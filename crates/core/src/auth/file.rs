@@ -45,6 +45,10 @@ pub struct Limits {
     /// The fraction of the server's request byte budget (`--max-inflight-bytes`) this
     /// tenant's requests may hold at once, counted from their first byte; default 0.5.
     pub max_inflight_share: Option<f64>,
+    /// Calls that are not inference (metadata, config, index, statistics, readiness,
+    /// control) per second, in a bucket of their own; default: 10 × requests_per_second
+    /// (none when that is not set).
+    pub small_calls_per_second: Option<f64>,
 }
 
 /// A tenant's share of the byte budget when its limits name none: one tenant may take
@@ -54,6 +58,11 @@ pub const DEFAULT_SHARE: f64 = 0.5;
 impl Limits {
     pub fn share(&self) -> f64 {
         self.max_inflight_share.unwrap_or(DEFAULT_SHARE)
+    }
+
+    pub fn small_calls(&self) -> Option<f64> {
+        self.small_calls_per_second
+            .or(self.requests_per_second.map(|r| r * 10.0))
     }
 }
 
@@ -122,6 +131,13 @@ pub fn parse(text: &str) -> Result<Vec<Tenant>, String> {
         {
             return Err(format!(
                 "{at}.limits.requests_per_second: expected a number above 0"
+            ));
+        }
+        if l.small_calls_per_second
+            .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+        {
+            return Err(format!(
+                "{at}.limits.small_calls_per_second: expected a number above 0"
             ));
         }
         if l.burst == Some(0) || l.max_concurrent == Some(0) {

@@ -58,6 +58,10 @@ where
             if let Some(scope) = rpc_scope(path) {
                 caller.require(scope)?;
             }
+            // Inference is counted per request (and per stream message) by its handler.
+            if !crate::admission::body::is_inference(path) {
+                caller.admit_small()?;
+            }
             Ok(caller)
         });
         match checked {

@@ -13,10 +13,43 @@ use super::file::Limits;
 
 #[derive(Debug)]
 pub struct Quota {
-    rate: Option<(f64, f64)>, // (per second, burst)
-    bucket: Mutex<(f64, Instant)>,
+    rate: Option<Bucket>,
+    /// Every call that is not inference (metadata, index, statistics, readiness, control):
+    /// a bucket of its own, so they can neither bypass quotas nor spend inference's.
+    small: Option<Bucket>,
     max_concurrent: Option<u32>,
     in_flight: Arc<AtomicU32>,
+}
+
+/// A token bucket: `per_second` refilled continuously up to `burst`.
+#[derive(Debug)]
+struct Bucket {
+    per_second: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(per_second: f64, burst: f64) -> Self {
+        Self {
+            per_second,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let mut b = self.state.lock().expect("bucket lock");
+        let now = Instant::now();
+        let refill = now.duration_since(b.1).as_secs_f64() * self.per_second;
+        b.0 = (b.0 + refill).min(self.burst);
+        b.1 = now;
+        if b.0 < 1.0 {
+            return false;
+        }
+        b.0 -= 1.0;
+        true
+    }
 }
 
 /// Held while a request runs; counts against `max_concurrent`.
@@ -42,13 +75,19 @@ impl Quota {
     pub fn new(l: &Limits) -> Self {
         let rate = l
             .requests_per_second
-            .map(|r| (r, l.burst.map_or(r.max(1.0), f64::from)));
+            .map(|r| Bucket::new(r, l.burst.map_or(r.max(1.0), f64::from)));
+        let small = l.small_calls().map(|r| Bucket::new(r, r.max(1.0)));
         Self {
             rate,
-            bucket: Mutex::new((rate.map_or(0.0, |(_, b)| b), Instant::now())),
+            small,
             max_concurrent: l.max_concurrent,
             in_flight: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// One call that is not inference: a token from the small calls' bucket.
+    pub fn admit_small(&self) -> bool {
+        self.small.as_ref().is_none_or(Bucket::take)
     }
 
     /// One request: a token and a slot, or which limit it is over.
@@ -64,16 +103,8 @@ impl Quota {
                 p
             }
         };
-        if let Some((per_second, burst)) = self.rate {
-            let mut b = self.bucket.lock().expect("bucket lock");
-            let now = Instant::now();
-            let refill = now.duration_since(b.1).as_secs_f64() * per_second;
-            b.0 = (b.0 + refill).min(burst);
-            b.1 = now;
-            if b.0 < 1.0 {
-                return Err(Over::Rate);
-            }
-            b.0 -= 1.0;
+        if self.rate.as_ref().is_some_and(|b| !b.take()) {
+            return Err(Over::Rate);
         }
         Ok(permit)
     }
@@ -90,6 +121,7 @@ mod tests {
             burst: Some(5),
             max_concurrent: None,
             max_inflight_share: None,
+            small_calls_per_second: None,
         });
         let ok = (0..8).filter(|_| q.admit().is_ok()).count();
         assert_eq!(ok, 5);
@@ -105,11 +137,30 @@ mod tests {
             burst: None,
             max_concurrent: Some(2),
             max_inflight_share: None,
+            small_calls_per_second: None,
         });
         let a = q.admit().unwrap();
         let _b = q.admit().unwrap();
         assert_eq!(q.admit().unwrap_err(), Over::Concurrency);
         drop(a);
         assert!(q.admit().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn small_calls_have_a_bucket_of_their_own() {
+        // Default: ten times the inference rate.
+        let q = Quota::new(&Limits {
+            requests_per_second: Some(2.0),
+            burst: Some(2),
+            max_concurrent: None,
+            max_inflight_share: None,
+            small_calls_per_second: None,
+        });
+        assert_eq!((0..50).filter(|_| q.admit_small()).count(), 20);
+        assert_eq!(
+            (0..5).filter(|_| q.admit().is_ok()).count(),
+            2,
+            "inference is untouched"
+        );
     }
 }

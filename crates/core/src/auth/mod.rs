@@ -111,10 +111,16 @@ impl Tenants {
                 .map(|t| {
                     let same_name =
                         before.and_then(|b| b.0.iter().find(|o| o.spec.name == t.spec.name));
+                    // The share is not part of the quota: it changes in place.
                     let kept = same_name.filter(|o| {
                         let (a, b) = (&o.spec.limits, &t.spec.limits);
-                        (a.requests_per_second, a.burst, a.max_concurrent)
-                            == (b.requests_per_second, b.burst, b.max_concurrent)
+                        file::Limits {
+                            max_inflight_share: None,
+                            ..a.clone()
+                        } == file::Limits {
+                            max_inflight_share: None,
+                            ..b.clone()
+                        }
                     });
                     // Bytes held across a reload still count against the tenant.
                     let share = std::sync::OnceLock::new();
@@ -492,6 +498,17 @@ impl Caller {
             self.auth.deny(self.tenant(), reason);
             Status::resource_exhausted(format!("over this tenant's {what}"))
         })
+    }
+
+    /// One call that is not inference, against the tenant's small-calls bucket.
+    pub fn admit_small(&self) -> Result<(), Status> {
+        if self.tenant.quota.admit_small() {
+            return Ok(());
+        }
+        self.auth.deny(self.tenant(), "rate");
+        Err(Status::resource_exhausted(
+            "over this tenant's small_calls_per_second (metadata, index, statistics and other calls that are not inference)",
+        ))
     }
 
     /// Counts one finished inference request.
