@@ -2,8 +2,13 @@
 --auth-config, with an API key (SHA-256 and a constant-time compare per call), and with a
 JWT (RS256, verified once and then remembered), each in front of its own worker. Identity
 model, `infermesh bench` unary at concurrency 1 and 32; req/s, p50 and the gateway's CPU
-per 1,000 requests. Release builds; run through bench/auth.sh."""
+per 1,000 requests. Release builds; run through bench/auth.sh.
+
+BENCH_OLD_BIN=<dir with an older infermesh-worker and infermesh-gateway> adds the same
+no-auth and API-key setups on those binaries, side by side with the new ones (its auth
+file in the format that build reads)."""
 import json
+import os
 import pathlib
 import sys
 import time
@@ -43,6 +48,17 @@ def main() -> None:
         "JWT (RS256)": ([], auth + ["--auth-jwks", str(d / "jwks.json"), "--auth-jwt-audience", "infermesh",
                                     "--auth-jwt-issuer", "bench"], ["--token", token], "127.0.0.1"),
     }
+    old = os.environ.get("BENCH_OLD_BIN")
+    if old:
+        # Before `models` and `limits` were required: absent meant all and none.
+        (d / "auth-old.yaml").write_text(f"""tenants:
+  - name: bench
+    keys: ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
+    scopes: [infer, read]
+""")
+        setups["no auth, before"] = ([], [], [], "127.0.0.1", old)
+        setups["API key, before"] = ([], ["--auth-config", str(d / "auth-old.yaml")], ["--token", KEY],
+                                     "127.0.0.1", old)
     compare(d, setups, "gateway", worker_cpu=False)
 
 

@@ -71,8 +71,10 @@ def best_of(running, rounds):
 
 
 def compare(repo, setups, first_column, worker_cpu):
-    """Runs every setup {name: (worker flags, gateway flags, client flags, host)} and
-    prints the table; `host` is what the client dials before ":port" (a URL prefix)."""
+    """Runs every setup {name: (worker flags, gateway flags, client flags, host[, bin
+    dir])} and prints the table; `host` is what the client dials before ":port" (a URL
+    prefix); a bin dir runs that setup's worker and gateway from other binaries (an older
+    build beside the new), while the client stays the same for all."""
     procs, running = [], {}
 
     def start(cmd):
@@ -81,12 +83,13 @@ def compare(repo, setups, first_column, worker_cpu):
         return p
 
     try:
-        for name, (worker_flags, gateway_flags, client_flags, host) in setups.items():
+        for name, (worker_flags, gateway_flags, client_flags, host, *bin_dir) in setups.items():
+            bins = pathlib.Path(bin_dir[0]) if bin_dir else BIN
             wport, whealth, gport, ghealth = free_port(), free_port(), free_port(), free_port()
-            w = start([str(BIN / "infermesh-worker"), "--model-repository", str(repo), "--grpc-port", str(wport),
+            w = start([str(bins / "infermesh-worker"), "--model-repository", str(repo), "--grpc-port", str(wport),
                        "--health-port", str(whealth), "--intra-op-threads", "1", *COMMON, *worker_flags])
             healthy(whealth)
-            g = start([str(BIN / "infermesh-gateway"), "--workers", f"127.0.0.1:{wport}", "--grpc-port", str(gport),
+            g = start([str(bins / "infermesh-gateway"), "--workers", f"127.0.0.1:{wport}", "--grpc-port", str(gport),
                        "--health-port", str(ghealth), *COMMON, *gateway_flags])
             healthy(ghealth)
             running[name] = (f"{host}:{gport}", client_flags, [g.pid, w.pid])

@@ -264,3 +264,55 @@ def test_calls_that_are_not_inference_count_against_their_own_bucket(mesh):
     assert codes.count("OK") <= 15 and codes.count("RESOURCE_EXHAUSTED") >= 25, codes
     for _ in range(10):
         assert c.get_model_metadata("vec_fp32", headers=bearer("bob")).name == "vec_fp32"
+
+
+def test_a_single_models_health_needs_read_while_probes_stay_open(mesh):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    g = mesh["gateway"]
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for url in (g.url, g.health_url):
+        with grpc.insecure_channel(url) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=10).status == serving
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            for name in ("vec_fp32", "no-such-model"):  # the same answer: no existence oracle
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, (url, name, e.value)
+    with grpc.insecure_channel(g.url) as ch:
+        got = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="vec_fp32"), timeout=10,
+                                                   metadata=[("authorization", "Bearer tok-carol")])
+        assert got.status == serving
+
+
+def test_a_connection_that_keeps_presenting_bad_tokens_is_closed(mesh):
+    """32 refused credentials on one connection close it; a new connection with a good
+    token is served."""
+    s, c = connect(mesh["gateway"].url)
+    ids = [1 + 2 * i for i in range(40)]
+    events = []
+    for i in ids:
+        c.send_headers(i, call_headers("/inference.GRPCInferenceService/ServerLive", "forged"))
+        c.send_data(i, b"\0\0\0\0\0", end_stream=True)
+        try:
+            s.sendall(c.data_to_send())
+        except OSError:
+            break
+        events += poll(s, c, 0.05)
+        if "closed" in events or any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            break
+    deadline = time.monotonic() + 10
+    while "closed" not in events and not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+        assert time.monotonic() < deadline, "the connection stayed open"
+        try:
+            events += poll(s, c, 0.2)
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    answered = [i for i in ids if grpc_status(events, i)]
+    assert all(grpc_status(events, i)[0] == 16 for i in answered)  # UNAUTHENTICATED
+    assert len(answered) <= 32, len(answered)
+    s.close()
+    ok = grpcclient.InferenceServerClient(mesh["gateway"].url)
+    assert ok.is_server_live(headers=bearer("bob"))

@@ -56,6 +56,10 @@ pub struct Limits {
     pub max_per_peer: usize,
 }
 
+/// Credentials a connection may present that fail their check before it is closed: a
+/// forged token costs more CPU to refuse than a good request costs to serve.
+pub const MAX_BAD_CREDENTIALS: u32 = 32;
+
 /// Calls open on one connection, and when the last one ended.
 #[derive(Debug)]
 pub struct Activity {
@@ -63,6 +67,11 @@ pub struct Activity {
     /// Whether any call was ever opened.
     used: std::sync::atomic::AtomicBool,
     last: std::sync::Mutex<tokio::time::Instant>,
+    /// Credentials refused on this connection so far.
+    bad_credentials: std::sync::atomic::AtomicU32,
+    /// Set to close the connection at its next read; the reader is woken.
+    closing: std::sync::atomic::AtomicBool,
+    reader: futures::task::AtomicWaker,
 }
 
 impl Activity {
@@ -71,7 +80,27 @@ impl Activity {
             open: AtomicUsize::new(0),
             used: Default::default(),
             last: std::sync::Mutex::new(tokio::time::Instant::now()),
+            bad_credentials: Default::default(),
+            closing: Default::default(),
+            reader: Default::default(),
         }
+    }
+
+    /// Counts one refused credential; past [`MAX_BAD_CREDENTIALS`] the connection is
+    /// closed (after the answers already written). True when it is being closed.
+    pub fn refused_credential(&self) -> bool {
+        let n = self.bad_credentials.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < MAX_BAD_CREDENTIALS {
+            return false;
+        }
+        if !self.closing.swap(true, Ordering::SeqCst) {
+            tracing::debug!(
+                refused = n,
+                "closing a connection that keeps presenting bad credentials"
+            );
+        }
+        self.reader.wake();
+        true
     }
 
     /// When the connection becomes idle long enough to close, if it has no call open.
@@ -470,6 +499,13 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        this.activity.reader.register(cx.waker());
+        if this.activity.closing.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "too many bad credentials on one connection",
+            )));
+        }
         let before = buf.filled().len();
         let polled = this.stream.poll_read(cx, buf);
         if polled.is_pending() && !this.idle.is_zero() {

@@ -10,6 +10,8 @@ pub mod conn;
 pub mod datatype;
 pub mod deadline;
 pub mod error;
+pub mod frame;
+pub mod health_guard;
 pub mod hold;
 pub mod lifecycle;
 pub mod metrics;

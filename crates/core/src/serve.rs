@@ -58,7 +58,8 @@ pub struct Parts<H> {
     /// The process's request byte budget (`--max-inflight-bytes`): request bodies count
     /// against it from their first byte.
     pub budget: crate::admission::ByteBudget,
-    pub health: tonic_health::pb::health_server::HealthServer<H>,
+    /// `grpc.health.v1`; with auth, a single model's health needs `read`.
+    pub health: H,
     pub registry: prometheus_client::registry::Registry,
     /// Files to reload besides the gRPC port's TLS material (the gateway's client
     /// certificate); one watcher serves them all.
@@ -89,6 +90,10 @@ where
         auth,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+    let health = tonic_health::pb::health_server::HealthServer::new(crate::health_guard::Guarded {
+        inner: health,
+        auth: auth.clone(),
+    });
     let reloads = crate::watch::register(&mut registry);
     watched.extend(listeners.tls.iter().map(|t| t.watched()));
     watched.extend(auth.iter().flat_map(|a| a.watched()));

@@ -41,7 +41,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
     let lifecycle = Lifecycle::new(reporter).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)

@@ -10,7 +10,7 @@ use std::{
 
 use futures::future::join_all;
 use infermesh_core::{
-    admission::ByteBudget, auth, metrics, stream::UNORDERED, text::clip, trace,
+    admission::ByteBudget, auth, frame, metrics, stream::UNORDERED, text::clip, trace,
     Error as RequestError, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
@@ -381,63 +381,39 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
-        self.lifecycle.admit().map_err(Status::from)?;
-        let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        let (span, carry) = trace::request(
-            "ModelInfer",
-            &req.get_ref().model_name,
-            trace::incoming(req.metadata()),
-        );
-        let caller = auth::caller(&req);
-        let req = req.into_inner();
-        let model = req.model_name.clone();
-        let resp = auth::infer(
-            caller.as_ref(),
-            &model,
-            self.infer(req, deadline, carry).instrument(span),
-        )
+        frame::unary(req, &self.lifecycle, &self.bytes, |call| async move {
+            self.infer(call.req, call.deadline, call.carry)
+                .await
+                .map_err(|s| self.scrub(call.caller.as_ref(), s))
+        })
         .await
-        .map_err(|s| self.scrub(caller.as_ref(), s))?;
-        Ok(infermesh_core::admission::held_reply(resp, &self.bytes))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
 
     /// Each message is balanced on its own, so one busy stream spreads over every worker.
+    /// A stream may mix models, and each message counts against the tenant's quotas; a
+    /// refused message gets its error and the stream goes on.
     async fn model_stream_infer(
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Self::ModelStreamInferStream> {
-        self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
-        let open = OpenGauge::new(&self.metrics.open_streams);
-        // Every message is a span of its own under the context the stream was opened with.
-        let parent = trace::incoming(req.metadata());
-        // Checked per message: a stream may mix models, and each message counts against
-        // the tenant's quotas; a refused message gets its error and the stream goes on.
-        let caller = auth::caller(&req);
-        Ok(Response::new(infermesh_core::stream::serve(
-            req.into_inner(),
-            infermesh_core::stream::Options {
-                max_in_flight: self.max_stream_inflight,
-                cancels: false,
-                replies: Some(self.bytes.clone()),
-                caller,
-            },
-            move |m, caller| {
-                let _open = &open; // lives as long as the stream
-                let svc = svc.clone();
-                let (span, carry) =
-                    trace::request("ModelStreamInfer", &m.model_name, parent.clone());
-                async move {
-                    let model = m.model_name.clone();
-                    auth::infer(caller.as_ref(), &model, svc.infer(m, None, carry))
-                        .await
-                        .map_err(|s| svc.scrub(caller.as_ref(), s))
-                }
-                .instrument(span)
-            },
-        )))
+        let open = Arc::new(OpenGauge::new(&self.metrics.open_streams));
+        let opts = frame::StreamFrame {
+            max_in_flight: self.max_stream_inflight,
+            mesh_parameters: false,
+            replies: self.bytes.clone(),
+        };
+        frame::stream(req, &self.lifecycle, opts, move |call| {
+            let _open = &open; // lives as long as the stream
+            let svc = svc.clone();
+            async move {
+                svc.infer(call.req, None, call.carry)
+                    .await
+                    .map_err(|s| svc.scrub(call.caller.as_ref(), s))
+            }
+        })
     }
 
     async fn model_statistics(

@@ -61,7 +61,8 @@ pub async fn run(
     let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)
         .map_err(Error::Startup)?;
     let metrics = WorkerMetrics::register(&mut registry);
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
     let lifecycle = Lifecycle::new(reporter).await;
     let repo = Arc::new(Repository::new(
         config.model_repository.clone(),

@@ -2,15 +2,11 @@
 
 use std::{sync::Arc, time::Instant};
 
-use infermesh_core::{
-    admission::{held_reply, ByteBudget},
-    auth, metrics, trace, Lifecycle,
-};
+use infermesh_core::{admission::ByteBudget, auth, frame, metrics, trace, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use crate::{control::Control, metrics::WorkerMetrics, repository::Repository, Error};
 
@@ -201,22 +197,12 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
-        self.lifecycle.admit().map_err(Status::from)?;
-        let deadline = infermesh_core::deadline::deadline(req.metadata(), None, Instant::now());
-        let (span, _) = trace::request(
-            "ModelInfer",
-            &req.get_ref().model_name,
-            trace::incoming(req.metadata()),
-        );
-        let caller = auth::caller(&req);
-        let req = req.into_inner();
-        let model = req.model_name.clone();
-        let resp = auth::infer(caller.as_ref(), &model, async {
-            self.infer(req, deadline).await.map_err(Status::from)
+        frame::unary(req, &self.lifecycle, &self.budget, |call| async move {
+            self.infer(call.req, call.deadline)
+                .await
+                .map_err(Status::from)
         })
-        .instrument(span)
-        .await?;
-        Ok(held_reply(resp, &self.budget))
+        .await
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
@@ -225,36 +211,17 @@ impl GrpcInferenceService for WorkerService {
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Self::ModelStreamInferStream> {
-        self.lifecycle.admit().map_err(Status::from)?;
         let svc = self.clone();
-        // Every message is a span of its own under the context the stream was opened with.
-        let parent = trace::incoming(req.metadata());
-        // Checked per message: the credential, the model and the tenant's quotas.
-        let caller = auth::caller(&req);
         // A stream's grpc-timeout bounds the stream; each message may carry `timeout`.
-        Ok(Response::new(infermesh_core::stream::serve(
-            req.into_inner(),
-            infermesh_core::stream::Options {
-                max_in_flight: MAX_STREAM_IN_FLIGHT,
-                cancels: true,
-                replies: Some(self.budget.clone()),
-                caller,
-            },
-            move |m, caller| {
-                let svc = svc.clone();
-                // A gateway sharing one stream between messages sends each one's context.
-                let cx = trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone());
-                let (span, _) = trace::request("ModelStreamInfer", &m.model_name, cx);
-                async move {
-                    let model = m.model_name.clone();
-                    auth::infer(caller.as_ref(), &model, async {
-                        svc.infer(m, None).await.map_err(Status::from)
-                    })
-                    .await
-                }
-                .instrument(span)
-            },
-        )))
+        let opts = frame::StreamFrame {
+            max_in_flight: MAX_STREAM_IN_FLIGHT,
+            mesh_parameters: true,
+            replies: self.budget.clone(),
+        };
+        frame::stream(req, &self.lifecycle, opts, move |call| {
+            let svc = svc.clone();
+            async move { svc.infer(call.req, None).await.map_err(Status::from) }
+        })
     }
 
     async fn model_statistics(

@@ -50,8 +50,14 @@ where
             return Either::Left(self.inner.call(req));
         };
         let path = req.uri().path();
-        // Probes and load balancers send no credentials.
+        // Probes and load balancers send no credentials: health is never refused here. A
+        // credential that comes along is taken (a single model's health needs `read`).
         if path.starts_with("/grpc.health.v1.Health/") {
+            if req.headers().contains_key(http::header::AUTHORIZATION) {
+                if let Ok(caller) = auth.authenticate(req.headers()) {
+                    req.extensions_mut().insert(caller);
+                }
+            }
             return Either::Left(self.inner.call(req));
         }
         let checked = auth.authenticate(req.headers()).and_then(|caller| {
@@ -69,7 +75,14 @@ where
                 req.extensions_mut().insert(caller);
                 Either::Left(self.inner.call(req))
             }
-            Err(status) => Either::Right(std::future::ready(Ok(status.into_http::<Body>()))),
+            Err(status) => {
+                if status.code() == tonic::Code::Unauthenticated {
+                    if let Some(conn) = req.extensions().get::<crate::conn::ConnInfo>() {
+                        conn.activity.refused_credential();
+                    }
+                }
+                Either::Right(std::future::ready(Ok(status.into_http::<Body>())))
+            }
         }
     }
 }

@@ -1,0 +1,118 @@
+//! The one inference-handler frame both servers use. Byte admission, the small calls'
+//! pool, the tenant's share and auth happen before it, in the layers of `serve()`; the
+//! frame does the rest, once, for every ModelInfer and every ModelStreamInfer message:
+//! refusal while draining, the deadline (gRPC's, or Triton's `timeout` parameter, or a
+//! stream message's own), the trace context, the tenant's model and quota checks with its
+//! metrics record, and the reply's bytes held until written. A server supplies only what
+//! answers a request: `handle`.
+
+use std::future::Future;
+
+use infermesh_proto as pb;
+use std::time::Instant;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::{admission::ByteBudget, auth, trace, Lifecycle};
+
+/// One inference request as the frame hands it to a server.
+pub struct Call {
+    pub req: pb::ModelInferRequest,
+    /// From `grpc-timeout` (unary calls); a server applies the request's own `timeout`
+    /// parameter on top (the earlier wins).
+    pub deadline: Option<Instant>,
+    /// What goes on to the next hop when this request has no span of its own.
+    pub carry: trace::Carry,
+    /// With `--auth-config`: who is calling (checked again per stream message).
+    pub caller: Option<auth::Caller>,
+}
+
+/// ModelInfer: admitted, traced, checked against the caller's models and quotas, counted,
+/// and answered with its bytes held until written.
+pub async fn unary<Fut>(
+    req: Request<pb::ModelInferRequest>,
+    lifecycle: &Lifecycle,
+    budget: &ByteBudget,
+    handle: impl FnOnce(Call) -> Fut,
+) -> Result<Response<pb::ModelInferResponse>, Status>
+where
+    Fut: Future<Output = Result<pb::ModelInferResponse, Status>>,
+{
+    lifecycle.admit().map_err(Status::from)?;
+    let deadline = crate::deadline::deadline(req.metadata(), None, Instant::now());
+    let (span, carry) = trace::request(
+        "ModelInfer",
+        &req.get_ref().model_name,
+        trace::incoming(req.metadata()),
+    );
+    let caller = auth::caller(&req);
+    let req = req.into_inner();
+    let model = req.model_name.clone();
+    let call = Call {
+        req,
+        deadline,
+        carry,
+        caller: caller.clone(),
+    };
+    let resp = auth::infer(caller.as_ref(), &model, handle(call).instrument(span)).await?;
+    Ok(crate::admission::held_reply(resp, budget))
+}
+
+/// How a server serves its streams (see [`crate::stream::Options`]).
+#[derive(Clone, Debug)]
+pub struct StreamFrame {
+    pub max_in_flight: usize,
+    /// A worker: `infermesh_cancel` cancels, and a message's `traceparent` parameter (a
+    /// gateway's, sharing one stream between callers) is its trace parent.
+    pub mesh_parameters: bool,
+    /// The process budget: answers count against it until written.
+    pub replies: ByteBudget,
+}
+
+/// ModelStreamInfer: the stream admitted once; each message traced, checked against the
+/// caller's current credential, models and quotas, and counted, while the stream goes on.
+pub fn stream<F, Fut>(
+    req: Request<Streaming<pb::ModelInferRequest>>,
+    lifecycle: &Lifecycle,
+    frame: StreamFrame,
+    handle: F,
+) -> Result<Response<crate::stream::ResponseStream>, Status>
+where
+    F: Fn(Call) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
+{
+    lifecycle.admit().map_err(Status::from)?;
+    // Every message is a span of its own under the context the stream was opened with.
+    let parent = trace::incoming(req.metadata());
+    let caller = auth::caller(&req);
+    let mesh = frame.mesh_parameters;
+    let handle = std::sync::Arc::new(handle);
+    Ok(Response::new(crate::stream::serve(
+        req.into_inner(),
+        crate::stream::Options {
+            max_in_flight: frame.max_in_flight,
+            cancels: mesh,
+            replies: Some(frame.replies),
+            caller,
+        },
+        move |m, caller| {
+            let cx = match mesh {
+                true => trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone()),
+                false => parent.clone(),
+            };
+            let (span, carry) = trace::request("ModelStreamInfer", &m.model_name, cx);
+            let handle = handle.clone();
+            async move {
+                let model = m.model_name.clone();
+                let call = Call {
+                    req: m,
+                    deadline: None,
+                    carry,
+                    caller: caller.clone(),
+                };
+                auth::infer(caller.as_ref(), &model, handle(call)).await
+            }
+            .instrument(span)
+        },
+    )))
+}
