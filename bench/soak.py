@@ -1,9 +1,12 @@
 """Soak: mixed good and hostile traffic through a gateway in front of two workers (release
 builds) for a while (default 10 minutes). Good traffic: 4 tritonclient callers, unary and
 streaming. Hostile traffic, all the time: fuzzed requests (the test suite's mutator),
-queries that once crashed workers, a slow sender that stalls 32 MB messages part-way, and
-connections that send half a preface. Every 30 s it samples RSS and CPU of each process.
-Prints a markdown table; failed good requests must be 0."""
+queries that once crashed workers, a slow sender that stalls 32 MB messages part-way,
+connections that send half a preface, and the patterns that once got around admission:
+health and metadata calls declaring 4 MiB on both ports (70 at a time), half-SETTINGS
+connections, a body trickled a byte a second, and callers with 1-5 ms deadlines. Every 30 s
+it samples RSS and CPU of each process. Prints a markdown table; failed good requests must
+be 0."""
 import argparse
 import os
 import pathlib
@@ -25,6 +28,7 @@ from conftest import HOSTILE, Gateway, Worker  # noqa: E402
 from test_connections import connect, headers, poll, refused  # noqa: E402
 from test_fuzz import SEED, mutants  # noqa: E402
 from test_hostile import bytes_elements, raw_request  # noqa: E402
+from test_trust import call_headers, half_settings  # noqa: E402
 
 MiB = 1 << 20
 
@@ -49,7 +53,8 @@ def main():
     gateway = Gateway(*workers, extra=("--grpc-stall-timeout", "5s"))
     procs = {"gateway": gateway, "worker 1": workers[0], "worker 2": workers[1]}
     stop = threading.Event()
-    counts = {"good": 0, "good failed": 0, "hostile": 0, "stalls": 0, "stalled MB": 0, "half prefaces": 0}
+    counts = {"good": 0, "good failed": 0, "hostile": 0, "stalls": 0, "stalled MB": 0, "half prefaces": 0,
+              "small floods": 0, "half settings": 0, "trickles": 0, "hasty": 0}
     failures = []
     lock = threading.Lock()
 
@@ -143,8 +148,75 @@ def main():
                 s.close()
             count("half prefaces", len(socks))
 
+    def small_floods():
+        """70 health and metadata calls declaring 4 MiB each, on the main and health ports."""
+        paths = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                 "/inference.GRPCInferenceService/ModelMetadata"]
+        while not stop.is_set():
+            for url in (gateway.url, gateway.health_url, workers[0].health_url):
+                socks = []
+                for _ in range(5):
+                    try:
+                        s, c = connect(url)
+                        for i in range(14):
+                            path = paths[i % len(paths)] if url == gateway.url else paths[i % 2]
+                            c.send_headers(1 + 2 * i, call_headers(path))
+                            c.send_data(1 + 2 * i, b"\0" + (4 * MiB).to_bytes(4, "big") + b"\0" * 4096)
+                        s.sendall(c.data_to_send())
+                        socks.append(s)
+                    except OSError:
+                        pass
+                stop.wait(1)
+                for s in socks:
+                    s.close()
+                count("small floods")
+
+    def half_settings_conns():
+        while not stop.is_set():
+            socks = []
+            for url in (gateway.url, gateway.health_url):
+                for _ in range(10):
+                    try:
+                        socks.append(half_settings(url))
+                    except OSError:
+                        pass
+            stop.wait(12)  # past the handshake timeout
+            for s in socks:
+                s.close()
+            count("half settings", len(socks))
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                s, c = connect(gateway.url)
+                c.send_headers(1, headers("ModelInfer"))
+                c.send_data(1, b"\0" + (8 * MiB).to_bytes(4, "big") + b"\0" * 8192)
+                s.sendall(c.data_to_send())
+                while not stop.is_set() and not refused(poll(s, c, 1)):
+                    c.send_data(1, b"\0")
+                    s.sendall(c.data_to_send())
+                s.close()
+                count("trickles")
+            except Exception:  # noqa: BLE001 - dropped or reset: start another
+                stop.wait(1)
+
+    def hasty():
+        c = grpcclient.InferenceServerClient(gateway.url)
+        x = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                c.infer("vec_fp32", [x], client_timeout=[0.001, 0.002, 0.005][n % 3])
+            except Exception:  # noqa: BLE001 - DEADLINE_EXCEEDED is theirs to get
+                pass
+            count("hasty")
+        c.close()
+
     threads = [threading.Thread(target=good, args=(i % 2 == 1,)) for i in range(4)]
-    threads += [threading.Thread(target=f) for f in (fuzz, slow_sender, half_prefaces)]
+    threads += [threading.Thread(target=f) for f in (fuzz, slow_sender, half_prefaces, small_floods,
+                                                       half_settings_conns, trickle, hasty)]
     start = time.monotonic()
     cpu0 = {k: cpu_s(p.proc.pid) for k, p in procs.items()}
     for t in threads:
@@ -167,12 +239,13 @@ def main():
         for w in workers:
             w.stop()
     print(f"\n## Soak: {args.seconds:.0f} s of mixed good and hostile traffic, gateway + 2 workers\n")
-    print("| t (s) | gateway RSS MB | worker 1 RSS MB | worker 2 RSS MB | gateway CPU s | workers CPU s | good requests | good failed | hostile requests | stalled senders (MB sent) | half prefaces |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| t (s) | gateway RSS MB | worker 1 RSS MB | worker 2 RSS MB | gateway CPU s | workers CPU s | good requests | good failed | hostile requests | stalled senders (MB sent) | half prefaces | 70-call 4 MiB small-call floods | half-SETTINGS conns | trickled bodies | 1-5 ms deadline calls |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t, rss, cpu, c in rows:
         print(f"| {t:.0f} | {rss['gateway']:.1f} | {rss['worker 1']:.1f} | {rss['worker 2']:.1f} | "
               f"{cpu['gateway']:.1f} | {cpu['worker 1'] + cpu['worker 2']:.1f} | {c['good']} | {c['good failed']} | "
-              f"{c['hostile']} | {c['stalls']} ({c['stalled MB']}) | {c['half prefaces']} |")
+              f"{c['hostile']} | {c['stalls']} ({c['stalled MB']}) | {c['half prefaces']} | {c['small floods']} | "
+              f"{c['half settings']} | {c['trickles']} | {c['hasty']} |")
     print(f"\nAll processes alive at the end: {alive}")
     if failures:
         print(f"First failures: {failures[:5]}")

@@ -255,9 +255,16 @@ pub async fn serve(
         metrics: _,
     } = listeners;
     if let Some(l) = health_listener {
+        // Sized so that the port's own connection and stream limits fill it at most: a
+        // flood of stalled health calls is refused connections, never a probe's bytes.
         let small = crate::admission::body::Admission::small_only(
             args.grpc_stall_timeout,
             args.grpc_min_receive_rate,
+            HEALTH_MESSAGE,
+            health_limits
+                .max_connections
+                .saturating_mul(HEALTH_STREAMS as usize)
+                .saturating_mul(HEALTH_MESSAGE),
         );
         let served = connection_layer(Server::builder(), args, HEALTH_STREAMS)
             .layer(tower::util::MapResponseLayer::new(
@@ -330,6 +337,8 @@ pub async fn serve(
 
 /// Calls one connection of the health port may have open at once: a probe makes one.
 const HEALTH_STREAMS: u32 = 16;
+/// Largest message on the health port: a HealthCheckRequest is a service name.
+const HEALTH_MESSAGE: usize = 1 << 10;
 
 /// The HTTP/2 settings every port shares: streams per connection, keepalive, age.
 fn connection_layer(builder: Server, args: &ServerArgs, streams: u32) -> Server {

@@ -59,11 +59,12 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Small calls only (the health port), in a pool of their own.
-    pub fn small_only(stall: Duration, min_rate: usize) -> Self {
+    /// Small calls only (the health port): messages of at most `max_message` in a pool of
+    /// `pool` bytes of their own.
+    pub fn small_only(stall: Duration, min_rate: usize, max_message: usize, pool: usize) -> Self {
         let small = Limits {
-            budget: ByteBudget::new(SMALL_POOL),
-            max_message: SMALL_MESSAGE,
+            budget: ByteBudget::new(pool),
+            max_message,
             max_message_is: "the limit for small calls (health, metadata, index)",
             stall,
             min_rate,
@@ -76,7 +77,12 @@ impl Admission {
 
     /// Inference with `inference`; small calls in a pool of their own.
     pub fn new(inference: Limits) -> Self {
-        let mut me = Self::small_only(inference.stall, inference.min_rate);
+        let mut me = Self::small_only(
+            inference.stall,
+            inference.min_rate,
+            SMALL_MESSAGE,
+            SMALL_POOL,
+        );
         me.inference = inference;
         me
     }
