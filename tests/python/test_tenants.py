@@ -316,3 +316,23 @@ def test_a_connection_that_keeps_presenting_bad_tokens_is_closed(mesh):
     s.close()
     ok = grpcclient.InferenceServerClient(mesh["gateway"].url)
     assert ok.is_server_live(headers=bearer("bob"))
+
+
+def test_a_token_holder_cannot_pin_memory_with_metadata_calls(mesh):
+    """70 ModelMetadata calls with a valid token, each declaring 4 MiB: refused at their
+    prefix (the small calls' cap), so nothing is pinned."""
+    from test_connections import rss
+
+    g = mesh["gateway"]
+    before = rss(g)
+    for _ in range(5):
+        s, c = connect(g.url)
+        ids = [1 + 2 * i for i in range(14)]
+        for i in ids:
+            c.send_headers(i, call_headers("/inference.GRPCInferenceService/ModelMetadata", "tok-bob"))
+            c.send_data(i, b"\0" + (4 * MiB).to_bytes(4, "big") + b"\0" * 4096)
+        s.sendall(c.data_to_send())
+        events = read_until(s, c, lambda ev: all(grpc_status(ev, i) for i in ids) or "closed" in ev)
+        assert [grpc_status(events, i)[0] for i in ids] == [8] * len(ids)
+        s.close()
+    assert rss(g) - before < 16 * MiB

@@ -1,9 +1,10 @@
-//! Byte accounting from the first byte: a request body wrapper that reads each gRPC
-//! message's 5-byte prefix, refuses a declared length over the message limit or over what
-//! is left of the byte budget before any of it is buffered, counts the bytes against the
-//! budget as frames arrive, and releases them when the message is complete (its decoded
-//! form is then counted by the handler until answered). A message that stops arriving
-//! mid-way for the stall timeout is dropped, and its bytes with it.
+//! Byte accounting from the first byte: a request body wrapper that reads each message's
+//! length from its framing (the gRPC 5-byte prefix; see [`Framing`]), refuses a declared
+//! length over the message limit or over what is left of the byte budget before any of it
+//! is buffered, counts the bytes against the budget as frames arrive, and releases them
+//! when the message is complete (its decoded form is then counted by the handler until
+//! answered). A message that stops arriving mid-way for the stall timeout, or arrives below
+//! the minimum rate, is dropped, and its bytes with it.
 
 use std::{
     future::Future,
@@ -88,13 +89,50 @@ impl Admission {
     }
 }
 
+/// Where a message's length comes from: the gRPC 5-byte prefix here; a door that speaks
+/// another protocol (HTTP/REST: Content-Length, chunked framing) brings its own, and the
+/// counting, budgets, stall and rate rules stay the same.
+pub trait Framing: Default + Send + 'static {
+    /// Takes header bytes of the current message from the front of `data`: how many it
+    /// took and, once the header is complete, the payload length it declares.
+    fn header(&mut self, data: &[u8]) -> (usize, Option<usize>);
+    /// Header bytes of the current message seen so far (0: between messages).
+    fn seen(&self) -> usize;
+    /// Header bytes the current message may still need.
+    fn header_left(&self) -> usize;
+}
+
+/// The gRPC length prefix: a compression flag and a u32 big-endian length.
+#[derive(Debug, Default)]
+pub struct GrpcPrefix {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+impl Framing for GrpcPrefix {
+    fn header(&mut self, data: &[u8]) -> (usize, Option<usize>) {
+        let n = (5 - self.len).min(data.len());
+        self.bytes[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
+        let declared = (self.len == 5).then(|| (&self.bytes[1..]).get_u32() as usize);
+        (n, declared)
+    }
+
+    fn seen(&self) -> usize {
+        self.len
+    }
+
+    fn header_left(&self) -> usize {
+        5 - self.len
+    }
+}
+
 /// Where the reader is in the current message.
 #[derive(Debug, Default)]
-struct Message {
-    /// Prefix bytes seen so far (5 in all: compression flag, u32 big-endian length).
-    prefix: [u8; 5],
-    prefix_len: usize,
-    /// Payload bytes still to come once the prefix is complete.
+struct Message<F> {
+    framing: F,
+    /// The header is complete: `left` payload bytes are still to come.
+    counted: bool,
     left: usize,
     /// The bytes of this message that have arrived.
     held: Option<BytesPermit>,
@@ -106,12 +144,12 @@ pin_project_lite::pin_project! {
     /// A request body counted against the byte budget. A unary call over the budget is
     /// refused; a stream waits for room instead (HTTP/2 flow control holds its sender),
     /// so one client's burst never fails the other messages a stream carries.
-    pub struct Counted<B> {
+    pub struct Counted<B, F = GrpcPrefix> {
         #[pin]
         inner: B,
         limits: Limits,
         stream: bool,
-        msg: Message,
+        msg: Message<F>,
         // A data frame read but not yet admitted: its stream waits for budget.
         parked: Option<Frame<Bytes>>,
         waiting: Option<Waiting>,
@@ -122,7 +160,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B> Counted<B> {
+impl<B, F: Framing> Counted<B, F> {
     /// `stream`: the body of a streaming call (waits for budget) rather than a unary call
     /// (refused at once).
     pub fn new(inner: B, limits: Limits, stream: bool) -> Self {
@@ -148,14 +186,14 @@ enum Refused {
     Status(Status),
 }
 
-impl Message {
+impl<F: Framing> Message<F> {
     fn in_progress(&self) -> bool {
-        self.prefix_len > 0
+        self.framing.seen() > 0
     }
 
     /// Bytes of this message still to come.
     fn remaining(&self) -> usize {
-        (5 - self.prefix_len) + self.left
+        self.framing.header_left() + self.left
     }
 
     /// Accounts one data frame, all or nothing: its bytes are taken from the budget first,
@@ -171,16 +209,14 @@ impl Message {
             .acquire(data.len())
             .map_err(|_| Refused::Budget)?;
         while !data.is_empty() {
-            if self.prefix_len < 5 {
-                let n = (5 - self.prefix_len).min(data.len());
-                self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
-                self.prefix_len += n;
+            if !self.counted {
+                let (n, declared) = self.framing.header(data);
                 data = &data[n..];
                 self.hold(frame.split_off(n));
-                if self.prefix_len == 5 {
-                    let declared = (&self.prefix[1..]).get_u32() as usize;
+                if let Some(declared) = declared {
                     // The rest of this frame is already taken; it counts as room for this message.
                     admit(declared, limits, stream, frame.bytes()).map_err(Refused::Status)?;
+                    self.counted = true;
                     self.left = declared;
                     if declared == 0 {
                         *self = Message::default();
@@ -256,7 +292,7 @@ fn over(message: String) -> Status {
     )
 }
 
-impl<B> Body for Counted<B>
+impl<B, F: Framing> Body for Counted<B, F>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -356,8 +392,8 @@ where
 
 /// Nothing to hand on now: a message that received less than its window's need (any
 /// byte, or `--grpc-min-receive-rate` × the window) within the stall timeout is dropped.
-fn stalled(
-    msg: &mut Message,
+fn stalled<F: Framing>(
+    msg: &mut Message<F>,
     limits: &Limits,
     stall: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     window: &mut (usize, usize),
@@ -460,9 +496,9 @@ where
             }
             false => self.admission.small.clone(),
         };
-        let call = self
-            .inner
-            .call(req.map(|b| tonic::body::Body::new(Counted::new(b, limits, stream))));
+        let call = self.inner.call(
+            req.map(|b| tonic::body::Body::new(Counted::<_, GrpcPrefix>::new(b, limits, stream))),
+        );
         Box::pin(async move {
             let mut resp = call.await?;
             // A unary reply's bytes stay counted until its body is written or dropped.
