@@ -3,7 +3,11 @@ in plaintext, with TLS on both hops, and with mTLS on both hops (the production 
 Identity model (no model cost, so the TLS work is what differs), `infermesh bench` unary at
 concurrency 1 and 32 over one connection; req/s, p50, and CPU per 1,000 requests of the
 gateway and of the worker. Certificates are made here (ECDSA P-256, as cert-manager's in
-deploy/overlays/production-tls). Release builds; run through bench/tls.sh."""
+deploy/overlays/production-tls). Release builds; run through bench/tls.sh.
+
+BENCH_OLD_BIN=<dir with an older infermesh-worker and infermesh-gateway> adds the
+plaintext and mTLS setups on those binaries, side by side with the new ones."""
+import os
 import pathlib
 import sys
 
@@ -34,6 +38,10 @@ def main() -> None:
             "https://localhost",
         ),
     }
+    old = os.environ.get("BENCH_OLD_BIN")
+    if old:
+        setups["plaintext, before"] = (*setups["plaintext"], old)
+        setups["mTLS both hops, before"] = (*setups["mTLS both hops"], old)
     compare(d, setups, "hops", worker_cpu=True)
 
 
