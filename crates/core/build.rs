@@ -21,14 +21,19 @@ fn git_rev() -> Option<String> {
         return None;
     }
     // Rebuild when HEAD moves: a checkout changes HEAD, a commit changes the branch ref.
+    // Only files that exist are named: cargo takes a missing one as always changed, which
+    // would rebuild this crate and everything above it on every build.
     println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
     let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
     if let Some(r) = head.trim().strip_prefix("ref: ") {
-        println!("cargo:rerun-if-changed={}", git.join(r).display());
-        println!(
-            "cargo:rerun-if-changed={}",
-            git.join("packed-refs").display()
-        );
+        let loose = git.join(r);
+        // A packed branch gets a loose ref at its next commit: its folder changes then.
+        let watched = [loose.clone(), git.join("packed-refs")]
+            .into_iter()
+            .chain(loose.parent().map(Path::to_path_buf));
+        for path in watched.filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
     }
     let out = Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])

@@ -653,3 +653,40 @@ async fn the_gateway_health_port_follows_the_pool_and_its_models() {
     w1.stop().await.unwrap();
     w2.stop().await.unwrap();
 }
+
+/// Load, then route: a model loaded through the gateway serves the very next request,
+/// though the gateway's own refresh would not come for a minute.
+#[tokio::test]
+async fn a_model_loaded_through_the_gateway_is_routable_at_once() {
+    let config = identity_config("", "[ 4 ]");
+    let repo = Repo::new()
+        .identity("echo", &config)
+        .identity("other", &config);
+    let explicit = ["--model-control-mode", "explicit"];
+    let w = Worker::start(
+        repo.path(),
+        &[&explicit[..], &["--load-model", "other"]].concat(),
+    )
+    .await;
+    let gw = Gateway::start(
+        &[&w],
+        &[&explicit[..], &["--worker-refresh", "60s"]].concat(),
+    )
+    .await;
+    let mut client = gw.client().await;
+    client
+        .repository_model_load(infermesh_proto::RepositoryModelLoadRequest {
+            model_name: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = client.model_infer(ident("echo", "first", 1.0)).await;
+    assert_eq!(
+        r.expect("routable as soon as Load answered")
+            .into_inner()
+            .id,
+        "first"
+    );
+    gw.stop().await.unwrap();
+}

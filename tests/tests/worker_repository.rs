@@ -10,7 +10,10 @@ use infermesh_proto::{
 use infermesh_tests::{repo::*, tensors::*, Client, Worker};
 use tonic::Code;
 
-async fn index(client: &mut Client) -> Vec<(String, String, String, String)> {
+/// RepositoryIndex as (name, version, state, reason) rows.
+type Index = Vec<(String, String, String, String)>;
+
+async fn index(client: &mut Client) -> Index {
     let r = client
         .repository_index(RepositoryIndexRequest::default())
         .await
@@ -332,5 +335,117 @@ async fn identity_backend_echoes_and_fails_as_configured() {
         }
     }
     assert_eq!(failures, 5);
+    worker.stop().await.unwrap();
+}
+
+/// Poll mode: a corrupt new version (half a model file) and then a config that does not
+/// parse never take the serving version down; no request fails, the failure is in
+/// RepositoryIndex; a good new version takes over once READY, and the old one leaves then.
+#[tokio::test]
+async fn a_bad_update_never_takes_the_serving_version_down() {
+    let repo = Repo::new().onnx("digits", "digits", "");
+    let worker = Worker::start(
+        repo.path(),
+        &[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-secs",
+            "0.1",
+        ],
+    )
+    .await;
+    let client = worker.client().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (mut c, stop) = (client.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !*stop.borrow() {
+                    c.model_infer(digits("digits", ""))
+                        .await
+                        .expect("no request fails during a bad update");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut c = client.clone();
+    let wait_for = |what: &'static str, want: Box<dyn Fn(&Index) -> bool>| {
+        let mut c = client.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let now = index(&mut c).await;
+                if want(&now) {
+                    return now;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{what}: {now:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let state = |idx: &Index, v: &str| {
+        idx.iter()
+            .find(|m| m.0 == "digits" && m.1 == v)
+            .map(|m| m.2.clone())
+    };
+
+    // Half a model file, as a slow copy leaves it.
+    let model = std::fs::read(infermesh_tests::models().join("digits/1/model.onnx")).unwrap();
+    std::fs::create_dir_all(repo.path().join("digits/2")).unwrap();
+    std::fs::write(
+        repo.path().join("digits/2/model.onnx"),
+        &model[..model.len() / 2],
+    )
+    .unwrap();
+    let idx = wait_for(
+        "version 2 tried",
+        Box::new(move |i| state(i, "2").as_deref() == Some("UNAVAILABLE")),
+    )
+    .await;
+    assert_eq!(state(&idx, "1").as_deref(), Some("READY"), "{idx:?}");
+
+    // A config that does not parse: the serving version stays, the reason is listed.
+    std::fs::write(repo.path().join("digits/config.pbtxt"), "max_batch_size: [").unwrap();
+    let idx = wait_for(
+        "the config failure reported",
+        Box::new(move |i| {
+            i.iter()
+                .any(|m| m.0 == "digits" && m.1.is_empty() && m.3.contains("stay in service"))
+        }),
+    )
+    .await;
+    assert_eq!(state(&idx, "1").as_deref(), Some("READY"), "{idx:?}");
+    std::fs::remove_file(repo.path().join("digits/config.pbtxt")).unwrap();
+
+    // A good version 3: it takes over once READY, and version 1 leaves then.
+    std::fs::create_dir_all(repo.path().join("digits/3")).unwrap();
+    std::fs::write(repo.path().join("digits/3/model.onnx"), &model).unwrap();
+    let idx = wait_for(
+        "version 3 in, version 1 out",
+        Box::new(move |i| {
+            state(i, "3").as_deref() == Some("READY")
+                && state(i, "1").as_deref() == Some("UNAVAILABLE")
+        }),
+    )
+    .await;
+    assert!(
+        idx.iter().all(|m| m.0 != "digits" || !m.1.is_empty()),
+        "the failure entry is gone: {idx:?}"
+    );
+    stop_tx.send(true).unwrap();
+    let mut served = 0;
+    for l in load {
+        served += l.await.unwrap();
+    }
+    assert!(served > 0);
+    let r = c
+        .model_infer(digits("digits", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.model_version, "3");
     worker.stop().await.unwrap();
 }

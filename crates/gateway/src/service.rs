@@ -67,6 +67,12 @@ pub struct Flights {
     statistics: SingleFlight<Answers<pb::ModelStatisticsResponse>>,
 }
 
+/// Refreshes what each worker is known to serve, now (after a Load or Unload).
+async fn learn_now(workers: &[Arc<crate::endpoint::Endpoint>]) {
+    const WITHIN: Duration = Duration::from_secs(5);
+    join_all(workers.iter().map(|ep| ep.refresh(WITHIN))).await;
+}
+
 /// Asks every worker in `workers` at once (`call` makes one worker's call).
 async fn fan_out<T, F>(
     workers: Vec<Arc<crate::endpoint::Endpoint>>,
@@ -523,11 +529,15 @@ impl GrpcInferenceService for GatewayService {
         tracing::info!(model = %clip(&req.model_name), tenant = ?tenant, "model load asked");
         infermesh_core::model_control::check_name(&req.model_name)?;
         infermesh_core::model_control::check_load_parameters(req.parameters.keys())?;
-        let answers = join_all(self.pool.all().into_iter().map(|ep| {
+        let workers = self.pool.all();
+        let answers = join_all(workers.iter().map(|ep| {
             let req = req.clone();
             async move { ep.client.clone().repository_model_load(req).await }
         }))
         .await;
+        // Load, then route: the pool learns what the workers now serve before the answer,
+        // so the next request routes without waiting for a refresh.
+        learn_now(&workers).await;
         answers.into_iter().find(|a| a.is_err()).transpose()?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
@@ -541,11 +551,13 @@ impl GrpcInferenceService for GatewayService {
         let req = req.into_inner();
         tracing::info!(model = %clip(&req.model_name), tenant = ?tenant, "model unload asked");
         infermesh_core::model_control::check_name(&req.model_name)?;
-        let answers = join_all(self.pool.all().into_iter().map(|ep| {
+        let workers = self.pool.all();
+        let answers = join_all(workers.iter().map(|ep| {
             let req = req.clone();
             async move { ep.client.clone().repository_model_unload(req).await }
         }))
         .await;
+        learn_now(&workers).await;
         answers.into_iter().find(|a| a.is_err()).transpose()?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }

@@ -2,6 +2,13 @@
 //! `explicit` loads what `--load-model` names and then what RepositoryModelLoad asks for;
 //! `poll` also rescans the repository and picks up added, changed and removed versions.
 //! A version being replaced keeps serving the requests it already has (they hold it).
+//!
+//! An update never takes down what serves (Triton's rule for reloads): a new version or a
+//! changed config that fails to load leaves the versions that were serving in service,
+//! and an old version leaves only once every version the policy selects is READY. In poll
+//! mode a model directory is loaded only once it has settled (two polls read the same
+//! files: names, sizes and modification times), so a copy in progress is never read
+//! half-way; a failed load is tried again when its files change, not in a loop.
 
 use std::{
     collections::BTreeMap,
@@ -29,7 +36,9 @@ pub enum ModelControlMode {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 struct Stamp {
     config: Option<Vec<u8>>,
-    versions: BTreeMap<String, Option<(SystemTime, u64)>>,
+    /// Every file of every version directory: its size and modification time (model
+    /// files may be large; their bytes are not read on every poll).
+    versions: BTreeMap<String, BTreeMap<String, Option<(SystemTime, u64)>>>,
 }
 
 fn stamp(dir: &Path) -> Stamp {
@@ -40,9 +49,18 @@ fn stamp(dir: &Path) -> Stamp {
         .flatten()
         .filter(|e| e.path().is_dir())
         .map(|e| {
-            let meta = std::fs::metadata(e.path().join("model.onnx")).ok();
-            let key = e.file_name().to_string_lossy().into_owned();
-            (key, meta.and_then(|m| Some((m.modified().ok()?, m.len()))))
+            let files = std::fs::read_dir(e.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|f| {
+                    // Following symlinks: a ConfigMap-style swap changes what they point at.
+                    let meta = std::fs::metadata(f.path()).ok();
+                    let key = f.file_name().to_string_lossy().into_owned();
+                    (key, meta.and_then(|m| Some((m.modified().ok()?, m.len()))))
+                })
+                .collect();
+            (e.file_name().to_string_lossy().into_owned(), files)
         })
         .collect();
     Stamp { config, versions }
@@ -61,6 +79,9 @@ pub struct Control {
     /// NOT_SERVING so a worker takes traffic only with its whole start set.
     started: std::sync::atomic::AtomicBool,
     stamps: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
+    /// Poll mode: a changed model directory as the last poll saw it, loaded once the next
+    /// poll sees the same (the settle rule).
+    settling: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
 }
 
 impl Control {
@@ -81,6 +102,7 @@ impl Control {
             allow_empty,
             started: Default::default(),
             stamps: Default::default(),
+            settling: Default::default(),
         }
     }
 
@@ -174,16 +196,29 @@ impl Control {
         }
     }
 
-    /// One rescan: loads new or changed models, unloads models whose directory is gone.
+    /// One rescan: loads new or changed models once they have settled, unloads models
+    /// whose directory is gone.
     pub async fn poll_once(&self) -> Result<(), Error> {
         let found = self.repo.scan()?;
         let on_disk: Vec<String> = found.iter().map(|f| f.name.clone()).collect();
         for f in found {
-            let changed = {
-                let stamps = self.stamps.lock().await;
-                stamps.get(&f.name) != Some(&stamp(&self.repo.root().join(&f.name)))
+            let now = stamp(&self.repo.root().join(&f.name));
+            if self.stamps.lock().await.get(&f.name) == Some(&now) {
+                self.settling.lock().await.remove(&f.name);
+                continue;
+            }
+            // Changed: load it only once the next poll reads the same files.
+            let settled = {
+                let mut settling = self.settling.lock().await;
+                let settled = settling.get(&f.name) == Some(&now);
+                if settled {
+                    settling.remove(&f.name);
+                } else {
+                    settling.insert(f.name.clone(), now);
+                }
+                settled
             };
-            if changed {
+            if settled {
                 tracing::info!(model = %f.name, "model changed on disk; reloading");
                 let _ = self.reload(f).await;
             }
@@ -227,10 +262,18 @@ impl Control {
 
     async fn load_versions(&self, found: Found) -> Result<(), Error> {
         let name = found.name;
+        let serving = self.repo.ready_versions(&name);
         let Plan { config, versions } = match found.plan {
             Ok(p) => p,
+            Err(reason) if !serving.is_empty() => {
+                // A changed config that does not load: what serves stays in service, and
+                // the failure is reported on the model's own entry.
+                self.update_failed(&name, &serving, &reason);
+                return Err(Error::Load(reason));
+            }
             Err(reason) => {
                 tracing::error!(model = %name, %reason, "model failed to load");
+                self.defaults.metrics.update_failures.inc();
                 self.repo.set(&name, None, State::Failed(reason.clone()));
                 return Err(Error::Load(reason));
             }
@@ -258,21 +301,48 @@ impl Control {
                     self.repo
                         .set(&name, Some(version), State::Ready(Arc::new(model)));
                 }
+                Err(e) if serving.contains(&version) => {
+                    // A serving version whose files changed into something that does not
+                    // load: the loaded one stays.
+                    self.update_failed(&name, &serving, &e.to_string());
+                    first_error.get_or_insert(e);
+                }
                 Err(e) => {
                     tracing::error!(model = %name, version, reason = %e, "model failed to load");
+                    self.defaults.metrics.update_failures.inc();
                     self.repo
                         .set(&name, Some(version), State::Failed(e.to_string()));
                     first_error.get_or_insert(e);
                 }
             }
         }
-        // Versions the policy no longer selects (or whose directory went away).
+        // Versions the policy no longer selects (or whose directory went away) leave, but
+        // a serving one only once every selected version is READY.
         for v in self.repo.versions(&name).into_iter().flatten() {
-            if !versions.iter().any(|(keep, _)| *keep == v) {
-                self.repo.set(&name, Some(v), State::Unloaded);
+            if versions.iter().any(|(keep, _)| *keep == v) {
+                continue;
             }
+            if first_error.is_some() && serving.contains(&v) {
+                tracing::warn!(model = %name, version = v, "kept serving: the version that would replace it failed to load");
+                continue;
+            }
+            self.repo.set(&name, Some(v), State::Unloaded);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// An update of a serving model failed: logged once, counted, and reported in
+    /// RepositoryIndex on the model's own entry (version ""), while `serving` stays.
+    fn update_failed(&self, name: &str, serving: &[i64], reason: &str) {
+        tracing::error!(model = %name, ?serving, %reason, "model update failed to load; the versions that were serving stay in service");
+        self.defaults.metrics.update_failures.inc();
+        self.repo.set(
+            name,
+            None,
+            State::Failed(format!(
+                "update failed to load; versions {serving:?} stay in service: {reason}"
+            )),
+        );
     }
 
     async fn unload_all(&self, name: &str) {

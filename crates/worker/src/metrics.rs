@@ -60,6 +60,7 @@ pub struct WorkerMetrics {
     pub inflight_requests: Gauge,
     pub inflight_bytes: Gauge,
     pub repository_poll_failures: Counter,
+    pub update_failures: Counter,
 }
 
 impl WorkerMetrics {
@@ -78,6 +79,7 @@ impl WorkerMetrics {
             inflight_requests: Gauge::default(),
             inflight_bytes: Gauge::default(),
             repository_poll_failures: Counter::default(),
+            update_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(
@@ -144,6 +146,11 @@ impl WorkerMetrics {
             "repository_poll_failures",
             "Rescans of the model repository that failed (poll mode); loaded models keep serving",
             m.repository_poll_failures.clone(),
+        );
+        r.register(
+            "model_load_failures",
+            "Model versions or configs that failed to load (at start or in an update); a failed update leaves the versions that were serving in service",
+            m.update_failures.clone(),
         );
         m
     }

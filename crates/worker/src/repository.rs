@@ -106,6 +106,17 @@ impl Repository {
             .unwrap_or_default()
     }
 
+    /// The versions of `name` that are READY now.
+    pub fn ready_versions(&self, name: &str) -> Vec<i64> {
+        let models = self.models.read().expect("repository lock");
+        models
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|(v, s)| matches!(s, State::Ready(_)).then_some(*v).flatten())
+            .collect()
+    }
+
     /// Every model name recorded.
     pub fn names(&self) -> Vec<String> {
         self.models
