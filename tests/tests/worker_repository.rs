@@ -449,3 +449,36 @@ async fn a_bad_update_never_takes_the_serving_version_down() {
     assert_eq!(r.model_version, "3");
     worker.stop().await.unwrap();
 }
+
+/// Config fields that would change answers are refused by name at load; a speed-only one
+/// (response_cache) loads, with a warning.
+#[tokio::test]
+async fn config_fields_that_would_change_answers_are_refused_by_name() {
+    let repo = Repo::new()
+        .identity("seq", &identity_config("sequence_batching {}", "[ 4 ]"))
+        .identity(
+            "limited",
+            &identity_config(
+                "instance_group [ { count: 1 rate_limiter { resources [ { name: \"r\" count: 1 } ] } } ]",
+                "[ 4 ]",
+            ),
+        )
+        .identity("cached", &identity_config("response_cache { enable: true }", "[ 4 ]"));
+    let worker = Worker::start(repo.path(), &[]).await;
+    let mut c = worker.client().await;
+    let idx = index(&mut c).await;
+    let row = |name: &str| idx.iter().find(|m| m.0 == name).cloned().unwrap();
+    let seq = row("seq");
+    assert_eq!(seq.2, "UNAVAILABLE");
+    assert!(
+        seq.3.contains("sequence_batching: not supported"),
+        "{seq:?}"
+    );
+    let limited = row("limited");
+    assert!(
+        limited.3.contains("instance_group[0].rate_limiter"),
+        "{limited:?}"
+    );
+    assert_eq!(row("cached").2, "READY");
+    worker.stop().await.unwrap();
+}

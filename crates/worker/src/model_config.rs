@@ -22,9 +22,14 @@ pub fn read(model_dir: &Path) -> Result<Option<pb::ModelConfig>, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::Load(format!("cannot read {}: {e}", path.display()))),
     };
-    parse(&text)
-        .map(Some)
-        .map_err(|e| Error::Load(format!("{}: {e}", path.display())))
+    let config = parse(&text).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
+    // Every field is honoured, warned about once per load, or refused by name.
+    let warnings =
+        fields::check(&config).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
+    for w in warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
+    Ok(Some(config))
 }
 
 /// Parses protobuf text format into a ModelConfig.
@@ -484,6 +489,8 @@ pub fn identity_graph(config: &pb::ModelConfig) -> Result<GraphSpec, Error> {
     }
     Ok(GraphSpec { inputs, outputs })
 }
+
+pub mod fields;
 
 #[cfg(test)]
 mod tests;
