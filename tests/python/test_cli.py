@@ -1,5 +1,6 @@
 """The infermesh CLI against a real worker: infer, models, health."""
 import json
+import os
 import subprocess
 
 from conftest import MODELS, binary
@@ -94,3 +95,22 @@ def test_infermesh_gateway_and_worker_are_the_standalone_binaries(worker):
         assert len(json.loads(out.stdout)["probabilities"][0]) == 10
     finally:
         assert gw.stop() == 0
+
+
+def test_a_user_error_is_one_line_without_a_backtrace():
+    """RUST_BACKTRACE=1 is common on developer machines: a user's mistake still prints one
+    line naming it, and exits 1."""
+    env = {**os.environ, "RUST_BACKTRACE": "1"}
+    out = subprocess.run([binary("infermesh-worker"), "--model-repository", "/no/such/repository",
+                          "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "--model-repository" in lines[0], out.stderr
+    assert "backtrace" not in out.stderr.lower(), out.stderr
+
+
+def test_metrics_bind_where_grpc_binds_unless_told(worker):
+    """A server bound to 127.0.0.1 (the fixture passes no --metrics-address) opens nothing on
+    other interfaces."""
+    assert worker.metrics_url.startswith("127.0.0.1:"), worker.metrics_url

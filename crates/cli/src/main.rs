@@ -45,7 +45,19 @@ enum Command {
     Auth(auth::AuthArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// A user's error is one line (its causes joined by ": "), never a backtrace, whatever
+/// RUST_BACKTRACE says; exit status 1.
+fn main() -> std::process::ExitCode {
+    match main_result() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn main_result() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     // `infermesh worker` honours --threads like infermesh-worker; tools use the default.
     let threads = match &command {

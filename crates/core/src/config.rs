@@ -18,9 +18,10 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_ALLOW_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub allow_metrics: bool,
 
-    /// Address the metrics endpoint binds.
-    #[arg(long, env = "INFERMESH_METRICS_ADDRESS", default_value = "0.0.0.0")]
-    pub metrics_address: IpAddr,
+    /// Address the metrics endpoint binds; default: --grpc-address (a server bound to
+    /// 127.0.0.1 exposes nothing else on other interfaces).
+    #[arg(long, env = "INFERMESH_METRICS_ADDRESS")]
+    pub metrics_address: Option<IpAddr>,
 
     /// Metrics port (Triton's default is 8002). 0 picks a free port and logs it.
     #[arg(long, env = "INFERMESH_METRICS_PORT", default_value_t = 8002)]
@@ -32,9 +33,9 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_ALLOW_HEALTH_PORT", default_value_t = true, action = clap::ArgAction::Set)]
     pub allow_health_port: bool,
 
-    /// Address the health port binds.
-    #[arg(long, env = "INFERMESH_HEALTH_ADDRESS", default_value = "0.0.0.0")]
-    pub health_address: IpAddr,
+    /// Address the health port binds; default: --grpc-address.
+    #[arg(long, env = "INFERMESH_HEALTH_ADDRESS")]
+    pub health_address: Option<IpAddr>,
 
     /// Health port. 0 picks a free port and logs it.
     #[arg(long, env = "INFERMESH_HEALTH_PORT", default_value_t = 8003)]

@@ -166,7 +166,10 @@ pub async fn bind_metrics(args: &ServerArgs) -> std::io::Result<Option<TcpListen
     if !args.allow_metrics {
         return Ok(None);
     }
-    let addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    let addr = SocketAddr::new(
+        args.metrics_address.unwrap_or(args.grpc_address),
+        args.metrics_port,
+    );
     TcpListener::bind(addr).await.map(Some).map_err(|e| {
         which_port(
             e,
@@ -190,7 +193,10 @@ pub async fn bind_health(args: &ServerArgs) -> std::io::Result<Option<TcpListene
     if !args.allow_health_port {
         return Ok(None);
     }
-    let addr = SocketAddr::new(args.health_address, args.health_port);
+    let addr = SocketAddr::new(
+        args.health_address.unwrap_or(args.grpc_address),
+        args.health_port,
+    );
     TcpListener::bind(addr).await.map(Some).map_err(|e| {
         which_port(
             e,
