@@ -101,3 +101,45 @@ def test_up_serves_tls_with_a_certificate_and_its_hints_say_how_to_call_it(tmp_p
     assert re.search(r"gateway on https://127\.0\.0\.1:\d+,", out.stdout), out.stdout
     assert f"--ca {ca.cert}" in out.stdout and f"-cacert {ca.cert}" in out.stdout, out.stdout
     assert "root_certificates=" in out.stdout, out.stdout
+
+
+def test_up_survives_a_failed_restart_with_the_other_worker_serving(tmp_path):
+    """A worker dies while its binary is gone (a rebuild in progress): the restart fails,
+    is tried again with a backoff, and up says so, while the other worker keeps serving."""
+    import signal
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    exe = tmp_path / "infermesh"
+    shutil.copy(binary("infermesh"), exe)
+    proc = subprocess.Popen([str(exe), "up", "--listen", "127.0.0.1:0", "--workers", "2",
+                             "--model-repository", str(MODELS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors = []
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
+    try:
+        deadline, gateway, pids = time.monotonic() + 120, None, []
+        for line in proc.stdout:
+            m = re.search(r"gateway on (\S+), workers on .*\(pids ([\d, ]+)\)", line)
+            if m:
+                gateway, pids = m.group(1).rstrip(","), [int(p) for p in m.group(2).split(", ")]
+                break
+            assert time.monotonic() < deadline
+        threading.Thread(target=lambda: list(proc.stdout), daemon=True).start()
+        exe.unlink()
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any("could not be restarted" in e and "1 of 2 workers up" in e for e in errors):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(errors)[-3000:]
+            time.sleep(0.05)
+        c = grpcclient.InferenceServerClient(gateway)
+        x = grpcclient.InferInput("input", [1, 784], "FP32")
+        x.set_data_from_numpy(np.ones((1, 784), np.float32))
+        for _ in range(20):
+            assert c.infer("mlp", [x]).as_numpy("output").shape == (1, 10)
+        assert proc.poll() is None, "up is still serving"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=90)

@@ -333,15 +333,18 @@ async fn ready_models(mesh: &Mesh) -> Vec<String> {
     names
 }
 
-/// Restarts a worker that dies (on its old port, so the gateway finds it again); on stop,
-/// sends SIGTERM to every worker and waits for them.
+/// Restarts a worker that dies (on its old port, so the gateway finds it again); a restart
+/// that fails is tried again with a backoff (1 s doubling to 30 s), while the other
+/// workers keep serving and the status line says how many are up. On stop, sends SIGTERM
+/// to every worker and waits for them.
 async fn supervise(
     mut workers: Vec<Worker>,
     args: Vec<String>,
     fatal: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    loop {
+    let total = workers.len();
+    'serving: loop {
         let exited = {
             let exits =
                 futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.child.wait())));
@@ -351,14 +354,31 @@ async fn supervise(
             }
         };
         let Some((i, status)) = exited else { break };
-        let w = &mut workers[i];
-        let port = w.addr.rsplit(':').next().unwrap_or("0").to_string();
-        let lines = w.last_lines().await;
-        eprintln!(
-            "worker {} exited ({status:?}); restarting it. Its last lines:\n{lines}",
-            w.addr
-        );
-        *w = Worker::spawn(&args, &port, fatal.clone()).await?;
+        let addr = workers[i].addr.clone();
+        let port = addr.rsplit(':').next().unwrap_or("0").to_string();
+        let lines = workers[i].last_lines().await;
+        eprintln!("worker {addr} exited ({status:?}); restarting it. Its last lines:\n{lines}");
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match Worker::spawn(&args, &port, fatal.clone()).await {
+                Ok(w) => {
+                    workers[i] = w;
+                    eprintln!("worker {addr} restarted; {total} of {total} workers up");
+                    break;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "worker {addr} could not be restarted: {e:#}; {} of {total} workers up; trying again in {backoff:?}",
+                        total - 1
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait_for(|s| *s) => break 'serving,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
     stop_all(&mut workers).await;
     Ok(())
