@@ -143,3 +143,15 @@ def test_up_survives_a_failed_restart_with_the_other_worker_serving(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=90)
+
+
+def test_check_sends_a_request_to_every_model_and_names_each_that_failed(tmp_path):
+    shutil.copytree(MODELS / "mlp", tmp_path / "mlp")
+    shutil.copytree(MODELS / "multi_io", tmp_path / "multi_io")
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    out, _ = up("--model-repository", str(tmp_path), "--workers", "1", timeout=120)
+    assert out.returncode != 0, out.stdout
+    assert "check: mlp: answered" in out.stdout and "check: multi_io: answered" in out.stdout, out.stdout
+    assert "check failed for 1 of 3 models: broken (not loaded" in out.stderr, out.stderr[-2000:]
+    assert "Protobuf parsing failed" in out.stderr

@@ -4,6 +4,7 @@
 //! exits or can serve nothing before the mesh is ready fails `up` at once, with the
 //! worker's own last lines. Ctrl-C stops everything cleanly.
 
+mod check;
 mod child;
 
 use std::{path::PathBuf, time::Duration};
@@ -29,7 +30,9 @@ pub struct UpArgs {
     /// Workers to start (child processes on 127.0.0.1, free ports).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Exit after the self-check request instead of serving until Ctrl-C.
+    /// Send one request to every model (zeros of each input's shape; the bundled digits
+    /// also checked against their labels) and exit: non-zero, naming each model that
+    /// failed, if any did. Without it, up serves until Ctrl-C.
     #[arg(long)]
     pub check: bool,
     /// Serve Prometheus /metrics from every process, on free 127.0.0.1 ports (printed).
@@ -173,7 +176,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tokio::select! {
             r = async {
                 wait_ready(&mesh).await?;
-                self_check(&mesh, &repo).await
+                self_check(&mesh, &repo).await?;
+                match args.check {
+                    true => check::every_model(&mesh).await,
+                    false => Ok(()),
+                }
             } => r.map(|_| None),
             Some(why) = fatal.recv() => Err(anyhow::anyhow!(why)),
             (status, i, _) = exits => Ok(Some((i, status.ok()))),
