@@ -24,6 +24,9 @@ TABLES = [
     ("models", ["infermesh", "models"]),
     ("health", ["infermesh", "health"]),
     ("bench", ["infermesh", "bench"]),
+    ("load", ["infermesh", "load"]),
+    ("unload", ["infermesh", "unload"]),
+    ("auth hash-key", ["infermesh", "auth", "hash-key"]),
 ]
 # A flag line; clap puts short help on the same line, long help on the lines below. An
 # optional value shows as [<VALUE>].

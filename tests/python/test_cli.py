@@ -114,3 +114,30 @@ def test_metrics_bind_where_grpc_binds_unless_told(worker):
     """A server bound to 127.0.0.1 (the fixture passes no --metrics-address) opens nothing on
     other interfaces."""
     assert worker.metrics_url.startswith("127.0.0.1:"), worker.metrics_url
+
+
+def test_load_and_unload_and_models_json_through_a_gateway():
+    from conftest import Gateway, Worker
+
+    w = Worker("--model-control-mode", "explicit", "--load-model", "*")
+    g = Gateway(w, extra=("--model-control-mode", "explicit"))
+    try:
+        def state(name):
+            out = cli("models", "--url", g.url, "--json")
+            assert out.returncode == 0, out.stderr
+            rows = [json.loads(line) for line in out.stdout.splitlines()]
+            workers = [r for r in rows if "worker" in r]
+            assert workers and all(isinstance(r["ready"], bool) for r in workers), rows
+            return {r["state"] for r in rows if r.get("name") == name}
+
+        out = cli("unload", "--url", g.url, "mlp")
+        assert out.returncode == 0 and "mlp: unloaded" in out.stdout, out.stderr
+        assert state("mlp") == {"UNAVAILABLE"}
+        out = cli("load", "--url", g.url, "mlp")
+        assert out.returncode == 0 and "mlp: loaded" in out.stdout, out.stderr
+        assert state("mlp") == {"READY"}
+        out = cli("load", "--url", g.url, "../etc")
+        assert out.returncode == 1 and "model_name '../etc': not a model name" in out.stderr, out.stderr
+    finally:
+        assert g.stop() == 0
+        assert w.stop() == 0

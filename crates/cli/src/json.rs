@@ -112,16 +112,27 @@ pub fn decode(name: &str, datatype: &str, shape: &[i64], raw: &Bytes) -> anyhow:
                     DataType::I16 => i16::from_le_bytes([c[0], c[1]]).into(),
                     DataType::I32 => i32::from_le_bytes(c.try_into().unwrap()).into(),
                     DataType::I64 => i64::from_le_bytes(c.try_into().unwrap()).into(),
-                    DataType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64().into(),
-                    DataType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64().into(),
-                    DataType::F32 => (f32::from_le_bytes(c.try_into().unwrap()) as f64).into(),
-                    DataType::F64 => f64::from_le_bytes(c.try_into().unwrap()).into(),
+                    DataType::F16 => float(half::f16::from_le_bytes([c[0], c[1]]).to_f64()),
+                    DataType::BF16 => float(half::bf16::from_le_bytes([c[0], c[1]]).to_f64()),
+                    DataType::F32 => float(f32::from_le_bytes(c.try_into().unwrap()) as f64),
+                    DataType::F64 => float(f64::from_le_bytes(c.try_into().unwrap())),
                     DataType::Bytes => Value::Null,
                 })
                 .collect()
         }
     };
     Ok(nest(&flat, shape))
+}
+
+/// A float as JSON: a number, or (JSON has none for them) the strings "inf", "-inf" and
+/// "nan", as numpy and Triton's JSON print them.
+fn float(x: f64) -> Value {
+    match x {
+        x if x.is_nan() => Value::String("nan".into()),
+        f64::INFINITY => Value::String("inf".into()),
+        f64::NEG_INFINITY => Value::String("-inf".into()),
+        x => x.into(),
+    }
 }
 
 fn nest(flat: &[Value], shape: &[i64]) -> Value {
@@ -156,5 +167,17 @@ mod tests {
         assert_eq!(decode("s", "BYTES", &shape, &raw).unwrap(), s);
         let ragged: Value = serde_json::from_str("[[1], [2, 3]]").unwrap();
         assert!(encode("r", DataType::I32, &ragged).is_err());
+    }
+
+    #[test]
+    fn non_finite_floats_print_as_strings() {
+        let raw: Vec<u8> = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.5]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            decode("y", "FP32", &[4], &Bytes::from(raw)).unwrap(),
+            serde_json::json!(["inf", "-inf", "nan", 1.5])
+        );
     }
 }

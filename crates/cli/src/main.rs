@@ -3,6 +3,7 @@
 mod auth;
 mod bench;
 mod conn;
+mod control;
 mod health;
 mod infer;
 mod json;
@@ -43,6 +44,11 @@ enum Command {
     Health(health::HealthArgs),
     /// API keys for --auth-config.
     Auth(auth::AuthArgs),
+    /// Load (or reload) a model from the server's repository (RepositoryModelLoad); the
+    /// server must run with --model-control-mode explicit or poll.
+    Load(control::ControlArgs),
+    /// Unload a model (RepositoryModelUnload); requests in flight finish.
+    Unload(control::ControlArgs),
 }
 
 /// A user's error is one line (its causes joined by ": "), never a backtrace, whatever
@@ -90,6 +96,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Models(args) => models::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Auth(args) => auth::run(args),
+        Command::Load(args) => control::load(args).await,
+        Command::Unload(args) => control::unload(args).await,
     }
 }
 

@@ -38,7 +38,7 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
             println!("{v}");
         }
         for w in &workers {
-            println!("{}", serde_json::json!({ "worker": w }));
+            println!("{}", worker_json(w));
         }
         return Ok(());
     }
@@ -60,4 +60,40 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A gateway's worker line ("ADDR ready", "ADDR unready: PROBLEM") as structured JSON.
+fn worker_json(line: &str) -> serde_json::Value {
+    let (addr, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let (state, problem) = match rest.split_once(": ") {
+        Some((state, problem)) => (state, Some(problem)),
+        None => (rest, None),
+    };
+    let mut v = serde_json::json!({"worker": addr, "ready": state == "ready"});
+    if let Some(p) = problem {
+        v["problem"] = p.into();
+    }
+    if addr == "..." {
+        v = serde_json::json!({"more_workers": rest.trim_end_matches(" more").parse::<u64>().ok()});
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn worker_lines_become_fields() {
+        assert_eq!(
+            super::worker_json("127.0.0.1:1 unready: ejected for 1s"),
+            serde_json::json!({"worker": "127.0.0.1:1", "ready": false, "problem": "ejected for 1s"})
+        );
+        assert_eq!(
+            super::worker_json("127.0.0.1:2 ready"),
+            serde_json::json!({"worker": "127.0.0.1:2", "ready": true})
+        );
+        assert_eq!(
+            super::worker_json("... 3 more"),
+            serde_json::json!({"more_workers": 3})
+        );
+    }
 }

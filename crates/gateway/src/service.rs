@@ -506,7 +506,10 @@ impl GrpcInferenceService for GatewayService {
                     version,
                     state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
                     reason: match caller.as_ref() {
-                        Some(c) if !c.sees_internals() => format!("on {} workers", on.len()),
+                        Some(c) if !c.sees_internals() => match on.len() {
+                            1 => "on 1 worker".to_string(),
+                            n => format!("on {n} workers"),
+                        },
                         _ => format!("workers: {}", on.join(", ")),
                     },
                 },
