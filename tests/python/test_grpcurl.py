@@ -38,3 +38,14 @@ def test_python_reflection_and_health(worker):
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest(service="digits")).status == health_pb2.HealthCheckResponse.SERVING
         assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpcurl_decodes_the_error_details(worker):
+    """A failure's google.rpc.ErrorInfo is served by reflection, so grpcurl prints it."""
+    exe = shutil.which("grpcurl")
+    out = subprocess.run([exe, "-plaintext", "-d", '{"model_name": "nope"}', worker.url,
+                          "inference.GRPCInferenceService/ModelInfer"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "not recognized" not in text, text
+    assert '"reason":"model-not-found"' in text.replace(" ", ""), text

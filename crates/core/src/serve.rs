@@ -224,9 +224,12 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let mut v1 = tonic_reflection::server::Builder::configure();
     let mut v1alpha = tonic_reflection::server::Builder::configure();
+    // google.rpc too: the ErrorInfo a failure carries in its details, so grpcurl can
+    // decode it.
     for fds in [
         infermesh_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
     ] {
         v1 = v1.register_encoded_file_descriptor_set(fds);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(fds);
