@@ -169,3 +169,16 @@ def test_tls_flags_that_cannot_work_stop_the_server_at_start(flags, says):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert says in out.stderr, out.stderr[-2000:]
+
+
+def test_the_cli_names_the_fix_for_a_tls_mismatch(mesh):
+    """Plaintext to a TLS port, or a certificate from a CA it was not given: the error is
+    followed by a hint naming https:// or --ca."""
+    gateway = mesh["gateway"].url
+    out = subprocess.run([binary("infermesh"), "models", "--url", gateway], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "hint: the server does not speak plaintext HTTP/2 there (TLS?): use an https:// URL" \
+        in out.stderr, out.stderr
+    out = subprocess.run([binary("infermesh"), "health", "--url", f"https://{gateway}"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "pass --ca" in out.stderr, out.stderr

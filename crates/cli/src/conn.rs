@@ -98,3 +98,70 @@ impl tower::Service<http::Request<Body>> for Conn {
         self.channel.call(req)
     }
 }
+
+/// The fix for a failed call whose error a newcomer cannot read, if there is one:
+/// plaintext to a TLS port (found out by asking the port: an HTTP/2 server answers the
+/// client preface with SETTINGS, a TLS one never does), TLS to a plaintext port, and a
+/// certificate from a CA the client was not given (rustls says these two only in words,
+/// matched here in one place, pinned by a test).
+pub async fn hint(url: &str, error: &str) -> Option<&'static str> {
+    if url.starts_with("https://") {
+        return tls_hint(error);
+    }
+    if error.contains("onnection refused") {
+        return None;
+    }
+    let addr = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match speaks_plaintext_h2(addr).await {
+        Some(false) => Some(
+            "the server does not speak plaintext HTTP/2 there (TLS?): use an https:// URL, with --ca if its certificate comes from a private CA",
+        ),
+        _ => None,
+    }
+}
+
+fn tls_hint(error: &str) -> Option<&'static str> {
+    if error.contains("InvalidContentType") {
+        Some("the server speaks plaintext: drop https:// and --ca/--cert/--key")
+    } else if error.contains("UnknownIssuer") {
+        Some("the server's certificate is not signed by a CA this client trusts: pass --ca with the CA that signed it")
+    } else {
+        None
+    }
+}
+
+/// Whether `addr` answers the HTTP/2 client preface with a SETTINGS frame; None when it
+/// cannot be reached or says nothing in time.
+async fn speaks_plaintext_h2(addr: &str) -> Option<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let within = std::time::Duration::from_secs(2);
+    let mut s = tokio::time::timeout(within, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .ok()?;
+    let mut head = [0u8; 9];
+    match tokio::time::timeout(within, s.read_exact(&mut head)).await {
+        Ok(Ok(_)) => Some(head[3] == 0x04),
+        // Closed before a frame header: whatever it speaks, it is not HTTP/2 in plaintext.
+        Ok(Err(_)) => Some(false),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_tls_hints_match_what_rustls_says() {
+        // As the CLI printed them against a plaintext worker and a TLS one.
+        for (said, hint) in [
+            ("cannot connect to https://127.0.0.1:1: transport error: received corrupt message of type InvalidContentType", "plaintext"),
+            ("cannot connect to https://127.0.0.1:1: transport error: invalid peer certificate: UnknownIssuer", "--ca"),
+        ] {
+            assert!(super::tls_hint(said).is_some_and(|h| h.contains(hint)), "{said}");
+        }
+        assert_eq!(super::tls_hint("model 'x' is not ready"), None);
+    }
+}

@@ -71,7 +71,34 @@ fn main_result() -> anyhow::Result<()> {
         Command::Gateway(config) => config.server.threads,
         _ => 0,
     };
-    infermesh_core::serve::runtime(threads)?.block_on(run(command))
+    let url = command.url();
+    infermesh_core::serve::runtime(threads)?.block_on(async move {
+        let result = run(command).await;
+        match (result, url) {
+            (Err(e), Some(url)) => {
+                let text = format!("{e:#}");
+                match conn::hint(&url, &text).await {
+                    Some(hint) => Err(anyhow::anyhow!("{text}\nhint: {hint}")),
+                    None => Err(e),
+                }
+            }
+            (result, _) => result,
+        }
+    })
+}
+
+impl Command {
+    /// The server a client command calls, for the hint after a failed call.
+    fn url(&self) -> Option<String> {
+        Some(match self {
+            Command::Infer(a) => a.url.clone(),
+            Command::Models(a) => a.url.clone(),
+            Command::Health(a) => a.url.clone(),
+            Command::Bench(a) if a.what.is_none() => a.load.url.clone(),
+            Command::Load(a) | Command::Unload(a) => a.url.clone(),
+            _ => return None,
+        })
+    }
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
