@@ -155,3 +155,23 @@ def test_check_sends_a_request_to_every_model_and_names_each_that_failed(tmp_pat
     assert "check: mlp: answered" in out.stdout and "check: multi_io: answered" in out.stdout, out.stdout
     assert "check failed for 1 of 3 models: broken (not loaded" in out.stderr, out.stderr[-2000:]
     assert "Protobuf parsing failed" in out.stderr
+
+
+def test_up_with_a_private_certificate_and_no_ca_fails_fast_with_the_fix(tmp_path):
+    from pki import Ca
+
+    ca = Ca(tmp_path, "ca")
+    cert, key = ca.leaf("server", ["localhost", "127.0.0.1"], 1)
+    # Bounded below up's 120 s readiness wait: it must fail, not wait that out.
+    out, _ = up("--workers", "1", "--cert", str(cert), "--key", str(key), timeout=60)
+    assert out.returncode != 0
+    assert "UnknownIssuer" in out.stderr and "hint:" in out.stderr and "--ca" in out.stderr, out.stderr[-2000:]
+
+
+def test_gateway_flags_reach_the_gateway_and_its_own_ones_are_refused():
+    out, _ = up("--workers", "1", "--gateway-flag", "--max-stream-inflight=7", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out, _ = up("--workers", "1", "--gateway-flag", "--no-such-flag", timeout=60)
+    assert out.returncode != 0 and "--gateway-flag" in out.stderr and "--no-such-flag" in out.stderr, out.stderr
+    out, _ = up("--workers", "1", "--gateway-flag", "--grpc-port=1", timeout=60)
+    assert out.returncode != 0 and "up sets this itself; use --listen" in out.stderr, out.stderr

@@ -120,7 +120,7 @@ pub async fn hint(url: &str, error: &str) -> Option<&'static str> {
     }
 }
 
-fn tls_hint(error: &str) -> Option<&'static str> {
+pub fn tls_hint(error: &str) -> Option<&'static str> {
     if error.contains("InvalidContentType") {
         Some("the server speaks plaintext: drop https:// and --ca/--cert/--key")
     } else if error.contains("UnknownIssuer") {

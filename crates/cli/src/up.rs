@@ -50,6 +50,10 @@ pub struct UpArgs {
     /// gateway with; default: the system's.
     #[arg(long, requires = "cert")]
     pub ca: Option<PathBuf>,
+    /// A flag for the gateway, as FLAG=VALUE or a bare FLAG; repeat it for more (e.g.
+    /// `--gateway-flag --model-control-mode=explicit --gateway-flag --auth-config=auth.yaml`).
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub gateway_flag: Vec<String>,
     /// Flags for every worker, after `--` (e.g. `infermesh up -- --intra-op-threads 2`).
     #[arg(last = true, value_name = "WORKER FLAGS")]
     pub worker_flags: Vec<String>,
@@ -129,13 +133,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let config = GatewayConfig::try_parse_from([
+    // What up sets itself (its listeners, TLS and workers) cannot come from a flag, which
+    // would be accepted and then not used.
+    const OWN: &[(&str, &str)] = &[
+        ("--grpc-address", "--listen"),
+        ("--grpc-port", "--listen"),
+        ("--health-", "nothing: up binds it on loopback"),
+        ("--metrics-", "--metrics"),
+        ("--allow-metrics", "--metrics"),
+        ("--allow-health-port", "nothing: up binds it on loopback"),
+        ("--workers", "--workers"),
+        ("--grpc-server-", "--cert and --key"),
+        ("--grpc-use-ssl", "--cert and --key"),
+        ("--grpc-root-cert", "--cert and --key"),
+    ];
+    for f in &args.gateway_flag {
+        if let Some((_, instead)) = OWN.iter().find(|(own, _)| f.starts_with(own)) {
+            stop_all(&mut workers).await;
+            anyhow::bail!("--gateway-flag {f}: up sets this itself; use {instead}");
+        }
+    }
+    let gateway_args = [
         "infermesh-gateway".to_string(),
         "--workers".into(),
         addrs.join(","),
         "--shutdown-grace".into(),
         "0s".into(),
-    ])?;
+    ]
+    .into_iter()
+    .chain(args.gateway_flag.iter().cloned());
+    let config = match GatewayConfig::try_parse_from(gateway_args) {
+        Ok(c) => c,
+        Err(e) => {
+            stop_all(&mut workers).await;
+            anyhow::bail!("--gateway-flag: {}", e.render().to_string().trim());
+        }
+    };
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
@@ -409,7 +442,15 @@ async fn stop_all(workers: &mut [Worker]) {
 async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(ch) = crate::conn::connect(&mesh.url, &mesh.conn).await {
+        let connected = crate::conn::connect(&mesh.url, &mesh.conn).await;
+        // A certificate this client will never trust does not get better by waiting.
+        if let Err(e) = &connected {
+            let text = format!("{e:#}");
+            if let Some(hint) = crate::conn::tls_hint(&text) {
+                anyhow::bail!("{text}\nhint: {hint}");
+            }
+        }
+        if let Ok(ch) = connected {
             let mut c =
                 infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
             if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
