@@ -482,3 +482,38 @@ async fn config_fields_that_would_change_answers_are_refused_by_name() {
     assert_eq!(row("cached").2, "READY");
     worker.stop().await.unwrap();
 }
+
+/// model_warmup runs each sample `count` times on every instance before READY (counted);
+/// a sample that cannot run fails the load with its reason.
+#[tokio::test]
+async fn model_warmup_runs_before_ready_and_a_failing_sample_fails_the_load() {
+    let warm = r#"instance_group [ { count: 2 kind: KIND_CPU } ]
+model_warmup [
+  { name: "zeros" batch_size: 1 count: 3 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } },
+  { name: "noise" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] random_data: true } } },
+  { name: "file" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "four_floats" } } }
+]"#;
+    let missing = r#"model_warmup [ { name: "gone" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "nope" } } } ]"#;
+    let repo = Repo::new()
+        .identity("warm", &identity_config(warm, "[ 4 ]"))
+        .identity("cold", &identity_config(missing, "[ 4 ]"));
+    std::fs::create_dir_all(repo.path().join("warm/warmup")).unwrap();
+    std::fs::write(repo.path().join("warm/warmup/four_floats"), [0u8; 16]).unwrap();
+    let worker = Worker::start(repo.path(), &[]).await;
+    // 2 instances × (3 + 1 + 1) runs.
+    assert_eq!(
+        worker
+            .metric("infermesh_warmup_runs_total{model=\"warm\",version=\"1\"}")
+            .await,
+        Some(10.0)
+    );
+    let mut c = worker.client().await;
+    let idx = index(&mut c).await;
+    let cold = idx.iter().find(|m| m.0 == "cold").unwrap();
+    assert_eq!(cold.2, "UNAVAILABLE");
+    assert!(
+        cold.3.contains("model_warmup[0] 'gone'") && cold.3.contains("cannot read"),
+        "{cold:?}"
+    );
+    worker.stop().await.unwrap();
+}

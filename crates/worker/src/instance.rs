@@ -19,6 +19,7 @@ use crate::{
 pub fn spawn<E, F>(
     label: String,
     load: F,
+    samples: Arc<Vec<crate::warmup::Sample>>,
     jobs: Receiver<Batch>,
     stats: Arc<Stats>,
 ) -> Result<(GraphSpec, Provider), Error>
@@ -31,7 +32,10 @@ where
         .name(label)
         .spawn(move || {
             let mut engine = match load().and_then(|(mut engine, spec)| {
-                warm_up(&mut engine, &spec)?;
+                match samples.is_empty() {
+                    true => warm_up(&mut engine, &spec)?,
+                    false => run_samples(&mut engine, &spec, &samples, &stats)?,
+                }
                 Ok((engine, spec))
             }) {
                 Ok((engine, spec)) => {
@@ -176,6 +180,26 @@ fn pick(mut outputs: Vec<Tensor>, asked: &[String]) -> Vec<Tensor> {
                 .map(|i| outputs.swap_remove(i))
         })
         .collect()
+}
+
+/// The config's `model_warmup` samples, each `count` times (counted in
+/// `infermesh_warmup_runs_total`); one that fails fails the load with its reason.
+fn run_samples<E: Engine>(
+    engine: &mut E,
+    spec: &GraphSpec,
+    samples: &[crate::warmup::Sample],
+    stats: &Stats,
+) -> Result<(), Error> {
+    let outputs: Vec<String> = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    for sample in samples {
+        for _ in 0..sample.count {
+            engine
+                .run(&sample.inputs, &outputs)
+                .map_err(|e| Error::Load(format!("model_warmup '{}' failed: {e}", sample.name)))?;
+            stats.metrics.warmup_runs.inc();
+        }
+    }
+    Ok(())
 }
 
 /// One run on zeros (batch 1, open dims 1) before the model reports READY, so the first

@@ -14,6 +14,7 @@ pub mod repository;
 pub mod scheduler;
 pub mod service;
 pub mod stats;
+pub mod warmup;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 

@@ -61,6 +61,7 @@ pub struct WorkerMetrics {
     pub inflight_bytes: Gauge,
     pub repository_poll_failures: Counter,
     pub update_failures: Counter,
+    pub warmup_runs: Family<ModelLabels, Counter>,
 }
 
 impl WorkerMetrics {
@@ -80,6 +81,7 @@ impl WorkerMetrics {
             inflight_bytes: Gauge::default(),
             repository_poll_failures: Counter::default(),
             update_failures: Counter::default(),
+            warmup_runs: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(
@@ -152,6 +154,11 @@ impl WorkerMetrics {
             "Model versions or configs that failed to load (at start or in an update); a failed update leaves the versions that were serving in service",
             m.update_failures.clone(),
         );
+        r.register(
+            "warmup_runs",
+            "model_warmup samples run before a version turned READY (each instance, each count)",
+            m.warmup_runs.clone(),
+        );
         m
     }
 
@@ -200,6 +207,7 @@ impl WorkerMetrics {
             instances_busy: self.instances_busy.get_or_create(&l).clone(),
             skipped_cancelled: skipped("CANCELLED"),
             skipped_expired: skipped("DEADLINE_EXCEEDED"),
+            warmup_runs: self.warmup_runs.get_or_create(&l).clone(),
         }
     }
 
@@ -227,6 +235,7 @@ pub struct ModelMetrics {
     pub instances_busy: Gauge,
     pub skipped_cancelled: Counter,
     pub skipped_expired: Counter,
+    pub warmup_runs: Counter,
 }
 
 impl Default for ModelMetrics {
@@ -240,6 +249,7 @@ impl Default for ModelMetrics {
             instances_busy: Gauge::default(),
             skipped_cancelled: Counter::default(),
             skipped_expired: Counter::default(),
+            warmup_runs: Counter::default(),
         }
     }
 }

@@ -98,6 +98,9 @@ impl Model {
         let stats = Arc::new(Stats::new(
             opts.defaults.metrics.model(&opts.name, opts.version),
         ));
+        // The model directory (the version's parent) holds warmup/ files.
+        let model_dir = opts.path.parent().unwrap_or(&opts.path);
+        let samples = Arc::new(crate::warmup::samples(&config, model_dir)?);
         let mut graph = None;
         let mut providers = Vec::with_capacity(devices.len());
         for (i, device) in devices.iter().enumerate() {
@@ -114,6 +117,7 @@ impl Model {
                     instance::spawn(
                         label,
                         move || OnnxEngine::load(&path, &session),
+                        samples.clone(),
                         jobs,
                         stats,
                     )?
@@ -121,7 +125,8 @@ impl Model {
                 Backend::Identity => {
                     let spec = model_config::identity_graph(&config)?;
                     let engine = IdentityEngine::new(&config)?;
-                    instance::spawn(label, move || Ok((engine, spec)), jobs, stats)?
+                    let samples = samples.clone();
+                    instance::spawn(label, move || Ok((engine, spec)), samples, jobs, stats)?
                 }
             };
             graph.get_or_insert(spec);

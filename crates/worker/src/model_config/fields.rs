@@ -38,7 +38,7 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("cc_model_filenames", Refused, "per-GPU model files are not chosen"),
     ("metric_tags", Refused, "metrics carry no custom labels"),
     ("parameters", Honoured, "the identity backend's delay_ms, failure_rate and crash parameters; refused for ONNX models"),
-    ("model_warmup", Refused, "warmup samples are not run yet"),
+    ("model_warmup", Honoured, "zero_data, random_data and input_data_file (from the model's warmup/ directory) samples, `count` times on every instance before READY; a failed sample fails the load"),
     ("model_operations", Refused, "custom operator libraries are not loaded"),
     ("model_transaction_policy", Honoured, "decoupled: false; decoupled: true is refused"),
     ("model_repository_agents", Refused, "repository agents (checksum, decryption) do not run"),
@@ -190,10 +190,6 @@ mod tests {
         for (text, names) in [
             ("sequence_batching {}", "sequence_batching"),
             ("ensemble_scheduling { step [] }", "ensemble_scheduling"),
-            (
-                "model_warmup [ { name: \"w\" batch_size: 1 } ]",
-                "model_warmup",
-            ),
             (
                 "instance_group [ { count: 1 rate_limiter { priority: 1 } } ]",
                 "instance_group[0].rate_limiter",
