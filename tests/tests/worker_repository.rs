@@ -517,3 +517,38 @@ model_warmup [
     );
     worker.stop().await.unwrap();
 }
+
+/// Explicit mode: a Load that finds a corrupt new version answers its failure, and the
+/// version that was serving stays in service.
+#[tokio::test]
+async fn an_explicit_load_of_a_corrupt_version_keeps_the_serving_one() {
+    let repo = Repo::new().onnx("digits", "digits", "");
+    let worker = Worker::start(
+        repo.path(),
+        &["--model-control-mode", "explicit", "--load-model", "*"],
+    )
+    .await;
+    let mut c = worker.client().await;
+    let model = std::fs::read(infermesh_tests::models().join("digits/1/model.onnx")).unwrap();
+    std::fs::create_dir_all(repo.path().join("digits/2")).unwrap();
+    std::fs::write(
+        repo.path().join("digits/2/model.onnx"),
+        &model[..model.len() / 3],
+    )
+    .unwrap();
+    let err = c.repository_model_load(load("digits")).await.unwrap_err();
+    assert!(err.message().contains("model.onnx"), "{err:?}");
+    let r = c
+        .model_infer(digits("digits", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.model_version, "1", "version 1 still serves");
+    let idx = index(&mut c).await;
+    assert!(
+        idx.iter()
+            .any(|m| m.0 == "digits" && m.1 == "1" && m.2 == "READY"),
+        "{idx:?}"
+    );
+    worker.stop().await.unwrap();
+}
