@@ -28,7 +28,7 @@ from conftest import HOSTILE, Gateway, Worker  # noqa: E402
 from test_connections import connect, headers, poll, refused  # noqa: E402
 from test_fuzz import SEED, mutants  # noqa: E402
 from test_hostile import bytes_elements, raw_request  # noqa: E402
-from test_trust import call_headers, half_settings  # noqa: E402
+from test_trust import call_headers, half_settings, hasty  # noqa: E402
 
 MiB = 1 << 20
 
@@ -200,23 +200,14 @@ def main():
             except Exception:  # noqa: BLE001 - dropped or reset: start another
                 stop.wait(1)
 
-    def hasty():
-        c = grpcclient.InferenceServerClient(gateway.url)
+    def hasty_caller():
         x = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
         x.set_data_from_numpy(np.ones((1, 4), np.float32))
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                c.infer("vec_fp32", [x], client_timeout=[0.001, 0.002, 0.005][n % 3])
-            except Exception:  # noqa: BLE001 - DEADLINE_EXCEEDED is theirs to get
-                pass
-            count("hasty")
-        c.close()
+        hasty(gateway.url, "vec_fp32", x, stop, [0.001, 0.002, 0.005], count=lambda: count("hasty"))
 
     threads = [threading.Thread(target=good, args=(i % 2 == 1,)) for i in range(4)]
     threads += [threading.Thread(target=f) for f in (fuzz, slow_sender, half_prefaces, small_floods,
-                                                       half_settings_conns, trickle, hasty)]
+                                                       half_settings_conns, trickle, hasty_caller)]
     start = time.monotonic()
     cpu0 = {k: cpu_s(p.proc.pid) for k, p in procs.items()}
     for t in threads:

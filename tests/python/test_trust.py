@@ -187,6 +187,22 @@ def test_the_health_port_caps_connections_per_peer():
         assert w.stop() == 0
 
 
+def hasty(url, model, x, stop, deadlines, count=None):
+    """Calls `model` with `x` under each of `deadlines` (seconds) in turn until `stop` is
+    set; its own failures (DEADLINE_EXCEEDED) are expected and ignored."""
+    c = grpcclient.InferenceServerClient(url)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            c.infer(model, [x], client_timeout=deadlines[n % len(deadlines)])
+        except Exception:  # noqa: BLE001 - DEADLINE_EXCEEDED is theirs to get
+            pass
+        if count:
+            count()
+    c.close()
+
+
 def test_the_ejection_counter_ignores_attempts_cut_by_short_client_deadlines(tmp_path):
     """Callers with 2-5 ms deadlines on a model that takes 2 ms, beside a good client with
     none: half of such a deadline is below the worker's own attempt bound (200 ms at
@@ -204,18 +220,8 @@ def test_the_ejection_counter_ignores_attempts_cut_by_short_client_deadlines(tmp
         x.set_data_from_numpy(np.ones(4, np.float32))
         stop, failures = threading.Event(), []
 
-        def hasty():
-            c = grpcclient.InferenceServerClient(g.url)
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    c.infer("slow", [x], client_timeout=[0.002, 0.003, 0.005][n % 3])
-                except Exception:  # noqa: BLE001 - DEADLINE_EXCEEDED is theirs to get
-                    pass
-            c.close()
-
-        threads = [threading.Thread(target=hasty) for _ in range(2)]
+        threads = [threading.Thread(target=hasty, args=(g.url, "slow", x, stop, [0.002, 0.003, 0.005]))
+                   for _ in range(2)]
         for t in threads:
             t.start()
         good = grpcclient.InferenceServerClient(g.url)

@@ -32,6 +32,20 @@ fn digits(model: &str, version: &str) -> infermesh_proto::ModelInferRequest {
     r
 }
 
+/// A worker rescanning `repo` every 100 ms.
+async fn polling(repo: &Repo) -> Worker {
+    Worker::start(
+        repo.path(),
+        &[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-secs",
+            "0.1",
+        ],
+    )
+    .await
+}
+
 fn load(name: &str) -> RepositoryModelLoadRequest {
     RepositoryModelLoadRequest {
         model_name: name.into(),
@@ -220,16 +234,7 @@ async fn explicit_model_control_loads_and_unloads_on_request() {
 async fn poll_mode_picks_up_a_new_version_without_failing_requests() {
     let config = identity_config(&delay_ms(5), "[ 4 ]");
     let repo = Repo::new().identity("p", &config);
-    let worker = Worker::start(
-        repo.path(),
-        &[
-            "--model-control-mode",
-            "poll",
-            "--repository-poll-secs",
-            "0.1",
-        ],
-    )
-    .await;
+    let worker = polling(&repo).await;
     let client = worker.client().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -344,16 +349,7 @@ async fn identity_backend_echoes_and_fails_as_configured() {
 #[tokio::test]
 async fn a_bad_update_never_takes_the_serving_version_down() {
     let repo = Repo::new().onnx("digits", "digits", "");
-    let worker = Worker::start(
-        repo.path(),
-        &[
-            "--model-control-mode",
-            "poll",
-            "--repository-poll-secs",
-            "0.1",
-        ],
-    )
-    .await;
+    let worker = polling(&repo).await;
     let client = worker.client().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load: Vec<_> = (0..2)

@@ -51,16 +51,8 @@ enum Command {
     Unload(control::ControlArgs),
 }
 
-/// A user's error is one line (its causes joined by ": "), never a backtrace, whatever
-/// RUST_BACKTRACE says; exit status 1.
 fn main() -> std::process::ExitCode {
-    match main_result() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    infermesh_core::exit(main_result())
 }
 
 fn main_result() -> anyhow::Result<()> {

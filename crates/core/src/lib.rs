@@ -43,6 +43,18 @@ pub use infermesh_proto as __proto;
 #[doc(hidden)]
 pub use tonic as __tonic;
 
+/// How every binary ends: exit status 0, or 1 with the error on one line (its causes
+/// joined by ": "), never a backtrace, whatever RUST_BACKTRACE says.
+pub fn exit<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// `--version` of every binary: the package version and the git revision it was built
 /// from ("unknown" when built without `.git` and without `INFERMESH_GIT_REV`).
 pub const VERSION: &str = concat!(

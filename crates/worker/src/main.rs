@@ -2,16 +2,8 @@ use clap::Parser;
 use infermesh_core::serve;
 use infermesh_worker::WorkerConfig;
 
-/// A user's error is one line (its causes joined by ": "), never a backtrace, whatever
-/// RUST_BACKTRACE says; exit status 1.
 fn main() -> std::process::ExitCode {
-    match main_result() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    infermesh_core::exit(main_result())
 }
 
 fn main_result() -> anyhow::Result<()> {
