@@ -32,6 +32,29 @@ fn digits(model: &str, version: &str) -> infermesh_proto::ModelInferRequest {
     r
 }
 
+/// Two callers asking `digits` for version "" until `stop`; each panics on a failed
+/// request and returns how many it sent.
+fn digits_load(
+    client: &Client,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<u32>> {
+    (0..2)
+        .map(|_| {
+            let (mut c, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !*stop.borrow() {
+                    c.model_infer(digits("digits", ""))
+                        .await
+                        .expect("no request fails during a bad update");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect()
+}
+
 /// A worker rescanning `repo` every 100 ms.
 async fn polling(repo: &Repo) -> Worker {
     Worker::start(
@@ -352,21 +375,7 @@ async fn a_bad_update_never_takes_the_serving_version_down() {
     let worker = polling(&repo).await;
     let client = worker.client().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load: Vec<_> = (0..2)
-        .map(|_| {
-            let (mut c, stop) = (client.clone(), stop_rx.clone());
-            tokio::spawn(async move {
-                let mut n = 0;
-                while !*stop.borrow() {
-                    c.model_infer(digits("digits", ""))
-                        .await
-                        .expect("no request fails during a bad update");
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let load = digits_load(&client, &stop_rx);
     let mut c = client.clone();
     let wait_for = |what: &'static str, want: Box<dyn Fn(&Index) -> bool>| {
         let mut c = client.clone();
@@ -525,6 +534,8 @@ async fn an_explicit_load_of_a_corrupt_version_keeps_the_serving_one() {
     )
     .await;
     let mut c = worker.client().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let callers = digits_load(&c, &stop_rx);
     let model = std::fs::read(infermesh_tests::models().join("digits/1/model.onnx")).unwrap();
     std::fs::create_dir_all(repo.path().join("digits/2")).unwrap();
     std::fs::write(
@@ -534,6 +545,13 @@ async fn an_explicit_load_of_a_corrupt_version_keeps_the_serving_one() {
     .unwrap();
     let err = c.repository_model_load(load("digits")).await.unwrap_err();
     assert!(err.message().contains("model.onnx"), "{err:?}");
+    stop_tx.send(true).unwrap();
+    for l in callers {
+        assert!(
+            l.await.unwrap() > 0,
+            "requests were served while the Load failed"
+        );
+    }
     let r = c
         .model_infer(digits("digits", ""))
         .await
