@@ -286,3 +286,38 @@ async fn the_default_queue_timeout_bounds_requests_without_a_deadline() {
         "the running request is not affected"
     );
 }
+
+/// A sub-millisecond max_queue_delay_microseconds means what it says: with 200 µs and
+/// batches that cannot fill (one caller), a request waits in the queue about 200 µs, not
+/// the millisecond tokio's timer would round it up to. Read from the worker's own queue
+/// statistics (nanoseconds), with a generous bound.
+#[tokio::test]
+async fn a_sub_millisecond_queue_delay_is_honoured() {
+    let config = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 200 }";
+    let repo = Repo::new().identity(
+        "delayed",
+        &format!("backend: \"identity\"\n{config}\ninput [ {{ name: \"INPUT0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\noutput [ {{ name: \"OUTPUT0\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n"),
+    );
+    let worker = Worker::start(repo.path(), &[]).await;
+    let mut client = worker.client().await;
+    let n = 100;
+    for _ in 0..n {
+        client
+            .model_infer(request(
+                "delayed",
+                vec![raw("INPUT0", "FP32", &[1, 4], f32s(&[1.0; 4]))],
+            ))
+            .await
+            .unwrap();
+    }
+    let s = stats(&mut client, "delayed").await;
+    let queue = s.inference_stats.unwrap().queue.unwrap();
+    assert_eq!(queue.count, n);
+    let mean_us = queue.ns as f64 / queue.count as f64 / 1000.0;
+    assert!(
+        mean_us < 700.0,
+        "a request waited {mean_us:.0} µs in the queue on average with a 200 µs delay"
+    );
+    assert!(mean_us >= 150.0, "the delay was waited: {mean_us:.0} µs");
+    worker.stop().await.unwrap();
+}

@@ -158,6 +158,10 @@ struct Batcher {
     closed: bool,
 }
 
+/// The granularity of tokio's timer: a sleep ends on the first tick at or after its
+/// deadline.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// Sleeps until `t`, or forever when there is none.
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
@@ -246,12 +250,20 @@ impl Batcher {
                     return;
                 }
                 Plan::Wait(until) => {
-                    tokio::select! {
-                        p = self.rx.recv(), if !self.closed => match p {
-                            Some(p) => self.queue.push_back(p),
-                            None => self.closed = true,
+                    // tokio's timer ticks in whole milliseconds and rounds up: a 200 µs
+                    // queue delay would wait a millisecond or more. So the timer is used
+                    // only to within a tick of `until`, and the rest of the wait yields to
+                    // the runtime between looks at the queue and the clock.
+                    let coarse = until.checked_sub(TIMER_TICK);
+                    match coarse.filter(|c| *c > Instant::now()) {
+                        Some(coarse) => tokio::select! {
+                            p = self.rx.recv(), if !self.closed => match p {
+                                Some(p) => self.queue.push_back(p),
+                                None => self.closed = true,
+                            },
+                            () = tokio::time::sleep_until(coarse.into()) => {}
                         },
-                        () = tokio::time::sleep_until(until.into()) => {}
+                        None => tokio::task::yield_now().await,
                     }
                 }
             }
