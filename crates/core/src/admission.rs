@@ -168,16 +168,18 @@ impl ByteBudget {
         }))
     }
 
-    /// A share of this budget of at most `limit` bytes (0: no bound of its own): what it
-    /// holds counts here too.
-    pub fn share(&self, limit: usize, what: &'static str) -> Self {
-        Self(Arc::new(Level {
-            limit: AtomicUsize::new(limit),
+    /// A share of this budget: at most `fraction` of its limit (see
+    /// [`ByteBudget::set_fraction`]); what it holds counts here too.
+    pub fn share(&self, fraction: f64, what: &'static str) -> Self {
+        let share = Self(Arc::new(Level {
+            limit: AtomicUsize::new(0),
             used: AtomicUsize::new(0),
             freed: Freed::default(),
             what,
             parent: Some(self.0.clone()),
-        }))
+        }));
+        share.set_fraction(fraction);
+        share
     }
 
     /// Bounds this share at `fraction` of its parent's limit (none when the parent has

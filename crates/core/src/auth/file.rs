@@ -60,6 +60,22 @@ impl Limits {
         self.max_inflight_share.unwrap_or(DEFAULT_SHARE)
     }
 
+    /// Whether `other` sets the same quotas (rate, burst, concurrency, small calls): the
+    /// byte share is not part of it, it changes in place.
+    pub fn same_quota(&self, other: &Limits) -> bool {
+        (
+            self.requests_per_second,
+            self.burst,
+            self.max_concurrent,
+            self.small_calls_per_second,
+        ) == (
+            other.requests_per_second,
+            other.burst,
+            other.max_concurrent,
+            other.small_calls_per_second,
+        )
+    }
+
     pub fn small_calls(&self) -> Option<f64> {
         self.small_calls_per_second
             .or(self.requests_per_second.map(|r| r * 10.0))

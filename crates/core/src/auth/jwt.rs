@@ -43,7 +43,8 @@ struct Claims {
     exp: u64,
 }
 
-fn now_s() -> u64 {
+/// Seconds since the Unix epoch, as `exp` and `nbf` count them.
+pub(super) fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -111,17 +111,7 @@ impl Tenants {
                 .map(|t| {
                     let same_name =
                         before.and_then(|b| b.0.iter().find(|o| o.spec.name == t.spec.name));
-                    // The share is not part of the quota: it changes in place.
-                    let kept = same_name.filter(|o| {
-                        let (a, b) = (&o.spec.limits, &t.spec.limits);
-                        file::Limits {
-                            max_inflight_share: None,
-                            ..a.clone()
-                        } == file::Limits {
-                            max_inflight_share: None,
-                            ..b.clone()
-                        }
-                    });
+                    let kept = same_name.filter(|o| o.spec.limits.same_quota(&t.spec.limits));
                     // Bytes held across a reload still count against the tenant.
                     let share = std::sync::OnceLock::new();
                     if let Some(held) = same_name.and_then(|o| o.share.get()) {
@@ -314,12 +304,6 @@ enum Credential {
     Jwt { token: Arc<str>, exp: u64 },
 }
 
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Absolute paths (a word starting with '/' that has another '/') become "<path>".
 fn scrub_paths(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -382,7 +366,7 @@ impl Caller {
     pub fn refresh(&mut self) -> Result<(), Status> {
         if let Credential::Jwt { exp, .. } = &self.credential {
             let leeway = self.auth.jwt.as_ref().map_or(0, jwt::Jwt::leeway);
-            if now_s() > exp.saturating_add(leeway) {
+            if jwt::now_s() > exp.saturating_add(leeway) {
                 self.auth.deny(self.tenant(), "expired");
                 return Err(Status::unauthenticated(
                     "authorization: the token this stream was opened with has expired",
@@ -415,11 +399,7 @@ impl Caller {
     pub fn share(&self, process: &crate::admission::ByteBudget) -> crate::admission::ByteBudget {
         self.tenant
             .share
-            .get_or_init(|| {
-                let share = process.share(0, SHARE);
-                share.set_fraction(self.tenant.spec.limits.share());
-                share
-            })
+            .get_or_init(|| process.share(self.tenant.spec.limits.share(), SHARE))
             .clone()
     }
 

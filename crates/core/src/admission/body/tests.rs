@@ -222,9 +222,10 @@ async fn a_message_trickled_below_the_minimum_rate_is_dropped() {
 #[tokio::test]
 async fn a_tenant_over_its_share_is_refused_while_another_is_served() {
     let process = ByteBudget::new(1000);
-    let (alice, bob) = (process.share(0, "alice's share"), process.share(0, "bob"));
-    alice.set_fraction(0.5);
-    bob.set_fraction(0.5);
+    let (alice, bob) = (
+        process.share(0.5, "alice's share"),
+        process.share(0.5, "bob"),
+    );
     let mut l = limits(0, 1 << 20);
     l.budget = alice.clone();
     // alice holds most of her share with a message that has not finished arriving...
