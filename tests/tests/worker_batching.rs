@@ -288,9 +288,10 @@ async fn the_default_queue_timeout_bounds_requests_without_a_deadline() {
 }
 
 /// A sub-millisecond max_queue_delay_microseconds means what it says: with 200 µs and
-/// batches that cannot fill (one caller), a request waits in the queue about 200 µs, not
-/// the millisecond tokio's timer would round it up to. Read from the worker's own queue
-/// statistics (nanoseconds), with a generous bound.
+/// batches that cannot fill (one caller), a request waits in the queue at most about
+/// 200 µs, not the millisecond tokio's timer would round it up to (and, once the lone
+/// caller is recognised, not at all). Read from the worker's own queue statistics
+/// (nanoseconds), with a generous bound.
 #[tokio::test]
 async fn a_sub_millisecond_queue_delay_is_honoured() {
     let config = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 200 }";
@@ -318,6 +319,70 @@ async fn a_sub_millisecond_queue_delay_is_honoured() {
         mean_us < 700.0,
         "a request waited {mean_us:.0} µs in the queue on average with a 200 µs delay"
     );
-    assert!(mean_us >= 150.0, "the delay was waited: {mean_us:.0} µs");
+    worker.stop().await.unwrap();
+}
+
+/// Waiting cannot help a lone caller: after 8 waits in a row that nothing joined, a
+/// request alone in the queue goes at once; requests that arrive together while the
+/// instance is busy are batched again.
+#[tokio::test]
+async fn a_lone_caller_stops_waiting_and_company_is_batched_again() {
+    let config = identity_config(
+        r#"max_batch_size: 8
+dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 20000 }
+parameters { key: "delay_ms" value: { string_value: "50" } }"#,
+        "[ 4 ]",
+    );
+    let repo = Repo::new().identity("lone", &config);
+    let worker = Worker::start(repo.path(), &[]).await;
+    let mut client = worker.client().await;
+    let one = || {
+        request(
+            "lone",
+            vec![raw("INPUT0", "FP32", &[1, 4], f32s(&[1.5; 4]))],
+        )
+    };
+    for _ in 0..8 {
+        client.model_infer(one()).await.unwrap();
+    }
+    let queued = |s: &infermesh_proto::ModelStatistics| {
+        let q = s.inference_stats.unwrap().queue.unwrap();
+        (q.count, Duration::from_nanos(q.ns))
+    };
+    let (count, waited) = queued(&stats(&mut client, "lone").await);
+    assert_eq!(count, 8);
+    assert!(
+        waited >= Duration::from_millis(8 * 20),
+        "the first 8 waited the delay: {waited:?}"
+    );
+    for _ in 0..4 {
+        client.model_infer(one()).await.unwrap();
+    }
+    let (_, after) = queued(&stats(&mut client, "lone").await);
+    let mean = (after - waited) / 4;
+    assert!(
+        mean < Duration::from_millis(5),
+        "a lone request still waited {mean:?} of the 20 ms delay"
+    );
+
+    let before = stats(&mut client, "lone").await.execution_count;
+    let calls = (0..8).map(|_| {
+        let mut c = client.clone();
+        let req = one();
+        tokio::spawn(async move { c.model_infer(req).await })
+    });
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(
+            read_f32(output(&r.unwrap().unwrap().into_inner(), "OUTPUT0")),
+            [1.5; 4]
+        );
+    }
+    let s = stats(&mut client, "lone").await;
+    assert_eq!(s.inference_count, 20);
+    let runs = s.execution_count - before;
+    assert!(
+        runs <= 3,
+        "8 requests arriving together ran in {runs} executions, not batched"
+    );
     worker.stop().await.unwrap();
 }

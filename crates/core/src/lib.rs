@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model_control;
 pub mod panic;
+pub mod precise;
 pub mod process_metrics;
 pub mod reason;
 pub mod serve;

@@ -1,7 +1,10 @@
 //! The per-model scheduler: one bounded queue and one batching task. Requests wait here
 //! until an instance is idle; then the oldest request and the compatible ones behind it
 //! (same inputs and non-batch dims) form a batch up to max_batch_size, preferring
-//! preferred_batch_size and waiting at most max_queue_delay for more. Requests whose
+//! preferred_batch_size and waiting at most max_queue_delay for more (to within tens of
+//! microseconds: see `wait_until`, not tokio's millisecond timer). A lone caller is
+//! not made to wait: after FUTILE_WAITS waits in a row that no request joined, a request
+//! alone in the queue goes at once, until two are queued together again. Requests whose
 //! caller went away or whose deadline passed are dropped before the engine.
 
 use std::{
@@ -83,6 +86,7 @@ impl Scheduler {
             stats: stats.clone(),
             queue: VecDeque::new(),
             closed: false,
+            futile_waits: 0,
         };
         tokio::runtime::Handle::current().spawn(task.run());
         Self {
@@ -156,17 +160,44 @@ struct Batcher {
     stats: Arc<Stats>,
     queue: VecDeque<Pending>,
     closed: bool,
+    /// Waits in a row that ran out with no other request joining.
+    futile_waits: u32,
 }
 
-/// The granularity of tokio's timer: a sleep ends on the first tick at or after its
-/// deadline.
-const TIMER_TICK: Duration = Duration::from_millis(1);
+/// After this many futile waits in a row, a lone request is not made to wait.
+const FUTILE_WAITS: u32 = 8;
 
 /// Sleeps until `t`, or forever when there is none.
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// When one request waits for company, the last stretch of its wait is spent yielding to
+/// the runtime rather than asleep: a thread that keeps polling sees the request that
+/// joins it tens of microseconds sooner than one woken from sleep (on a VM a wake-up is
+/// an interrupt and an exit). With several queued the machine is busy, and the CPU is
+/// better left to the engine; a lone caller never waits at all.
+const SPIN_STRETCH: Duration = Duration::from_micros(200);
+
+/// Waits until `until`: asleep on the precise timer (tokio's would round a 200 µs
+/// delay up to a millisecond or more), then, if `spin`, polling for the last
+/// SPIN_STRETCH.
+async fn wait_until(until: Instant, spin: bool) {
+    let spin_from = if spin {
+        until.checked_sub(SPIN_STRETCH)
+    } else {
+        Some(until)
+    };
+    if let Some(spin_from) = spin_from {
+        if spin_from > Instant::now() {
+            infermesh_core::precise::sleep_until(spin_from).await;
+        }
+    }
+    while Instant::now() < until {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -229,13 +260,19 @@ impl Batcher {
                         items.push(self.queue.remove(i - taken).expect("index in queue"));
                     }
                     self.queued.dec_by(items.len() as i64);
+                    let now = Instant::now();
+                    if let (Some(policy), [only]) = (&self.policy, items.as_slice()) {
+                        if only.enqueued + policy.max_queue_delay <= now {
+                            self.futile_waits = self.futile_waits.saturating_add(1);
+                        }
+                    }
                     items
                         .iter()
                         .filter_map(|p| p.started.as_ref())
                         .for_each(|s| s.set());
                     let batch = Batch {
                         items,
-                        dispatched: Instant::now(),
+                        dispatched: now,
                         slot,
                     };
                     if let Err(e) = self.jobs.send(batch) {
@@ -250,20 +287,12 @@ impl Batcher {
                     return;
                 }
                 Plan::Wait(until) => {
-                    // tokio's timer ticks in whole milliseconds and rounds up: a 200 µs
-                    // queue delay would wait a millisecond or more. So the timer is used
-                    // only to within a tick of `until`, and the rest of the wait yields to
-                    // the runtime between looks at the queue and the clock.
-                    let coarse = until.checked_sub(TIMER_TICK);
-                    match coarse.filter(|c| *c > Instant::now()) {
-                        Some(coarse) => tokio::select! {
-                            p = self.rx.recv(), if !self.closed => match p {
-                                Some(p) => self.queue.push_back(p),
-                                None => self.closed = true,
-                            },
-                            () = tokio::time::sleep_until(coarse.into()) => {}
+                    tokio::select! {
+                        p = self.rx.recv(), if !self.closed => match p {
+                            Some(p) => self.queue.push_back(p),
+                            None => self.closed = true,
                         },
-                        None => tokio::task::yield_now().await,
+                        () = wait_until(until, self.queue.len() == 1) => {}
                     }
                 }
             }
@@ -273,6 +302,9 @@ impl Batcher {
     fn take_arrivals(&mut self) {
         while let Ok(p) = self.rx.try_recv() {
             self.queue.push_back(p);
+        }
+        if self.queue.len() > 1 {
+            self.futile_waits = 0;
         }
     }
 
@@ -332,6 +364,12 @@ impl Batcher {
             return Plan::Now(taken);
         }
         if rows >= policy.max_batch_size {
+            return Plan::Now(taken);
+        }
+        // Waiting cannot help a lone caller: once several waits in a row ran out with no
+        // request joining, a request alone in the queue goes at once, until two are seen
+        // queued together again (take_arrivals).
+        if self.queue.len() == 1 && self.futile_waits >= FUTILE_WAITS {
             return Plan::Now(taken);
         }
         let due = head.enqueued + policy.max_queue_delay;
