@@ -140,6 +140,49 @@ def test_a_stopped_worker_costs_no_request_and_comes_back():
             w.stop()
 
 
+def test_an_ordered_stream_with_timeouts_does_not_stall_behind_a_stopped_worker():
+    """SIGSTOP with keepalive too slow to notice: a stream message's own Triton `timeout`
+    gives its attempt a bound, so a message stuck on the stopped worker is cut and retried
+    on the other one, and the ordered stream goes on instead of waiting for the worker."""
+    import queue
+
+    workers = [Worker("--intra-op-threads", "1"), Worker("--intra-op-threads", "1")]
+    gateway = Gateway(*workers, extra=("--worker-keepalive-interval", "60s",
+                                       "--worker-keepalive-timeout", "60s"))
+    s = json.loads((MODELS / "digits/samples.json").read_text())
+    x = np.array(s["inputs"][:1], dtype=np.float32)
+    got = queue.Queue()
+    c = gateway.client
+    c.start_stream(callback=lambda result, error: got.put((result, error)))
+
+    def send(n):
+        i = grpcclient.InferInput("input", [1, 64], "FP32")
+        i.set_data_from_numpy(x)
+        c.async_stream_infer("digits", [i], request_id=str(n), timeout=5_000_000)  # µs
+
+    try:
+        results = []
+        for n in range(60):  # the gateway learns the model's p99 (32 answers) on both
+            send(n)
+            results.append(got.get(timeout=30))
+        workers[0].proc.send_signal(signal.SIGSTOP)
+        for n in range(60, 100):
+            send(n)
+        # Without a bound the messages on the stopped worker would wait for its 60 s
+        # keepalive; each is cut at its bound (at most half of its 5 s) and retried.
+        results += [got.get(timeout=20) for _ in range(40)]
+    finally:
+        if workers[0].proc.poll() is None:
+            workers[0].proc.send_signal(signal.SIGCONT)
+        c.stop_stream()
+    errors = [str(e) for _, e in results if e is not None]
+    assert errors == [], errors[:3]
+    assert [int(r.get_response().id) for r, _ in results] == list(range(100))
+    assert gateway.stop() == 0
+    for w in workers:
+        assert w.stop() == 0
+
+
 def executions(url):
     c = grpcclient.InferenceServerClient(url)
     return c.get_inference_statistics("digits").model_stats[0].execution_count

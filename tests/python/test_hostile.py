@@ -324,6 +324,12 @@ def test_a_query_of_death_breaks_at_most_two_workers(tmp_path):
         for _ in range(3):
             code, msg = call(g, poison)
             assert code == SC.UNAVAILABLE and "refused" in msg, (code, msg)
+        # On a stream too, with the reason that says never retry it (not model-not-ready).
+        channel, s = stub(g)
+        answers = list(s.ModelStreamInfer(iter([poison]), timeout=30))
+        channel.close()
+        params = answers[0].infer_response.parameters
+        assert answers[0].error_message and params["infermesh_reason"].string_param == "quarantined", answers
         assert alive[0].proc.poll() is None
         # Other requests keep being served by it.
         ok = raw_request("crashy", [("INPUT0", "UINT8", [3])], [b"\x01\x02\x03"])

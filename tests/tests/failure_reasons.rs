@@ -77,3 +77,87 @@ async fn unary_and_stream_failures_carry_their_reason_through_the_gateway() {
     gw.stop().await.unwrap();
     worker.stop().await.unwrap();
 }
+
+/// The failures the gateway makes itself carry their reason as well: a deadline from
+/// Triton's `timeout` parameter (no gRPC deadline, so the answer is the server's, not the
+/// client's own timer) and a tenant over its rate, unary and on a stream.
+#[tokio::test]
+async fn the_gateway_s_own_failures_carry_their_reason() {
+    let repo = Repo::new()
+        .identity("slow", &identity_config(&delay_ms(2000), "[ 4 ]"))
+        .identity("echo", &identity_config("", "[ 4 ]"));
+    let worker = Worker::start(repo.path(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.yaml");
+    std::fs::write(
+        &auth,
+        format!(
+            "tenants:\n  - name: t\n    keys: [\"{}\"]\n    scopes: [infer, read]\n    models: [\"*\"]\n    limits: {{requests_per_second: 1, small_calls_per_second: 1000}}\n",
+            infermesh_core::auth::hash_key("k"),
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::spawn_at(&[worker.addr], &["--auth-config", auth.to_str().unwrap()]).await;
+    let mut client = gw.client().await;
+    infermesh_tests::poll_until("the gateway", || async {
+        let ready = signed(infermesh_proto::ServerReadyRequest {});
+        infermesh_tests::is_ready(&mut client.clone(), ready).await
+    })
+    .await;
+    let timed = || {
+        let mut r = echo("slow", "", &[4]);
+        r.parameters.insert(
+            "timeout".into(),
+            infermesh_proto::InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(100_000)),
+            },
+        );
+        r
+    };
+
+    // One request a second: the first is served or times out, the next is over quota.
+    let first = client.model_infer(signed(timed())).await.unwrap_err();
+    assert_eq!(first.code(), Code::DeadlineExceeded, "{first:?}");
+    assert_eq!(
+        reason::of_status(&first),
+        Some(Reason::Deadline),
+        "{first:?}"
+    );
+    let over = client
+        .model_infer(signed(echo("echo", "", &[4])))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert_eq!(
+        reason::of_status(&over),
+        Some(Reason::OverQuota),
+        "{over:?}"
+    );
+
+    let msgs = futures::stream::iter(vec![echo("echo", "", &[4])]);
+    let mut answers = client
+        .model_stream_infer(signed(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = answers.next().await.unwrap().unwrap();
+    let params = msg.infer_response.unwrap().parameters;
+    assert_eq!(
+        params
+            .get(reason::PARAM)
+            .and_then(|p| p.parameter_choice.clone()),
+        Some(ParameterChoice::StringParam("over-quota".into())),
+        "{}",
+        msg.error_message
+    );
+    gw.stop().await.unwrap();
+    worker.stop().await.unwrap();
+}
+
+/// A request with the test tenant's key.
+fn signed<S>(s: S) -> tonic::Request<S> {
+    let mut r = tonic::Request::new(s);
+    r.metadata_mut()
+        .insert("authorization", "Bearer k".parse().unwrap());
+    r
+}

@@ -54,6 +54,25 @@ pub fn deadline(
     }
 }
 
+/// A request's deadline: `outer` (its call's `grpc-timeout`, or its stream's) or its own
+/// `timeout` parameter counted from `start`, whichever is earlier.
+pub fn of_request(
+    outer: Option<Instant>,
+    req: &infermesh_proto::ModelInferRequest,
+    start: Instant,
+) -> Option<Instant> {
+    let own = req
+        .parameters
+        .get("timeout")
+        .and_then(timeout_param)
+        .filter(|&us| us > 0)
+        .and_then(|us| after(start, Duration::from_micros(us as u64)));
+    match (outer, own) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Triton's `timeout` parameter as microseconds: int64 or uint64 (clamped), else `None`.
 pub fn timeout_param(p: &infermesh_proto::InferParameter) -> Option<i64> {
     use infermesh_proto::infer_parameter::ParameterChoice;
@@ -99,6 +118,37 @@ mod tests {
         // 11,000 years fits an Instant on Linux; the parameter's i64::MAX µs may not.
         let _ = deadline(&md, Some(i64::MAX), t0);
         assert_eq!(after(t0, Duration::MAX), None);
+    }
+
+    #[test]
+    fn a_request_s_own_timeout_and_its_call_s_the_earlier_wins() {
+        use infermesh_proto::{infer_parameter::ParameterChoice, InferParameter};
+        let t0 = Instant::now();
+        let mut req = infermesh_proto::ModelInferRequest::default();
+        assert_eq!(of_request(None, &req, t0), None);
+        let outer = t0 + Duration::from_secs(1);
+        assert_eq!(of_request(Some(outer), &req, t0), Some(outer));
+        let param = |v| InferParameter {
+            parameter_choice: Some(v),
+        };
+        req.parameters.insert(
+            "timeout".into(),
+            param(ParameterChoice::Int64Param(200_000)),
+        );
+        let own = t0 + Duration::from_millis(200);
+        assert_eq!(of_request(None, &req, t0), Some(own));
+        assert_eq!(of_request(Some(outer), &req, t0), Some(own));
+        let sooner = t0 + Duration::from_millis(50);
+        assert_eq!(of_request(Some(sooner), &req, t0), Some(sooner));
+        // Zero, negative or another type: no deadline of its own.
+        for bad in [
+            ParameterChoice::Int64Param(0),
+            ParameterChoice::Int64Param(-5),
+            ParameterChoice::StringParam("100".into()),
+        ] {
+            req.parameters.insert("timeout".into(), param(bad));
+            assert_eq!(of_request(None, &req, t0), None);
+        }
     }
 
     #[test]

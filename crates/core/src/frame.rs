@@ -18,8 +18,8 @@ use crate::{admission::ByteBudget, auth, trace, Lifecycle};
 /// One inference request as the frame hands it to a server.
 pub struct Call {
     pub req: pb::ModelInferRequest,
-    /// From `grpc-timeout` (unary calls); a server applies the request's own `timeout`
-    /// parameter on top (the earlier wins).
+    /// The earlier of the call's `grpc-timeout` (for a stream message, the stream's) and
+    /// the request's own `timeout` parameter (Triton's, in microseconds).
     pub deadline: Option<Instant>,
     /// What goes on to the next hop when this request has no span of its own.
     pub carry: trace::Carry,
@@ -39,7 +39,9 @@ where
     Fut: Future<Output = Result<pb::ModelInferResponse, Status>>,
 {
     lifecycle.admit().map_err(Status::from)?;
-    let deadline = crate::deadline::deadline(req.metadata(), None, Instant::now());
+    let start = Instant::now();
+    let call_deadline = crate::deadline::deadline(req.metadata(), None, start);
+    let deadline = crate::deadline::of_request(call_deadline, req.get_ref(), start);
     let (span, carry) = trace::request(
         "ModelInfer",
         &req.get_ref().model_name,
@@ -82,6 +84,8 @@ where
     Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
 {
     lifecycle.admit().map_err(Status::from)?;
+    // The stream's own deadline bounds every message; a message's `timeout` may be sooner.
+    let stream_deadline = crate::deadline::deadline(req.metadata(), None, Instant::now());
     // Every message is a span of its own under the context the stream was opened with.
     let parent = trace::incoming(req.metadata());
     let caller = auth::caller(&req);
@@ -102,11 +106,12 @@ where
             };
             let (span, carry) = trace::request("ModelStreamInfer", &m.model_name, cx);
             let handle = handle.clone();
+            let deadline = crate::deadline::of_request(stream_deadline, &m, Instant::now());
             async move {
                 let model = m.model_name.clone();
                 let call = Call {
                     req: m,
-                    deadline: None,
+                    deadline,
                     carry,
                     caller: caller.clone(),
                 };

@@ -36,9 +36,13 @@ pub enum Reason {
     Engine,
     /// The request itself is wrong: retrying it anywhere gives the same answer.
     Invalid,
+    /// An identical request broke workers' connections: refused, never to be retried.
+    Quarantined,
+    /// The calling tenant is over one of its quotas (rate, concurrency, small calls).
+    OverQuota,
 }
 
-const ALL: [Reason; 11] = [
+const ALL: [Reason; 13] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -50,6 +54,8 @@ const ALL: [Reason; 11] = [
     Reason::CancelledAfterRun,
     Reason::Engine,
     Reason::Invalid,
+    Reason::Quarantined,
+    Reason::OverQuota,
 ];
 
 impl Reason {
@@ -66,6 +72,8 @@ impl Reason {
             Self::CancelledAfterRun => "cancelled-after-run",
             Self::Engine => "engine",
             Self::Invalid => "invalid",
+            Self::Quarantined => "quarantined",
+            Self::OverQuota => "over-quota",
         }
     }
 

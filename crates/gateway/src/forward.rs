@@ -6,7 +6,7 @@
 
 use std::{future::Future, time::Duration};
 
-use infermesh_core::Error;
+use infermesh_core::{reason, Error, Reason};
 use infermesh_proto as pb;
 use tokio::time::Instant;
 use tonic::Status;
@@ -92,8 +92,10 @@ pub struct Retries<'a> {
 /// What is left of the deadline for the next attempt; DEADLINE_EXCEEDED once it passed.
 pub fn time_left(deadline: Option<Instant>, now: Instant) -> Result<Option<Duration>, Status> {
     match deadline.map(|d| d.saturating_duration_since(now)) {
-        Some(left) if left.is_zero() => Err(Status::deadline_exceeded(
+        Some(left) if left.is_zero() => Err(reason::status(
+            tonic::Code::DeadlineExceeded,
             "deadline passed before a worker answered",
+            Reason::Deadline,
         )),
         left => Ok(left),
     }
@@ -186,12 +188,17 @@ pub async fn forward<M: Mesh>(
         // Our own timeout on the worker call (tonic reports it as CANCELLED): the
         // client's deadline, not the worker's fault.
         if deadline.is_some_and(|d| Instant::now() >= d)
-            && status.code() != tonic::Code::DeadlineExceeded
+            && (status.code() != tonic::Code::DeadlineExceeded
+                || reason::of_status(&status).is_none())
         {
-            return Err(Status::deadline_exceeded(format!(
-                "deadline passed while worker {} was answering",
-                M::addr(&worker)
-            )));
+            return Err(reason::status(
+                tonic::Code::DeadlineExceeded,
+                format!(
+                    "deadline passed while worker {} was answering",
+                    M::addr(&worker)
+                ),
+                Reason::Deadline,
+            ));
         }
         let failure = match timed_out {
             Some(Bound { own: true, .. }) => Failure::TimedOut,
@@ -243,9 +250,13 @@ fn poisoned(
         quarantine_secs = ttl,
         "a request broke {breaks} workers; identical requests are refused",
     );
-    Status::unavailable(format!(
-        "this request broke {breaks} workers (their connections failed while it was on them); identical requests are refused for {ttl}s (fingerprint {fp:016x})"
-    ))
+    reason::status(
+        tonic::Code::Unavailable,
+        format!(
+            "this request broke {breaks} workers (their connections failed while it was on them); identical requests are refused for {ttl}s (fingerprint {fp:016x})"
+        ),
+        Reason::Quarantined,
+    )
 }
 
 #[cfg(test)]

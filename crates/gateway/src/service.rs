@@ -145,11 +145,15 @@ impl GatewayService {
         if self.quarantine.is_active() {
             let fp = self.quarantine.fingerprint(&req, &asked_version);
             if let Some(left) = self.quarantine.refused(fp) {
-                return Err(Status::unavailable(format!(
-                    "request refused: an identical request broke {} workers (fingerprint {fp:016x}); refused for {}s more",
-                    poison::MAX_BREAKS,
-                    left.as_secs()
-                )));
+                return Err(infermesh_core::reason::status(
+                    tonic::Code::Unavailable,
+                    format!(
+                        "request refused: an identical request broke {} workers (fingerprint {fp:016x}); refused for {}s more",
+                        poison::MAX_BREAKS,
+                        left.as_secs()
+                    ),
+                    infermesh_core::Reason::Quarantined,
+                ));
             }
         }
         let mesh = Workers {
@@ -415,7 +419,7 @@ impl GrpcInferenceService for GatewayService {
             let _open = &open; // lives as long as the stream
             let svc = svc.clone();
             async move {
-                svc.infer(call.req, None, call.carry)
+                svc.infer(call.req, call.deadline, call.carry)
                     .await
                     .map_err(|s| svc.scrub(call.caller.as_ref(), s))
             }

@@ -181,10 +181,11 @@ pub async fn send(
     Ok(tokio::time::timeout(left, answer)
         .await
         .unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "deadline passed while worker {} was answering",
-                ep.addr
-            )))
+            Err(infermesh_core::reason::status(
+                Code::DeadlineExceeded,
+                format!("deadline passed while worker {} was answering", ep.addr),
+                infermesh_core::Reason::Deadline,
+            ))
         }))
 }
 

@@ -60,7 +60,7 @@ impl WorkerService {
         let mut record = metrics::RequestRecord::new(|code, version, took| {
             self.metrics.record_request(&model, version, code, took)
         });
-        let result = self.run(req, deadline, record.start()).await;
+        let result = self.run(req, deadline).await;
         match &result {
             Ok(r) => record.finish(tonic::Code::Ok, &r.model_version),
             Err(e) => record.finish(Status::from(e.clone()).code(), ""),
@@ -75,27 +75,17 @@ impl WorkerService {
         result
     }
 
-    /// `infer` without the bookkeeping. Triton's `timeout` parameter (µs) is read here and
-    /// the earlier deadline wins.
+    /// `infer` without the bookkeeping. `deadline` already holds Triton's `timeout`
+    /// parameter (the handler frame's).
     async fn run(
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
-        start: Instant,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
         let size = req.encoded_len();
         let _held = self.budget.acquire(size)?;
         let _bytes = GaugeGuard::new(&self.metrics.inflight_bytes, size as i64);
         let model = self.repo.get(&req.model_name, &req.model_version)?;
-        let timeout = req
-            .parameters
-            .get("timeout")
-            .and_then(infermesh_core::deadline::timeout_param);
-        let param = infermesh_core::deadline::deadline(&Default::default(), timeout, start);
-        let deadline = match (deadline, param) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         let outputs = model
             .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
@@ -220,7 +210,11 @@ impl GrpcInferenceService for WorkerService {
         };
         frame::stream(req, &self.lifecycle, opts, move |call| {
             let svc = svc.clone();
-            async move { svc.infer(call.req, None).await.map_err(Status::from) }
+            async move {
+                svc.infer(call.req, call.deadline)
+                    .await
+                    .map_err(Status::from)
+            }
         })
     }
 

@@ -476,7 +476,11 @@ impl Caller {
                 limits::Over::Concurrency => ("concurrency", "max_concurrent"),
             };
             self.auth.deny(self.tenant(), reason);
-            Status::resource_exhausted(format!("over this tenant's {what}"))
+            crate::reason::status(
+                tonic::Code::ResourceExhausted,
+                format!("over this tenant's {what}"),
+                crate::Reason::OverQuota,
+            )
         })
     }
 
@@ -486,8 +490,10 @@ impl Caller {
             return Ok(());
         }
         self.auth.deny(self.tenant(), "rate");
-        Err(Status::resource_exhausted(
+        Err(crate::reason::status(
+            tonic::Code::ResourceExhausted,
             "over this tenant's small_calls_per_second (metadata, index, statistics and other calls that are not inference)",
+            crate::Reason::OverQuota,
         ))
     }
 
