@@ -47,3 +47,76 @@ pub fn pick(
     };
     Some((chosen.clone(), n > 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{endpoint::fakes, route::route};
+
+    fn target(workers: &[Arc<Endpoint>], version: &str) -> Target {
+        route(workers, "m", version, &Default::default()).unwrap()
+    }
+
+    /// Under paused time: after one slow and one fast round trip, p2c sends everything to
+    /// the fast worker while it has no backlog, and spreads again once its backlog costs
+    /// more.
+    #[tokio::test(start_paused = true)]
+    async fn p2c_prefers_the_faster_and_less_loaded_worker() {
+        let ws = fakes(1, 2, &[("m", &[1])]);
+        let t = target(&ws, "");
+        let slow = ws[0].load.start();
+        let fast = ws[1].load.start();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        drop(fast);
+        tokio::time::advance(Duration::from_millis(49)).await;
+        drop(slow);
+        for _ in 0..100 {
+            assert_eq!(pick(&ws, &t, &[]).unwrap().0.addr, ws[1].addr);
+        }
+        // 60 requests outstanding on the fast one outweigh a 50× slower idle worker.
+        let backlog: Vec<_> = (0..60).map(|_| ws[1].load.start()).collect();
+        assert_eq!(pick(&ws, &t, &[]).unwrap().0.addr, ws[0].addr);
+        drop(backlog);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tried_workers_are_skipped_and_the_fallback_says_whether_one_is_left() {
+        let ws = fakes(1, 3, &[("m", &[1])]);
+        let t = target(&ws, "");
+        let (first, more) = pick(&ws, &t, &[]).unwrap();
+        assert!(more);
+        let mut tried = vec![first.addr.clone()];
+        let (second, more) = pick(&ws, &t, &tried).unwrap();
+        assert!(second.addr != first.addr && more);
+        tried.push(second.addr.clone());
+        let (third, more) = pick(&ws, &t, &tried).unwrap();
+        assert!(
+            !tried.contains(&third.addr) && !more,
+            "the last one: no fallback"
+        );
+        tried.push(third.addr.clone());
+        assert!(pick(&ws, &t, &tried).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_workers_share_the_traffic_and_only_holders_of_the_version_get_it() {
+        let mut ws = fakes(1, 2, &[("m", &[1, 2])]);
+        ws.extend(fakes(3, 1, &[("m", &[1])]));
+        let t = target(&ws, "");
+        assert_eq!(t.version, 2);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..400 {
+            *counts
+                .entry(pick(&ws, &t, &[]).unwrap().0.addr.clone())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(counts.get(&ws[2].addr), None, "127.0.0.3 has no version 2");
+        // A tie between idle workers is a coin toss, not the first one found.
+        for w in &ws[..2] {
+            let n = counts.get(&w.addr).copied().unwrap_or(0);
+            assert!(n > 100, "{} got {n} of 400", w.addr);
+        }
+    }
+}

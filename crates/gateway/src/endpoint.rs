@@ -1,5 +1,6 @@
 //! One worker as the gateway sees it: a lazily connected HTTP/2 channel, its load
-//! estimate, and its readiness and ready (model, version) set, refreshed in the background.
+//! estimate, its readiness and ready (model, version) set refreshed in the background,
+//! its ejection state, and the streams requests travel on to it (`upstream`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,6 +15,8 @@ use infermesh_proto::{
 use tonic::transport::Channel;
 
 use crate::{discovery::Discovered, failure::Failure, load::Load, metrics::WorkerMetrics};
+
+pub mod upstream;
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -46,7 +49,7 @@ pub struct Endpoint {
     /// Attempts that timed out since its last answer.
     timeouts_in_a_row: std::sync::atomic::AtomicU32,
     /// The streams requests travel on to this worker (see `upstream`).
-    pub streams: std::sync::Mutex<Vec<Arc<crate::upstream::Upstream>>>,
+    pub streams: std::sync::Mutex<Vec<Arc<upstream::Upstream>>>,
 }
 
 /// One call in flight to a worker: counted in its load estimate and its gauges until
@@ -182,11 +185,21 @@ impl Endpoint {
 
     /// The newest ready version of `model` here.
     pub fn newest(&self, model: &str) -> Option<i64> {
+        self.newest_except(model, &[])
+    }
+
+    /// The newest ready version of `model` here that is not one of `without`.
+    pub fn newest_except(&self, model: &str, without: &[i64]) -> Option<i64> {
         let seen = self.seen.read().expect("endpoint lock");
         if !seen.ready {
             return None;
         }
-        seen.models.get(model).and_then(|v| v.last().copied())
+        let versions = seen.models.get(model)?;
+        versions
+            .iter()
+            .rev()
+            .find(|v| !without.contains(v))
+            .copied()
     }
 
     pub fn knows(&self, model: &str) -> bool {
@@ -416,6 +429,35 @@ pub fn describe(status: &tonic::Status) -> String {
         source = e.source();
     }
     infermesh_core::text::cap_message(text)
+}
+
+/// Workers for the route and balance tests: ready, with these ready versions of each
+/// model, at 127.0.0.N:9 for N from `first` (discard; the channel is lazy and never
+/// connects).
+#[cfg(test)]
+pub fn fakes(first: usize, n: usize, models: &[(&str, &[i64])]) -> Vec<Arc<Endpoint>> {
+    (first..first + n)
+        .map(|i| {
+            let ep = Endpoint::new(
+                format!("127.0.0.{i}:9").as_str(),
+                &Default::default(),
+                Default::default(),
+            )
+            .unwrap();
+            let versions: BTreeMap<String, BTreeSet<i64>> = models
+                .iter()
+                .map(|(m, v)| (m.to_string(), v.iter().copied().collect()))
+                .collect();
+            ep.set_seen(Seen {
+                ready: true,
+                models: versions.clone(),
+                known: versions.keys().cloned().collect(),
+                versions,
+                problem: None,
+            });
+            ep
+        })
+        .collect()
 }
 
 #[cfg(test)]

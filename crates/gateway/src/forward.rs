@@ -21,17 +21,20 @@ use crate::{
     route::Target,
 };
 
-/// What forwarding needs from the mesh: the gateway's is its pool of workers; tests use
-/// fakes.
+/// What forwarding needs from the mesh: the gateway's is its pool of workers (`mesh`);
+/// tests use fakes.
 pub trait Mesh {
     type Worker;
-    /// Route, then balance: the target and a worker for it, not one of `tried`.
-    fn choose(
-        &self,
-        model: &str,
-        version: &str,
-        tried: &[String],
-    ) -> Result<Chosen<Self::Worker>, Error>;
+    /// Route: the request's target, once per request.
+    fn route(&self, model: &str, version: &str) -> Result<Target, Error>;
+    /// For a request that named no version, once no worker is left for `target`'s: its
+    /// next version, leaving out `without`; `None` for a named version.
+    fn reroute(&self, target: &Target, without: &[i64]) -> Option<Target>;
+    /// Balance: a worker for the target, not one of `tried`, and whether another untried
+    /// one could take it too.
+    fn balance(&self, target: &Target, tried: &[String]) -> Option<(Self::Worker, bool)>;
+    /// Why no worker can take the target (when no attempt said more).
+    fn no_worker(&self, target: &Target) -> Error;
     fn addr(worker: &Self::Worker) -> &str;
     /// One attempt on `worker`, bounded by `left`. `n` counts attempts from 1.
     fn attempt(
@@ -71,15 +74,6 @@ pub fn attempt_bound(left: Option<Duration>, p99: Option<Duration>) -> Option<Bo
         after: (left / 2).min(own),
         own: own <= left / 2,
     })
-}
-
-/// What route and balance chose for one attempt.
-pub struct Chosen<W> {
-    pub target: Target,
-    pub worker: W,
-    /// Another untried worker could take the target too (so an attempt may be cut
-    /// short and retried there).
-    pub fallback: bool,
 }
 
 /// The shared state retries draw on.
@@ -133,7 +127,9 @@ pub fn decide(
 }
 
 /// Forwards `req` (its version already taken into `version`) until an answer, a final
-/// failure, or no worker is left to try.
+/// failure, or no worker is left to try. Routed once; routed again only when no worker is
+/// left for the version a request that named none was given (never to a version a named
+/// request must not reach).
 pub async fn forward<M: Mesh>(
     mesh: &M,
     retries: &Retries<'_>,
@@ -141,19 +137,20 @@ pub async fn forward<M: Mesh>(
     version: &str,
     deadline: Option<Instant>,
 ) -> Result<pb::ModelInferResponse, Status> {
+    let mut target = mesh.route(&req.model_name, version)?;
     let mut tried: Vec<String> = Vec::new();
+    let mut given_up: Vec<i64> = Vec::new();
     let mut last: Option<Status> = None;
     let mut breaks = 0;
     loop {
-        let Chosen {
-            target,
-            worker,
-            fallback,
-        } = match (mesh.choose(&req.model_name, version, &tried), last) {
-            (Ok(chosen), _) => chosen,
+        let Some((worker, fallback)) = mesh.balance(&target, &tried) else {
+            given_up.push(target.version);
+            if let Some(next) = mesh.reroute(&target, &given_up) {
+                target = next;
+                continue;
+            }
             // Nobody left to try: the last failure says more than "no worker".
-            (Err(_), Some(status)) => return Err(status),
-            (Err(e), None) => return Err(e.into()),
+            return Err(last.unwrap_or_else(|| mesh.no_worker(&target).into()));
         };
         let left = time_left(deadline, Instant::now())?;
         // A bound shorter than the deadline only where another worker could take over.

@@ -1,4 +1,5 @@
-//! Each model's recent answer times through the gateway, for the per-attempt timeout:
+//! Each model version's recent answer times through the gateway, for the per-attempt
+//! timeout (a new version may be slower or faster than the one it replaces):
 //! the last `WINDOW` successful attempts, their 99th percentile recomputed every
 //! `EVERY` answers and read without a lock.
 
@@ -27,24 +28,31 @@ struct Model {
 
 #[derive(Default)]
 pub struct Latencies {
-    models: RwLock<HashMap<String, Arc<Model>>>,
+    /// By model, then version.
+    models: RwLock<HashMap<String, HashMap<i64, Arc<Model>>>>,
 }
 
 impl Latencies {
-    /// The model's recent 99th percentile, once enough answers have been seen.
-    pub fn p99(&self, model: &str) -> Option<Duration> {
+    /// The model version's recent 99th percentile, once enough answers have been seen.
+    pub fn p99(&self, model: &str, version: i64) -> Option<Duration> {
         let models = self.models.read().expect("latency lock");
-        let us = models.get(model)?.p99_us.load(Ordering::Relaxed);
+        let us = models
+            .get(model)?
+            .get(&version)?
+            .p99_us
+            .load(Ordering::Relaxed);
         (us > 0).then(|| Duration::from_micros(us))
     }
 
-    /// One successful attempt for `model` (a model some worker serves: names are bounded).
-    pub fn observe(&self, model: &str, took: Duration) {
+    /// One successful attempt for a model version some worker serves (so names and
+    /// versions are bounded).
+    pub fn observe(&self, model: &str, version: i64, took: Duration) {
         let entry = self
             .models
             .read()
             .expect("latency lock")
             .get(model)
+            .and_then(|v| v.get(&version))
             .cloned();
         let entry = match entry {
             Some(e) => e,
@@ -53,6 +61,8 @@ impl Latencies {
                 .write()
                 .expect("latency lock")
                 .entry(model.to_string())
+                .or_default()
+                .entry(version)
                 .or_default()
                 .clone(),
         };
@@ -83,15 +93,16 @@ mod tests {
     fn the_percentile_needs_enough_answers_and_follows_the_recent_ones() {
         let l = Latencies::default();
         for _ in 0..MIN_SAMPLES - 1 {
-            l.observe("m", Duration::from_millis(2));
+            l.observe("m", 1, Duration::from_millis(2));
         }
-        assert_eq!(l.p99("m"), None, "too few answers to trust");
-        l.observe("m", Duration::from_millis(2));
-        assert_eq!(l.p99("m"), Some(Duration::from_millis(2)));
+        assert_eq!(l.p99("m", 1), None, "too few answers to trust");
+        l.observe("m", 1, Duration::from_millis(2));
+        assert_eq!(l.p99("m", 1), Some(Duration::from_millis(2)));
         for _ in 0..WINDOW {
-            l.observe("m", Duration::from_millis(40));
+            l.observe("m", 1, Duration::from_millis(40));
         }
-        assert_eq!(l.p99("m"), Some(Duration::from_millis(40)));
-        assert_eq!(l.p99("other"), None);
+        assert_eq!(l.p99("m", 1), Some(Duration::from_millis(40)));
+        assert_eq!(l.p99("m", 2), None, "each version keeps its own");
+        assert_eq!(l.p99("other", 1), None);
     }
 }

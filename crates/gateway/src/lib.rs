@@ -10,6 +10,7 @@ pub mod failure;
 pub mod forward;
 pub mod latency;
 pub mod load;
+pub mod mesh;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
@@ -18,7 +19,6 @@ pub mod route;
 pub mod service;
 pub mod single_flight;
 pub mod stats;
-pub mod upstream;
 
 use std::{future::Future, sync::Arc};
 

@@ -1,5 +1,5 @@
-//! The set of workers, fed by discovery, and the choice among them: power of two choices
-//! over the load estimate, among the workers where the model version is ready.
+//! The set of workers, fed by discovery: membership only. Routing and balancing over it
+//! are `route` and `balance`, put together in `mesh`.
 
 use std::{
     collections::BTreeMap,
@@ -7,15 +7,12 @@ use std::{
     time::Duration,
 };
 
-use infermesh_core::Error;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    balance,
     discovery::Change,
     endpoint::{Connect, Endpoint},
     metrics::{ChangeLabels, GatewayMetrics},
-    route,
 };
 
 /// A worker and the task that keeps its state fresh.
@@ -122,26 +119,4 @@ impl Pool {
         }
         health
     }
-
-    /// Routes `(model, version)` and picks a worker for it, skipping workers already
-    /// tried for this request. Returns the worker and the version to ask it for.
-    pub fn pick_excluding(
-        &self,
-        model: &str,
-        version: &str,
-        tried: &[String],
-    ) -> Result<(Arc<Endpoint>, String), Error> {
-        let all = self.all();
-        let target = route::route(&all, model, version, &Default::default())?;
-        let (ep, _) = balance::pick(&all, &target, tried)
-            .ok_or_else(|| route::no_worker(&all, model, version))?;
-        Ok((ep, target.version.to_string()))
-    }
-
-    pub fn pick(&self, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
-        self.pick_excluding(model, version, &[])
-    }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,6 +1,6 @@
-//! Route: what serves a request — the model, the concrete version and the routing policy —
-//! decided from what the workers last said, before any worker is picked (`balance` picks
-//! one for the target). The policy is per model; every model has the default today, and
+//! Route: what serves a request — the model, the version selector, the concrete version
+//! and the routing policy — decided once per request from what the workers last said,
+//! before any worker is picked (`balance` picks one for the target). The policy is per model; every model has the default today, and
 //! weights, shadow traffic and hedging will be settings of it.
 
 use std::{collections::BTreeSet, sync::Arc};
@@ -28,12 +28,47 @@ impl Default for Policy {
     }
 }
 
-/// Where a request goes: the model, the version to ask for, and its policy.
+/// Which version a request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// This version and no other.
+    Named(i64),
+    /// None named: the newest version a ready worker has (the model's policy picks).
+    Newest,
+}
+
+impl Selector {
+    /// As the client wrote it ("" for none), for messages.
+    pub fn asked(self) -> String {
+        match self {
+            Self::Named(v) => v.to_string(),
+            Self::Newest => String::new(),
+        }
+    }
+}
+
+/// Where a request goes, decided once per request: the model, the version selector, the
+/// concrete version it resolved to, and the model's policy.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub model: String,
+    pub selector: Selector,
     pub version: i64,
     pub policy: Arc<Policy>,
+}
+
+/// Reads the version a client asked for: "" is none, anything else must be a number.
+pub fn selector(model: &str, version: &str) -> Result<Selector, Error> {
+    if version.is_empty() {
+        return Ok(Selector::Newest);
+    }
+    version.parse().map(Selector::Named).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "model '{}': version '{}' is not a number",
+            clip(model),
+            clip(version)
+        ))
+    })
 }
 
 /// Resolves `(model, version)` over the workers: version "" is the newest version any ready
@@ -44,25 +79,37 @@ pub fn route(
     version: &str,
     policy: &Arc<Policy>,
 ) -> Result<Target, Error> {
-    let want = if version.is_empty() {
-        workers.iter().filter_map(|e| e.newest(model)).max()
-    } else {
-        Some(version.parse().map_err(|_| {
-            Error::InvalidArgument(format!(
-                "model '{}': version '{}' is not a number",
-                clip(model),
-                clip(version)
-            ))
-        })?)
+    let selector = selector(model, version)?;
+    let want = match selector {
+        Selector::Named(v) => Some(v),
+        Selector::Newest => workers.iter().filter_map(|e| e.newest(model)).max(),
     };
     match want {
         Some(version) => Ok(Target {
             model: model.to_string(),
+            selector,
             version,
             policy: policy.clone(),
         }),
         None => Err(no_worker(workers, model, version)),
     }
+}
+
+/// For a request that named no version, once no worker is left for its version: the
+/// newest other version a ready worker has, leaving out `without` (the versions already
+/// given up on). A named version is never exchanged for another: `None`.
+pub fn reroute(workers: &[Arc<Endpoint>], target: &Target, without: &[i64]) -> Option<Target> {
+    if target.selector != Selector::Newest {
+        return None;
+    }
+    let version = workers
+        .iter()
+        .filter_map(|e| e.newest_except(&target.model, without))
+        .max()?;
+    Some(Target {
+        version,
+        ..target.clone()
+    })
 }
 
 /// Why no worker can take a request for `(model, version)`, naming each worker's state:
@@ -119,4 +166,60 @@ pub fn no_worker(all: &[Arc<Endpoint>], model: &str, version: &str) -> Error {
     Error::Unavailable(format!(
         "no ready worker for model '{model}'{what}; workers seen: {workers}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::fakes;
+
+    fn asked(workers: &[Arc<Endpoint>], version: &str) -> Result<Target, Error> {
+        route(workers, "m", version, &Default::default())
+    }
+
+    #[tokio::test]
+    async fn none_named_is_the_newest_ready_version_anywhere_and_a_named_one_is_kept() {
+        let mut ws = fakes(1, 1, &[("m", &[1, 2])]);
+        ws.extend(fakes(2, 1, &[("m", &[1, 3])]));
+        let t = asked(&ws, "").unwrap();
+        assert_eq!((t.selector, t.version), (Selector::Newest, 3));
+        let t = asked(&ws, "1").unwrap();
+        assert_eq!((t.selector, t.version), (Selector::Named(1), 1));
+        // A named version is routed even where no worker has it yet: balance finds none,
+        // and the answer names what each worker has.
+        assert_eq!(asked(&ws, "7").unwrap().version, 7);
+        let err = asked(&ws, "x").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("version 'x'"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_model_is_not_found_and_unready_workers_make_it_unavailable() {
+        let ws = fakes(1, 2, &[("m", &[1])]);
+        let err = route(&ws, "other", "", &Default::default()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        ws.iter().for_each(|e| e.mark_unready("draining".into()));
+        let err = asked(&ws, "").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.to_string().contains("'m'") && err.to_string().contains("127.0.0.1:9 (draining)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rerouting_leaves_out_given_up_versions_and_never_changes_a_named_one() {
+        let ws = fakes(1, 2, &[("m", &[1, 2, 3])]);
+        let newest = asked(&ws, "").unwrap();
+        assert_eq!(newest.version, 3);
+        let next = reroute(&ws, &newest, &[3]).unwrap();
+        assert_eq!((next.selector, next.version), (Selector::Newest, 2));
+        assert_eq!(reroute(&ws, &next, &[3, 2]).unwrap().version, 1);
+        assert!(reroute(&ws, &next, &[3, 2, 1]).is_none(), "nothing left");
+        let named = asked(&ws, "3").unwrap();
+        assert!(
+            reroute(&ws, &named, &[3]).is_none(),
+            "a named version stays named"
+        );
+    }
 }

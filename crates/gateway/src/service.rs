@@ -18,21 +18,18 @@ use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 // deposit() of the retry budget.
 use tower::retry::budget::Budget as _;
-use tracing::{field::Empty, Instrument};
 
 use crate::single_flight::SingleFlight;
 use crate::{
-    balance,
     config::ControlMode,
     endpoint::Endpoint,
-    failure, forward,
+    forward, mesh,
     metrics::{GatewayMetrics, OpenGauge},
     poison::{self, Quarantine},
     pool::Pool,
     retry::Budget,
     route,
     stats::StatsCache,
-    upstream,
 };
 
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
@@ -156,13 +153,7 @@ impl GatewayService {
                 ));
             }
         }
-        let mesh = Workers {
-            pool: &self.pool,
-            policy: &self.policy,
-            latency: &self.latency,
-            size,
-            carry,
-        };
+        let mesh = mesh::Workers::new(&self.pool, &self.policy, &self.latency, size, carry);
         let retries = forward::Retries {
             budget: &self.budget,
             quarantine: &self.quarantine,
@@ -170,97 +161,6 @@ impl GatewayService {
         };
         let deadline = deadline.map(tokio::time::Instant::from_std);
         forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
-    }
-}
-
-/// The gateway's workers as the forward path sees them: route and balance over the pool,
-/// attempts over the upstream streams (unary calls for messages too large for them).
-struct Workers<'a> {
-    pool: &'a Pool,
-    policy: &'a Arc<route::Policy>,
-    latency: &'a crate::latency::Latencies,
-    /// The request's encoded length (the trace parameters an attempt adds are a few dozen
-    /// bytes, nothing next to the stream threshold).
-    size: usize,
-    carry: &'a trace::Carry,
-}
-
-impl forward::Mesh for Workers<'_> {
-    type Worker = Arc<Endpoint>;
-
-    fn choose(
-        &self,
-        model: &str,
-        version: &str,
-        tried: &[String],
-    ) -> std::result::Result<forward::Chosen<Arc<Endpoint>>, RequestError> {
-        let span = infermesh_core::child_span!("route", model = %model, worker = Empty);
-        let _entered = span.enter();
-        let all = self.pool.all();
-        let target = route::route(&all, model, version, self.policy)?;
-        let (ep, fallback) = balance::pick(&all, &target, tried)
-            .ok_or_else(|| route::no_worker(&all, model, version))?;
-        span.record("worker", ep.addr.as_str());
-        Ok(forward::Chosen {
-            target,
-            worker: ep,
-            fallback,
-        })
-    }
-
-    fn addr(ep: &Arc<Endpoint>) -> &str {
-        &ep.addr
-    }
-
-    fn attempt(
-        &self,
-        ep: &Arc<Endpoint>,
-        mut attempt: pb::ModelInferRequest,
-        left: Option<Duration>,
-        n: usize,
-    ) -> impl std::future::Future<Output = std::result::Result<pb::ModelInferResponse, Status>> + Send
-    {
-        let ep = ep.clone();
-        async move {
-            let span = infermesh_core::child_span!(
-                "forward",
-                otel.kind = "client",
-                worker = %ep.addr,
-                attempt = n,
-            );
-            let _call = ep.call();
-            self.carry.inject_parameters(&span, &mut attempt.parameters);
-            let stream = if self.size > upstream::MAX_MESSAGE_BYTES {
-                Err(attempt)
-            } else {
-                upstream::send(&ep, attempt, left)
-                    .instrument(span.clone())
-                    .await
-            };
-            match stream {
-                Ok(answer) => answer,
-                Err(mut attempt) => {
-                    attempt.parameters.remove("traceparent");
-                    attempt.parameters.remove("tracestate");
-                    unary_call(&ep, attempt, left, self.carry, span).await
-                }
-            }
-        }
-    }
-
-    fn learn(&self, ep: &Arc<Endpoint>, model: &str, failed: Option<(failure::Failure, &Status)>) {
-        match failed {
-            None => ep.succeeded(),
-            Some((failure, status)) => ep.note_failure(model, failure, status),
-        }
-    }
-
-    fn p99(&self, target: &route::Target) -> Option<Duration> {
-        self.latency.p99(&target.model)
-    }
-
-    fn observe(&self, target: &route::Target, took: Duration) {
-        self.latency.observe(&target.model, took);
     }
 }
 
@@ -287,23 +187,6 @@ fn internal_parameter(req: &pb::ModelInferRequest) -> Option<Status> {
     )))
 }
 
-/// One attempt as a unary call, bounded by what is `left` of the deadline.
-async fn unary_call(
-    ep: &Endpoint,
-    attempt: pb::ModelInferRequest,
-    left: Option<Duration>,
-    carry: &trace::Carry,
-    span: tracing::Span,
-) -> std::result::Result<pb::ModelInferResponse, Status> {
-    let mut call = Request::new(attempt);
-    if let Some(left) = left {
-        call.set_timeout(left);
-    }
-    carry.inject(&span, call.metadata_mut());
-    let resp = ep.client.clone().model_infer(call).instrument(span).await?;
-    Ok(resp.into_inner())
-}
-
 #[tonic::async_trait]
 impl GrpcInferenceService for GatewayService {
     async fn server_live(
@@ -327,8 +210,8 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::ModelReadyResponse> {
         auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
-        let ready =
-            self.pool.pick(&req.name, &req.version).is_ok() && !self.lifecycle.is_draining();
+        let ready = mesh::pick(&self.pool, &req.name, &req.version).is_ok()
+            && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -350,9 +233,7 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = self
-            .pool
-            .pick(&req.name, &req.version)
+        let (ep, version) = mesh::pick(&self.pool, &req.name, &req.version)
             .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(
@@ -372,9 +253,7 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = self
-            .pool
-            .pick(&req.name, &req.version)
+        let (ep, version) = mesh::pick(&self.pool, &req.name, &req.version)
             .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(

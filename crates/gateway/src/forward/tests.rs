@@ -32,6 +32,8 @@ struct Fake {
     /// What the route's p99 is said to be.
     p99: Mutex<Option<Duration>>,
     policy: Arc<Policy>,
+    /// The version each worker holds; empty: every worker holds version 1.
+    holds: Vec<(String, i64)>,
 }
 
 impl Fake {
@@ -55,26 +57,52 @@ impl Fake {
 impl Mesh for Fake {
     type Worker = String;
 
-    fn choose(&self, model: &str, _: &str, tried: &[String]) -> Result<Chosen<String>, Error> {
+    fn route(&self, model: &str, version: &str) -> Result<Target, Error> {
+        let selector = crate::route::selector(model, version)?;
+        let version = match selector {
+            crate::route::Selector::Named(v) => v,
+            crate::route::Selector::Newest => self.holds.iter().map(|h| h.1).max().unwrap_or(1),
+        };
+        Ok(Target {
+            model: model.into(),
+            selector,
+            version,
+            policy: self.policy.clone(),
+        })
+    }
+
+    fn reroute(&self, target: &Target, without: &[i64]) -> Option<Target> {
+        let version = self
+            .holds
+            .iter()
+            .map(|h| h.1)
+            .filter(|v| !without.contains(v))
+            .max()?;
+        (target.selector == crate::route::Selector::Newest).then(|| Target {
+            version,
+            ..target.clone()
+        })
+    }
+
+    fn balance(&self, target: &Target, tried: &[String]) -> Option<(String, bool)> {
         let scripts = self.scripts.lock().unwrap();
+        let holds = |w: &String| {
+            self.holds.is_empty()
+                || self
+                    .holds
+                    .iter()
+                    .any(|h| &h.0 == w && h.1 == target.version)
+        };
         let mut untried = scripts
             .iter()
             .map(|(w, _)| w)
-            .filter(|w| !tried.contains(w));
-        let worker = untried
-            .next()
-            .ok_or_else(|| Error::Unavailable("no ready worker".into()))?
-            .clone();
-        let target = Target {
-            model: model.into(),
-            version: 1,
-            policy: self.policy.clone(),
-        };
-        Ok(Chosen {
-            target,
-            worker,
-            fallback: untried.next().is_some(),
-        })
+            .filter(|w| !tried.contains(w) && holds(w));
+        let worker = untried.next()?.clone();
+        Some((worker, untried.next().is_some()))
+    }
+
+    fn no_worker(&self, _: &Target) -> Error {
+        Error::Unavailable("no ready worker".into())
     }
 
     fn addr(w: &String) -> &str {
@@ -339,6 +367,7 @@ async fn a_request_that_breaks_two_workers_is_quarantined() {
 fn decide_reads_failure_policy_and_budget() {
     let target = Target {
         model: "m".into(),
+        selector: crate::route::Selector::Newest,
         version: 1,
         policy: Default::default(),
     };
@@ -434,4 +463,27 @@ async fn an_attempt_cut_by_a_short_client_deadline_is_not_held_against_its_worke
         }),
         "the worker's own bound (200 ms floor) within a roomy deadline"
     );
+}
+
+/// A request that named no version moves on to the next version once no worker is left
+/// for its own; a request that named one is never sent to another.
+#[tokio::test(start_paused = true)]
+async fn only_a_request_that_named_no_version_is_routed_again_to_another() {
+    let gone = || because(Code::Unavailable, Reason::ModelNotReady);
+    for (asked, answer) in [("", Some("w1")), ("2", None)] {
+        let mut fake = Fake::new(&[("w1", vec![]), ("w2", vec![Act::Fail(gone())])]);
+        fake.holds = vec![("w1".into(), 1), ("w2".into(), 2)];
+        let env = generous();
+        let got = forward(&fake, &env.retries(), &req(), asked, None).await;
+        match answer {
+            Some(w) => assert_eq!(got.unwrap().id, w),
+            None => assert_eq!(got.unwrap_err().code(), Code::Unavailable),
+        }
+        let attempted = fake.attempted.lock().unwrap().clone();
+        let want: Vec<String> = match answer {
+            Some(_) => vec!["w2".into(), "w1".into()],
+            None => vec!["w2".into()],
+        };
+        assert_eq!(attempted, want, "version {asked:?}");
+    }
 }

@@ -4,7 +4,7 @@
 //! call's headers and body go in two.
 //!
 //! Every request to a worker, unary or a client's stream message, goes on one of a few
-//! streams the gateway keeps open to it ([`send`]). A caller that goes away (a cancel, a
+//! streams the gateway keeps open to it ([`attempt`]). A caller that goes away (a cancel, a
 //! closed client stream) or whose deadline passes sends a cancel for its message
 //! (`infermesh_cancel`), so the worker skips it if it has not run; the deadline also goes
 //! with the message as Triton's `timeout`. Requests over 256 KiB, and requests past 192 in
@@ -22,14 +22,19 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use infermesh_core::stream::{CANCEL, STATUS_CODE, UNORDERED};
+use infermesh_core::{
+    stream::{CANCEL, STATUS_CODE, UNORDERED},
+    trace,
+};
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
-use crate::{endpoint::Endpoint, metrics::OpenGauge};
+use super::Endpoint;
+use crate::metrics::OpenGauge;
 
 /// Streams open to one worker at most. One carries all traffic while it has fewer than
 /// `SPREAD` in flight; more streams spread a busy worker's reading over its threads.
@@ -160,13 +165,56 @@ impl Drop for Sent {
     }
 }
 
-/// Sends `req` to `ep` over one of the streams kept open to it, answering
-/// DEADLINE_EXCEEDED once `left` has passed. Hands the request back when every stream is
-/// full: send it as a unary call.
-pub async fn send(
+/// One attempt on `ep`, bounded by `left`: the one place that chooses between one of its
+/// streams and a unary call (a message over MAX_MESSAGE_BYTES, or every stream full). The
+/// trace context goes where the chosen way carries it: a stream message's parameters, a
+/// unary call's metadata.
+pub async fn attempt(
+    ep: &Arc<Endpoint>,
+    req: pb::ModelInferRequest,
+    size: usize,
+    left: Option<Duration>,
+    carry: &trace::Carry,
+    span: tracing::Span,
+) -> Answer {
+    let req = if size > MAX_MESSAGE_BYTES {
+        req
+    } else {
+        let traced =
+            |r: &mut pb::ModelInferRequest| carry.inject_parameters(&span, &mut r.parameters);
+        match send(ep, req, left, traced).instrument(span.clone()).await {
+            Ok(answer) => return answer,
+            Err(req) => req,
+        }
+    };
+    unary(ep, req, left, carry, span).await
+}
+
+/// One attempt as a unary call, bounded by `left`.
+async fn unary(
+    ep: &Endpoint,
+    req: pb::ModelInferRequest,
+    left: Option<Duration>,
+    carry: &trace::Carry,
+    span: tracing::Span,
+) -> Answer {
+    let mut call = tonic::Request::new(req);
+    if let Some(left) = left {
+        call.set_timeout(left);
+    }
+    carry.inject(&span, call.metadata_mut());
+    let resp = ep.client.clone().model_infer(call).instrument(span).await?;
+    Ok(resp.into_inner())
+}
+
+/// Sends `req` to `ep` over one of the streams kept open to it (`prepare` readies it for
+/// the stream), answering DEADLINE_EXCEEDED once `left` has passed. Hands the request back
+/// when every stream is full: send it as a unary call.
+async fn send(
     ep: &Arc<Endpoint>,
     mut req: pb::ModelInferRequest,
     left: Option<Duration>,
+    prepare: impl FnOnce(&mut pb::ModelInferRequest),
 ) -> Result<Answer, pb::ModelInferRequest> {
     let Some(up) = pick(ep) else {
         return Err(req);
@@ -174,7 +222,15 @@ pub async fn send(
     if let Some(left) = left {
         set_timeout(&mut req, left);
     }
-    let answer = up.send(req).map_err(|req| *req)?.answer(&ep.addr);
+    prepare(&mut req);
+    let sent = up.send(req).map_err(|mut req| {
+        // The stream closed between the pick and the send (rare): the unary call carries
+        // its trace context in metadata instead.
+        req.parameters.remove("traceparent");
+        req.parameters.remove("tracestate");
+        *req
+    })?;
+    let answer = sent.answer(&ep.addr);
     let Some(left) = left else {
         return Ok(answer.await);
     };
