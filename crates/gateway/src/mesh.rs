@@ -60,7 +60,7 @@ impl forward::Mesh for Workers<'_> {
     }
 
     fn balance(&self, target: &Target, tried: &[String]) -> Option<(Arc<Endpoint>, bool)> {
-        let span = infermesh_core::child_span!("balance", model = %target.model, worker = Empty);
+        let span = infermesh_core::child_span!("route", model = %target.model, worker = Empty);
         let _entered = span.enter();
         let chosen = balance::pick(&self.all, target, tried)?;
         span.record("worker", chosen.0.addr.as_str());
