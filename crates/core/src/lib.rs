@@ -21,7 +21,6 @@ pub mod precise;
 pub mod process_metrics;
 pub mod reason;
 pub mod serve;
-pub mod status_map;
 pub mod stream;
 pub mod telemetry;
 pub mod tensor;

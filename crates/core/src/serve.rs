@@ -7,7 +7,7 @@
 use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tonic::{body::Body, service::Routes, transport::Server};
+use tonic::{service::Routes, transport::Server};
 
 use crate::{config::ServerArgs, Lifecycle};
 
@@ -111,6 +111,10 @@ where
         ));
     }
     let limit = args.grpc_max_message_bytes;
+    // The size limit lives where bytes are counted: the admission layer refuses a message
+    // over it at its 5-byte prefix (RESOURCE_EXHAUSTED, reason over-budget) before tonic's
+    // decoder sees a byte. tonic's own limit, the same, stays as a second line that never
+    // answers first (no compression is accepted, so declared and decoded sizes agree).
     let inference =
         infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
             .max_decoding_message_size(limit)
@@ -276,9 +280,6 @@ pub async fn serve(
                 .saturating_mul(HEALTH_MESSAGE),
         );
         let served = connection_layer(Server::builder(), args, HEALTH_STREAMS)
-            .layer(tower::util::MapResponseLayer::new(
-                crate::status_map::message_too_large::<Body> as fn(_) -> _,
-            ))
             .layer(crate::panic::CatchPanicLayer)
             .layer(crate::admission::body::CountedLayer(small))
             .layer(crate::conn::CallLayer)
@@ -301,9 +302,6 @@ pub async fn serve(
     // Auth comes before byte counting: the tenant is known from the headers, so its
     // bytes count against its own share from the first one.
     let mut builder = connection_layer(Server::builder(), args, args.grpc_max_concurrent_streams)
-        .layer(tower::util::MapResponseLayer::new(
-            crate::status_map::message_too_large::<Body> as fn(_) -> _,
-        ))
         .layer(crate::panic::CatchPanicLayer)
         .layer(crate::auth::AuthLayer(guards.auth))
         .layer(crate::admission::body::CountedLayer(guards.body))

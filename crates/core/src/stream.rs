@@ -24,8 +24,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::status_map::map_status;
-
 /// Response parameter of a failed stream message: its gRPC status code, as a number.
 pub const STATUS_CODE: &str = "infermesh_status_code";
 
@@ -133,7 +131,7 @@ where
                         // size limit): stop reading, answer what is in flight, then end the
                         // stream with that status.
                         reading = false;
-                        broken = Some(map_status(status));
+                        broken = Some(status);
                         continue;
                     }
                 },

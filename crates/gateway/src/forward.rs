@@ -179,37 +179,14 @@ pub async fn forward<M: Mesh>(
             }
             Err(status) => status,
         };
-        let timed_out = bound
-            .filter(|b| started.elapsed() >= b.after)
-            .filter(|_| deadline.is_none_or(|d| Instant::now() < d));
-        // Our own timeout on the worker call (tonic reports it as CANCELLED): the
-        // client's deadline, not the worker's fault.
-        if deadline.is_some_and(|d| Instant::now() >= d)
-            && (status.code() != tonic::Code::DeadlineExceeded
-                || reason::of_status(&status).is_none())
-        {
-            return Err(reason::status(
-                tonic::Code::DeadlineExceeded,
-                format!(
-                    "deadline passed while worker {} was answering",
-                    M::addr(&worker)
-                ),
-                Reason::Deadline,
-            ));
-        }
-        let failure = match timed_out {
-            Some(Bound { own: true, .. }) => Failure::TimedOut,
-            // Cut short by the client's own short deadline: says nothing of the worker.
-            Some(Bound { own: false, .. }) => Failure::OutOfTime,
-            None => failure::classify(&status),
-        };
+        let failure = judge(&status, bound, started, deadline, M::addr(&worker))?;
         mesh.learn(&worker, &req.model_name, Some((failure, &status)));
         tried.push(M::addr(&worker).to_string());
         if poison::broke(&status) {
             breaks += 1;
         }
         match decide(failure, breaks, &target, || retries.budget.withdraw()) {
-            Next::Retry => {}
+            Next::Retry => retrying(retries, &status, M::addr(&worker)),
             Next::GiveUp => {
                 if failure.retryable() && target.policy.retry {
                     retries.metrics.retry_budget_exhausted.inc();
@@ -220,13 +197,47 @@ pub async fn forward<M: Mesh>(
                 return Err(poisoned(retries.quarantine, req, version, &tried, breaks))
             }
         }
-        let labels = CodeLabels {
-            code: format!("{:?}", status.code()),
-        };
-        retries.metrics.retries.get_or_create(&labels).inc();
-        tracing::debug!(trace_id = %infermesh_core::trace::trace_id(), worker = M::addr(&worker), code = ?status.code(), "retrying on another worker");
         last = Some(status);
     }
+}
+
+/// What a failed attempt means: its failure, or the client's answer when the deadline
+/// passed meanwhile (our own timeout on the worker call, which tonic reports as
+/// CANCELLED, is the client's deadline, not the worker's fault).
+fn judge(
+    status: &Status,
+    bound: Option<Bound>,
+    started: Instant,
+    deadline: Option<Instant>,
+    worker: &str,
+) -> Result<Failure, Status> {
+    let now = Instant::now();
+    let passed = deadline.is_some_and(|d| now >= d);
+    if passed
+        && (status.code() != tonic::Code::DeadlineExceeded || reason::of_status(status).is_none())
+    {
+        return Err(reason::status(
+            tonic::Code::DeadlineExceeded,
+            format!("deadline passed while worker {worker} was answering"),
+            Reason::Deadline,
+        ));
+    }
+    let timed_out = bound.filter(|b| now - started >= b.after && !passed);
+    Ok(match timed_out {
+        Some(Bound { own: true, .. }) => Failure::TimedOut,
+        // Cut short by the client's own short deadline: says nothing of the worker.
+        Some(Bound { own: false, .. }) => Failure::OutOfTime,
+        None => failure::classify(status),
+    })
+}
+
+/// Counts a retry and says why.
+fn retrying(retries: &Retries<'_>, status: &Status, worker: &str) {
+    let labels = CodeLabels {
+        code: format!("{:?}", status.code()),
+    };
+    retries.metrics.retries.get_or_create(&labels).inc();
+    tracing::debug!(trace_id = %infermesh_core::trace::trace_id(), worker, code = ?status.code(), "retrying on another worker");
 }
 
 /// The request broke its last allowed worker: refuse its fingerprint from now on.
