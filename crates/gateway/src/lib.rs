@@ -108,19 +108,20 @@ pub async fn run(
 
     let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = GatewayService {
-        pool,
+        pool: pool.clone(),
         bytes: budget.clone(),
         lifecycle: lifecycle.clone(),
         stats: Default::default(),
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
-        budget: Arc::new(retry::budget(config.retry_budget_ratio)),
-        quarantine: Arc::new(poison::Quarantine::new(
-            config.poison_quarantine,
-            metrics.poison.clone(),
-        )),
-        policy: Default::default(),
-        latency: Default::default(),
+        forwarding: Arc::new(mesh::Forwarding {
+            pool,
+            policy: Default::default(),
+            latency: Default::default(),
+            budget: retry::budget(config.retry_budget_ratio),
+            quarantine: poison::Quarantine::new(config.poison_quarantine, metrics.poison.clone()),
+            metrics: metrics.clone(),
+        }),
         flights: Default::default(),
         metrics,
     };

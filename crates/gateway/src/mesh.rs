@@ -4,9 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use infermesh_core::{trace, Error};
+use infermesh_core::{reason, trace, Error, Reason};
 use infermesh_proto as pb;
 use tonic::Status;
+// deposit() of the retry budget.
+use tower::retry::budget::Budget as _;
 use tracing::field::Empty;
 
 use crate::{
@@ -15,9 +17,62 @@ use crate::{
     failure::Failure,
     forward,
     latency::Latencies,
+    metrics::GatewayMetrics,
+    poison::{self, Quarantine},
     pool::Pool,
+    retry::Budget,
     route::{self, Policy, Target},
 };
+
+/// What the forward path needs for this gateway, beyond one request: the workers, the
+/// routing policy, answer times, the retry budget and the quarantine.
+pub struct Forwarding {
+    pub pool: Arc<Pool>,
+    /// The routing policy of every model (one for all until per-model settings exist).
+    pub policy: Arc<Policy>,
+    /// Each model version's recent answer times (the per-attempt timeout).
+    pub latency: Latencies,
+    pub budget: Budget,
+    pub quarantine: Quarantine,
+    pub metrics: GatewayMetrics,
+}
+
+impl Forwarding {
+    /// Refuses a quarantined request, else forwards it (route → forward → balance →
+    /// endpoint) over this gateway's workers.
+    pub async fn forward(
+        &self,
+        mut req: pb::ModelInferRequest,
+        size: usize,
+        deadline: Option<std::time::Instant>,
+        carry: &trace::Carry,
+    ) -> Result<pb::ModelInferResponse, Status> {
+        self.budget.deposit();
+        let asked_version = std::mem::take(&mut req.model_version);
+        if self.quarantine.is_active() {
+            let fp = self.quarantine.fingerprint(&req, &asked_version);
+            if let Some(left) = self.quarantine.refused(fp) {
+                return Err(reason::status(
+                    tonic::Code::Unavailable,
+                    format!(
+                        "request refused: an identical request broke {} workers (fingerprint {fp:016x}); refused for {}s more",
+                        poison::MAX_BREAKS,
+                        left.as_secs()
+                    ),
+                    Reason::Quarantined,
+                ));
+            }
+        }
+        let mesh = Workers::new(&self.pool, &self.policy, &self.latency, size, carry);
+        let retries = forward::Retries {
+            budget: &self.budget,
+            quarantine: &self.quarantine,
+            metrics: &self.metrics,
+        };
+        let deadline = deadline.map(tokio::time::Instant::from_std);
+        forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
+    }
+}
 
 /// One request's view of the workers: the pool as it is when the request arrives.
 pub struct Workers<'a> {

@@ -16,19 +16,14 @@ use infermesh_core::{
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
-// deposit() of the retry budget.
-use tower::retry::budget::Budget as _;
 
 use crate::single_flight::SingleFlight;
 use crate::{
     config::ControlMode,
     endpoint::Endpoint,
-    forward, mesh,
+    mesh,
     metrics::{GatewayMetrics, OpenGauge},
-    poison::{self, Quarantine},
     pool::Pool,
-    retry::Budget,
-    route,
     stats::StatsCache,
 };
 
@@ -41,14 +36,10 @@ pub struct GatewayService {
     pub stats: Arc<StatsCache>,
     pub control: ControlMode,
     pub max_stream_inflight: usize,
-    pub budget: Arc<Budget>,
     /// Request bytes held until their worker answers (`--max-inflight-bytes`).
     pub bytes: ByteBudget,
-    pub quarantine: Arc<Quarantine>,
-    /// The routing policy of every model (one for all until per-model settings exist).
-    pub policy: Arc<route::Policy>,
-    /// Each model's recent answer times (the per-attempt timeout).
-    pub latency: Arc<crate::latency::Latencies>,
+    /// Where inference requests go: route → forward → balance → endpoint.
+    pub forwarding: Arc<mesh::Forwarding>,
     /// Concurrent fan-out calls share one round of worker calls.
     pub flights: Arc<Flights>,
     pub metrics: GatewayMetrics,
@@ -111,7 +102,7 @@ impl GatewayService {
         let result = match (internal_parameter(&req), held) {
             (Some(status), _) => Err(status),
             (None, Err(e)) => Err(e.into()),
-            (None, Ok(_held)) => self.forward(req, size, deadline, &carry).await,
+            (None, Ok(_held)) => self.forwarding.forward(req, size, deadline, &carry).await,
         }
         .map_err(capped);
         infermesh_core::busy_poll::touch();
@@ -126,41 +117,6 @@ impl GatewayService {
         }
         trace::finish(&trace::current(), result.as_ref().err());
         result
-    }
-
-    /// Refuses a quarantined request, else forwards it (`forward`: route → balance →
-    /// attempts) over this gateway's workers.
-    async fn forward(
-        &self,
-        mut req: pb::ModelInferRequest,
-        size: usize,
-        deadline: Option<Instant>,
-        carry: &trace::Carry,
-    ) -> std::result::Result<pb::ModelInferResponse, Status> {
-        self.budget.deposit();
-        let asked_version = std::mem::take(&mut req.model_version);
-        if self.quarantine.is_active() {
-            let fp = self.quarantine.fingerprint(&req, &asked_version);
-            if let Some(left) = self.quarantine.refused(fp) {
-                return Err(infermesh_core::reason::status(
-                    tonic::Code::Unavailable,
-                    format!(
-                        "request refused: an identical request broke {} workers (fingerprint {fp:016x}); refused for {}s more",
-                        poison::MAX_BREAKS,
-                        left.as_secs()
-                    ),
-                    infermesh_core::Reason::Quarantined,
-                ));
-            }
-        }
-        let mesh = mesh::Workers::new(&self.pool, &self.policy, &self.latency, size, carry);
-        let retries = forward::Retries {
-            budget: &self.budget,
-            quarantine: &self.quarantine,
-            metrics: &self.metrics,
-        };
-        let deadline = deadline.map(tokio::time::Instant::from_std);
-        forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
     }
 }
 
