@@ -88,7 +88,7 @@ impl Upstream {
         Arc::new(Self { tx, state, reader })
     }
 
-    fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         self.state.lock().expect("upstream lock").closed
     }
 
