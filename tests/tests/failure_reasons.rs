@@ -161,3 +161,77 @@ fn signed<S>(s: S) -> tonic::Request<S> {
         .insert("authorization", "Bearer k".parse().unwrap());
     r
 }
+
+/// Every failure the gateway makes itself, unary and as a stream message, with its code
+/// and reason (quarantine is in test_hostile.py: it needs workers that really crash).
+#[tokio::test]
+async fn every_failure_the_gateway_makes_has_its_code_and_reason() {
+    let repo = Repo::new()
+        .identity("slow", &identity_config(&delay_ms(1000), "[ 4 ]"))
+        .identity("echo", &identity_config("", "[ 4 ]"));
+    let worker = Worker::start(repo.path(), &[]).await;
+    let gw = Gateway::start(&[&worker], &[]).await;
+    let param = |v| infermesh_proto::InferParameter {
+        parameter_choice: Some(v),
+    };
+    let mut reserved = echo("echo", "", &[4]);
+    reserved.parameters.insert(
+        "infermesh_cancel".into(),
+        param(ParameterChoice::BoolParam(true)),
+    );
+    let mut timed = echo("slow", "", &[4]);
+    timed.parameters.insert(
+        "timeout".into(),
+        param(ParameterChoice::Int64Param(100_000)),
+    );
+    let cases = vec![
+        (reserved, Code::InvalidArgument, Reason::Invalid),
+        (
+            echo("echo", "x", &[4]),
+            Code::InvalidArgument,
+            Reason::Invalid,
+        ),
+        (
+            echo("nope", "", &[4]),
+            Code::NotFound,
+            Reason::ModelNotFound,
+        ),
+        (
+            echo("echo", "9", &[4]),
+            Code::NotFound,
+            Reason::VersionNotFound,
+        ),
+        (timed, Code::DeadlineExceeded, Reason::Deadline),
+    ];
+    let mut client = infermesh_tests::client(&gw.url()).await;
+    for (req, code, want) in &cases {
+        let err = client.model_infer(req.clone()).await.unwrap_err();
+        assert_eq!(
+            (err.code(), reason::of_status(&err)),
+            (*code, Some(*want)),
+            "{err:?}"
+        );
+    }
+    let msgs: Vec<_> = cases.iter().map(|c| c.0.clone()).collect();
+    let mut answers = client
+        .model_stream_infer(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    for (_, code, want) in &cases {
+        let msg = answers.next().await.unwrap().unwrap();
+        let params = msg.infer_response.unwrap().parameters;
+        let got = |key: &str| params.get(key).and_then(|p| p.parameter_choice.clone());
+        assert_eq!(
+            (got(infermesh_core::stream::STATUS_CODE), got(reason::PARAM)),
+            (
+                Some(ParameterChoice::Int64Param(*code as i64)),
+                Some(ParameterChoice::StringParam(want.as_str().into()))
+            ),
+            "{}",
+            msg.error_message
+        );
+    }
+    gw.stop().await.unwrap();
+    worker.stop().await.unwrap();
+}

@@ -137,10 +137,14 @@ fn internal_parameter(req: &pb::ModelInferRequest) -> Option<Status> {
         .parameters
         .keys()
         .find(|k| k.starts_with("infermesh_") && k.as_str() != UNORDERED)?;
-    Some(Status::invalid_argument(format!(
-        "parameter '{}': the infermesh_ prefix is reserved for the mesh; clients may set only {UNORDERED}",
-        clip(key)
-    )))
+    Some(infermesh_core::reason::status(
+        tonic::Code::InvalidArgument,
+        format!(
+            "parameter '{}': the infermesh_ prefix is reserved for the mesh; clients may set only {UNORDERED}",
+            clip(key)
+        ),
+        infermesh_core::Reason::Invalid,
+    ))
 }
 
 #[tonic::async_trait]
