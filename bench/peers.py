@@ -212,28 +212,42 @@ def run_engine(ctx) -> list[dict]:
     return rows
 
 
-def run_setup(ctx, key: str, result: dict) -> None:
+def start_setup(ctx, key: str, result: dict, procs) -> tuple:
+    """Starts a setup's servers, checks its answer against the first setup's and warms it."""
     label, modes, start = SETUPS[key]
     http = modes == ("HTTP/JSON",)
+    url, roles = start(ctx, procs)
+    y = answer(ctx, url, http)
+    ref = result["answers"].setdefault("reference", y)
+    result["answers"][key] = diff = max(abs(a - b) for a, b in zip(y, ref))
+    if len(y) != len(ref) or diff > 1e-3:
+        raise RuntimeError(f"answers {y}, not {ref} like the first setup")
+    warm = min(1.0, ctx.args.seconds)  # first requests (allocations, connections) unmeasured
+    (h.http_load(url, 8, warm, ctx.http_body) if http else
+     h.grpc_load(ctx.infermesh, url, "mlp", 8, False, warm, f"input=@{ctx.grpc_input}"))
+    return url, roles
+
+
+def row(ctx, key: str, url, roles, procs, mode: str, c: int, result: dict) -> None:
+    label = SETUPS[key][0]
+    r = measure(ctx, url, roles, mode, c)
+    procs.check_alive()
+    result["rows"].append({"key": key, "setup": label, "mode": mode, "concurrency": c, **r})
+    print(f"{label} {mode} c={c}: {r['rps']:.0f}/s p50 {r['p50_ms']:.2f} ms, {r['errors']} errors", file=sys.stderr)
+
+
+def levels(ctx, key: str) -> list[int]:
+    return ctx.args.concurrency + (ctx.args.gateway_concurrency if key.startswith("gateway") else [])
+
+
+def run_setup(ctx, key: str, result: dict) -> None:
+    label, modes, _ = SETUPS[key]
     procs = h.Procs(ctx.work)
     try:
-        url, roles = start(ctx, procs)
-        y = answer(ctx, url, http)
-        ref = result["answers"].setdefault("reference", y)
-        result["answers"][key] = diff = max(abs(a - b) for a, b in zip(y, ref))
-        if len(y) != len(ref) or diff > 1e-3:
-            raise RuntimeError(f"answers {y}, not {ref} like the first setup")
-        warm = min(1.0, ctx.args.seconds)  # first requests (allocations, connections) unmeasured
-        (h.http_load(url, 8, warm, ctx.http_body) if http else
-         h.grpc_load(ctx.infermesh, url, "mlp", 8, False, warm, f"input=@{ctx.grpc_input}"))
-        cs = ctx.args.concurrency + (ctx.args.gateway_concurrency if key.startswith("gateway") else [])
+        url, roles = start_setup(ctx, key, result, procs)
         for mode in modes:
-            for c in cs:
-                r = measure(ctx, url, roles, mode, c)
-                procs.check_alive()
-                result["rows"].append({"key": key, "setup": label, "mode": mode, "concurrency": c, **r})
-                print(f"{label} {mode} c={c}: {r['rps']:.0f}/s p50 {r['p50_ms']:.2f} ms, {r['errors']} errors",
-                      file=sys.stderr)
+            for c in levels(ctx, key):
+                row(ctx, key, url, roles, procs, mode, c, result)
         if key == "worker" and not ctx.args.no_perf_analyzer:
             c = 8 if 8 in ctx.args.concurrency else ctx.args.concurrency[0]
             own = next(r for r in result["rows"] if r["key"] == key and r["mode"] == "unary" and r["concurrency"] == c)
@@ -245,6 +259,29 @@ def run_setup(ctx, key: str, result: dict) -> None:
         print(f"{label}: FAILED: {e}", file=sys.stderr)
     finally:
         procs.stop()
+
+
+def run_pair(ctx, key: str, result: dict) -> None:
+    """A gateway setup and its baseline build side by side: both running at once, each row
+    measured on one then the other, the first alternating from row to row, so drift on
+    the machine lands on both builds alike."""
+    base = BASELINE[key]
+    (ctx.work / "baseline").mkdir(exist_ok=True)
+    procs = {key: h.Procs(ctx.work), base: h.Procs(ctx.work / "baseline")}
+    try:
+        started = {k: start_setup(ctx, k, result, procs[k]) for k in (key, base)}
+        n = 0
+        for mode in SETUPS[key][1]:
+            for c in levels(ctx, key):
+                for k in ((key, base) if n % 2 == 0 else (base, key)):
+                    row(ctx, k, *started[k], procs[k], mode, c, result)
+                n += 1
+    except Exception as e:  # noqa: BLE001 - one broken pair must not lose the others' rows
+        result["failed"][key] = f"{type(e).__name__}: {e}"
+        print(f"{SETUPS[key][0]}: FAILED: {e}", file=sys.stderr)
+    finally:
+        for p in procs.values():
+            p.stop()
 
 
 def main() -> int:
@@ -286,7 +323,11 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - the servers' rows still mean something
                 result["failed"]["ort"] = f"{type(e).__name__}: {e}"
         for key in SETUPS:
-            if key in only:
+            if key not in only or key in BASELINE.values():
+                continue  # a baseline runs beside its own setup (run_pair)
+            if key in BASELINE and BASELINE[key] in only:
+                run_pair(ctx, key, result)
+            else:
                 run_setup(ctx, key, result)
         result["config"] = peers_report.config(ctx, only, CORES)
         out = pathlib.Path(args.out)
