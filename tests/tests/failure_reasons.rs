@@ -39,6 +39,44 @@ fn cases() -> Vec<(ModelInferRequest, Code, Reason)> {
     ]
 }
 
+/// Each case as a unary call, then all of them as messages of one stream: each failure
+/// has its code and its reason (status details unary, parameters on the stream).
+async fn assert_reasons(
+    client: &mut infermesh_tests::Client,
+    cases: &[(ModelInferRequest, Code, Reason)],
+    server: &str,
+) {
+    for (req, code, want) in cases {
+        let err = client.model_infer(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), *code, "{server}: {err:?}");
+        assert_eq!(reason::of_status(&err), Some(*want), "{server}: {err:?}");
+    }
+    let msgs: Vec<_> = cases.iter().map(|c| c.0.clone()).collect();
+    let mut answers = client
+        .model_stream_infer(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    for (_, code, want) in cases {
+        let msg = answers.next().await.unwrap().unwrap();
+        assert!(!msg.error_message.is_empty(), "{server}");
+        let params = msg.infer_response.unwrap().parameters;
+        let got = |key: &str| params.get(key).and_then(|p| p.parameter_choice.clone());
+        assert_eq!(
+            got(reason::PARAM),
+            Some(ParameterChoice::StringParam(want.as_str().into())),
+            "{server}: {}",
+            msg.error_message
+        );
+        assert_eq!(
+            got(infermesh_core::stream::STATUS_CODE),
+            Some(ParameterChoice::Int64Param(*code as i64)),
+            "{server}: {}",
+            msg.error_message
+        );
+    }
+}
+
 #[tokio::test]
 async fn unary_and_stream_failures_carry_their_reason_through_the_gateway() {
     let repo = Repo::new().identity("echo", &identity_config("", "[ 4 ]"));
@@ -46,33 +84,7 @@ async fn unary_and_stream_failures_carry_their_reason_through_the_gateway() {
     let gw = Gateway::start(&[&worker], &[]).await;
     for (server, url) in [("worker", worker.url()), ("gateway", gw.url())] {
         let mut client = infermesh_tests::client(&url).await;
-        for (req, code, want) in cases() {
-            let err = client.model_infer(req).await.unwrap_err();
-            assert_eq!(err.code(), code, "{server}: {err:?}");
-            assert_eq!(reason::of_status(&err), Some(want), "{server}: {err:?}");
-        }
-        let msgs: Vec<_> = cases().into_iter().map(|c| c.0).collect();
-        let mut answers = client
-            .model_stream_infer(futures::stream::iter(msgs))
-            .await
-            .unwrap()
-            .into_inner();
-        for (_, code, want) in cases() {
-            let msg = answers.next().await.unwrap().unwrap();
-            assert!(!msg.error_message.is_empty(), "{server}");
-            let params = msg.infer_response.unwrap().parameters;
-            let got = |key: &str| params.get(key).and_then(|p| p.parameter_choice.clone());
-            assert_eq!(
-                got(reason::PARAM),
-                Some(ParameterChoice::StringParam(want.as_str().into())),
-                "{server}"
-            );
-            assert_eq!(
-                got(infermesh_core::stream::STATUS_CODE),
-                Some(ParameterChoice::Int64Param(code as i64)),
-                "{server}"
-            );
-        }
+        assert_reasons(&mut client, &cases(), server).await;
     }
     gw.stop().await.unwrap();
     worker.stop().await.unwrap();
@@ -204,34 +216,7 @@ async fn every_failure_the_gateway_makes_has_its_code_and_reason() {
         (timed, Code::DeadlineExceeded, Reason::Deadline),
     ];
     let mut client = infermesh_tests::client(&gw.url()).await;
-    for (req, code, want) in &cases {
-        let err = client.model_infer(req.clone()).await.unwrap_err();
-        assert_eq!(
-            (err.code(), reason::of_status(&err)),
-            (*code, Some(*want)),
-            "{err:?}"
-        );
-    }
-    let msgs: Vec<_> = cases.iter().map(|c| c.0.clone()).collect();
-    let mut answers = client
-        .model_stream_infer(futures::stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    for (_, code, want) in &cases {
-        let msg = answers.next().await.unwrap().unwrap();
-        let params = msg.infer_response.unwrap().parameters;
-        let got = |key: &str| params.get(key).and_then(|p| p.parameter_choice.clone());
-        assert_eq!(
-            (got(infermesh_core::stream::STATUS_CODE), got(reason::PARAM)),
-            (
-                Some(ParameterChoice::Int64Param(*code as i64)),
-                Some(ParameterChoice::StringParam(want.as_str().into()))
-            ),
-            "{}",
-            msg.error_message
-        );
-    }
+    assert_reasons(&mut client, &cases, "gateway").await;
     gw.stop().await.unwrap();
     worker.stop().await.unwrap();
 }

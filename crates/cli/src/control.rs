@@ -18,29 +18,39 @@ pub struct ControlArgs {
 }
 
 pub async fn load(args: ControlArgs) -> anyhow::Result<()> {
-    let mut client =
-        GrpcInferenceServiceClient::new(crate::conn::connect(&args.url, &args.conn).await?);
-    client
-        .repository_model_load(RepositoryModelLoadRequest {
-            model_name: args.model.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("load '{}': {}: {}", args.model, s.code(), s.message()))?;
-    println!("{}: loaded", args.model);
-    Ok(())
+    control(args, true).await
 }
 
 pub async fn unload(args: ControlArgs) -> anyhow::Result<()> {
+    control(args, false).await
+}
+
+async fn control(args: ControlArgs, load: bool) -> anyhow::Result<()> {
     let mut client =
         GrpcInferenceServiceClient::new(crate::conn::connect(&args.url, &args.conn).await?);
-    client
-        .repository_model_unload(RepositoryModelUnloadRequest {
-            model_name: args.model.clone(),
+    let model_name = args.model.clone();
+    let (verb, done) = if load {
+        let req = RepositoryModelLoadRequest {
+            model_name,
             ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("unload '{}': {}: {}", args.model, s.code(), s.message()))?;
-    println!("{}: unloaded", args.model);
+        };
+        (
+            ("load", "loaded"),
+            client.repository_model_load(req).await.map(drop),
+        )
+    } else {
+        let req = RepositoryModelUnloadRequest {
+            model_name,
+            ..Default::default()
+        };
+        (
+            ("unload", "unloaded"),
+            client.repository_model_unload(req).await.map(drop),
+        )
+    };
+    done.map_err(|s| {
+        anyhow::anyhow!("{} '{}': {}: {}", verb.0, args.model, s.code(), s.message())
+    })?;
+    println!("{}: {}", args.model, verb.1);
     Ok(())
 }

@@ -44,14 +44,9 @@ pub fn deadline(
     let header = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    let param = timeout_param_us
-        .filter(|&us| us > 0)
-        .map(|us| Duration::from_micros(us as u64));
-    match (header, param) {
-        (Some(a), Some(b)) => after(start, a.min(b)),
-        (a, b) => a.or(b).and_then(|d| after(start, d)),
-    }
+        .and_then(parse_grpc_timeout)
+        .and_then(|d| after(start, d));
+    earlier(header, param_after(timeout_param_us, start))
 }
 
 /// A request's deadline: `outer` (its call's `grpc-timeout`, or its stream's) or its own
@@ -61,13 +56,18 @@ pub fn of_request(
     req: &infermesh_proto::ModelInferRequest,
     start: Instant,
 ) -> Option<Instant> {
-    let own = req
-        .parameters
-        .get("timeout")
-        .and_then(timeout_param)
-        .filter(|&us| us > 0)
-        .and_then(|us| after(start, Duration::from_micros(us as u64)));
-    match (outer, own) {
+    let own = req.parameters.get("timeout").and_then(timeout_param);
+    earlier(outer, param_after(own, start))
+}
+
+/// A positive `timeout` parameter's microseconds after `start`; none for anything else.
+fn param_after(us: Option<i64>, start: Instant) -> Option<Instant> {
+    us.filter(|&us| us > 0)
+        .and_then(|us| after(start, Duration::from_micros(us as u64)))
+}
+
+fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }

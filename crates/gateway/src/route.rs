@@ -1,7 +1,8 @@
 //! Route: what serves a request — the model, the version selector, the concrete version
 //! and the routing policy — decided once per request from what the workers last said,
-//! before any worker is picked (`balance` picks one for the target). The policy is per model; every model has the default today, and
-//! weights, shadow traffic and hedging will be settings of it.
+//! before any worker is picked (`balance` picks one for the target). The policy is per
+//! model; every model has the default today, and weights, shadow traffic and hedging will
+//! be settings of it.
 
 use std::{collections::BTreeSet, sync::Arc};
 

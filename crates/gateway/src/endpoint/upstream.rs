@@ -265,19 +265,12 @@ fn pick(ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
     }
 }
 
-/// Triton's `timeout` parameter (microseconds): the sooner of the caller's and `left`.
+/// Triton's `timeout` parameter (microseconds): what is `left` of the request's deadline,
+/// which already holds the request's own `timeout` (the handler frame's).
 fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
     let left = left.as_micros().min(i64::MAX as u128) as i64;
-    let timeout = match req
-        .parameters
-        .get("timeout")
-        .and_then(infermesh_core::deadline::timeout_param)
-    {
-        Some(t) if t > 0 => left.min(t),
-        _ => left,
-    };
     let param = pb::InferParameter {
-        parameter_choice: Some(ParameterChoice::Int64Param(timeout)),
+        parameter_choice: Some(ParameterChoice::Int64Param(left)),
     };
     req.parameters.insert("timeout".into(), param);
 }
