@@ -349,6 +349,36 @@ def test_a_query_of_death_breaks_at_most_two_workers(tmp_path):
                 assert w.stop() == 0
 
 
+@pytest.mark.parametrize("way", ["unary", "stream"])
+def test_a_request_that_broke_the_only_worker_is_unavailable_worker_unreachable(tmp_path, way):
+    """The worker's process dies under the request and no other worker is left: the client
+    is told UNAVAILABLE `worker-unreachable` (safe to retry later), not the transport's
+    UNKNOWN or a reason that blames the model."""
+    repo = trigger_repo(tmp_path, "crashy", "crash_on_first_byte", 255)
+    w = Worker("--model-repository", str(repo))
+    g = Gateway(w)
+    try:
+        poison = raw_request("crashy", [("INPUT0", "UINT8", [3])], [b"\xff\x01\x02"])
+        channel, s = stub(g)
+        if way == "unary":
+            with pytest.raises(grpc.RpcError) as e:
+                s.ModelInfer(poison, timeout=30)
+            assert e.value.code() == SC.UNAVAILABLE, e.value
+            assert "unreachable" in e.value.details(), e.value.details()
+            details = dict(e.value.trailing_metadata()).get("grpc-status-details-bin", b"")
+            assert b"worker-unreachable" in details, details
+        else:
+            answers = list(s.ModelStreamInfer(iter([poison]), timeout=30))
+            params = answers[0].infer_response.parameters
+            assert answers[0].error_message, answers
+            assert params["infermesh_reason"].string_param == "worker-unreachable", answers
+            assert params["infermesh_status_code"].int64_param == SC.UNAVAILABLE.value[0]
+        channel.close()
+        assert w.proc.wait(timeout=30) != 0, "the trigger aborts the worker"
+    finally:
+        assert g.stop() == 0
+
+
 def test_a_panic_fails_only_its_own_request(tmp_path):
     repo = trigger_repo(tmp_path, "panicky", "panic_on_first_byte", 254)
     w = Worker("--model-repository", str(repo))

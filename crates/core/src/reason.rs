@@ -40,9 +40,12 @@ pub enum Reason {
     Quarantined,
     /// The calling tenant is over one of its quotas (rate, concurrency, small calls).
     OverQuota,
+    /// No worker answered: the connection to it broke, or its stream ended, while the
+    /// request was on it. Nothing says the request is at fault: safe to retry.
+    Unreachable,
 }
 
-const ALL: [Reason; 13] = [
+const ALL: [Reason; 14] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -56,6 +59,7 @@ const ALL: [Reason; 13] = [
     Reason::Invalid,
     Reason::Quarantined,
     Reason::OverQuota,
+    Reason::Unreachable,
 ];
 
 impl Reason {
@@ -74,6 +78,7 @@ impl Reason {
             Self::Invalid => "invalid",
             Self::Quarantined => "quarantined",
             Self::OverQuota => "over-quota",
+            Self::Unreachable => "worker-unreachable",
         }
     }
 

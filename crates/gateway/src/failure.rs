@@ -47,7 +47,9 @@ pub fn classify(status: &Status) -> Failure {
             Failure::ModelGone
         }
         Some(Reason::QueueFull | Reason::OverBudget) => Failure::Busy,
-        Some(Reason::Draining) => Failure::Refusing,
+        // A gateway's own stream to its worker ended under the request (a downstream
+        // gateway's, or ours): like a worker that gives no reason.
+        Some(Reason::Draining | Reason::Unreachable) => Failure::Refusing,
         Some(_) => Failure::Final,
         // A server that sends no reason (Triton, an older worker): the code alone.
         None => match status.code() {
@@ -57,6 +59,17 @@ pub fn classify(status: &Status) -> Failure {
             _ => Failure::Final,
         },
     }
+}
+
+/// What the client is told when it is left with an attempt whose connection failed:
+/// UNAVAILABLE with `worker-unreachable`, whatever code the transport gave it (tonic says
+/// some of these as UNKNOWN or CANCELLED, which would read as the request's fault).
+pub fn unreachable(status: &Status, worker: &str) -> Status {
+    reason::status(
+        Code::Unavailable,
+        format!("worker {worker} unreachable: {}", status.message()),
+        Reason::Unreachable,
+    )
 }
 
 /// Whether the status is a failure of the connection rather than an answer from the
@@ -100,6 +113,10 @@ mod tests {
         );
         assert_eq!(
             classify(&with(Code::Unavailable, Reason::Draining)),
+            Failure::Refusing
+        );
+        assert_eq!(
+            classify(&with(Code::Unavailable, Reason::Unreachable)),
             Failure::Refusing
         );
         assert_eq!(

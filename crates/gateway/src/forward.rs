@@ -185,6 +185,10 @@ pub async fn forward<M: Mesh>(
         if poison::broke(&status) {
             breaks += 1;
         }
+        let status = match failure {
+            Failure::Broken => failure::unreachable(&status, M::addr(&worker)),
+            _ => status,
+        };
         match decide(failure, breaks, &target, || retries.budget.withdraw()) {
             Next::Retry => retrying(retries, &status, M::addr(&worker)),
             Next::GiveUp => {

@@ -23,8 +23,9 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use infermesh_core::{
+    reason,
     stream::{CANCEL, STATUS_CODE, UNORDERED},
-    trace,
+    trace, Reason,
 };
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
@@ -139,11 +140,9 @@ struct Sent {
 
 impl Sent {
     async fn answer(mut self, worker: &str) -> Answer {
-        let answer = (&mut self.rx).await.unwrap_or_else(|_| {
-            Err(Status::unavailable(format!(
-                "worker {worker}: stream closed"
-            )))
-        });
+        let answer = (&mut self.rx)
+            .await
+            .unwrap_or_else(|_| Err(unreachable(format!("worker {worker}: stream closed"))));
         answer.map(|mut resp| {
             resp.id = std::mem::take(&mut self.client_id);
             resp
@@ -237,10 +236,10 @@ async fn send(
     Ok(tokio::time::timeout(left, answer)
         .await
         .unwrap_or_else(|_| {
-            Err(infermesh_core::reason::status(
+            Err(reason::status(
                 Code::DeadlineExceeded,
                 format!("deadline passed while worker {} was answering", ep.addr),
-                infermesh_core::Reason::Deadline,
+                Reason::Deadline,
             ))
         }))
 }
@@ -292,15 +291,24 @@ async fn read(
         &state,
     )
     .await;
-    // No caller still waiting got an answer, so each may go to another worker.
-    // A worker that refused the stream for its size says so (retryable elsewhere).
-    let mut why = match why.code() {
-        Code::Unavailable | Code::ResourceExhausted => why,
-        code => Status::unavailable(format!(
-            "worker {}: stream broke ({code:?}: {})",
+    // No caller still waiting got an answer, so each may go to another worker. A worker's
+    // own refusal keeps its reason (a size or draining refusal); a broken connection keeps
+    // its transport error (the gateway tells the client `worker-unreachable` when it gives
+    // up); any other ending is ours to name.
+    let keep = reason::of_status(&why).is_some()
+        || why.code() == Code::ResourceExhausted
+        || crate::failure::transport(&why);
+    let mut why = if keep {
+        why
+    } else if why.code() == Code::Unavailable {
+        unreachable(why.message().to_string())
+    } else {
+        unreachable(format!(
+            "worker {}: stream broke ({:?}: {})",
             ep.addr,
+            why.code(),
             why.message()
-        )),
+        ))
     };
     if broke {
         why.set_source(Arc::new(crate::poison::WorkerBroke));
@@ -330,7 +338,7 @@ async fn pump(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => deliver(state, msg),
-                Ok(None) => return (Status::unavailable(format!("worker {} ended the stream", ep.addr)), false),
+                Ok(None) => return (unreachable(format!("worker {} ended the stream", ep.addr)), false),
                 // A status the worker sent (its trailers) is an answer, not a break; a
                 // failure of the connection itself carries its h2/hyper error as source.
                 Err(status) => {
@@ -343,7 +351,7 @@ async fn pump(
                 let used = std::mem::take(&mut state.used);
                 if state.waiting.is_empty() && (!used || !ep.is_ready()) {
                     state.closed = true;
-                    return (Status::unavailable(format!("worker {}: idle stream closed", ep.addr)), false);
+                    return (unreachable(format!("worker {}: idle stream closed", ep.addr)), false);
                 }
             }
         }
@@ -372,21 +380,22 @@ fn deliver(state: &Mutex<State>, msg: pb::ModelStreamInferResponse) {
             _ => Code::Unknown,
         };
         // The worker's reason travels on, in the status details as on a unary call.
-        match resp.parameters.remove(infermesh_core::reason::PARAM) {
+        match resp.parameters.remove(reason::PARAM) {
             Some(pb::InferParameter {
                 parameter_choice: Some(ParameterChoice::StringParam(r)),
-            }) => match infermesh_core::Reason::parse(&r) {
-                Some(reason) => Err(infermesh_core::reason::status(
-                    code,
-                    msg.error_message,
-                    reason,
-                )),
+            }) => match Reason::parse(&r) {
+                Some(reason) => Err(reason::status(code, msg.error_message, reason)),
                 None => Err(Status::new(code, msg.error_message)),
             },
             _ => Err(Status::new(code, msg.error_message)),
         }
     };
     let _ = caller.send(answer);
+}
+
+/// UNAVAILABLE because a stream to a worker ended with the request on it.
+fn unreachable(message: String) -> Status {
+    reason::status(Code::Unavailable, message, Reason::Unreachable)
 }
 
 fn bool_param(b: bool) -> pb::InferParameter {

@@ -271,6 +271,31 @@ async fn with_no_worker_left_the_last_failure_is_the_answer() {
     assert_eq!(fake.log().len(), 2);
 }
 
+/// A broken connection is not the request's fault, whatever code the transport said it
+/// with: the client is told UNAVAILABLE `worker-unreachable` (retry later).
+#[tokio::test(start_paused = true)]
+async fn a_last_broken_connection_answers_worker_unreachable() {
+    let mut unknown = Status::unknown("transport error");
+    unknown.set_source(Arc::new(std::io::Error::other("reset")));
+    for status in [
+        broken(),
+        unknown,
+        Status::cancelled("operation was canceled"),
+    ] {
+        let fake = Fake::new(&[("w1", vec![Act::Fail(status)])]);
+        let env = generous();
+        let err = forward(&fake, &env.retries(), &req(), "", None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert_eq!(reason::of_status(&err), Some(Reason::Unreachable));
+        assert!(
+            err.message().starts_with("worker w1 unreachable"),
+            "{err:?}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_empty_retry_budget_gives_up_and_counts_it() {
     let env = Env::new(Budget::new(Duration::from_secs(10), 0, 0.0));
