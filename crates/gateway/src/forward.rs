@@ -138,19 +138,16 @@ pub async fn forward<M: Mesh>(
     deadline: Option<Instant>,
 ) -> Result<pb::ModelInferResponse, Status> {
     let mut target = mesh.route(&req.model_name, version)?;
-    let mut tried: Vec<String> = Vec::new();
-    let mut given_up: Vec<i64> = Vec::new();
-    let mut last: Option<Status> = None;
-    let mut breaks = 0;
+    let mut tries = Tries::default();
     loop {
-        let Some((worker, fallback)) = mesh.balance(&target, &tried) else {
-            given_up.push(target.version);
-            if let Some(next) = mesh.reroute(&target, &given_up) {
+        let Some((worker, fallback)) = mesh.balance(&target, &tries.workers) else {
+            tries.given_up.push(target.version);
+            if let Some(next) = mesh.reroute(&target, &tries.given_up) {
                 target = next;
                 continue;
             }
             // Nobody left to try: the last failure says more than "no worker".
-            return Err(last.unwrap_or_else(|| mesh.no_worker(&target).into()));
+            return Err(tries.last.unwrap_or_else(|| mesh.no_worker(&target).into()));
         };
         let left = time_left(deadline, Instant::now())?;
         // A bound shorter than the deadline only where another worker could take over.
@@ -163,13 +160,9 @@ pub async fn forward<M: Mesh>(
         let started = Instant::now();
         // The worker is told the bound too (its deadline), so a stuck attempt that is
         // still queued there never runs.
+        let n = tries.workers.len() + 1;
         let result = mesh
-            .attempt(
-                &worker,
-                attempt,
-                bound.map(|b| b.after).or(left),
-                tried.len() + 1,
-            )
+            .attempt(&worker, attempt, bound.map(|b| b.after).or(left), n)
             .await;
         let status = match result {
             Ok(resp) => {
@@ -181,27 +174,57 @@ pub async fn forward<M: Mesh>(
         };
         let failure = judge(&status, bound, started, deadline, M::addr(&worker))?;
         mesh.learn(&worker, &req.model_name, Some((failure, &status)));
-        tried.push(M::addr(&worker).to_string());
+        tries.failed(retries, failure, status, &target, M::addr(&worker))?;
+        if tries.poisoned {
+            return Err(poisoned(retries.quarantine, req, version, &tries));
+        }
+    }
+}
+
+/// What one request's attempts so far have come to.
+#[derive(Default)]
+struct Tries {
+    /// The workers tried, in order.
+    workers: Vec<String>,
+    /// Versions no worker was left for (a request that named none).
+    given_up: Vec<i64>,
+    /// The last failure, the answer once nobody is left to try.
+    last: Option<Status>,
+    /// Workers whose connection broke under this request.
+    breaks: u32,
+    poisoned: bool,
+}
+
+impl Tries {
+    /// Takes a failed attempt on `worker`: `Ok` to try another, `Err` the client's answer.
+    fn failed(
+        &mut self,
+        retries: &Retries<'_>,
+        failure: Failure,
+        status: Status,
+        target: &Target,
+        worker: &str,
+    ) -> Result<(), Status> {
+        self.workers.push(worker.to_string());
         if poison::broke(&status) {
-            breaks += 1;
+            self.breaks += 1;
         }
         let status = match failure {
-            Failure::Broken => failure::unreachable(&status, M::addr(&worker)),
+            Failure::Broken => failure::unreachable(&status, worker),
             _ => status,
         };
-        match decide(failure, breaks, &target, || retries.budget.withdraw()) {
-            Next::Retry => retrying(retries, &status, M::addr(&worker)),
+        match decide(failure, self.breaks, target, || retries.budget.withdraw()) {
+            Next::Retry => retrying(retries, &status, worker),
             Next::GiveUp => {
                 if failure.retryable() && target.policy.retry {
                     retries.metrics.retry_budget_exhausted.inc();
                 }
                 return Err(status);
             }
-            Next::Poisoned => {
-                return Err(poisoned(retries.quarantine, req, version, &tried, breaks))
-            }
+            Next::Poisoned => self.poisoned = true,
         }
-        last = Some(status);
+        self.last = Some(status);
+        Ok(())
     }
 }
 
@@ -249,9 +272,9 @@ fn poisoned(
     quarantine: &Quarantine,
     req: &pb::ModelInferRequest,
     version: &str,
-    tried: &[String],
-    breaks: u32,
+    tries: &Tries,
 ) -> Status {
+    let (tried, breaks) = (&tries.workers, tries.breaks);
     let fp = quarantine.fingerprint(req, version);
     quarantine.add(fp);
     let ttl = quarantine.ttl().as_secs();
