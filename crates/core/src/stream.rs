@@ -107,7 +107,9 @@ where
                             (req.id.clone(), req.model_name.clone(), req.model_version.clone());
                         let failed = move |status: Status| failure(status, model_name, model_version, id);
                         if !flag(&req, UNORDERED) {
-                            let fut = crate::panic::contain(handle(req, caller.clone()));
+                            // Boxed where it is made: the handler's future is kilobytes,
+                            // and every wrapper would otherwise copy it.
+                            let fut = crate::panic::contain(Box::pin(handle(req, caller.clone())));
                             ordered.push_back(Box::pin(async move { answer(fut.await, failed) }));
                             continue;
                         }
@@ -118,7 +120,8 @@ where
                             cancellable.insert(id.clone(), (*n, abort));
                         }
                         let started = Started::default();
-                        let fut = Abortable::new(STARTED.scope(started.clone(), crate::panic::contain(handle(req, caller.clone()))), registration);
+                        let handled = Box::pin(handle(req, caller.clone()));
+                        let fut = Abortable::new(STARTED.scope(started.clone(), crate::panic::contain(handled)), registration);
                         unordered.push(Box::pin(async move {
                             let result = fut.await.unwrap_or_else(|_| Err(started.cancelled()));
                             (key, answer(result, failed))

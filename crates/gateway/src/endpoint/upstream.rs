@@ -186,7 +186,9 @@ pub async fn attempt(
             Err(req) => req,
         }
     };
-    unary(ep, req, left, carry, span).await
+    // Boxed: a unary call's future is kilobytes, and inline it would make every
+    // request's future (the stream messages' too) that large.
+    Box::pin(unary(ep, req, left, carry, span)).await
 }
 
 /// One attempt as a unary call, bounded by `left`.
