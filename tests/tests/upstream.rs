@@ -33,7 +33,8 @@ async fn attempt(ep: &Arc<Endpoint>, req: ModelInferRequest) {
     let size = prost::Message::encoded_len(&req);
     let r = upstream::attempt(
         ep,
-        req,
+        &Arc::new(req),
+        1,
         size,
         None,
         &Carry::default(),

@@ -4,10 +4,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use infermesh_proto::{
     grpc_inference_service_client::GrpcInferenceServiceClient, RepositoryIndexRequest,
     ServerReadyRequest,
@@ -17,6 +18,7 @@ use tonic::transport::Channel;
 use crate::{discovery::Discovered, failure::Failure, load::Load, metrics::WorkerMetrics};
 
 pub mod upstream;
+mod wire;
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -41,7 +43,8 @@ pub struct Endpoint {
     pub client: Client,
     pub load: Load,
     channel: Channel,
-    seen: RwLock<Seen>,
+    /// What the last poll (or failure) said: a snapshot, read on every pick without a lock.
+    seen: ArcSwap<Seen>,
     /// Wakes the refresher early (the health watch saw the worker come back).
     wake: tokio::sync::Notify,
     ejection: std::sync::Mutex<Ejection>,
@@ -155,7 +158,7 @@ impl Endpoint {
             client,
             load: Load::default(),
             channel,
-            seen: RwLock::default(),
+            seen: ArcSwap::default(),
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
             timeouts_in_a_row: Default::default(),
@@ -165,17 +168,17 @@ impl Endpoint {
     }
 
     pub fn seen(&self) -> Seen {
-        self.seen.read().expect("endpoint lock").clone()
+        self.seen.load().as_ref().clone()
     }
 
     /// Whether it is in rotation at all.
     pub fn is_ready(&self) -> bool {
-        self.seen.read().expect("endpoint lock").ready
+        self.seen.load().ready
     }
 
     /// Whether it is ready and serves `model` at `version` (None: any version).
     pub fn serves(&self, model: &str, version: Option<i64>) -> bool {
-        let seen = self.seen.read().expect("endpoint lock");
+        let seen = self.seen.load();
         seen.ready
             && seen
                 .models
@@ -190,7 +193,7 @@ impl Endpoint {
 
     /// The newest ready version of `model` here that is not one of `without`.
     pub fn newest_except(&self, model: &str, without: &[i64]) -> Option<i64> {
-        let seen = self.seen.read().expect("endpoint lock");
+        let seen = self.seen.load();
         if !seen.ready {
             return None;
         }
@@ -203,11 +206,7 @@ impl Endpoint {
     }
 
     pub fn knows(&self, model: &str) -> bool {
-        self.seen
-            .read()
-            .expect("endpoint lock")
-            .known
-            .contains(model)
+        self.seen.load().known.contains(model)
     }
 
     /// Learns from a failed call (see `failure`): a model that is gone comes off this
@@ -217,11 +216,11 @@ impl Endpoint {
         let why = || format!("{:?}: {}", status.code(), status.message());
         match failure {
             Failure::ModelGone => {
-                self.seen
-                    .write()
-                    .expect("endpoint lock")
-                    .models
-                    .remove(model);
+                self.seen.rcu(|seen| {
+                    let mut seen = seen.as_ref().clone();
+                    seen.models.remove(model);
+                    seen
+                });
             }
             Failure::Broken => self.eject(why()),
             Failure::Refusing => self.mark_unready(why()),
@@ -282,7 +281,7 @@ impl Endpoint {
         }
         self.metrics.ready.set(seen.ready as i64);
         let back = seen.ready;
-        let was = std::mem::replace(&mut *self.seen.write().expect("endpoint lock"), seen).ready;
+        let was = self.seen.swap(Arc::new(seen)).ready;
         if back && !was {
             // Back from a fault or an ejection: the latency it had then (a request that
             // hung) must not keep it shunned now.
@@ -293,9 +292,11 @@ impl Endpoint {
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
     pub fn mark_unready(&self, why: String) {
         self.metrics.ready.set(0);
-        let mut seen = self.seen.write().expect("endpoint lock");
-        seen.ready = false;
-        seen.problem = Some(why);
+        self.seen.rcu(|seen| Seen {
+            ready: false,
+            problem: Some(why.clone()),
+            ..seen.as_ref().clone()
+        });
     }
 
     /// Keeps the state fresh for as long as the worker is in the pool: a poll of readiness
@@ -405,7 +406,7 @@ impl Endpoint {
                 ..Default::default()
             },
         };
-        let before = self.seen.read().expect("endpoint lock").ready;
+        let before = self.seen.load().ready;
         self.set_seen(seen);
         let after = self.seen();
         if before != after.ready {

@@ -4,7 +4,7 @@
 //! worker while the retry budget allows. A request that breaks `max_breaks` workers'
 //! connections is a query of death: refused from then on (`poison`).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use infermesh_core::{reason, Error, Reason};
 use infermesh_proto as pb;
@@ -36,11 +36,13 @@ pub trait Mesh {
     /// Why no worker can take the target (when no attempt said more).
     fn no_worker(&self, target: &Target) -> Error;
     fn addr(worker: &Self::Worker) -> &str;
-    /// One attempt on `worker`, bounded by `left`. `n` counts attempts from 1.
+    /// One attempt of `req` at `version` on `worker`, bounded by `left`. `n` counts
+    /// attempts from 1.
     fn attempt(
         &self,
         worker: &Self::Worker,
-        req: pb::ModelInferRequest,
+        req: &Arc<pb::ModelInferRequest>,
+        version: i64,
         left: Option<Duration>,
         n: usize,
     ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send;
@@ -133,7 +135,7 @@ pub fn decide(
 pub async fn forward<M: Mesh>(
     mesh: &M,
     retries: &Retries<'_>,
-    req: &pb::ModelInferRequest,
+    req: &Arc<pb::ModelInferRequest>,
     version: &str,
     deadline: Option<Instant>,
 ) -> Result<pb::ModelInferResponse, Status> {
@@ -155,14 +157,18 @@ pub async fn forward<M: Mesh>(
         let bound = (left.is_some() && fallback)
             .then(|| attempt_bound(left, mesh.p99(&target)))
             .flatten();
-        let mut attempt = req.clone(); // Bytes inside: reference counts, not copies
-        attempt.model_version = target.version.to_string();
         let started = Instant::now();
         // The worker is told the bound too (its deadline), so a stuck attempt that is
         // still queued there never runs.
         let n = tries.workers.len() + 1;
         let result = mesh
-            .attempt(&worker, attempt, bound.map(|b| b.after).or(left), n)
+            .attempt(
+                &worker,
+                req,
+                target.version,
+                bound.map(|b| b.after).or(left),
+                n,
+            )
             .await;
         let status = match result {
             Ok(resp) => {

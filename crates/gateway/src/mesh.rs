@@ -70,13 +70,15 @@ impl Forwarding {
             metrics: &self.metrics,
         };
         let deadline = deadline.map(tokio::time::Instant::from_std);
+        // Shared by every attempt: each is encoded from it, none copies it.
+        let req = Arc::new(req);
         forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
     }
 }
 
 /// One request's view of the workers: the pool as it is when the request arrives.
 pub struct Workers<'a> {
-    all: Vec<Arc<Endpoint>>,
+    all: Arc<Vec<Arc<Endpoint>>>,
     policy: &'a Arc<Policy>,
     latency: &'a Latencies,
     /// The request's encoded length (the trace parameters an attempt adds are a few dozen
@@ -133,7 +135,8 @@ impl forward::Mesh for Workers<'_> {
     fn attempt(
         &self,
         ep: &Arc<Endpoint>,
-        req: pb::ModelInferRequest,
+        req: &Arc<pb::ModelInferRequest>,
+        version: i64,
         left: Option<Duration>,
         n: usize,
     ) -> impl std::future::Future<Output = Result<pb::ModelInferResponse, Status>> + Send {
@@ -146,7 +149,7 @@ impl forward::Mesh for Workers<'_> {
                 attempt = n,
             );
             let _call = ep.call();
-            upstream::attempt(&ep, req, self.size, left, self.carry, span).await
+            upstream::attempt(&ep, req, version, self.size, left, self.carry, span).await
         }
     }
 

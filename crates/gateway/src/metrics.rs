@@ -1,6 +1,11 @@
 //! The gateway's Prometheus metrics. Labels stay bounded: models the pool knows (else
 //! "(unknown)"), worker addresses (series removed when a worker leaves), status codes.
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -55,6 +60,8 @@ pub struct GatewayMetrics {
     pub discovery_changes: Family<ChangeLabels, Counter>,
     pub dns_failures: Counter,
     pub open_streams: Gauge,
+    /// Each model's request series, resolved once (see [`GatewayMetrics::model`]).
+    models: Arc<RwLock<HashMap<String, Arc<ModelRecords>>>>,
 }
 
 impl Default for GatewayMetrics {
@@ -75,6 +82,7 @@ impl Default for GatewayMetrics {
             discovery_changes: Family::default(),
             dns_failures: Counter::default(),
             open_streams: Gauge::default(),
+            models: Default::default(),
         }
     }
 }
@@ -82,16 +90,34 @@ impl Default for GatewayMetrics {
 impl GatewayMetrics {
     /// One finished request (or, with CANCELLED, one whose caller went away).
     pub fn record_request(&self, model: &str, code: tonic::Code, took: std::time::Duration) {
-        let labels = RequestLabels {
+        self.model(model).record(code, took);
+    }
+
+    /// The request series of `model` (a label already bounded by the caller), looked up
+    /// by `&str`: a request's record allocates nothing once its model has been seen.
+    pub fn model(&self, model: &str) -> Arc<ModelRecords> {
+        if let Some(found) = self.models.read().expect("metrics lock").get(model) {
+            return found.clone();
+        }
+        let made = Arc::new(ModelRecords {
+            ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: model.into(),
+                    code: format!("{:?}", tonic::Code::Ok),
+                })
+                .clone(),
+            duration: self
+                .request_duration
+                .get_or_create(&ModelLabels {
+                    model: model.into(),
+                })
+                .clone(),
             model: model.into(),
-            code: format!("{code:?}"),
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.request_duration
-            .get_or_create(&ModelLabels {
-                model: labels.model,
-            })
-            .observe(took.as_secs_f64());
+            requests: self.requests.clone(),
+        });
+        let mut models = self.models.write().expect("metrics lock");
+        models.entry(model.into()).or_insert(made).clone()
     }
 
     pub fn register(registry: &mut Registry) -> Self {
@@ -223,5 +249,31 @@ impl OpenGauge {
 impl Drop for OpenGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// One model's request series: its OK counter and its duration histogram held, other
+/// codes through the family (failures are rare, and each code is its own series).
+#[derive(Debug)]
+pub struct ModelRecords {
+    ok: Counter,
+    duration: Histogram,
+    model: String,
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl ModelRecords {
+    pub fn record(&self, code: tonic::Code, took: std::time::Duration) {
+        match code {
+            tonic::Code::Ok => self.ok.inc(),
+            code => self
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: self.model.clone(),
+                    code: format!("{code:?}"),
+                })
+                .inc(),
+        };
+        self.duration.observe(took.as_secs_f64());
     }
 }

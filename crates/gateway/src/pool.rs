@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
@@ -21,6 +22,9 @@ type Member = (Arc<Endpoint>, JoinHandle<()>);
 pub struct Pool {
     /// Workers by address.
     endpoints: RwLock<BTreeMap<String, Member>>,
+    /// The same workers as one snapshot, replaced on every change: what each request
+    /// reads, without a lock or a copy.
+    snapshot: ArcSwap<Vec<Arc<Endpoint>>>,
     refresh: Duration,
     connect: Connect,
     metrics: GatewayMetrics,
@@ -30,6 +34,7 @@ impl Pool {
     pub fn new(refresh: Duration, connect: Connect, metrics: GatewayMetrics) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::default(),
+            snapshot: ArcSwap::default(),
             refresh,
             connect,
             metrics,
@@ -72,6 +77,8 @@ impl Pool {
                 }
             }
         }
+        self.snapshot
+            .store(Arc::new(eps.values().map(|(e, _)| e.clone()).collect()));
     }
 
     fn count_change(&self, change: &str) {
@@ -86,6 +93,7 @@ impl Pool {
         for (_, (_, task)) in std::mem::take(&mut *self.endpoints.write().expect("pool lock")) {
             task.abort();
         }
+        self.snapshot.store(Arc::default());
     }
 
     /// Whether any worker lists the model (bounds metric labels to real models).
@@ -93,13 +101,9 @@ impl Pool {
         self.all().iter().any(|e| e.knows(model))
     }
 
-    pub fn all(&self) -> Vec<Arc<Endpoint>> {
-        self.endpoints
-            .read()
-            .expect("pool lock")
-            .values()
-            .map(|(e, _)| e.clone())
-            .collect()
+    /// Every worker, as of the last change.
+    pub fn all(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.snapshot.load_full()
     }
 
     pub fn any_ready(&self) -> bool {
@@ -110,7 +114,7 @@ impl Pool {
     /// (the gateway's per-model health).
     pub fn model_health(&self) -> BTreeMap<String, bool> {
         let mut health = BTreeMap::new();
-        for ep in self.all() {
+        for ep in self.all().iter() {
             let seen = ep.seen();
             for name in seen.known {
                 let serving = seen.ready && seen.models.contains_key(&name);

@@ -63,7 +63,7 @@ async fn learn_now(workers: &[Arc<crate::endpoint::Endpoint>]) {
 
 /// Asks every worker in `workers` at once (`call` makes one worker's call).
 async fn fan_out<T, F>(
-    workers: Vec<Arc<crate::endpoint::Endpoint>>,
+    workers: Arc<Vec<Arc<crate::endpoint::Endpoint>>>,
     call: impl Fn(Arc<crate::endpoint::Endpoint>) -> F,
 ) -> Answers<T>
 where
@@ -91,10 +91,13 @@ impl GatewayService {
         deadline: Option<Instant>,
         carry: trace::Carry,
     ) -> std::result::Result<pb::ModelInferResponse, Status> {
-        let model = metrics::model_label(&req.model_name, self.pool.knows(&req.model_name));
-        let mut record = metrics::RequestRecord::new(|code, _version, took| {
-            self.metrics.record_request(&model, code, took)
+        let known = self.pool.knows(&req.model_name);
+        let series = self.metrics.model(match known {
+            true => &req.model_name,
+            false => metrics::UNKNOWN,
         });
+        let mut record =
+            metrics::RequestRecord::new(|code, _version, took| series.record(code, took));
         infermesh_core::busy_poll::touch();
         // Measured once: it counts against the budget and picks stream or unary forwarding.
         let size = req.encoded_len();
@@ -247,7 +250,8 @@ impl GrpcInferenceService for GatewayService {
         &self,
         req: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Self::ModelStreamInferStream> {
-        let svc = self.clone();
+        // Captured once per stream: each message clones one Arc, not the service's fields.
+        let svc = Arc::new(self.clone());
         let open = Arc::new(OpenGauge::new(&self.metrics.open_streams));
         let opts = frame::StreamFrame {
             max_in_flight: self.max_stream_inflight,

@@ -12,7 +12,8 @@
 //!
 //! Each message goes out with an id of the gateway's and `infermesh_unordered`, so its
 //! answer comes back as soon as it is done and finds its caller by that id; the client's
-//! own id is put back. A failed message's status code comes back in the worker's
+//! own id is put back. The request is encoded straight from the caller's copy, shared by
+//! every attempt, with the gateway's fields after it (`wire`). A failed message's status code comes back in the worker's
 //! `infermesh_status_code` parameter, so retries and metrics see codes, not just text.
 
 use std::{
@@ -21,12 +22,10 @@ use std::{
     time::Duration,
 };
 
+use http::uri::PathAndQuery;
+
 use futures::{Stream, StreamExt};
-use infermesh_core::{
-    reason,
-    stream::{CANCEL, STATUS_CODE, UNORDERED},
-    trace, Reason,
-};
+use infermesh_core::{reason, stream::STATUS_CODE, trace, Reason};
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
 use tokio::sync::{mpsc, oneshot};
@@ -34,7 +33,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use super::Endpoint;
+use super::{
+    wire::{self, Outgoing},
+    Endpoint,
+};
 use crate::metrics::OpenGauge;
 
 /// Streams open to one worker at most. One carries all traffic while it has fewer than
@@ -59,7 +61,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 type Answer = Result<pb::ModelInferResponse, Status>;
 
 pub struct Upstream {
-    tx: mpsc::UnboundedSender<pb::ModelInferRequest>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     state: Arc<Mutex<State>>,
     reader: tokio::task::AbortHandle,
 }
@@ -97,17 +99,19 @@ impl Upstream {
         self.state.lock().expect("upstream lock").waiting.len()
     }
 
-    /// Sends `req` under an id of ours; hands it back if the stream has ended (boxed:
-    /// the rare path).
+    /// Sends `req` at `version` under an id of ours; `None` if the stream has ended.
     fn send(
         self: &Arc<Self>,
-        mut req: pb::ModelInferRequest,
-    ) -> Result<Sent, Box<pb::ModelInferRequest>> {
+        req: &Arc<pb::ModelInferRequest>,
+        version: i64,
+        timeout: Option<i64>,
+        trace: HashMap<String, pb::InferParameter>,
+    ) -> Option<Sent> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.state.lock().expect("upstream lock");
             if state.closed {
-                return Err(Box::new(req));
+                return None;
             }
             state.next += 1;
             state.used = true;
@@ -115,17 +119,20 @@ impl Upstream {
             state.waiting.insert(id, tx);
             id
         };
-        let client_id = std::mem::replace(&mut req.id, id.to_string());
-        req.parameters.insert(UNORDERED.into(), bool_param(true));
         let sent = Sent {
             up: self.clone(),
             id,
-            client_id,
             rx,
         };
         // A failed send means the call is over: the reader fails every caller.
-        let _ = self.tx.send(req);
-        Ok(sent)
+        let _ = self.tx.send(Outgoing::Request {
+            req: req.clone(),
+            id,
+            version,
+            timeout,
+            trace,
+        });
+        Some(sent)
     }
 }
 
@@ -134,19 +141,14 @@ impl Upstream {
 struct Sent {
     up: Arc<Upstream>,
     id: u64,
-    client_id: String,
     rx: oneshot::Receiver<Answer>,
 }
 
 impl Sent {
     async fn answer(mut self, worker: &str) -> Answer {
-        let answer = (&mut self.rx)
+        (&mut self.rx)
             .await
-            .unwrap_or_else(|_| Err(unreachable(format!("worker {worker}: stream closed"))));
-        answer.map(|mut resp| {
-            resp.id = std::mem::take(&mut self.client_id);
-            resp
-        })
+            .unwrap_or_else(|_| Err(unreachable(format!("worker {worker}: stream closed"))))
     }
 }
 
@@ -154,51 +156,49 @@ impl Drop for Sent {
     fn drop(&mut self) {
         let mut state = self.up.state.lock().expect("upstream lock");
         if state.waiting.remove(&self.id).is_some() && !state.closed {
-            let cancel = pb::ModelInferRequest {
-                id: self.id.to_string(),
-                parameters: [(CANCEL.to_string(), bool_param(true))].into(),
-                ..Default::default()
-            };
-            let _ = self.up.tx.send(cancel);
+            let _ = self.up.tx.send(Outgoing::Cancel(self.id));
         }
     }
 }
 
-/// One attempt on `ep`, bounded by `left`: the one place that chooses between one of its
-/// streams and a unary call (a message over MAX_MESSAGE_BYTES, or every stream full). The
-/// trace context goes where the chosen way carries it: a stream message's parameters, a
-/// unary call's metadata.
+/// One attempt of `req` at `version` on `ep`, bounded by `left`: the one place that
+/// chooses between one of its streams and a unary call (a message over MAX_MESSAGE_BYTES,
+/// or every stream full). The trace context goes where the chosen way carries it: a stream
+/// message's parameters, a unary call's metadata.
 pub async fn attempt(
     ep: &Arc<Endpoint>,
-    req: pb::ModelInferRequest,
+    req: &Arc<pb::ModelInferRequest>,
+    version: i64,
     size: usize,
     left: Option<Duration>,
     carry: &trace::Carry,
     span: tracing::Span,
 ) -> Answer {
-    let req = if size > MAX_MESSAGE_BYTES {
-        req
-    } else {
-        let traced =
-            |r: &mut pb::ModelInferRequest| carry.inject_parameters(&span, &mut r.parameters);
-        match send(ep, req, left, traced).instrument(span.clone()).await {
-            Ok(answer) => return answer,
-            Err(req) => req,
+    if size <= MAX_MESSAGE_BYTES {
+        let sent = send(ep, req, version, left, carry, &span);
+        if let Some(answer) = sent.instrument(span.clone()).await {
+            return answer.map(|mut resp| {
+                resp.id.clone_from(&req.id); // the client's own, in place of ours
+                resp
+            });
         }
-    };
+    }
     // Boxed: a unary call's future is kilobytes, and inline it would make every
     // request's future (the stream messages' too) that large.
-    Box::pin(unary(ep, req, left, carry, span)).await
+    Box::pin(unary(ep, req, version, left, carry, span)).await
 }
 
 /// One attempt as a unary call, bounded by `left`.
 async fn unary(
     ep: &Endpoint,
-    req: pb::ModelInferRequest,
+    req: &pb::ModelInferRequest,
+    version: i64,
     left: Option<Duration>,
     carry: &trace::Carry,
     span: tracing::Span,
 ) -> Answer {
+    let mut req = req.clone();
+    req.model_version = version.to_string();
     let mut call = tonic::Request::new(req);
     if let Some(left) = left {
         call.set_timeout(left);
@@ -208,42 +208,39 @@ async fn unary(
     Ok(resp.into_inner())
 }
 
-/// Sends `req` to `ep` over one of the streams kept open to it (`prepare` readies it for
-/// the stream), answering DEADLINE_EXCEEDED once `left` has passed. Hands the request back
-/// when every stream is full: send it as a unary call.
+/// Sends `req` to `ep` over one of the streams kept open to it, answering
+/// DEADLINE_EXCEEDED once `left` has passed; the worker is told `left` as Triton's
+/// `timeout` (what is left of the deadline, which already holds the request's own).
+/// `None` when every stream is full: send it as a unary call.
 async fn send(
     ep: &Arc<Endpoint>,
-    mut req: pb::ModelInferRequest,
+    req: &Arc<pb::ModelInferRequest>,
+    version: i64,
     left: Option<Duration>,
-    prepare: impl FnOnce(&mut pb::ModelInferRequest),
-) -> Result<Answer, pb::ModelInferRequest> {
-    let Some(up) = pick(ep) else {
-        return Err(req);
-    };
-    if let Some(left) = left {
-        set_timeout(&mut req, left);
-    }
-    prepare(&mut req);
-    let sent = up.send(req).map_err(|mut req| {
-        // The stream closed between the pick and the send (rare): the unary call carries
-        // its trace context in metadata instead.
-        req.parameters.remove("traceparent");
-        req.parameters.remove("tracestate");
-        *req
-    })?;
+    carry: &trace::Carry,
+    span: &tracing::Span,
+) -> Option<Answer> {
+    let up = pick(ep)?;
+    let timeout = left.map(|left| left.as_micros().min(i64::MAX as u128) as i64);
+    let mut trace = HashMap::new();
+    carry.inject_parameters(span, &mut trace);
+    // The stream closed between the pick and the send (rare): a unary call instead.
+    let sent = up.send(req, version, timeout, trace)?;
     let answer = sent.answer(&ep.addr);
     let Some(left) = left else {
-        return Ok(answer.await);
+        return Some(answer.await);
     };
-    Ok(tokio::time::timeout(left, answer)
-        .await
-        .unwrap_or_else(|_| {
-            Err(reason::status(
-                Code::DeadlineExceeded,
-                format!("deadline passed while worker {} was answering", ep.addr),
-                Reason::Deadline,
-            ))
-        }))
+    Some(
+        tokio::time::timeout(left, answer)
+            .await
+            .unwrap_or_else(|_| {
+                Err(reason::status(
+                    Code::DeadlineExceeded,
+                    format!("deadline passed while worker {} was answering", ep.addr),
+                    Reason::Deadline,
+                ))
+            }),
+    )
 }
 
 /// The open stream to `ep` with the fewest in flight, opening another while all are busy.
@@ -266,23 +263,9 @@ fn pick(ep: &Arc<Endpoint>) -> Option<Arc<Upstream>> {
     }
 }
 
-/// Triton's `timeout` parameter (microseconds): what is `left` of the request's deadline,
-/// which already holds the request's own `timeout` (the handler frame's).
-fn set_timeout(req: &mut pb::ModelInferRequest, left: Duration) {
-    let left = left.as_micros().min(i64::MAX as u128) as i64;
-    let param = pb::InferParameter {
-        parameter_choice: Some(ParameterChoice::Int64Param(left)),
-    };
-    req.parameters.insert("timeout".into(), param);
-}
-
 /// Opens the stream and hands each answer to its caller; when the stream ends, fails
 /// every caller still waiting with the reason (retryable when it means the worker is gone).
-async fn read(
-    ep: Arc<Endpoint>,
-    rx: mpsc::UnboundedReceiver<pb::ModelInferRequest>,
-    state: Arc<Mutex<State>>,
-) {
+async fn read(ep: Arc<Endpoint>, rx: mpsc::UnboundedReceiver<Outgoing>, state: Arc<Mutex<State>>) {
     let _open = OpenGauge::new(&ep.metrics.streams);
     // The request side ends with this task, so the worker sees the stream end even while
     // an `Upstream` (and its sender) is still held.
@@ -326,11 +309,10 @@ async fn read(
 /// worker's connection failed under messages already sent) rather than ended.
 async fn pump(
     ep: &Endpoint,
-    outbound: impl Stream<Item = pb::ModelInferRequest> + Send + 'static,
+    outbound: impl Stream<Item = Outgoing> + Send + 'static,
     state: &Mutex<State>,
 ) -> (Status, bool) {
-    let mut client = ep.client.clone();
-    let mut inbound = match client.model_stream_infer(outbound).await {
+    let mut inbound = match open(ep, outbound).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => return (status, false),
     };
@@ -358,6 +340,23 @@ async fn pump(
             }
         }
     }
+}
+
+/// Opens ModelStreamInfer on `ep` with the gateway's codec (`wire`), as the generated
+/// client would with prost's.
+async fn open(
+    ep: &Endpoint,
+    outbound: impl Stream<Item = Outgoing> + Send + 'static,
+) -> Result<tonic::Response<tonic::codec::Streaming<pb::ModelStreamInferResponse>>, Status> {
+    let mut grpc = tonic::client::Grpc::new(ep.channel.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
+    let path = PathAndQuery::from_static("/inference.GRPCInferenceService/ModelStreamInfer");
+    grpc.streaming(tonic::Request::new(outbound), path, wire::Codec)
+        .await
 }
 
 fn deliver(state: &Mutex<State>, msg: pb::ModelStreamInferResponse) {
@@ -398,10 +397,4 @@ fn deliver(state: &Mutex<State>, msg: pb::ModelStreamInferResponse) {
 /// UNAVAILABLE because a stream to a worker ended with the request on it.
 fn unreachable(message: String) -> Status {
     reason::status(Code::Unavailable, message, Reason::Unreachable)
-}
-
-fn bool_param(b: bool) -> pb::InferParameter {
-    pb::InferParameter {
-        parameter_choice: Some(ParameterChoice::BoolParam(b)),
-    }
 }

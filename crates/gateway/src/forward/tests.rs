@@ -112,7 +112,8 @@ impl Mesh for Fake {
     fn attempt(
         &self,
         w: &String,
-        _: pb::ModelInferRequest,
+        _: &Arc<pb::ModelInferRequest>,
+        _: i64,
         left: Option<Duration>,
         _: usize,
     ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send {
@@ -186,11 +187,11 @@ fn generous() -> Env {
     Env::new(Budget::new(Duration::from_secs(10), 100, 1.0))
 }
 
-fn req() -> pb::ModelInferRequest {
-    pb::ModelInferRequest {
+fn req() -> Arc<pb::ModelInferRequest> {
+    Arc::new(pb::ModelInferRequest {
         model_name: "m".into(),
         ..Default::default()
-    }
+    })
 }
 
 fn because(code: Code, r: Reason) -> Status {
