@@ -18,8 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// Allocations the gateway may add to one stream message and to one unary request (what
 /// was measured when this guard was set, plus a little room for background noise).
-const STREAM_LIMIT: f64 = 36.0;
-const UNARY_LIMIT: f64 = 36.0;
+const STREAM_LIMIT: f64 = 25.0;
+const UNARY_LIMIT: f64 = 25.0;
 
 /// Counts allocations in every thread.
 struct Counting;

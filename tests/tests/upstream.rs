@@ -30,7 +30,9 @@ async fn endpoint(w: &Worker) -> Arc<Endpoint> {
 }
 
 async fn attempt(ep: &Arc<Endpoint>, req: ModelInferRequest) {
-    let size = prost::Message::encoded_len(&req);
+    let bytes = prost::Message::encode_to_vec(&req);
+    let size = bytes.len();
+    let req = infermesh_core::raw::RawRequest::decode(bytes.into()).unwrap();
     let r = upstream::attempt(
         ep,
         &Arc::new(req),
@@ -42,6 +44,9 @@ async fn attempt(ep: &Arc<Endpoint>, req: ModelInferRequest) {
     )
     .await
     .unwrap();
+    let mut answer = Vec::new();
+    r.encode(&mut answer);
+    let r: infermesh_proto::ModelInferResponse = prost::Message::decode(&answer[..]).unwrap();
     assert_eq!(r.outputs.len(), 1);
 }
 

@@ -140,7 +140,13 @@ pub struct HeldReply(Arc<std::sync::Mutex<Option<BytesPermit>>>);
 /// A unary reply whose bytes count against `budget` until the counting layer has written
 /// it (see `body::CountedLayer`).
 pub fn held_reply<T: prost::Message>(reply: T, budget: &ByteBudget) -> tonic::Response<T> {
-    let permit = budget.force(reply.encoded_len());
+    let len = reply.encoded_len();
+    held(reply, len, budget)
+}
+
+/// As [`held_reply`], for a reply of `len` bytes.
+pub fn held<T>(reply: T, len: usize, budget: &ByteBudget) -> tonic::Response<T> {
+    let permit = budget.force(len);
     let mut reply = tonic::Response::new(reply);
     reply.extensions_mut().insert(HeldReply::new(permit));
     reply

@@ -53,10 +53,10 @@ pub fn deadline(
 /// `timeout` parameter counted from `start`, whichever is earlier.
 pub fn of_request(
     outer: Option<Instant>,
-    req: &infermesh_proto::ModelInferRequest,
+    parameters: &crate::raw::Parameters,
     start: Instant,
 ) -> Option<Instant> {
-    let own = req.parameters.get("timeout").and_then(timeout_param);
+    let own = parameters.get("timeout").and_then(timeout_param);
     earlier(outer, param_after(own, start))
 }
 
@@ -125,9 +125,9 @@ mod tests {
         use infermesh_proto::{infer_parameter::ParameterChoice, InferParameter};
         let t0 = Instant::now();
         let mut req = infermesh_proto::ModelInferRequest::default();
-        assert_eq!(of_request(None, &req, t0), None);
+        assert_eq!(of_request(None, &req.parameters, t0), None);
         let outer = t0 + Duration::from_secs(1);
-        assert_eq!(of_request(Some(outer), &req, t0), Some(outer));
+        assert_eq!(of_request(Some(outer), &req.parameters, t0), Some(outer));
         let param = |v| InferParameter {
             parameter_choice: Some(v),
         };
@@ -136,10 +136,10 @@ mod tests {
             param(ParameterChoice::Int64Param(200_000)),
         );
         let own = t0 + Duration::from_millis(200);
-        assert_eq!(of_request(None, &req, t0), Some(own));
-        assert_eq!(of_request(Some(outer), &req, t0), Some(own));
+        assert_eq!(of_request(None, &req.parameters, t0), Some(own));
+        assert_eq!(of_request(Some(outer), &req.parameters, t0), Some(own));
         let sooner = t0 + Duration::from_millis(50);
-        assert_eq!(of_request(Some(sooner), &req, t0), Some(sooner));
+        assert_eq!(of_request(Some(sooner), &req.parameters, t0), Some(sooner));
         // Zero, negative or another type: no deadline of its own.
         for bad in [
             ParameterChoice::Int64Param(0),
@@ -147,7 +147,7 @@ mod tests {
             ParameterChoice::StringParam("100".into()),
         ] {
             req.parameters.insert("timeout".into(), param(bad));
-            assert_eq!(of_request(None, &req, t0), None);
+            assert_eq!(of_request(None, &req.parameters, t0), None);
         }
     }
 

@@ -13,11 +13,16 @@ use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{admission::ByteBudget, auth, trace, Lifecycle};
+use crate::{
+    admission::ByteBudget,
+    auth,
+    raw::{InferAnswer, InferRequest},
+    trace, Lifecycle,
+};
 
 /// One inference request as the frame hands it to a server.
-pub struct Call {
-    pub req: pb::ModelInferRequest,
+pub struct Call<Q = pb::ModelInferRequest> {
+    pub req: Q,
     /// The earlier of the call's `grpc-timeout` (for a stream message, the stream's) and
     /// the request's own `timeout` parameter (Triton's, in microseconds).
     pub deadline: Option<Instant>,
@@ -29,27 +34,29 @@ pub struct Call {
 
 /// ModelInfer: admitted, traced, checked against the caller's models and quotas, counted,
 /// and answered with its bytes held until written.
-pub async fn unary<Fut>(
-    req: Request<pb::ModelInferRequest>,
+pub async fn unary<Q, A, Fut>(
+    req: Request<Q>,
     lifecycle: &Lifecycle,
     budget: &ByteBudget,
-    handle: impl FnOnce(Call) -> Fut,
-) -> Result<Response<pb::ModelInferResponse>, Status>
+    handle: impl FnOnce(Call<Q>) -> Fut,
+) -> Result<Response<A>, Status>
 where
-    Fut: Future<Output = Result<pb::ModelInferResponse, Status>>,
+    Q: InferRequest,
+    A: InferAnswer,
+    Fut: Future<Output = Result<A, Status>>,
 {
     lifecycle.admit().map_err(Status::from)?;
     let start = Instant::now();
     let call_deadline = crate::deadline::deadline(req.metadata(), None, start);
-    let deadline = crate::deadline::of_request(call_deadline, req.get_ref(), start);
+    let deadline = crate::deadline::of_request(call_deadline, req.get_ref().parameters(), start);
     let (span, carry) = trace::request(
         "ModelInfer",
-        &req.get_ref().model_name,
+        req.get_ref().model_name(),
         trace::incoming(req.metadata()),
     );
     let caller = auth::caller(&req);
     let req = req.into_inner();
-    let model = req.model_name.clone();
+    let model = req.model_name().to_string();
     let call = Call {
         req,
         deadline,
@@ -57,7 +64,8 @@ where
         caller: caller.clone(),
     };
     let resp = auth::infer(caller.as_ref(), &model, handle(call).instrument(span)).await?;
-    Ok(crate::admission::held_reply(resp, budget))
+    let len = resp.encoded_len();
+    Ok(crate::admission::held(resp, len, budget))
 }
 
 /// How a server serves its streams (see [`crate::stream::Options`]).
@@ -73,15 +81,17 @@ pub struct StreamFrame {
 
 /// ModelStreamInfer: the stream admitted once; each message traced, checked against the
 /// caller's current credential, models and quotas, and counted, while the stream goes on.
-pub fn stream<F, Fut>(
-    req: Request<Streaming<pb::ModelInferRequest>>,
+pub fn stream<Q, A, F, Fut>(
+    req: Request<Streaming<Q>>,
     lifecycle: &Lifecycle,
     frame: StreamFrame,
     handle: F,
-) -> Result<Response<crate::stream::ResponseStream>, Status>
+) -> Result<Response<crate::stream::ResponseStream<A::Streamed>>, Status>
 where
-    F: Fn(Call) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
+    Q: InferRequest,
+    A: InferAnswer,
+    F: Fn(Call<Q>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<A, Status>> + Send + 'static,
 {
     lifecycle.admit().map_err(Status::from)?;
     // The stream's own deadline bounds every message; a message's `timeout` may be sooner.
@@ -101,14 +111,15 @@ where
         },
         move |m, caller| {
             let cx = match mesh {
-                true => trace::from_parameters(&m.parameters).unwrap_or_else(|| parent.clone()),
+                true => trace::from_parameters(m.parameters()).unwrap_or_else(|| parent.clone()),
                 false => parent.clone(),
             };
-            let (span, carry) = trace::request("ModelStreamInfer", &m.model_name, cx);
+            let (span, carry) = trace::request("ModelStreamInfer", m.model_name(), cx);
             let handle = handle.clone();
-            let deadline = crate::deadline::of_request(stream_deadline, &m, Instant::now());
+            let deadline =
+                crate::deadline::of_request(stream_deadline, m.parameters(), Instant::now());
             async move {
-                let model = m.model_name.clone();
+                let model = m.model_name().to_string();
                 let call = Call {
                     req: m,
                     deadline,

@@ -19,6 +19,7 @@ pub mod model_control;
 pub mod panic;
 pub mod precise;
 pub mod process_metrics;
+pub mod raw;
 pub mod reason;
 pub mod serve;
 pub mod stream;

@@ -80,6 +80,43 @@ where
     S: infermesh_proto::grpc_inference_service_server::GrpcInferenceService,
     H: tonic_health::pb::health_server::Health,
 {
+    serve_routes(
+        |limit| Routes::new(generated(service, limit)),
+        parts,
+        args,
+        shutdown,
+    )
+    .await
+}
+
+/// The generated server of `service`, with the message-size limit. The size limit lives
+/// where bytes are counted: the admission layer refuses a message over it at its 5-byte
+/// prefix (RESOURCE_EXHAUSTED, reason over-budget) before tonic's decoder sees a byte.
+/// tonic's own limit, the same, stays as a second line that never answers first (no
+/// compression is accepted, so declared and decoded sizes agree).
+pub fn generated<S>(
+    service: S,
+    limit: usize,
+) -> infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer<S>
+where
+    S: infermesh_proto::grpc_inference_service_server::GrpcInferenceService,
+{
+    infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit)
+}
+
+/// As [`serve_inference`], with the inference routes `routes` makes for the
+/// message-size limit (`--grpc-max-message-bytes`).
+pub async fn serve_routes<H>(
+    routes: impl FnOnce(usize) -> Routes,
+    parts: Parts<H>,
+    args: &ServerArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    H: tonic_health::pb::health_server::Health,
+{
     let Parts {
         mut listeners,
         lifecycle,
@@ -111,14 +148,6 @@ where
         ));
     }
     let limit = args.grpc_max_message_bytes;
-    // The size limit lives where bytes are counted: the admission layer refuses a message
-    // over it at its 5-byte prefix (RESOURCE_EXHAUSTED, reason over-budget) before tonic's
-    // decoder sees a byte. tonic's own limit, the same, stays as a second line that never
-    // answers first (no compression is accepted, so declared and decoded sizes agree).
-    let inference =
-        infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
     let guards = Guards {
         body: crate::admission::body::Admission::new(crate::admission::body::Limits {
             budget,
@@ -130,7 +159,7 @@ where
         auth,
     };
     let served = serve(
-        Routes::new(inference),
+        routes(limit),
         listeners,
         args,
         guards,

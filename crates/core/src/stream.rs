@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::raw::{InferAnswer, InferRequest};
+
 /// Response parameter of a failed stream message: its gRPC status code, as a number.
 pub const STATUS_CODE: &str = "infermesh_status_code";
 
@@ -33,12 +35,12 @@ pub const UNORDERED: &str = "infermesh_unordered";
 /// Request parameter: cancel the unordered message in flight with this message's id.
 pub const CANCEL: &str = "infermesh_cancel";
 
-pub type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+pub type ResponseStream<M = pb::ModelStreamInferResponse> =
+    Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
-type Answer = BoxFuture<'static, pb::ModelStreamInferResponse>;
+type Answer<M> = BoxFuture<'static, M>;
 /// An unordered answer, with the id and sequence number it is cancellable under.
-type Keyed = BoxFuture<'static, (Option<(String, u64)>, pb::ModelStreamInferResponse)>;
+type Keyed<M> = BoxFuture<'static, (Option<(String, u64)>, M)>;
 
 /// How a server serves its streams.
 #[derive(Clone, Debug)]
@@ -60,14 +62,16 @@ pub struct Options {
 }
 
 /// Serves one stream. `handle` answers one message, as the caller given.
-pub fn serve<F, Fut>(
-    mut inbound: Streaming<pb::ModelInferRequest>,
+pub fn serve<Q, A, F, Fut>(
+    mut inbound: Streaming<Q>,
     options: Options,
     handle: F,
-) -> ResponseStream
+) -> ResponseStream<A::Streamed>
 where
-    F: Fn(pb::ModelInferRequest, Option<crate::auth::Caller>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<pb::ModelInferResponse, Status>> + Send + 'static,
+    Q: InferRequest,
+    A: InferAnswer,
+    F: Fn(Q, Option<crate::auth::Caller>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<A, Status>> + Send + 'static,
 {
     let max_in_flight = options.max_in_flight.max(1);
     let cancels = options.cancels;
@@ -75,8 +79,8 @@ where
     let mut caller = options.caller;
     let (tx, rx) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
-        let mut ordered: FuturesOrdered<Answer> = FuturesOrdered::new();
-        let mut unordered: FuturesUnordered<Keyed> = FuturesUnordered::new();
+        let mut ordered: FuturesOrdered<Answer<A::Streamed>> = FuturesOrdered::new();
+        let mut unordered: FuturesUnordered<Keyed<A::Streamed>> = FuturesUnordered::new();
         // Unordered messages in flight by id; the sequence number tells a reused id apart.
         let mut cancellable: HashMap<String, (u64, AbortHandle)> = HashMap::new();
         let mut seq = 0u64;
@@ -90,7 +94,7 @@ where
             let out = tokio::select! {
                 msg = inbound.message(), if reading && in_flight < max_in_flight => match msg {
                     Ok(Some(req)) if cancels && flag(&req, CANCEL) => {
-                        if let Some((_, abort)) = cancellable.remove(&req.id) {
+                        if let Some((_, abort)) = cancellable.remove(req.id()) {
                             abort.abort();
                         }
                         continue;
@@ -103,8 +107,11 @@ where
                             broken = Some(status);
                             continue;
                         }
-                        let (id, model_name, model_version) =
-                            (req.id.clone(), req.model_name.clone(), req.model_version.clone());
+                        let (id, model_name, model_version) = (
+                            req.id().to_string(),
+                            req.model_name().to_string(),
+                            req.model_version().to_string(),
+                        );
                         let failed = move |status: Status| failure(status, model_name, model_version, id);
                         if !flag(&req, UNORDERED) {
                             // Boxed where it is made: the handler's future is kilobytes,
@@ -114,7 +121,7 @@ where
                             continue;
                         }
                         seq += 1;
-                        let key = (!req.id.is_empty()).then(|| (req.id.clone(), seq));
+                        let key = (!req.id().is_empty()).then(|| (req.id().to_string(), seq));
                         let (abort, registration) = AbortHandle::new_pair();
                         if let Some((id, n)) = &key {
                             cancellable.insert(id.clone(), (*n, abort));
@@ -149,9 +156,7 @@ where
                 }
                 () = tx.closed() => return,
             };
-            let held = replies
-                .as_ref()
-                .map(|b| b.force(prost::Message::encoded_len(&out)));
+            let held = replies.as_ref().map(|b| b.force(A::streamed_len(&out)));
             if tx.send((Ok(out), held)).await.is_err() {
                 return;
             }
@@ -165,16 +170,13 @@ where
     Box::pin(ReceiverStream::new(rx).map(|(answer, _held)| answer))
 }
 
-fn answer(
-    result: Result<pb::ModelInferResponse, Status>,
+fn answer<A: InferAnswer>(
+    result: Result<A, Status>,
     failed: impl FnOnce(Status) -> pb::ModelStreamInferResponse,
-) -> pb::ModelStreamInferResponse {
+) -> A::Streamed {
     match result {
-        Ok(resp) => pb::ModelStreamInferResponse {
-            error_message: String::new(),
-            infer_response: Some(resp),
-        },
-        Err(status) => failed(status),
+        Ok(resp) => resp.streamed(),
+        Err(status) => A::failed(failed(status)),
     }
 }
 
@@ -239,9 +241,9 @@ fn failure(
     }
 }
 
-fn flag(req: &pb::ModelInferRequest, name: &str) -> bool {
+fn flag(req: &impl InferRequest, name: &str) -> bool {
     matches!(
-        req.parameters
+        req.parameters()
             .get(name)
             .and_then(|p| p.parameter_choice.as_ref()),
         Some(ParameterChoice::BoolParam(true))

@@ -6,8 +6,10 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use infermesh_core::{reason, Error, Reason};
-use infermesh_proto as pb;
+use infermesh_core::{
+    raw::{RawAnswer, RawRequest},
+    reason, Error, Reason,
+};
 use tokio::time::Instant;
 use tonic::Status;
 // deposit() and withdraw() of the retry budget.
@@ -41,11 +43,11 @@ pub trait Mesh {
     fn attempt(
         &self,
         worker: &Self::Worker,
-        req: &Arc<pb::ModelInferRequest>,
+        req: &Arc<RawRequest>,
         version: i64,
         left: Option<Duration>,
         n: usize,
-    ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send;
+    ) -> impl Future<Output = Result<RawAnswer, Status>> + Send;
     /// What an attempt taught about its worker (`None`: it answered).
     fn learn(&self, worker: &Self::Worker, model: &str, failed: Option<(Failure, &Status)>);
     /// The target's recent 99th-percentile answer time, once known.
@@ -135,10 +137,10 @@ pub fn decide(
 pub async fn forward<M: Mesh>(
     mesh: &M,
     retries: &Retries<'_>,
-    req: &Arc<pb::ModelInferRequest>,
+    req: &Arc<RawRequest>,
     version: &str,
     deadline: Option<Instant>,
-) -> Result<pb::ModelInferResponse, Status> {
+) -> Result<RawAnswer, Status> {
     let mut target = mesh.route(&req.model_name, version)?;
     let mut tries = Tries::default();
     loop {
@@ -274,12 +276,7 @@ fn retrying(retries: &Retries<'_>, status: &Status, worker: &str) {
 }
 
 /// The request broke its last allowed worker: refuse its fingerprint from now on.
-fn poisoned(
-    quarantine: &Quarantine,
-    req: &pb::ModelInferRequest,
-    version: &str,
-    tries: &Tries,
-) -> Status {
+fn poisoned(quarantine: &Quarantine, req: &RawRequest, version: &str, tries: &Tries) -> Status {
     let (tried, breaks) = (&tries.workers, tries.breaks);
     let fp = quarantine.fingerprint(req, version);
     quarantine.add(fp);

@@ -12,6 +12,7 @@ pub mod latency;
 pub mod load;
 pub mod mesh;
 pub mod metrics;
+pub mod pass_through;
 pub mod poison;
 pub mod pool;
 pub mod retry;
@@ -134,9 +135,14 @@ pub async fn run(
         registry,
         watched: worker_tls.iter().map(|t| t.watched("worker-tls")).collect(),
     };
-    let served = serve::serve_inference(service, parts, &config.server, shutdown)
-        .await
-        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
+    let served = serve::serve_routes(
+        |limit| tonic::service::Routes::new(pass_through::Inference::new(service, limit)),
+        parts,
+        &config.server,
+        shutdown,
+    )
+    .await
+    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")));
     // Nothing of the gateway outlives `run`: discovery, health and every worker's
     // refresher and connections stop with it (it may run inside a longer-lived process).
     following.abort();

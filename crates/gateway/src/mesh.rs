@@ -4,8 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use infermesh_core::{reason, trace, Error, Reason};
-use infermesh_proto as pb;
+use infermesh_core::{
+    raw::{RawAnswer, RawRequest},
+    reason, trace, Error, Reason,
+};
 use tonic::Status;
 // deposit() of the retry budget.
 use tower::retry::budget::Budget as _;
@@ -42,11 +44,11 @@ impl Forwarding {
     /// endpoint) over this gateway's workers.
     pub async fn forward(
         &self,
-        mut req: pb::ModelInferRequest,
+        mut req: RawRequest,
         size: usize,
         deadline: Option<std::time::Instant>,
         carry: &trace::Carry,
-    ) -> Result<pb::ModelInferResponse, Status> {
+    ) -> Result<RawAnswer, Status> {
         self.budget.deposit();
         let asked_version = std::mem::take(&mut req.model_version);
         if self.quarantine.is_active() {
@@ -135,11 +137,11 @@ impl forward::Mesh for Workers<'_> {
     fn attempt(
         &self,
         ep: &Arc<Endpoint>,
-        req: &Arc<pb::ModelInferRequest>,
+        req: &Arc<RawRequest>,
         version: i64,
         left: Option<Duration>,
         n: usize,
-    ) -> impl std::future::Future<Output = Result<pb::ModelInferResponse, Status>> + Send {
+    ) -> impl std::future::Future<Output = Result<RawAnswer, Status>> + Send {
         let ep = ep.clone();
         async move {
             let span = infermesh_core::child_span!(

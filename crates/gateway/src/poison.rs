@@ -1,7 +1,7 @@
 //! Poison containment: a request that breaks the connection of every worker it reaches (a
 //! query of death) may break two workers once, never the fleet. A request is known by its
-//! fingerprint: model, version, input names, datatypes and shapes, and a hash of its
-//! bytes. After its second worker breaks under it, the client gets UNAVAILABLE and the
+//! fingerprint: model, version, and a hash of its tensors' bytes as they came (every
+//! `inputs` and `raw_input_contents` field: names, datatypes, shapes and contents). After its second worker breaks under it, the client gets UNAVAILABLE and the
 //! same fingerprint is refused at the gateway, without reaching any worker, for the
 //! quarantine time (`--poison-quarantine`).
 //!
@@ -18,9 +18,8 @@ use std::{
     time::Duration,
 };
 
-use infermesh_proto as pb;
+use infermesh_core::raw::RawRequest;
 use prometheus_client::metrics::counter::Counter;
-use prost::Message as _;
 use tokio::time::Instant;
 
 /// Workers one request may break before it is refused.
@@ -51,20 +50,12 @@ impl Quarantine {
         }
     }
 
-    pub fn fingerprint(&self, req: &pb::ModelInferRequest, version: &str) -> u64 {
+    pub fn fingerprint(&self, req: &RawRequest, version: &str) -> u64 {
         let mut h = self.keys.build_hasher();
         req.model_name.hash(&mut h);
         version.hash(&mut h);
-        for input in &req.inputs {
-            input.name.hash(&mut h);
-            input.datatype.hash(&mut h);
-            input.shape.hash(&mut h);
-            if let Some(c) = &input.contents {
-                c.encode_to_vec().hash(&mut h);
-            }
-        }
-        for raw in &req.raw_input_contents {
-            raw.hash(&mut h);
+        for field in req.tensor_fields() {
+            field.hash(&mut h);
         }
         h.finish()
     }
@@ -143,10 +134,13 @@ pub fn broke(status: &tonic::Status) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use infermesh_proto as pb;
+    use prost::Message as _;
+
     use super::*;
 
-    fn req(byte: u8) -> pb::ModelInferRequest {
-        pb::ModelInferRequest {
+    fn req(byte: u8) -> RawRequest {
+        let req = pb::ModelInferRequest {
             model_name: "m".into(),
             inputs: vec![pb::model_infer_request::InferInputTensor {
                 name: "x".into(),
@@ -155,8 +149,10 @@ mod tests {
                 ..Default::default()
             }],
             raw_input_contents: vec![vec![byte].into()],
+            id: format!("ids do not count {byte}"),
             ..Default::default()
-        }
+        };
+        RawRequest::decode(req.encode_to_vec().into()).unwrap()
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,11 +10,14 @@ use std::{
 
 use futures::future::join_all;
 use infermesh_core::{
-    admission::ByteBudget, auth, frame, metrics, stream::UNORDERED, text::clip, trace,
-    Error as RequestError, Lifecycle,
+    admission::ByteBudget,
+    auth, frame, metrics,
+    raw::{RawAnswer, RawRequest, RawStreamed},
+    stream::{ResponseStream, UNORDERED},
+    text::clip,
+    trace, Error as RequestError, Lifecycle,
 };
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::single_flight::SingleFlight;
@@ -79,7 +82,48 @@ where
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
+const PASS_THROUGH: &str = "served by the gateway's pass-through route";
+
 impl GatewayService {
+    /// ModelInfer on the bytes that came (see `pass_through`).
+    pub async fn model_infer_raw(
+        &self,
+        req: Request<RawRequest>,
+    ) -> std::result::Result<Response<RawAnswer>, Status> {
+        frame::unary(req, &self.lifecycle, &self.bytes, |call| async move {
+            self.infer(call.req, call.deadline, call.carry)
+                .await
+                .map_err(|s| self.scrub(call.caller.as_ref(), s))
+        })
+        .await
+    }
+
+    /// ModelStreamInfer on the bytes that came. Each message is balanced on its own, so
+    /// one busy stream spreads over every worker. A stream may mix models, and each
+    /// message counts against the tenant's quotas; a refused message gets its error and
+    /// the stream goes on.
+    pub fn model_stream_infer_raw(
+        self: &Arc<Self>,
+        req: Request<Streaming<RawRequest>>,
+    ) -> std::result::Result<Response<ResponseStream<RawStreamed>>, Status> {
+        let svc = self.clone();
+        let open = Arc::new(OpenGauge::new(&self.metrics.open_streams));
+        let opts = frame::StreamFrame {
+            max_in_flight: self.max_stream_inflight,
+            mesh_parameters: false,
+            replies: self.bytes.clone(),
+        };
+        frame::stream(req, &self.lifecycle, opts, move |call| {
+            let _open = &open; // lives as long as the stream
+            let svc = svc.clone();
+            async move {
+                svc.infer(call.req, call.deadline, call.carry)
+                    .await
+                    .map_err(|s| svc.scrub(call.caller.as_ref(), s))
+            }
+        })
+    }
+
     /// Forwards one inference request to the worker the balancer picks. The tensor bytes
     /// pass through as they came (`Bytes`); nothing is decoded into tensors. A failure
     /// that means the request did not run (worker unavailable or draining, model gone
@@ -87,10 +131,10 @@ impl GatewayService {
     /// budget allow; every other status passes through unchanged.
     pub async fn infer(
         &self,
-        req: pb::ModelInferRequest,
+        req: RawRequest,
         deadline: Option<Instant>,
         carry: trace::Carry,
-    ) -> std::result::Result<pb::ModelInferResponse, Status> {
+    ) -> std::result::Result<RawAnswer, Status> {
         let known = self.pool.knows(&req.model_name);
         let series = self.metrics.model(match known {
             true => &req.model_name,
@@ -99,8 +143,8 @@ impl GatewayService {
         let mut record =
             metrics::RequestRecord::new(|code, _version, took| series.record(code, took));
         infermesh_core::busy_poll::touch();
-        // Measured once: it counts against the budget and picks stream or unary forwarding.
-        let size = req.encoded_len();
+        // It counts against the budget and picks stream or unary forwarding.
+        let size = req.bytes.len();
         let held = self.bytes.acquire(size);
         let result = match (internal_parameter(&req), held) {
             (Some(status), _) => Err(status),
@@ -135,7 +179,7 @@ fn capped(status: Status) -> Status {
 
 /// Request parameters with the `infermesh_` prefix belong to the mesh; a client may set
 /// only `infermesh_unordered`.
-fn internal_parameter(req: &pb::ModelInferRequest) -> Option<Status> {
+fn internal_parameter(req: &RawRequest) -> Option<Status> {
     let key = req
         .parameters
         .keys()
@@ -229,44 +273,22 @@ impl GrpcInferenceService for GatewayService {
         ))
     }
 
+    /// Never called: `pass_through` serves ModelInfer on the bytes that came.
     async fn model_infer(
         &self,
-        req: Request<pb::ModelInferRequest>,
+        _: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
-        frame::unary(req, &self.lifecycle, &self.bytes, |call| async move {
-            self.infer(call.req, call.deadline, call.carry)
-                .await
-                .map_err(|s| self.scrub(call.caller.as_ref(), s))
-        })
-        .await
+        Err(Status::unimplemented(PASS_THROUGH))
     }
 
     type ModelStreamInferStream = infermesh_core::stream::ResponseStream;
 
-    /// Each message is balanced on its own, so one busy stream spreads over every worker.
-    /// A stream may mix models, and each message counts against the tenant's quotas; a
-    /// refused message gets its error and the stream goes on.
+    /// Never called: `pass_through` serves ModelStreamInfer on the bytes that came.
     async fn model_stream_infer(
         &self,
-        req: Request<Streaming<pb::ModelInferRequest>>,
+        _: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Self::ModelStreamInferStream> {
-        // Captured once per stream: each message clones one Arc, not the service's fields.
-        let svc = Arc::new(self.clone());
-        let open = Arc::new(OpenGauge::new(&self.metrics.open_streams));
-        let opts = frame::StreamFrame {
-            max_in_flight: self.max_stream_inflight,
-            mesh_parameters: false,
-            replies: self.bytes.clone(),
-        };
-        frame::stream(req, &self.lifecycle, opts, move |call| {
-            let _open = &open; // lives as long as the stream
-            let svc = svc.clone();
-            async move {
-                svc.infer(call.req, call.deadline, call.carry)
-                    .await
-                    .map_err(|s| svc.scrub(call.caller.as_ref(), s))
-            }
-        })
+        Err(Status::unimplemented(PASS_THROUGH))
     }
 
     async fn model_statistics(

@@ -24,17 +24,20 @@ use std::{
 
 use http::uri::PathAndQuery;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use infermesh_core::{reason, stream::STATUS_CODE, trace, Reason};
+use infermesh_core::{
+    raw::{RawAnswer, RawRequest},
+    reason, trace, Reason,
+};
 use infermesh_proto as pb;
-use pb::infer_parameter::ParameterChoice;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use super::{
-    wire::{self, Outgoing},
+    wire::{self, Delivered, Outgoing},
     Endpoint,
 };
 use crate::metrics::OpenGauge;
@@ -58,7 +61,10 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// next message opens a new one).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-type Answer = Result<pb::ModelInferResponse, Status>;
+/// An attempt's answer: the worker's bytes, to go out under the client's id.
+type Answer = Result<RawAnswer, Status>;
+/// What a stream's reader hands a caller: the answer's bytes as the worker sent them.
+type Reply = Result<Bytes, Status>;
 
 pub struct Upstream {
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -69,7 +75,7 @@ pub struct Upstream {
 #[derive(Default)]
 struct State {
     next: u64,
-    waiting: HashMap<u64, oneshot::Sender<Answer>>,
+    waiting: HashMap<u64, oneshot::Sender<Reply>>,
     /// The stream has ended: messages go on a new one.
     closed: bool,
     /// A message went out since the last idle check.
@@ -102,7 +108,7 @@ impl Upstream {
     /// Sends `req` at `version` under an id of ours; `None` if the stream has ended.
     fn send(
         self: &Arc<Self>,
-        req: &Arc<pb::ModelInferRequest>,
+        req: &Arc<RawRequest>,
         version: i64,
         timeout: Option<i64>,
         trace: HashMap<String, pb::InferParameter>,
@@ -141,11 +147,11 @@ impl Upstream {
 struct Sent {
     up: Arc<Upstream>,
     id: u64,
-    rx: oneshot::Receiver<Answer>,
+    rx: oneshot::Receiver<Reply>,
 }
 
 impl Sent {
-    async fn answer(mut self, worker: &str) -> Answer {
+    async fn answer(mut self, worker: &str) -> Reply {
         (&mut self.rx)
             .await
             .unwrap_or_else(|_| Err(unreachable(format!("worker {worker}: stream closed"))))
@@ -167,7 +173,7 @@ impl Drop for Sent {
 /// message's parameters, a unary call's metadata.
 pub async fn attempt(
     ep: &Arc<Endpoint>,
-    req: &Arc<pb::ModelInferRequest>,
+    req: &Arc<RawRequest>,
     version: i64,
     size: usize,
     left: Option<Duration>,
@@ -177,9 +183,10 @@ pub async fn attempt(
     if size <= MAX_MESSAGE_BYTES {
         let sent = send(ep, req, version, left, carry, &span);
         if let Some(answer) = sent.instrument(span.clone()).await {
-            return answer.map(|mut resp| {
-                resp.id.clone_from(&req.id); // the client's own, in place of ours
-                resp
+            // Out under the client's own id, in place of ours.
+            return answer.map(|bytes| RawAnswer {
+                bytes,
+                id: req.id.clone(),
             });
         }
     }
@@ -191,21 +198,31 @@ pub async fn attempt(
 /// One attempt as a unary call, bounded by `left`.
 async fn unary(
     ep: &Endpoint,
-    req: &pb::ModelInferRequest,
+    req: &Arc<RawRequest>,
     version: i64,
     left: Option<Duration>,
     carry: &trace::Carry,
     span: tracing::Span,
 ) -> Answer {
-    let mut req = req.clone();
-    req.model_version = version.to_string();
-    let mut call = tonic::Request::new(req);
+    let mut call = tonic::Request::new(Outgoing::Unary {
+        req: req.clone(),
+        version,
+    });
     if let Some(left) = left {
         call.set_timeout(left);
     }
     carry.inject(&span, call.metadata_mut());
-    let resp = ep.client.clone().model_infer(call).instrument(span).await?;
-    Ok(resp.into_inner())
+    let mut grpc = client(ep);
+    ready(&mut grpc).await?;
+    let path = PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+    let resp = grpc
+        .unary(call, path, wire::Codec::<Bytes>::default())
+        .instrument(span)
+        .await?;
+    Ok(RawAnswer {
+        bytes: resp.into_inner(),
+        id: req.id.clone(),
+    })
 }
 
 /// Sends `req` to `ep` over one of the streams kept open to it, answering
@@ -214,12 +231,12 @@ async fn unary(
 /// `None` when every stream is full: send it as a unary call.
 async fn send(
     ep: &Arc<Endpoint>,
-    req: &Arc<pb::ModelInferRequest>,
+    req: &Arc<RawRequest>,
     version: i64,
     left: Option<Duration>,
     carry: &trace::Carry,
     span: &tracing::Span,
-) -> Option<Answer> {
+) -> Option<Reply> {
     let up = pick(ep)?;
     let timeout = left.map(|left| left.as_micros().min(i64::MAX as u128) as i64);
     let mut trace = HashMap::new();
@@ -342,56 +359,43 @@ async fn pump(
     }
 }
 
-/// Opens ModelStreamInfer on `ep` with the gateway's codec (`wire`), as the generated
-/// client would with prost's.
+/// A call to `ep` with the gateway's codec (`wire`), as the generated client makes one
+/// with prost's.
+fn client(ep: &Endpoint) -> tonic::client::Grpc<tonic::transport::Channel> {
+    tonic::client::Grpc::new(ep.channel.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+async fn ready(grpc: &mut tonic::client::Grpc<tonic::transport::Channel>) -> Result<(), Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))
+}
+
+/// Opens ModelStreamInfer on `ep`.
 async fn open(
     ep: &Endpoint,
     outbound: impl Stream<Item = Outgoing> + Send + 'static,
-) -> Result<tonic::Response<tonic::codec::Streaming<pb::ModelStreamInferResponse>>, Status> {
-    let mut grpc = tonic::client::Grpc::new(ep.channel.clone())
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
+) -> Result<tonic::Response<tonic::codec::Streaming<Delivered>>, Status> {
+    let mut grpc = client(ep);
+    ready(&mut grpc).await?;
     let path = PathAndQuery::from_static("/inference.GRPCInferenceService/ModelStreamInfer");
-    grpc.streaming(tonic::Request::new(outbound), path, wire::Codec)
-        .await
+    grpc.streaming(
+        tonic::Request::new(outbound),
+        path,
+        wire::Codec::<Delivered>::default(),
+    )
+    .await
 }
 
-fn deliver(state: &Mutex<State>, msg: pb::ModelStreamInferResponse) {
-    let Some(mut resp) = msg.infer_response else {
-        return;
-    };
-    let Some(caller) = resp
+fn deliver(state: &Mutex<State>, msg: Delivered) {
+    let caller = msg
         .id
-        .parse()
-        .ok()
-        .and_then(|id| state.lock().expect("upstream lock").waiting.remove(&id))
-    else {
-        return; // its caller went away
-    };
-    let answer = if msg.error_message.is_empty() {
-        Ok(resp)
-    } else {
-        let code = match resp.parameters.remove(STATUS_CODE) {
-            Some(pb::InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(code)),
-            }) => Code::from(code as i32),
-            _ => Code::Unknown,
-        };
-        // The worker's reason travels on, in the status details as on a unary call.
-        match resp.parameters.remove(reason::PARAM) {
-            Some(pb::InferParameter {
-                parameter_choice: Some(ParameterChoice::StringParam(r)),
-            }) => match Reason::parse(&r) {
-                Some(reason) => Err(reason::status(code, msg.error_message, reason)),
-                None => Err(Status::new(code, msg.error_message)),
-            },
-            _ => Err(Status::new(code, msg.error_message)),
-        }
-    };
-    let _ = caller.send(answer);
+        .and_then(|id| state.lock().expect("upstream lock").waiting.remove(&id));
+    if let Some(caller) = caller {
+        let _ = caller.send(msg.answer);
+    } // else its caller went away
 }
 
 /// UNAVAILABLE because a stream to a worker ended with the request on it.

@@ -112,11 +112,11 @@ impl Mesh for Fake {
     fn attempt(
         &self,
         w: &String,
-        _: &Arc<pb::ModelInferRequest>,
+        _: &Arc<RawRequest>,
         _: i64,
         left: Option<Duration>,
         _: usize,
-    ) -> impl Future<Output = Result<pb::ModelInferResponse, Status>> + Send {
+    ) -> impl Future<Output = Result<RawAnswer, Status>> + Send {
         self.attempted.lock().unwrap().push(w.clone());
         let act = {
             let mut scripts = self.scripts.lock().unwrap();
@@ -126,9 +126,9 @@ impl Mesh for Fake {
         let w = w.clone();
         async move {
             let answer = || {
-                Ok(pb::ModelInferResponse {
+                Ok(RawAnswer {
+                    bytes: Default::default(),
                     id: w.clone(),
-                    ..Default::default()
                 })
             };
             match act {
@@ -187,11 +187,12 @@ fn generous() -> Env {
     Env::new(Budget::new(Duration::from_secs(10), 100, 1.0))
 }
 
-fn req() -> Arc<pb::ModelInferRequest> {
-    Arc::new(pb::ModelInferRequest {
+fn req() -> Arc<RawRequest> {
+    let req = infermesh_proto::ModelInferRequest {
         model_name: "m".into(),
         ..Default::default()
-    })
+    };
+    Arc::new(RawRequest::decode(prost::Message::encode_to_vec(&req).into()).unwrap())
 }
 
 fn because(code: Code, r: Reason) -> Status {
