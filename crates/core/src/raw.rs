@@ -169,7 +169,7 @@ impl InferAnswer for RawAnswer {
         RawStreamed::Answer(self)
     }
     fn failed(answer: pb::ModelStreamInferResponse) -> RawStreamed {
-        RawStreamed::Failed(answer)
+        RawStreamed::Failed(Box::new(answer))
     }
     fn streamed_len(message: &RawStreamed) -> usize {
         message.encoded_len()
@@ -181,7 +181,8 @@ impl InferAnswer for RawAnswer {
 #[derive(Debug)]
 pub enum RawStreamed {
     Answer(RawAnswer),
-    Failed(pb::ModelStreamInferResponse),
+    /// Boxed: rare, and large beside an answer (every queued answer is this size).
+    Failed(Box<pb::ModelStreamInferResponse>),
 }
 
 impl RawStreamed {
@@ -193,7 +194,7 @@ impl RawStreamed {
                     + prost::encoding::encoded_len_varint(inner as u64)
                     + inner
             }
-            Self::Failed(f) => prost::Message::encoded_len(f),
+            Self::Failed(f) => prost::Message::encoded_len(&**f),
         }
     }
 
@@ -205,7 +206,7 @@ impl RawStreamed {
                 a.encode(buf);
                 Ok(())
             }
-            Self::Failed(f) => prost::Message::encode(f, buf),
+            Self::Failed(f) => prost::Message::encode(&**f, buf),
         }
     }
 }

@@ -77,7 +77,8 @@ where
     let cancels = options.cancels;
     let replies = options.replies;
     let mut caller = options.caller;
-    let (tx, rx) = mpsc::channel(max_in_flight);
+    // The stream's end status is boxed in the queue: every slot is the size of its item.
+    let (tx, rx) = mpsc::channel::<(Result<A::Streamed, Box<Status>>, _)>(max_in_flight);
     tokio::spawn(async move {
         let mut ordered: FuturesOrdered<Answer<A::Streamed>> = FuturesOrdered::new();
         let mut unordered: FuturesUnordered<Keyed<A::Streamed>> = FuturesUnordered::new();
@@ -162,12 +163,12 @@ where
             }
         }
         if let Some(status) = broken {
-            let _ = tx.send((Err(status), None)).await;
+            let _ = tx.send((Err(Box::new(status)), None)).await;
         }
     });
     // An answer's bytes are released when tonic takes it to write, which hyper does only
     // when the client's window has room.
-    Box::pin(ReceiverStream::new(rx).map(|(answer, _held)| answer))
+    Box::pin(ReceiverStream::new(rx).map(|(answer, _held)| answer.map_err(|e| *e)))
 }
 
 fn answer<A: InferAnswer>(

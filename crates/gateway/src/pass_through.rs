@@ -19,7 +19,7 @@ use infermesh_core::{
 use infermesh_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tonic::{
     body::Body,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     server::{Grpc, NamedService, StreamingService, UnaryService},
     Request, Response, Status, Streaming,
 };
@@ -154,6 +154,10 @@ impl<E: Wire> Encoder for WireEncoder<E> {
     fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.write(buf)
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        small_buffers()
+    }
 }
 
 pub struct RawDecoder;
@@ -171,4 +175,15 @@ impl Decoder for RawDecoder {
             ))
         })
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        small_buffers()
+    }
+}
+
+/// Each stream's read and write buffers start at 1 KiB (tonic's default is 8 KiB each)
+/// and grow with the messages that come: an idle stream holds little (1,000 open streams
+/// are a gateway's ordinary load), a busy one as much as its messages need.
+fn small_buffers() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
 }
