@@ -129,9 +129,9 @@ pub struct ServerArgs {
     pub max_connection_age: Duration,
 
     /// Threads serving gRPC. 1 runs everything on one thread (no cross-thread wake-ups: the
-    /// least CPU per request, as Linkerd's proxy does by default). 0 = automatic: one per
-    /// core on the gateway; a quarter of the cores (at least 1) on the worker, whose
-    /// models run on ONNX Runtime's threads.
+    /// least CPU per request, as Linkerd's proxy does by default). 0 = automatic: on the
+    /// gateway 1 up to 2 cores, else one per core; a quarter of the cores (at least 1) on
+    /// the worker, whose models run on ONNX Runtime's threads.
     #[arg(long, env = "INFERMESH_THREADS", default_value_t = 0)]
     pub threads: usize,
 

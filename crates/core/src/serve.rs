@@ -417,6 +417,20 @@ pub fn worker_threads(threads: usize) -> usize {
     }
 }
 
+/// `--threads` 0 on the gateway: 1 up to 2 cores, else one per core. One thread has no
+/// cross-thread wake-ups (on 2 cores, unary at concurrency 32: 50 vs 79 µs of CPU per
+/// request, 10.6k vs 7.8k requests/s); gateways scale out in replicas, as Linkerd's
+/// proxies do, and a bigger one takes a thread per core.
+pub fn gateway_threads(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| match n.get() {
+            ..=2 => 1,
+            n => n,
+        }),
+        n => n,
+    }
+}
+
 /// The tokio runtime a server runs on: `threads` 1 is a single-threaded runtime (tasks
 /// wake each other without crossing threads), 0 one worker thread per core.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {

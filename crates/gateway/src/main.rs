@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
 
 fn main_result() -> anyhow::Result<()> {
     let config = GatewayConfig::parse();
-    serve::runtime(config.server.threads)?.block_on(async move {
+    serve::runtime(serve::gateway_threads(config.server.threads))?.block_on(async move {
         let tracing = infermesh_core::telemetry::init_server(&config.server, "infermesh-gateway");
         let listeners = Listeners::bind(&config.server).await?;
         let result = infermesh_gateway::run(config, listeners, serve::signal()).await;

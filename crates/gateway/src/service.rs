@@ -124,8 +124,8 @@ impl GatewayService {
         })
     }
 
-    /// Forwards one inference request to the worker the balancer picks. The tensor bytes
-    /// pass through as they came (`Bytes`); nothing is decoded into tensors. A failure
+    /// Forwards one inference request to the worker the balancer picks. Its bytes pass
+    /// through as they came, and the worker's answer goes back as it wrote it. A failure
     /// that means the request did not run (worker unavailable or draining, model gone
     /// there, queue full) is retried on another worker while the deadline and the retry
     /// budget allow; every other status passes through unchanged.
