@@ -51,6 +51,8 @@ pub struct Endpoint {
     pub metrics: WorkerMetrics,
     /// Attempts that timed out since its last answer.
     timeouts_in_a_row: std::sync::atomic::AtomicU32,
+    /// Whether `ejection` holds anything a success must clear.
+    ejected: std::sync::atomic::AtomicBool,
     /// The streams requests travel on to this worker (see `upstream`).
     pub streams: std::sync::Mutex<Vec<Arc<upstream::Upstream>>>,
 }
@@ -72,7 +74,6 @@ impl Endpoint {
     pub fn call(&self) -> Call<'_> {
         self.metrics.attempts.inc();
         self.metrics.outstanding.inc();
-        self.metrics.load.set((self.load.cost() / 1000.0) as i64);
         Call {
             ep: self,
             _load: self.load.start(),
@@ -162,6 +163,7 @@ impl Endpoint {
             wake: tokio::sync::Notify::new(),
             ejection: Default::default(),
             timeouts_in_a_row: Default::default(),
+            ejected: Default::default(),
             metrics,
             streams: Default::default(),
         }))
@@ -241,11 +243,12 @@ impl Endpoint {
 
     /// A call succeeded: the worker is healthy, so the next ejection starts short again.
     pub fn succeeded(&self) {
-        self.timeouts_in_a_row
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        let mut e = self.ejection.lock().expect("ejection lock");
-        if e.in_a_row > 0 {
-            *e = Ejection::default();
+        use std::sync::atomic::Ordering::Relaxed;
+        self.timeouts_in_a_row.store(0, Relaxed);
+        // The lock only after an ejection: every answer passes here.
+        if self.ejected.load(Relaxed) {
+            *self.ejection.lock().expect("ejection lock") = Ejection::default();
+            self.ejected.store(false, Relaxed);
         }
     }
 
@@ -261,6 +264,8 @@ impl Endpoint {
                 .saturating_mul(1 << (e.in_a_row - 1).min(5))
                 .min(EJECT_MAX);
             e.until = Some(now + backoff);
+            self.ejected
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             backoff
         };
         self.metrics.ejections.inc();
@@ -407,6 +412,8 @@ impl Endpoint {
             },
         };
         let before = self.seen.load().ready;
+        // Sampled here, not on every call: reading the estimate is the pick path's work.
+        self.metrics.load.set((self.load.cost() / 1000.0) as i64);
         self.set_seen(seen);
         let after = self.seen();
         if before != after.ready {

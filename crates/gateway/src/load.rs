@@ -5,10 +5,7 @@
 //! has since healed) or that sat idle is tried again instead of being shunned forever.
 
 use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -25,30 +22,51 @@ const INITIAL: Duration = Duration::from_micros(100);
 
 pub struct Load {
     outstanding: AtomicU64,
-    /// (estimate in ns, when it was last updated)
-    ewma: Mutex<(f64, Instant)>,
+    /// The estimate in ns (an f64's bits) and when it was last updated (ns after `base`):
+    /// atomics, read on every pick without a lock. Two answers recording at once may
+    /// pair one's estimate with the other's time, an error far below the estimate's own.
+    ewma: AtomicU64,
+    at: AtomicU64,
+    base: Instant,
 }
 
 impl Default for Load {
     fn default() -> Self {
-        Self {
+        let load = Self {
             outstanding: AtomicU64::new(0),
-            ewma: Mutex::new((INITIAL.as_nanos() as f64, Instant::now())),
-        }
+            ewma: AtomicU64::new(0),
+            at: AtomicU64::new(0),
+            base: Instant::now(),
+        };
+        load.reset();
+        load
     }
 }
 
 impl Load {
     /// Lower is better.
     pub fn cost(&self) -> f64 {
-        let (ewma, at) = *self.ewma.lock().expect("load lock");
+        let (ewma, at) = self.estimate();
         decayed(ewma, at, Instant::now()) * (self.outstanding.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    fn estimate(&self) -> (f64, Instant) {
+        let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let at = self.base + Duration::from_nanos(self.at.load(Ordering::Relaxed));
+        (ewma, at)
+    }
+
+    fn set(&self, ewma: f64, at: Instant) {
+        let since = at.saturating_duration_since(self.base).as_nanos();
+        self.ewma.store(ewma.to_bits(), Ordering::Relaxed);
+        self.at
+            .store(since.min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     /// Forgets the latency history: the worker is back from being out of rotation (an
     /// ejection, a fault), and what it did before says nothing about it now.
     pub fn reset(&self) {
-        *self.ewma.lock().expect("load lock") = (INITIAL.as_nanos() as f64, Instant::now());
+        self.set(INITIAL.as_nanos() as f64, Instant::now());
     }
 
     pub fn outstanding(&self) -> u64 {
@@ -65,18 +83,18 @@ impl Load {
     }
 
     fn observe(&self, rtt: Duration) {
-        let mut g = self.ewma.lock().expect("load lock");
+        let (ewma, at) = self.estimate();
         let now = Instant::now();
         let rtt = rtt.as_nanos() as f64;
-        let before = decayed(g.0, g.1, now);
-        if rtt > before {
-            g.0 = rtt; // peak: react to a slowdown at once
+        let before = decayed(ewma, at, now);
+        let next = if rtt > before {
+            rtt // peak: react to a slowdown at once
         } else {
-            let elapsed = now.saturating_duration_since(g.1).as_secs_f64();
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
             let w = (-elapsed / DECAY.as_secs_f64()).exp();
-            g.0 = before * w + rtt * (1.0 - w);
-        }
-        g.1 = now;
+            before * w + rtt * (1.0 - w)
+        };
+        self.set(next, now);
     }
 }
 

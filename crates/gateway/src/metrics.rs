@@ -145,7 +145,7 @@ impl GatewayMetrics {
         );
         r.register(
             "worker_load",
-            "Each worker's load estimate (PeakEWMA latency in µs × (outstanding + 1))",
+            "Each worker's load estimate (PeakEWMA latency in µs × (outstanding + 1)), as of its last poll",
             m.worker_load.clone(),
         );
         r.register(
