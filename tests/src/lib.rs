@@ -269,6 +269,21 @@ impl Gateway {
     }
 }
 
+/// An `--auth-config` file in `dir` with one tenant `t`, key "k", scopes infer and read,
+/// the YAML `models` list and `limits` map given.
+pub fn one_tenant(dir: &std::path::Path, models: &str, limits: &str) -> PathBuf {
+    let path = dir.join("auth.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "tenants:\n  - name: t\n    keys: [\"{}\"]\n    scopes: [infer, read]\n    models: {models}\n    limits: {limits}\n",
+            infermesh_core::auth::hash_key("k"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A client without message-size limits, for tests that send large tensors.
 pub async fn client(url: &str) -> Client {
     GrpcInferenceServiceClient::connect(url.to_string())

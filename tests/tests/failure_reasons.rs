@@ -100,15 +100,8 @@ async fn the_gateway_s_own_failures_carry_their_reason() {
         .identity("echo", &identity_config("", "[ 4 ]"));
     let worker = Worker::start(repo.path(), &[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let auth = dir.path().join("auth.yaml");
-    std::fs::write(
-        &auth,
-        format!(
-            "tenants:\n  - name: t\n    keys: [\"{}\"]\n    scopes: [infer, read]\n    models: [\"*\"]\n    limits: {{requests_per_second: 1, small_calls_per_second: 1000}}\n",
-            infermesh_core::auth::hash_key("k"),
-        ),
-    )
-    .unwrap();
+    let limits = "{requests_per_second: 1, small_calls_per_second: 1000}";
+    let auth = infermesh_tests::one_tenant(dir.path(), r#"["*"]"#, limits);
     let gw = Gateway::spawn_at(&[worker.addr], &["--auth-config", auth.to_str().unwrap()]).await;
     let mut client = gw.client().await;
     infermesh_tests::poll_until("the gateway", || async {

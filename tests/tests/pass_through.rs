@@ -112,15 +112,7 @@ async fn the_gateway_reads_repeated_fields_as_the_worker_does() {
         .identity("slow", &identity_config(&delay_ms(300), "[ 4 ]"));
     let worker = Worker::start(repo.path(), &[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let auth = dir.path().join("auth.yaml");
-    std::fs::write(
-        &auth,
-        format!(
-            "tenants:\n  - name: t\n    keys: [\"{}\"]\n    scopes: [infer, read]\n    models: [echo, slow]\n    limits: {{}}\n",
-            infermesh_core::auth::hash_key("k"),
-        ),
-    )
-    .unwrap();
+    let auth = infermesh_tests::one_tenant(dir.path(), "[echo, slow]", "{}");
     let gw = Gateway::spawn_at(&[worker.addr], &["--auth-config", auth.to_str().unwrap()]).await;
     let connect = |url: String| {
         tonic::transport::Endpoint::from_shared(url)

@@ -34,20 +34,28 @@ pub trait InferAnswer: Send + 'static {
     fn streamed_len(message: &Self::Streamed) -> usize;
 }
 
-impl InferRequest for pb::ModelInferRequest {
-    fn model_name(&self) -> &str {
-        &self.model_name
-    }
-    fn model_version(&self) -> &str {
-        &self.model_version
-    }
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn parameters(&self) -> &Parameters {
-        &self.parameters
-    }
+/// A request type with the routing fields under their protobuf names.
+macro_rules! infer_request {
+    ($t:ty) => {
+        impl InferRequest for $t {
+            fn model_name(&self) -> &str {
+                &self.model_name
+            }
+            fn model_version(&self) -> &str {
+                &self.model_version
+            }
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn parameters(&self) -> &Parameters {
+                &self.parameters
+            }
+        }
+    };
 }
+
+infer_request!(pb::ModelInferRequest);
+infer_request!(RawRequest);
 
 impl InferAnswer for pb::ModelInferResponse {
     type Streamed = pb::ModelStreamInferResponse;
@@ -114,21 +122,6 @@ impl RawRequest {
         fields(&self.bytes)
             .filter(|(tag, _)| *tag == INPUTS || *tag == RAW_INPUT_CONTENTS)
             .map(|(_, value)| value)
-    }
-}
-
-impl InferRequest for RawRequest {
-    fn model_name(&self) -> &str {
-        &self.model_name
-    }
-    fn model_version(&self) -> &str {
-        &self.model_version
-    }
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn parameters(&self) -> &Parameters {
-        &self.parameters
     }
 }
 
