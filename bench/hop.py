@@ -25,7 +25,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "
 
 import peers_report  # noqa: E402
 from gateway import cpu_seconds, free_port, open_streams, rss_mb  # noqa: E402
-from hops import healthy  # noqa: E402
 from pki import Ca  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,9 +43,17 @@ def repo() -> pathlib.Path:
     return d
 
 
+def healthy(cli: pathlib.Path, port: int) -> None:
+    """Waits (bounded) until the plaintext health port says SERVING."""
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(cli), "health", "--url", f"127.0.0.1:{port}"], capture_output=True).returncode:
+        assert time.monotonic() < deadline, f"127.0.0.1:{port} never became healthy"
+        time.sleep(0.1)
+
+
 class Fleet:
-    def __init__(self, d: pathlib.Path):
-        self.d, self.procs = d, []
+    def __init__(self, d: pathlib.Path, cli: pathlib.Path):
+        self.d, self.cli, self.procs = d, cli, []
 
     def start(self, cmd):
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,7 +65,7 @@ class Fleet:
         self.start([str(bins / "infermesh-worker"), "--model-repository", str(self.d), "--grpc-address", "127.0.0.1",
                     "--grpc-port", str(port), "--health-address", "127.0.0.1", "--health-port", str(health),
                     "--allow-metrics", "false", "--shutdown-grace", "0s", *flags])
-        healthy(health)
+        healthy(self.cli, health)
         return port
 
     def gateway(self, bins, worker_port, flags=()):
@@ -66,7 +73,7 @@ class Fleet:
         p = self.start([str(bins / "infermesh-gateway"), "--workers", f"127.0.0.1:{worker_port}",
                         "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--health-address", "127.0.0.1",
                         "--health-port", str(health), "--allow-metrics", "false", "--shutdown-grace", "0s", *flags])
-        healthy(health)
+        healthy(self.cli, health)
         return port, [p.pid]
 
     def nginx(self, worker_port):
@@ -103,6 +110,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "5")))
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")))
     ap.add_argument("--no-variants", action="store_true", help="skip the TLS and auth setups")
+    ap.add_argument("--no-nginx", action="store_true", help="skip nginx (a smoke run without it installed)")
+    ap.add_argument("--streams", type=int, default=1000, help="open streams for the RSS reading")
     args = ap.parse_args()
     bins = pathlib.Path(args.bin_dir)
     d = repo()
@@ -116,12 +125,13 @@ def main() -> None:
     models: ["*"]
     limits: {{}}
 """)
-    fleet = Fleet(d)
+    fleet = Fleet(d, bins / "infermesh")
     setups = {}  # name: (url, client flags, proxy pids)
     try:
         setups["worker alone"] = (f"127.0.0.1:{fleet.worker(bins)}", [], [])
-        port, pids = fleet.nginx(fleet.worker(bins))
-        setups["nginx grpc_pass"] = (f"127.0.0.1:{port}", [], pids)
+        if not args.no_nginx:
+            port, pids = fleet.nginx(fleet.worker(bins))
+            setups["nginx grpc_pass"] = (f"127.0.0.1:{port}", [], pids)
         port, pids = fleet.gateway(bins, fleet.worker(bins))
         setups["gateway"] = (f"127.0.0.1:{port}", [], pids)
         if args.baseline_bin_dir:
@@ -156,7 +166,7 @@ def main() -> None:
             url, _, pids = setups[name]
             loop = asyncio.new_event_loop()
             idle = rss_mb(pids[0])
-            channels, queues, _ = loop.run_until_complete(open_streams(url, 1000))
+            channels, queues, _ = loop.run_until_complete(open_streams(url, args.streams))
             rss[name] = (idle, rss_mb(pids[0]))
             for q in queues:
                 q.put_nowait(None)
@@ -174,11 +184,11 @@ def report(args, setups, best, p50s, rss):
     print("| setup | mode | concurrency | req/s | p50 ms | proxy CPU µs / req | CPU vs nginx |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for mode, c in MODES:
-        ngx = best[("nginx grpc_pass", mode, c)]["cpu_us"]
+        ngx = best.get(("nginx grpc_pass", mode, c), {}).get("cpu_us")
         for name in setups:
             r = best[(name, mode, c)]
             cpu = "" if r["cpu_us"] is None else f"{r['cpu_us']:.1f}"
-            vs = "" if r["cpu_us"] is None else f"{r['cpu_us'] / ngx:.2f}×"
+            vs = "" if r["cpu_us"] is None or not ngx else f"{r['cpu_us'] / ngx:.2f}×"
             print(f"| {name} | {mode} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.3f} | {cpu} | {vs} |")
     print("\nAdded p50 at concurrency 1 (unary; each round's p50 minus the worker's alone, same round):\n")
     print("| setup | added µs per round | median |")
@@ -187,7 +197,7 @@ def report(args, setups, best, p50s, rss):
         added = [a - b for a, b in zip(p50s[name], p50s["worker alone"])]
         print(f"| {name} | {', '.join(f'{x:.0f}' for x in added)} | {statistics.median(added):.0f} |")
     if rss:
-        print("\n| gateway | RSS idle MB | RSS with 1,000 open streams MB |")
+        print(f"\n| gateway | RSS idle MB | RSS with {args.streams:,} open streams MB |")
         print("|---|---:|---:|")
         for name, (idle, held) in rss.items():
             print(f"| {name} | {idle:.1f} | {held:.1f} |")

@@ -39,3 +39,17 @@ def test_every_infermesh_target_answers(tmp_path):
     table = (tmp_path / "peers.md").read_text()
     assert "| infermesh gateway + 2 workers | stream | 4 |" in table
     assert "| ONNX Runtime in-process, best batch" in table
+
+
+def test_the_hop_benchmark_runs_every_setup():
+    """bench/hop.py (nginx left out: it is installed by bench/hop.sh only) at tiny
+    durations: every setup answers in every mode and the RSS table is read."""
+    cmd = [sys.executable, str(ROOT / "bench/hop.py"), "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--seconds", "0.3", "--rounds", "1", "--no-nginx", "--streams", "20"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout
+    for setup in ("worker alone", "gateway", "gateway, TLS both hops", "gateway, API key"):
+        for mode, c in (("unary", 1), ("unary", 32), ("stream", 32)):
+            assert f"| {setup} | {mode} | {c} |" in table, table
+    assert "| gateway | " in table.split("RSS idle MB")[1], table
