@@ -63,6 +63,19 @@ pub fn request(model: &str, inputs: Vec<(InferInputTensor, Bytes)>) -> ModelInfe
     }
 }
 
+/// `req` with a request parameter set (`timeout`, a mesh parameter...).
+pub fn with_param(
+    mut req: ModelInferRequest,
+    key: &str,
+    value: infermesh_proto::infer_parameter::ParameterChoice,
+) -> ModelInferRequest {
+    let param = infermesh_proto::InferParameter {
+        parameter_choice: Some(value),
+    };
+    req.parameters.insert(key.into(), param);
+    req
+}
+
 pub fn ask_outputs(mut req: ModelInferRequest, names: &[&str]) -> ModelInferRequest {
     req.outputs = names
         .iter()

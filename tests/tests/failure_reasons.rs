@@ -4,7 +4,10 @@
 
 use futures::StreamExt;
 use infermesh_core::{reason, Reason};
-use infermesh_proto::{infer_parameter::ParameterChoice, ModelInferRequest};
+use infermesh_proto::{
+    infer_parameter::ParameterChoice::{self, BoolParam, Int64Param},
+    ModelInferRequest,
+};
 use infermesh_tests::{repo::*, tensors::*, Gateway, Worker};
 use tonic::Code;
 
@@ -18,8 +21,10 @@ fn echo(model: &str, version: &str, dims: &[i64]) -> ModelInferRequest {
     r
 }
 
-/// (request, code, reason) for the failures a client can cause on purpose.
-fn cases() -> Vec<(ModelInferRequest, Code, Reason)> {
+type Case = (ModelInferRequest, Code, Reason);
+
+/// A model, and a version of it, that nobody serves.
+fn not_found() -> Vec<Case> {
     vec![
         (
             echo("nope", "", &[4]),
@@ -31,21 +36,23 @@ fn cases() -> Vec<(ModelInferRequest, Code, Reason)> {
             Code::NotFound,
             Reason::VersionNotFound,
         ),
-        (
-            echo("echo", "", &[5]),
-            Code::InvalidArgument,
-            Reason::Invalid,
-        ),
     ]
+}
+
+/// (request, code, reason) for the failures a client can cause on purpose.
+fn cases() -> Vec<Case> {
+    let mut cases = not_found();
+    cases.push((
+        echo("echo", "", &[5]),
+        Code::InvalidArgument,
+        Reason::Invalid,
+    ));
+    cases
 }
 
 /// Each case as a unary call, then all of them as messages of one stream: each failure
 /// has its code and its reason (status details unary, parameters on the stream).
-async fn assert_reasons(
-    client: &mut infermesh_tests::Client,
-    cases: &[(ModelInferRequest, Code, Reason)],
-    server: &str,
-) {
+async fn assert_reasons(client: &mut infermesh_tests::Client, cases: &[Case], server: &str) {
     for (req, code, want) in cases {
         let err = client.model_infer(req.clone()).await.unwrap_err();
         assert_eq!(err.code(), *code, "{server}: {err:?}");
@@ -109,16 +116,7 @@ async fn the_gateway_s_own_failures_carry_their_reason() {
         infermesh_tests::is_ready(&mut client.clone(), ready).await
     })
     .await;
-    let timed = || {
-        let mut r = echo("slow", "", &[4]);
-        r.parameters.insert(
-            "timeout".into(),
-            infermesh_proto::InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(100_000)),
-            },
-        );
-        r
-    };
+    let timed = || with_param(echo("slow", "", &[4]), "timeout", Int64Param(100_000));
 
     // One request a second: the first is served or times out, the next is over quota.
     let first = client.model_infer(signed(timed())).await.unwrap_err();
@@ -176,38 +174,15 @@ async fn every_failure_the_gateway_makes_has_its_code_and_reason() {
         .identity("echo", &identity_config("", "[ 4 ]"));
     let worker = Worker::start(repo.path(), &[]).await;
     let gw = Gateway::start(&[&worker], &[]).await;
-    let param = |v| infermesh_proto::InferParameter {
-        parameter_choice: Some(v),
-    };
-    let mut reserved = echo("echo", "", &[4]);
-    reserved.parameters.insert(
-        "infermesh_cancel".into(),
-        param(ParameterChoice::BoolParam(true)),
-    );
-    let mut timed = echo("slow", "", &[4]);
-    timed.parameters.insert(
-        "timeout".into(),
-        param(ParameterChoice::Int64Param(100_000)),
-    );
-    let cases = vec![
+    let reserved = with_param(echo("echo", "", &[4]), "infermesh_cancel", BoolParam(true));
+    let timed = with_param(echo("slow", "", &[4]), "timeout", Int64Param(100_000));
+    let bad_version = echo("echo", "x", &[4]);
+    let mut cases = vec![
         (reserved, Code::InvalidArgument, Reason::Invalid),
-        (
-            echo("echo", "x", &[4]),
-            Code::InvalidArgument,
-            Reason::Invalid,
-        ),
-        (
-            echo("nope", "", &[4]),
-            Code::NotFound,
-            Reason::ModelNotFound,
-        ),
-        (
-            echo("echo", "9", &[4]),
-            Code::NotFound,
-            Reason::VersionNotFound,
-        ),
-        (timed, Code::DeadlineExceeded, Reason::Deadline),
+        (bad_version, Code::InvalidArgument, Reason::Invalid),
     ];
+    cases.extend(not_found());
+    cases.push((timed, Code::DeadlineExceeded, Reason::Deadline));
     let mut client = infermesh_tests::client(&gw.url()).await;
     assert_reasons(&mut client, &cases, "gateway").await;
     gw.stop().await.unwrap();

@@ -5,7 +5,7 @@
 //! gateway (auth, routing, deadline) and straight to the worker, and both read the same.
 
 use bytes::{Buf, BufMut, Bytes};
-use infermesh_proto::{infer_parameter::ParameterChoice, InferParameter, ModelInferRequest};
+use infermesh_proto::{infer_parameter::ParameterChoice, ModelInferRequest};
 use infermesh_tests::{repo::*, tensors::*, Gateway, Worker};
 use prost::Message;
 use tonic::{
@@ -92,16 +92,11 @@ fn versioned(version: &str) -> ModelInferRequest {
 }
 
 fn timeout(us: i64) -> ModelInferRequest {
-    ModelInferRequest {
-        parameters: [(
-            "timeout".to_string(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(us)),
-            },
-        )]
-        .into(),
-        ..Default::default()
-    }
+    with_param(
+        Default::default(),
+        "timeout",
+        ParameterChoice::Int64Param(us),
+    )
 }
 
 #[tokio::test]

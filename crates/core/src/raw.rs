@@ -138,25 +138,30 @@ pub struct RawAnswer {
 }
 
 impl RawAnswer {
-    fn id_len(&self) -> usize {
-        prost::encoding::key_len(ANSWER_ID)
-            + prost::encoding::encoded_len_varint(self.id.len() as u64)
-            + self.id.len()
-    }
-
     pub fn encode(&self, buf: &mut impl BufMut) {
         buf.put_slice(&self.bytes);
         // Always written, even empty: it must replace the worker's.
-        encode_key(ANSWER_ID, WireType::LengthDelimited, buf);
-        encode_varint(self.id.len() as u64, buf);
-        buf.put_slice(self.id.as_bytes());
+        put_string(ANSWER_ID, &self.id, buf);
     }
+}
+
+/// A string field, as prost writes it (written after a message, it replaces the field's
+/// earlier value).
+pub fn put_string(tag: u32, s: &str, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(s.len() as u64, buf);
+    buf.put_slice(s.as_bytes());
+}
+
+/// The bytes [`put_string`] writes.
+pub fn string_len(tag: u32, s: &str) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(s.len() as u64) + s.len()
 }
 
 impl InferAnswer for RawAnswer {
     type Streamed = RawStreamed;
     fn encoded_len(&self) -> usize {
-        self.bytes.len() + self.id_len()
+        self.bytes.len() + string_len(ANSWER_ID, &self.id)
     }
     fn streamed(self) -> RawStreamed {
         RawStreamed::Answer(self)

@@ -61,15 +61,12 @@ pub fn classify(status: &Status) -> Failure {
     }
 }
 
-/// What the client is told when it is left with an attempt whose connection failed:
-/// UNAVAILABLE with `worker-unreachable`, whatever code the transport gave it (tonic says
-/// some of these as UNKNOWN or CANCELLED, which would read as the request's fault).
-pub fn unreachable(status: &Status, worker: &str) -> Status {
-    reason::status(
-        Code::Unavailable,
-        format!("worker {worker} unreachable: {}", status.message()),
-        Reason::Unreachable,
-    )
+/// UNAVAILABLE with `worker-unreachable`: a worker's connection broke, or its stream
+/// ended, with the request on it. Also what the client is told when it is left with an
+/// attempt whose connection failed, whatever code the transport gave it (tonic says some
+/// of these as UNKNOWN or CANCELLED, which would read as the request's fault).
+pub fn unreachable(message: String) -> Status {
+    reason::status(Code::Unavailable, message, Reason::Unreachable)
 }
 
 /// Whether the status is a failure of the connection rather than an answer from the

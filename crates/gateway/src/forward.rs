@@ -218,7 +218,9 @@ impl Tries {
             self.breaks += 1;
         }
         let status = match failure {
-            Failure::Broken => failure::unreachable(&status, worker),
+            Failure::Broken => {
+                failure::unreachable(format!("worker {worker} unreachable: {}", status.message()))
+            }
             _ => status,
         };
         match decide(failure, self.breaks, target, || retries.budget.withdraw()) {

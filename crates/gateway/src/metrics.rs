@@ -89,10 +89,6 @@ impl Default for GatewayMetrics {
 
 impl GatewayMetrics {
     /// One finished request (or, with CANCELLED, one whose caller went away).
-    pub fn record_request(&self, model: &str, code: tonic::Code, took: std::time::Duration) {
-        self.model(model).record(code, took);
-    }
-
     /// The request series of `model` (a label already bounded by the caller), looked up
     /// by `&str`: a request's record allocates nothing once its model has been seen.
     pub fn model(&self, model: &str) -> Arc<ModelRecords> {

@@ -40,7 +40,7 @@ use super::{
     wire::{self, Delivered, Outgoing},
     Endpoint,
 };
-use crate::metrics::OpenGauge;
+use crate::{failure::unreachable, metrics::OpenGauge};
 
 /// Streams open to one worker at most. One carries all traffic while it has fewer than
 /// `SPREAD` in flight; more streams spread a busy worker's reading over its threads.
@@ -396,9 +396,4 @@ fn deliver(state: &Mutex<State>, msg: Delivered) {
     if let Some(caller) = caller {
         let _ = caller.send(msg.answer);
     } // else its caller went away
-}
-
-/// UNAVAILABLE because a stream to a worker ended with the request on it.
-fn unreachable(message: String) -> Status {
-    reason::status(Code::Unavailable, message, Reason::Unreachable)
 }

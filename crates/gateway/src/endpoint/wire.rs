@@ -10,14 +10,14 @@ use std::{collections::HashMap, sync::Arc};
 
 use bytes::{Buf, BufMut, Bytes};
 use infermesh_core::{
-    raw::RawRequest,
+    raw::{put_string, string_len, RawRequest},
     reason,
     stream::{CANCEL, STATUS_CODE, UNORDERED},
     Reason,
 };
 use infermesh_proto as pb;
 use pb::infer_parameter::ParameterChoice;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
+use prost::encoding::{encode_key, encode_varint, message, WireType};
 use tonic::{
     codec::{Codec as TonicCodec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     Code, Status,
@@ -60,12 +60,12 @@ impl Outgoing {
             } => {
                 buf.put_slice(&req.bytes);
                 // Versions are positive (the route parsed them as such).
-                put_str(
+                put_string(
                     MODEL_VERSION,
                     decimal(version.unsigned_abs(), &mut digits),
                     buf,
                 );
-                put_str(ID, decimal(*id, &mut digits), buf);
+                put_string(ID, decimal(*id, &mut digits), buf);
                 parameter(UNORDERED, ParameterChoice::BoolParam(true), buf);
                 if let Some(us) = timeout {
                     parameter("timeout", ParameterChoice::Int64Param(*us), buf);
@@ -77,12 +77,12 @@ impl Outgoing {
                 }
             }
             Self::Cancel(id) => {
-                put_str(ID, decimal(*id, &mut digits), buf);
+                put_string(ID, decimal(*id, &mut digits), buf);
                 parameter(CANCEL, ParameterChoice::BoolParam(true), buf);
             }
             Self::Unary { req, version } => {
                 buf.put_slice(&req.bytes);
-                put_str(
+                put_string(
                     MODEL_VERSION,
                     decimal(version.unsigned_abs(), &mut digits),
                     buf,
@@ -92,26 +92,15 @@ impl Outgoing {
     }
 }
 
-/// A string field, as prost writes it.
-fn put_str(tag: u32, s: &str, buf: &mut impl BufMut) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(s.len() as u64, buf);
-    buf.put_slice(s.as_bytes());
-}
-
-fn str_len(tag: u32, s: &str) -> usize {
-    key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
-}
-
 /// One entry of the request's `parameters` map, as prost writes it.
 fn parameter(key: &str, choice: ParameterChoice, buf: &mut impl BufMut) {
     let value = pb::InferParameter {
         parameter_choice: Some(choice),
     };
-    let len = str_len(1, key) + message::encoded_len(2, &value);
+    let len = string_len(1, key) + message::encoded_len(2, &value);
     encode_key(PARAMETERS, WireType::LengthDelimited, buf);
     encode_varint(len as u64, buf);
-    put_str(1, key, buf);
+    put_string(1, key, buf);
     message::encode(2, &value, buf);
 }
 
