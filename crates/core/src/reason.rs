@@ -43,9 +43,12 @@ pub enum Reason {
     /// No worker answered: the connection to it broke, or its stream ended, while the
     /// request was on it. Nothing says the request is at fault: safe to retry.
     Unreachable,
+    /// The routing file split requests over versions and the version this one drew has
+    /// no ready worker (its share is not moved to another version without `fallback`).
+    VersionUnavailable,
 }
 
-const ALL: [Reason; 14] = [
+const ALL: [Reason; 15] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -60,6 +63,7 @@ const ALL: [Reason; 14] = [
     Reason::Quarantined,
     Reason::OverQuota,
     Reason::Unreachable,
+    Reason::VersionUnavailable,
 ];
 
 impl Reason {
@@ -79,6 +83,7 @@ impl Reason {
             Self::Quarantined => "quarantined",
             Self::OverQuota => "over-quota",
             Self::Unreachable => "worker-unreachable",
+            Self::VersionUnavailable => "version-unavailable",
         }
     }
 

@@ -75,6 +75,11 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Makes `value` current (a value loaded outside the watcher, e.g. at start).
+    pub fn replace(&self, value: T) {
+        self.set(value);
+    }
+
     fn set(&self, value: T) {
         self.value.store(Arc::new(value));
         self.generation.fetch_add(1, Ordering::Release);

@@ -119,6 +119,13 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_MAX_INFLIGHT_BYTES", default_value_t = 128 << 20)]
     pub max_inflight_bytes: usize,
 
+    /// The routing file (YAML): per model, a weighted split over versions for requests
+    /// that name none, and hedging. A file that does not parse stops the gateway at
+    /// start; it is reloaded when it changes (a bad reload keeps the last good policy).
+    /// See docs/traffic.md.
+    #[arg(long, env = "INFERMESH_ROUTES")]
+    pub routes: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

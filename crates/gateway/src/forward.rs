@@ -17,6 +17,7 @@ use tower::retry::budget::Budget as _;
 
 use crate::{
     failure::{self, Failure},
+    hedge,
     metrics::{CodeLabels, GatewayMetrics},
     poison::{self, Quarantine},
     retry::Budget,
@@ -26,7 +27,7 @@ use crate::{
 /// What forwarding needs from the mesh: the gateway's is its pool of workers (`mesh`);
 /// tests use fakes.
 pub trait Mesh {
-    type Worker;
+    type Worker: Clone;
     /// Route: the request's target, once per request.
     fn route(&self, model: &str, version: &str) -> Result<Target, Error>;
     /// For a request that named no version, once no worker is left for `target`'s: its
@@ -52,8 +53,11 @@ pub trait Mesh {
     fn learn(&self, worker: &Self::Worker, model: &str, failed: Option<(Failure, &Status)>);
     /// The target's recent 99th-percentile answer time, once known.
     fn p99(&self, target: &Target) -> Option<Duration>;
-    /// A successful attempt's time.
+    /// A successful attempt's time (or a hedged attempt's that lost the race).
     fn observe(&self, target: &Target, took: Duration);
+    /// How long a first attempt waits before a hedged copy is sent (`None`: no hedging
+    /// for this target, or not yet enough answers for its percentile).
+    fn hedge_after(&self, target: &Target) -> Option<Duration>;
 }
 
 /// The shortest per-attempt timeout: below it, timing out would cut ordinary answers.
@@ -85,6 +89,8 @@ pub struct Retries<'a> {
     pub budget: &'a Budget,
     pub quarantine: &'a Quarantine,
     pub metrics: &'a GatewayMetrics,
+    /// The gateway's byte budget, which hedged copies count against.
+    pub bytes: Option<&'a infermesh_core::admission::ByteBudget>,
 }
 
 /// What is left of the deadline for the next attempt; DEADLINE_EXCEEDED once it passed.
@@ -159,19 +165,31 @@ pub async fn forward<M: Mesh>(
         let bound = (left.is_some() && fallback)
             .then(|| attempt_bound(left, mesh.p99(&target)))
             .flatten();
-        let started = Instant::now();
         // The worker is told the bound too (its deadline), so a stuck attempt that is
         // still queued there never runs.
         let n = tries.workers.len() + 1;
-        let result = mesh
-            .attempt(
-                &worker,
-                req,
-                target.version,
-                bound.map(|b| b.after).or(left),
-                n,
-            )
-            .await;
+        let limit = bound.map(|b| b.after).or(left);
+        let hedge = (n == 1).then(|| hedge::delay(mesh, &target, req)).flatten();
+        let (worker, result, started) = match hedge {
+            Some(after) => {
+                hedge::race(
+                    mesh,
+                    retries,
+                    &target,
+                    worker,
+                    req,
+                    limit,
+                    after,
+                    &mut tries.workers,
+                )
+                .await
+            }
+            None => {
+                let started = Instant::now();
+                let result = mesh.attempt(&worker, req, target.version, limit, n).await;
+                (worker, result, started)
+            }
+        };
         let status = match result {
             Ok(resp) => {
                 mesh.observe(&target, started.elapsed());

@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod failure;
 pub mod forward;
+pub mod hedge;
 pub mod latency;
 pub mod load;
 pub mod mesh;
@@ -17,6 +18,7 @@ pub mod poison;
 pub mod pool;
 pub mod retry;
 pub mod route;
+pub mod routes;
 pub mod service;
 pub mod single_flight;
 pub mod stats;
@@ -49,6 +51,8 @@ pub async fn run(
     let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)
         .map_err(Error::Startup)?;
     let metrics = metrics::GatewayMetrics::register(&mut registry);
+    let routes =
+        routes::Routes::load(config.routes.clone(), metrics.clone()).map_err(Error::Startup)?;
     let worker_tls = config
         .worker_tls_ca
         .as_ref()
@@ -117,11 +121,12 @@ pub async fn run(
         max_stream_inflight: config.max_stream_inflight,
         forwarding: Arc::new(mesh::Forwarding {
             pool,
-            policy: Default::default(),
+            routes: routes.clone(),
             latency: Default::default(),
             budget: retry::budget(config.retry_budget_ratio),
             quarantine: poison::Quarantine::new(config.poison_quarantine, metrics.poison.clone()),
             metrics: metrics.clone(),
+            bytes: budget.clone(),
         }),
         flights: Default::default(),
         metrics,
@@ -133,7 +138,11 @@ pub async fn run(
         health,
         auth,
         registry,
-        watched: worker_tls.iter().map(|t| t.watched("worker-tls")).collect(),
+        watched: worker_tls
+            .iter()
+            .map(|t| t.watched("worker-tls"))
+            .chain(routes.watched())
+            .collect(),
     };
     let served = serve::serve_routes(
         |limit| tonic::service::Routes::new(pass_through::Inference::new(service, limit)),

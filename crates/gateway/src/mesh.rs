@@ -24,19 +24,23 @@ use crate::{
     pool::Pool,
     retry::Budget,
     route::{self, Policy, Target},
+    routes::{After, Routes},
 };
+use infermesh_core::admission::ByteBudget;
 
 /// What the forward path needs for this gateway, beyond one request: the workers, the
 /// routing policy, answer times, the retry budget and the quarantine.
 pub struct Forwarding {
     pub pool: Arc<Pool>,
-    /// The routing policy of every model (one for all until per-model settings exist).
-    pub policy: Arc<Policy>,
+    /// The routing file's policy of every model.
+    pub routes: Arc<Routes>,
     /// Each model version's recent answer times (the per-attempt timeout).
     pub latency: Latencies,
     pub budget: Budget,
     pub quarantine: Quarantine,
     pub metrics: GatewayMetrics,
+    /// The gateway's byte budget: hedged copies count against it as client requests do.
+    pub bytes: ByteBudget,
 }
 
 impl Forwarding {
@@ -65,11 +69,14 @@ impl Forwarding {
                 ));
             }
         }
-        let mesh = Workers::new(&self.pool, &self.policy, &self.latency, size, carry);
+        let table = self.routes.current();
+        let policy = table.policy(&req.model_name);
+        let mesh = Workers::new(&self.pool, policy, &self.latency, size, carry);
         let retries = forward::Retries {
             budget: &self.budget,
             quarantine: &self.quarantine,
             metrics: &self.metrics,
+            bytes: Some(&self.bytes),
         };
         let deadline = deadline.map(tokio::time::Instant::from_std);
         // Shared by every attempt: each is encoded from it, none copies it.
@@ -169,14 +176,40 @@ impl forward::Mesh for Workers<'_> {
     fn observe(&self, target: &Target, took: Duration) {
         self.latency.observe(&target.model, target.version, took);
     }
+
+    fn hedge_after(&self, target: &Target) -> Option<Duration> {
+        match target.policy.hedge? {
+            After::Ms(ms) => Some(Duration::from_secs_f64(ms / 1000.0)),
+            After::Percentile(p) => self.latency.quantile(
+                &target.model,
+                target.version,
+                p,
+                crate::latency::MIN_HEDGE_SAMPLES,
+            ),
+        }
+    }
 }
 
 /// A worker for a call about one model that is not inference (metadata, config, ready):
-/// routed and balanced as inference is. Returns the worker and the version to ask it for.
-pub fn pick(pool: &Pool, model: &str, version: &str) -> Result<(Arc<Endpoint>, String), Error> {
+/// routed and balanced as inference is, except that a model whose routing file splits it
+/// answers for its heaviest version, so a client that reads metadata first sees one
+/// consistent version. Returns the worker and the version to ask it for.
+/// (`routes` None: the newest version, as ModelReady asks whether any version is.)
+pub fn pick(
+    pool: &Pool,
+    routes: Option<&Routes>,
+    model: &str,
+    version: &str,
+) -> Result<(Arc<Endpoint>, String), Error> {
     let all = pool.all();
-    let target = route::route(&all, model, version, &Default::default())?;
-    let (ep, _) =
-        balance::pick(&all, &target, &[]).ok_or_else(|| route::no_worker(&all, model, version))?;
+    let table = routes.map(Routes::current);
+    let split = table.as_ref().and_then(|t| t.policy(model).split.as_ref());
+    let heaviest = match (version, split) {
+        ("", Some(split)) => split.heaviest().to_string(),
+        _ => version.to_string(),
+    };
+    let target = route::route(&all, model, &heaviest, &Default::default())?;
+    let (ep, _) = balance::pick(&all, &target, &[])
+        .ok_or_else(|| route::no_worker(&all, model, &heaviest))?;
     Ok((ep, target.version.to_string()))
 }

@@ -35,6 +35,21 @@ pub struct CodeLabels {
     pub code: String,
 }
 
+/// A split's draw: which version it went to and how (routed, fallback, unavailable).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SplitLabels {
+    pub model: String,
+    pub version: String,
+    pub result: String,
+}
+
+/// A hedge's outcome: won (its answer was used) or lost (the first attempt's was).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HedgeLabels {
+    pub model: String,
+    pub result: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabels {
     pub change: String,
@@ -60,6 +75,8 @@ pub struct GatewayMetrics {
     pub discovery_changes: Family<ChangeLabels, Counter>,
     pub dns_failures: Counter,
     pub open_streams: Gauge,
+    pub split: Family<SplitLabels, Counter>,
+    pub hedges: Family<HedgeLabels, Counter>,
     /// Each model's request series, resolved once (see [`GatewayMetrics::model`]).
     models: Arc<RwLock<HashMap<String, Arc<ModelRecords>>>>,
 }
@@ -82,6 +99,8 @@ impl Default for GatewayMetrics {
             discovery_changes: Family::default(),
             dns_failures: Counter::default(),
             open_streams: Gauge::default(),
+            split: Family::default(),
+            hedges: Family::default(),
             models: Default::default(),
         }
     }
@@ -188,6 +207,16 @@ impl GatewayMetrics {
             "open_streams",
             "ModelStreamInfer streams open now",
             m.open_streams.clone(),
+        );
+        r.register(
+            "split_requests",
+            "Requests that named no version, by the version the routing file's split sent them to and result (routed; fallback: the drawn version had no ready worker and this one took its part; unavailable: failed with version-unavailable)",
+            m.split.clone(),
+        );
+        r.register(
+            "hedges",
+            "Hedged copies sent by the routing file's hedge rule, by result (won: its answer was used; lost: the first attempt answered first and the copy was cancelled)",
+            m.hedges.clone(),
         );
         m
     }

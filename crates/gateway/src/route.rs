@@ -1,23 +1,34 @@
 //! Route: what serves a request — the model, the version selector, the concrete version
 //! and the routing policy — decided once per request from what the workers last said,
 //! before any worker is picked (`balance` picks one for the target). The policy is per
-//! model; every model has the default today, and weights, shadow traffic and hedging will
-//! be settings of it.
+//! model, from the routing file (`routes`): a weighted split over versions for requests
+//! that name none, and hedging; a model without an entry has the default.
 
 use std::{collections::BTreeSet, sync::Arc};
 
 use infermesh_core::{text::clip, Error, Reason};
 
-use crate::endpoint::{Endpoint, Seen};
+use crate::{
+    endpoint::{Endpoint, Seen},
+    routes::{
+        split::{Drawn, Split},
+        After, Records,
+    },
+};
 
 /// How requests for a model are handled once routed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Policy {
     /// Try another worker after a failure that did not answer about the request itself.
     pub retry: bool,
     /// A request whose worker connection broke this many times is refused from then on
     /// (a query of death; see `poison`).
     pub max_breaks: u32,
+    /// Versions by weight for requests that name none (else: the newest ready one).
+    pub split: Option<Split>,
+    /// When to send a second copy to another worker if the first has not answered.
+    pub hedge: Option<After>,
+    pub records: Records,
 }
 
 impl Default for Policy {
@@ -25,6 +36,9 @@ impl Default for Policy {
         Self {
             retry: true,
             max_breaks: crate::poison::MAX_BREAKS,
+            split: None,
+            hedge: None,
+            records: Records::default(),
         }
     }
 }
@@ -34,8 +48,10 @@ impl Default for Policy {
 pub enum Selector {
     /// This version and no other.
     Named(i64),
-    /// None named: the newest version a ready worker has (the model's policy picks).
+    /// None named: the newest version a ready worker has.
     Newest,
+    /// None named, and the model's split drew the version.
+    Split,
 }
 
 impl Selector {
@@ -43,7 +59,7 @@ impl Selector {
     pub fn asked(self) -> String {
         match self {
             Self::Named(v) => v.to_string(),
-            Self::Newest => String::new(),
+            Self::Newest | Self::Split => String::new(),
         }
     }
 }
@@ -72,8 +88,9 @@ pub fn selector(model: &str, version: &str) -> Result<Selector, Error> {
     })
 }
 
-/// Resolves `(model, version)` over the workers: version "" is the newest version any ready
-/// worker has, so a rollout moves traffic as soon as one worker has the new one.
+/// Resolves `(model, version)` over the workers: version "" is the model's split's draw
+/// when the routing file has one, else the newest version any ready worker has, so a
+/// rollout moves traffic as soon as one worker has the new one.
 pub fn route(
     workers: &[Arc<Endpoint>],
     model: &str,
@@ -81,9 +98,10 @@ pub fn route(
     policy: &Arc<Policy>,
 ) -> Result<Target, Error> {
     let selector = selector(model, version)?;
-    let want = match selector {
-        Selector::Named(v) => Some(v),
-        Selector::Newest => workers.iter().filter_map(|e| e.newest(model)).max(),
+    let want = match (selector, &policy.split) {
+        (Selector::Named(v), _) => Some(v),
+        (_, Some(split)) => return drawn(workers, model, split, policy),
+        _ => workers.iter().filter_map(|e| e.newest(model)).max(),
     };
     match want {
         Some(version) => Ok(Target {
@@ -96,17 +114,91 @@ pub fn route(
     }
 }
 
-/// For a request that named no version, once no worker is left for its version: the
-/// newest other version a ready worker has, leaving out `without` (the versions already
-/// given up on). A named version is never exchanged for another: `None`.
-pub fn reroute(workers: &[Arc<Endpoint>], target: &Target, without: &[i64]) -> Option<Target> {
-    if target.selector != Selector::Newest {
-        return None;
-    }
-    let version = workers
+/// The split's draw for a request that named no version; counted by version and result.
+fn drawn(
+    workers: &[Arc<Endpoint>],
+    model: &str,
+    split: &Split,
+    policy: &Arc<Policy>,
+) -> Result<Target, Error> {
+    let ready = |v: i64| workers.iter().any(|e| e.serves(model, Some(v)));
+    let count = |v: i64, result: usize| {
+        if let Some(i) = split.weights.iter().position(|(w, _)| *w == v) {
+            if let Some(series) = policy.records.split.get(i) {
+                series[result].inc();
+            }
+        }
+    };
+    let version = match split.draw(ready) {
+        Drawn::Version(v) => {
+            count(v, 0);
+            v
+        }
+        Drawn::Fallback { to, .. } => {
+            count(to, 1);
+            to
+        }
+        Drawn::Unavailable(v) => {
+            count(v, 2);
+            return Err(version_unavailable(workers, model, v, split));
+        }
+    };
+    Ok(Target {
+        model: model.to_string(),
+        selector: Selector::Split,
+        version,
+        policy: policy.clone(),
+    })
+}
+
+/// The drawn version has no ready worker and the split does not fall back.
+fn version_unavailable(
+    workers: &[Arc<Endpoint>],
+    model: &str,
+    version: i64,
+    split: &Split,
+) -> Error {
+    let weight = split
+        .weights
         .iter()
-        .filter_map(|e| e.newest_except(&target.model, without))
-        .max()?;
+        .find(|(v, _)| *v == version)
+        .map_or(0, |(_, w)| *w);
+    let why = no_worker(workers, model, &version.to_string());
+    let fallback = if split.fallback {
+        "no other version of the split has one either"
+    } else {
+        "its share is not moved to another version without `fallback: true`"
+    };
+    Error::Unavailable(format!(
+        "model '{}' version {version} (weight {weight} of {} in the routing file's split) has no ready worker; {fallback}: {}",
+        clip(model),
+        split.total(),
+        why
+    ))
+    .because(Reason::VersionUnavailable)
+}
+
+/// For a request that named no version, once no worker is left for its version: the
+/// newest other version a ready worker has (a split's next version by weight, only with
+/// `fallback`), leaving out `without` (the versions already given up on). A named version
+/// is never exchanged for another: `None`.
+pub fn reroute(workers: &[Arc<Endpoint>], target: &Target, without: &[i64]) -> Option<Target> {
+    let version = match (target.selector, &target.policy.split) {
+        (Selector::Named(_), _) => return None,
+        (Selector::Split, Some(split)) => {
+            let v = split.other(without, |v| {
+                workers.iter().any(|e| e.serves(&target.model, Some(v)))
+            })?;
+            if let Some(i) = split.weights.iter().position(|(w, _)| *w == v) {
+                target.policy.records.split[i][1].inc();
+            }
+            v
+        }
+        _ => workers
+            .iter()
+            .filter_map(|e| e.newest_except(&target.model, without))
+            .max()?,
+    };
     Some(Target {
         version,
         ..target.clone()

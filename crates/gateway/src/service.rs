@@ -217,7 +217,7 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::ModelReadyResponse> {
         auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
-        let ready = mesh::pick(&self.pool, &req.name, &req.version).is_ok()
+        let ready = mesh::pick(&self.pool, None, &req.name, &req.version).is_ok()
             && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
@@ -240,8 +240,13 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = mesh::pick(&self.pool, &req.name, &req.version)
-            .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
+        let (ep, version) = mesh::pick(
+            &self.pool,
+            Some(&self.forwarding.routes),
+            &req.name,
+            &req.version,
+        )
+        .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(
             ep.client
@@ -260,8 +265,13 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = mesh::pick(&self.pool, &req.name, &req.version)
-            .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
+        let (ep, version) = mesh::pick(
+            &self.pool,
+            Some(&self.forwarding.routes),
+            &req.name,
+            &req.version,
+        )
+        .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
         req.version = version;
         Ok(Response::new(
             ep.client

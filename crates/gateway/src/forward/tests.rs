@@ -34,6 +34,10 @@ struct Fake {
     policy: Arc<Policy>,
     /// The version each worker holds; empty: every worker holds version 1.
     holds: Vec<(String, i64)>,
+    /// The hedge delay the mesh reports (the policy must have a hedge rule too).
+    hedge: Option<Duration>,
+    /// Every time observed, in order.
+    observed: Mutex<Vec<Duration>>,
 }
 
 impl Fake {
@@ -61,7 +65,9 @@ impl Mesh for Fake {
         let selector = crate::route::selector(model, version)?;
         let version = match selector {
             crate::route::Selector::Named(v) => v,
-            crate::route::Selector::Newest => self.holds.iter().map(|h| h.1).max().unwrap_or(1),
+            crate::route::Selector::Newest | crate::route::Selector::Split => {
+                self.holds.iter().map(|h| h.1).max().unwrap_or(1)
+            }
         };
         Ok(Target {
             model: model.into(),
@@ -156,7 +162,13 @@ impl Mesh for Fake {
         *self.p99.lock().unwrap()
     }
 
-    fn observe(&self, _: &Target, _: Duration) {}
+    fn observe(&self, _: &Target, took: Duration) {
+        self.observed.lock().unwrap().push(took);
+    }
+
+    fn hedge_after(&self, _: &Target) -> Option<Duration> {
+        self.hedge
+    }
 }
 
 struct Env {
@@ -179,6 +191,7 @@ impl Env {
             budget: &self.budget,
             quarantine: &self.quarantine,
             metrics: &self.metrics,
+            bytes: None,
         }
     }
 }
@@ -513,4 +526,121 @@ async fn only_a_request_that_named_no_version_is_routed_again_to_another() {
         };
         assert_eq!(attempted, want, "version {asked:?}");
     }
+}
+
+/// A fake whose policy hedges after `after`.
+fn hedging(workers: &[(&str, Vec<Act>)], after: Duration) -> Fake {
+    let mut fake = Fake::new(workers);
+    fake.policy = Arc::new(Policy {
+        hedge: Some(crate::routes::After::Ms(after.as_secs_f64() * 1000.0)),
+        ..Default::default()
+    });
+    fake.hedge = Some(after);
+    fake
+}
+
+fn counts(fake: &Fake) -> (u64, u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let r = &fake.policy.records;
+    (
+        r.counts.hedged.load(Relaxed),
+        r.counts.won.load(Relaxed),
+        r.hedge_won.get(),
+        r.hedge_lost.get(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_goes_to_another_worker_after_the_delay_and_the_first_answer_wins() {
+    let ms = Duration::from_millis;
+    let fake = hedging(&[("w1", vec![Act::Slow(ms(100))]), ("w2", vec![])], ms(10));
+    let env = generous();
+    let started = tokio::time::Instant::now();
+    let resp = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w2");
+    assert_eq!(
+        started.elapsed(),
+        ms(10),
+        "answered by the copy, not after the slow one"
+    );
+    assert_eq!(*fake.attempted.lock().unwrap(), ["w1", "w2"]);
+    assert_eq!(counts(&fake), (1, 1, 1, 0));
+    // The cancelled first attempt's 10 ms count in the percentile, beside the copy's 0.
+    assert_eq!(*fake.observed.lock().unwrap(), [ms(10), ms(0)]);
+
+    // The first attempt answers before the copy: the copy loses and is dropped.
+    let fake = hedging(
+        &[
+            ("w1", vec![Act::Slow(ms(20))]),
+            ("w2", vec![Act::Slow(ms(100))]),
+        ],
+        ms(10),
+    );
+    let started = tokio::time::Instant::now();
+    let resp = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap();
+    assert_eq!((resp.id.as_str(), started.elapsed()), ("w1", ms(20)));
+    assert_eq!(counts(&fake), (1, 0, 0, 1));
+
+    // A copy that fails leaves the race to the first attempt.
+    let busy = because(Code::ResourceExhausted, Reason::QueueFull);
+    let fake = hedging(
+        &[
+            ("w1", vec![Act::Slow(ms(50))]),
+            ("w2", vec![Act::Fail(busy)]),
+        ],
+        ms(10),
+    );
+    let resp = forward(&fake, &env.retries(), &req(), "", None)
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w1");
+    assert_eq!(
+        fake.log(),
+        [("w2".into(), Some(Failure::Busy)), ("w1".into(), None)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_when_the_first_answers_in_time_the_budget_is_empty_or_a_sequence_asks() {
+    let ms = Duration::from_millis;
+    let fake = hedging(&[("w1", vec![Act::Slow(ms(5))]), ("w2", vec![])], ms(10));
+    let resp = forward(&fake, &generous().retries(), &req(), "", None)
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w1");
+    assert_eq!(*fake.attempted.lock().unwrap(), ["w1"]);
+
+    let empty = Env::new(Budget::new(Duration::from_secs(10), 0, 0.0));
+    let fake = hedging(&[("w1", vec![Act::Slow(ms(50))]), ("w2", vec![])], ms(10));
+    let resp = forward(&fake, &empty.retries(), &req(), "", None)
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w1");
+    assert_eq!(*fake.attempted.lock().unwrap(), ["w1"]);
+
+    let fake = hedging(&[("w1", vec![Act::Slow(ms(50))]), ("w2", vec![])], ms(10));
+    let mut sequence = infermesh_proto::ModelInferRequest {
+        model_name: "m".into(),
+        ..Default::default()
+    };
+    sequence.parameters.insert(
+        "sequence_id".into(),
+        infermesh_proto::InferParameter {
+            parameter_choice: Some(
+                infermesh_proto::infer_parameter::ParameterChoice::Int64Param(7),
+            ),
+        },
+    );
+    let sequence =
+        Arc::new(RawRequest::decode(prost::Message::encode_to_vec(&sequence).into()).unwrap());
+    let resp = forward(&fake, &generous().retries(), &sequence, "", None)
+        .await
+        .unwrap();
+    assert_eq!(resp.id, "w1");
+    assert_eq!(*fake.attempted.lock().unwrap(), ["w1"]);
+    assert_eq!(counts(&fake), (0, 0, 0, 0));
 }
