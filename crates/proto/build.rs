@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "inference/grpc_service.proto",
         "inference/model_config.proto",
+        "infermesh/admin/v1/routes.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

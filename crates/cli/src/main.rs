@@ -9,6 +9,7 @@ mod infer;
 mod json;
 mod load;
 mod models;
+mod routes;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,9 @@ enum Command {
     Load(control::ControlArgs),
     /// Unload a model (RepositoryModelUnload); requests in flight finish.
     Unload(control::ControlArgs),
+    /// A gateway's live routing policy (--routes): weights in force, versions skipped and
+    /// why, hedge and win rates.
+    Routes(routes::RoutesArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,6 +92,7 @@ impl Command {
             Command::Health(a) => a.url.clone(),
             Command::Bench(a) if a.what.is_none() => a.load.url.clone(),
             Command::Load(a) | Command::Unload(a) => a.url.clone(),
+            Command::Routes(a) => a.url.clone(),
             _ => return None,
         })
     }
@@ -117,6 +122,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Auth(args) => auth::run(args),
         Command::Load(args) => control::load(args).await,
         Command::Unload(args) => control::unload(args).await,
+        Command::Routes(args) => routes::run(args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 //! request — every message of a ModelStreamInfer stream included — across the workers
 //! where the model version is ready (power of two choices over PeakEWMA × outstanding).
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod discovery;
@@ -112,6 +113,16 @@ pub async fn run(
     let members = pool.clone();
 
     let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
+    let forwarding = Arc::new(mesh::Forwarding {
+        pool: pool.clone(),
+        routes: routes.clone(),
+        latency: Default::default(),
+        budget: retry::budget(config.retry_budget_ratio),
+        quarantine: poison::Quarantine::new(config.poison_quarantine, metrics.poison.clone()),
+        metrics: metrics.clone(),
+        bytes: budget.clone(),
+    });
+    let admin = admin::Admin::server(forwarding.clone());
     let service = GatewayService {
         pool: pool.clone(),
         bytes: budget.clone(),
@@ -119,15 +130,7 @@ pub async fn run(
         stats: Default::default(),
         control: config.model_control_mode,
         max_stream_inflight: config.max_stream_inflight,
-        forwarding: Arc::new(mesh::Forwarding {
-            pool,
-            routes: routes.clone(),
-            latency: Default::default(),
-            budget: retry::budget(config.retry_budget_ratio),
-            quarantine: poison::Quarantine::new(config.poison_quarantine, metrics.poison.clone()),
-            metrics: metrics.clone(),
-            bytes: budget.clone(),
-        }),
+        forwarding,
         flights: Default::default(),
         metrics,
     };
@@ -145,7 +148,10 @@ pub async fn run(
             .collect(),
     };
     let served = serve::serve_routes(
-        |limit| tonic::service::Routes::new(pass_through::Inference::new(service, limit)),
+        |limit| {
+            tonic::service::Routes::new(pass_through::Inference::new(service, limit))
+                .add_service(admin)
+        },
         parts,
         &config.server,
         shutdown,

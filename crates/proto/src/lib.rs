@@ -8,6 +8,11 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// infermesh's own admin API (`package infermesh.admin.v1`).
+pub mod admin {
+    tonic::include_proto!("infermesh.admin.v1");
+}
+
 /// Encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection and used to parse
 /// `config.pbtxt` files in protobuf text format.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

@@ -96,6 +96,11 @@ impl Routes {
         self.table.get()
     }
 
+    /// Changed files loaded since start (the first load is not one).
+    pub fn reloads(&self) -> u64 {
+        self.table.generation().saturating_sub(1)
+    }
+
     /// Reloads of the file, for the shared watcher.
     pub fn watched(self: &Arc<Self>) -> Option<Watched> {
         let path = self.path.clone()?;
