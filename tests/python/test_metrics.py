@@ -23,7 +23,8 @@ def scrape(server):
 
 
 def total(families, family, sample, **labels):
-    return sum(s.value for s in families[family].samples
+    # A family with no series yet is not in the text at all: 0.
+    return sum(s.value for s in getattr(families.get(family), "samples", [])
                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
 

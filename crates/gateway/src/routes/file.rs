@@ -87,40 +87,52 @@ enum Key {
 }
 
 fn split<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<i64, u32>>, D::Error> {
-    let raw: BTreeMap<String, u32> = BTreeMap::<KeyString, u32>::deserialize(d)?
-        .into_iter()
-        .map(|(k, w)| (k.0, w))
-        .collect();
-    if raw.is_empty() {
-        return Err(D::Error::custom(
-            "expected at least one version: weight, found an empty split",
-        ));
+    // Checked inside the map's own visit, so an error points at the split's line.
+    d.deserialize_map(SplitVisitor).map(Some)
+}
+
+struct SplitVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SplitVisitor {
+    type Value = BTreeMap<i64, u32>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map of version: weight")
     }
-    let mut out = BTreeMap::new();
-    for (key, weight) in raw {
-        let version: i64 = key.trim().parse().ok().filter(|v| *v >= 1).ok_or_else(|| {
-            D::Error::custom(format!(
-                "expected a version number (1 or more) as key, found '{key}'"
-            ))
-        })?;
-        if out.insert(version, weight).is_some() {
-            return Err(D::Error::custom(format!(
-                "version {version} is listed twice"
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut out = BTreeMap::new();
+        while let Some((key, weight)) = map.next_entry::<KeyString, u32>()? {
+            let key = key.0;
+            let version: i64 = key.trim().parse().ok().filter(|v| *v >= 1).ok_or_else(|| {
+                M::Error::custom(format!(
+                    "expected a version number (1 or more) as key, found '{key}'"
+                ))
+            })?;
+            if out.insert(version, weight).is_some() {
+                return Err(M::Error::custom(format!(
+                    "version {version} is listed twice"
+                )));
+            }
+        }
+        if out.is_empty() {
+            return Err(M::Error::custom(
+                "expected at least one version: weight, found an empty split",
+            ));
+        }
+        let total: u64 = out.values().map(|w| u64::from(*w)).sum();
+        if total == 0 {
+            return Err(M::Error::custom(
+                "expected weights that sum to more than 0, found a sum of 0",
+            ));
+        }
+        if total > MAX_TOTAL_WEIGHT {
+            return Err(M::Error::custom(format!(
+                "expected weights that sum to at most {MAX_TOTAL_WEIGHT}, found {total} (weights are relative: 99 and 1 is 1 %)"
             )));
         }
+        Ok(out)
     }
-    let total: u64 = out.values().map(|w| u64::from(*w)).sum();
-    if total == 0 {
-        return Err(D::Error::custom(
-            "expected weights that sum to more than 0, found a sum of 0",
-        ));
-    }
-    if total > MAX_TOTAL_WEIGHT {
-        return Err(D::Error::custom(format!(
-            "expected weights that sum to at most {MAX_TOTAL_WEIGHT}, found {total} (weights are relative: 99 and 1 is 1 %)"
-        )));
-    }
-    Ok(Some(out))
 }
 
 /// A key read as text, whether YAML wrote it as a number or a string.
@@ -135,51 +147,48 @@ impl<'de> Deserialize<'de> for KeyString {
     }
 }
 
-impl PartialEq for KeyString {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-impl Eq for KeyString {}
-impl PartialOrd for KeyString {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for KeyString {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HedgeText {
-    after: Option<String>,
-    after_ms: Option<f64>,
-}
-
 fn hedge<'de, D: Deserializer<'de>>(d: D) -> Result<Option<After>, D::Error> {
-    let h = HedgeText::deserialize(d)?;
-    match (h.after, h.after_ms) {
-        (Some(p), None) => {
-            let n = p
+    // Checked inside the map's own visit, so an error points at the hedge's line.
+    d.deserialize_map(HedgeVisitor).map(Some)
+}
+
+struct HedgeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for HedgeVisitor {
+    type Value = After;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{after: p95} or {after_ms: 5}")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<After, M::Error> {
+        let (mut after, mut after_ms) = (None::<String>, None::<f64>);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "after" => after = Some(map.next_value()?),
+                "after_ms" => after_ms = Some(map.next_value()?),
+                other => return Err(M::Error::unknown_field(other, &["after", "after_ms"])),
+            }
+        }
+        match (after, after_ms) {
+            (Some(p), None) => p
                 .strip_prefix('p')
                 .and_then(|n| n.parse::<u8>().ok())
-                .filter(|n| PERCENTILES.contains(n));
-            n.map(|n| Some(After::Percentile(n))).ok_or_else(|| {
-                D::Error::custom(format!(
-                    "after: expected one of p50, p90, p95, p99, found '{p}'"
-                ))
-            })
+                .filter(|n| PERCENTILES.contains(n))
+                .map(After::Percentile)
+                .ok_or_else(|| {
+                    M::Error::custom(format!(
+                        "after: expected one of p50, p90, p95, p99, found '{p}'"
+                    ))
+                }),
+            (None, Some(ms)) if ms.is_finite() && ms >= 0.0 => Ok(After::Ms(ms)),
+            (None, Some(ms)) => Err(M::Error::custom(format!(
+                "after_ms: expected milliseconds, 0 or more, found {ms}"
+            ))),
+            _ => Err(M::Error::custom(
+                "expected exactly one of `after` (p50, p90, p95, p99) and `after_ms`",
+            )),
         }
-        (None, Some(ms)) if ms.is_finite() && ms >= 0.0 => Ok(Some(After::Ms(ms))),
-        (None, Some(ms)) => Err(D::Error::custom(format!(
-            "after_ms: expected milliseconds, 0 or more, found {ms}"
-        ))),
-        _ => Err(D::Error::custom(
-            "expected exactly one of `after` (p50, p90, p95, p99) and `after_ms`",
-        )),
     }
 }
 
