@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ROOT, binary
+from conftest import ROOT, Gateway, binary
 
 OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit", "production-tls"]
 
@@ -61,7 +61,7 @@ def env_flags(binary_name):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_hardened_and_consistent(overlay):
     docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "infermesh-config")["data"]
     secs = lambda v: float(v.rstrip("s"))  # noqa: E731
     needed = secs(config["INFERMESH_SHUTDOWN_GRACE"]) + secs(config["INFERMESH_DRAIN_TIMEOUT"])
     flags = {"infermesh-worker": env_flags("infermesh-worker"), "infermesh-gateway": env_flags("infermesh-gateway")}
@@ -117,7 +117,7 @@ def exposed_names(metrics_url):
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_dashboard_and_alerts_use_metrics_that_exist(mesh):
+def test_dashboard_and_alerts_use_metrics_that_exist(mesh, tmp_path):
     """Every metric the Grafana dashboard and the alert rules query is one a live worker
     or gateway exposes (after one request, so every family has samples)."""
     import json as _json
@@ -130,6 +130,15 @@ def test_dashboard_and_alerts_use_metrics_that_exist(mesh):
     i.set_data_from_numpy(np.zeros((1, 64), np.float32))
     gateway.client.infer("digits", [i])
     exposed = exposed_names(gateway.metrics_url) | exposed_names(workers[0].metrics_url)
+    # The split and hedge series exist from start for the models of a routing file, before
+    # any request, so their panels are not empty.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text('models:\n  digits:\n    split: {"1": 1}\n    hedge: {after: p95}\n')
+    routed = Gateway(workers[0], extra=("--routes", str(routes)))
+    try:
+        exposed |= exposed_names(routed.metrics_url)
+    finally:
+        routed.stop()
     dashboard = _json.loads((ROOT / "deploy/monitoring/dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     rules = yaml.safe_load((ROOT / "deploy/monitoring/alerts.yaml").read_text())
@@ -296,3 +305,23 @@ def test_the_tls_shape_lines_up():
     mounts = {m["mountPath"]: m for m in deps["infermesh-gateway"]["containers"][0]["volumeMounts"]}
     assert gateway["INFERMESH_AUTH_CONFIG"] == "/etc/infermesh/auth/auth.yaml"
     assert mounts["/etc/infermesh/auth"]["readOnly"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_routing_file_is_mounted_so_updates_reach_the_gateway(overlay, tmp_path):
+    """The gateway reads INFERMESH_ROUTES from the infermesh-routes ConfigMap, mounted as a
+    directory (a subPath mount never sees an update), and what the ConfigMap holds is a
+    routing file the gateway accepts."""
+    docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
+    routes = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "infermesh-routes")
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "infermesh-gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    path = next(e["value"] for e in c["env"] if e["name"] == "INFERMESH_ROUTES")
+    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "infermesh-routes")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount and mount["readOnly"] is True
+    assert path == f"{mount['mountPath']}/routes.yaml"
+    (tmp_path / "routes.yaml").write_text(routes["data"]["routes.yaml"])
+    out = run(binary("infermesh"), "routes", "--check", str(tmp_path / "routes.yaml"))
+    assert "ok" in out

@@ -14,9 +14,16 @@ pub struct RoutesArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Check a routing file offline, as the gateway reads it (exits non-zero naming the
+    /// line and field of the first mistake), instead of asking a gateway.
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: RoutesArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.check {
+        return check(path);
+    }
     let mut client = RoutesClient::new(crate::conn::connect(&args.url, &args.conn).await?);
     let answer = client
         .get(GetRoutesRequest::default())
@@ -27,6 +34,30 @@ pub async fn run(args: RoutesArgs) -> anyhow::Result<()> {
         println!("{}", json(&answer));
     } else {
         print!("{}", text(&answer));
+    }
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let file = infermesh_gateway::routes::file::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!("{}: ok, {} model(s)", path.display(), file.models.len());
+    for (model, entry) in &file.models {
+        let split = entry.split.as_ref().map_or_else(
+            || "newest ready version".to_string(),
+            |s| {
+                format!(
+                    "split {s:?}{}",
+                    if entry.fallback { " with fallback" } else { "" }
+                )
+            },
+        );
+        let hedge = entry
+            .hedge
+            .map_or_else(|| "no hedging".to_string(), |h| format!("hedge {h}"));
+        println!("  {model}: {split}; {hedge}");
     }
     Ok(())
 }
