@@ -26,6 +26,7 @@ TABLES = [
     ("bench", ["infermesh", "bench"]),
     ("load", ["infermesh", "load"]),
     ("unload", ["infermesh", "unload"]),
+    ("routes", ["infermesh", "routes"]),
     ("auth hash-key", ["infermesh", "auth", "hash-key"]),
 ]
 # A flag line; clap puts short help on the same line, long help on the lines below. An

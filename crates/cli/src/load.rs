@@ -296,7 +296,7 @@ fn report(args: &LoadArgs, tally: &mut Tally, elapsed: f64) {
         "concurrency": args.concurrency, "batch": args.batch, "seconds": elapsed,
         "ok": ok, "errors": errors, "errors_by_status": tally.errors,
         "requests_per_s": rate, "inferences_per_s": rate * args.batch as f64,
-        "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+        "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
     });
     if args.json {
         println!("{summary}");

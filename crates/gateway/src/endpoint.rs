@@ -61,7 +61,15 @@ pub struct Endpoint {
 /// dropped (also when the call is cancelled).
 pub struct Call<'a> {
     ep: &'a Endpoint,
-    _load: crate::load::InFlight<'a>,
+    load: crate::load::InFlight<'a>,
+}
+
+impl Call<'_> {
+    /// The attempt ended with an answer or a failure; a call dropped without this was cut
+    /// short (see `load`).
+    pub fn ended(mut self) {
+        self.load.ended();
+    }
 }
 
 impl Drop for Call<'_> {
@@ -76,7 +84,7 @@ impl Endpoint {
         self.metrics.outstanding.inc();
         Call {
             ep: self,
-            _load: self.load.start(),
+            load: self.load.start(),
         }
     }
 }

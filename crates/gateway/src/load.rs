@@ -79,14 +79,22 @@ impl Load {
         InFlight {
             load: self,
             start: Instant::now(),
+            answered: false,
         }
     }
 
-    fn observe(&self, rtt: Duration) {
+    /// `rtt`: a round trip that ended; `censored`: an attempt dropped before its answer
+    /// (a hedge's loser, a cancelled caller), which only says the round trip would have
+    /// been at least `rtt` — it may raise the estimate, never lower it, or a slow worker
+    /// whose attempts are all cut short would look as fast as the cut.
+    fn observe(&self, rtt: Duration, censored: bool) {
         let (ewma, at) = self.estimate();
         let now = Instant::now();
-        let rtt = rtt.as_nanos() as f64;
         let before = decayed(ewma, at, now);
+        let rtt = match censored {
+            true => (2.0 * rtt.as_nanos() as f64).max(before),
+            false => rtt.as_nanos() as f64,
+        };
         let next = if rtt > before {
             rtt // peak: react to a slowdown at once
         } else {
@@ -107,12 +115,20 @@ fn decayed(ewma: f64, at: Instant, now: Instant) -> f64 {
 pub struct InFlight<'a> {
     load: &'a Load,
     start: Instant,
+    answered: bool,
+}
+
+impl InFlight<'_> {
+    /// The attempt ended with an answer or a failure (not dropped half-way).
+    pub fn ended(&mut self) {
+        self.answered = true;
+    }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.load.observe(self.start.elapsed());
+        self.load.observe(self.start.elapsed(), !self.answered);
     }
 }
 
@@ -139,15 +155,17 @@ mod tests {
         let g = hung.start();
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(g);
-        let h = healthy.start();
+        let mut h = healthy.start();
         tokio::time::advance(Duration::from_millis(2)).await;
+        h.ended();
         drop(h);
         assert!(hung.cost() > 1000.0 * healthy.cost());
         // The healthy worker keeps answering in 2 ms; nothing completes on the other.
         for _ in 0..120 {
             tokio::time::advance(Duration::from_millis(998)).await;
-            let h = healthy.start();
+            let mut h = healthy.start();
             tokio::time::advance(Duration::from_millis(2)).await;
+            h.ended();
             drop(h);
         }
         assert!(
@@ -158,5 +176,25 @@ mod tests {
         );
         hung.reset();
         assert_eq!(hung.cost(), INITIAL.as_nanos() as f64);
+    }
+
+    /// An attempt dropped before its answer (a hedge's loser) never makes its worker look
+    /// faster than it was measured, but a long one shows it is slower.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_cut_short_can_raise_the_estimate_never_lower_it() {
+        let l = Load::default();
+        let mut g = l.start();
+        tokio::time::advance(Duration::from_millis(25)).await;
+        g.ended();
+        drop(g);
+        let measured = l.cost();
+        let g = l.start();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        drop(g);
+        assert!(l.cost() >= measured * 0.99, "{} vs {measured}", l.cost());
+        let g = l.start();
+        tokio::time::advance(Duration::from_millis(80)).await;
+        drop(g);
+        assert!(l.cost() >= 3.0 * measured, "{} vs {measured}", l.cost());
     }
 }

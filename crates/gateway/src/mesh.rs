@@ -157,8 +157,10 @@ impl forward::Mesh for Workers<'_> {
                 worker = %ep.addr,
                 attempt = n,
             );
-            let _call = ep.call();
-            upstream::attempt(&ep, req, version, self.size, left, self.carry, span).await
+            let call = ep.call();
+            let result = upstream::attempt(&ep, req, version, self.size, left, self.carry, span).await;
+            call.ended();
+            result
         }
     }
 

@@ -1,5 +1,6 @@
-//! The identity backend: output i echoes input i. Optional `delay_ms` and `failure_rate`
-//! parameters in config.pbtxt make slow or failing workers for tests, and it measures the
+//! The identity backend: output i echoes input i. Optional `delay_ms`, `failure_rate` and
+//! `stall_rate` with `stall_ms` parameters in config.pbtxt make slow, failing or
+//! sometimes-stalling workers for tests and benchmarks, and it measures the
 //! mesh without model cost. `crash_on_first_byte: "N"` aborts the whole process when an
 //! input's first byte is N: a stand-in for a query of death, to test that the gateway
 //! contains one (nothing real crashes a worker any more); `panic_on_first_byte: "N"`
@@ -18,6 +19,13 @@ pub struct IdentityEngine {
     pairs: Vec<(String, String)>,
     delay: Duration,
     failure_rate: f64,
+    /// A share of executions that take `stall` instead of `delay` (a worker's tail: a
+    /// pause, a noisy neighbour), deterministic as `failure_rate` is.
+    stall_rate: f64,
+    stall: Duration,
+    stalls: u64,
+    /// Held through a stall by the instance that stalls; shared by the model's instances.
+    pause: std::sync::Arc<std::sync::Mutex<()>>,
     runs: u64,
     failures: u64,
     crash_on: Option<u8>,
@@ -38,6 +46,8 @@ impl IdentityEngine {
         };
         let delay_ms = number("delay_ms")?.unwrap_or(0.0);
         let failure_rate = number("failure_rate")?.unwrap_or(0.0);
+        let stall_rate = number("stall_rate")?.unwrap_or(0.0);
+        let stall_ms = number("stall_ms")?.unwrap_or(0.0);
         let byte = |key: &str| {
             param(key)
                 .map(|v| {
@@ -51,9 +61,13 @@ impl IdentityEngine {
         };
         let crash_on = byte("crash_on_first_byte")?;
         let panic_on = byte("panic_on_first_byte")?;
-        if !(0.0..=1.0).contains(&failure_rate) || delay_ms < 0.0 {
+        if !(0.0..=1.0).contains(&failure_rate)
+            || !(0.0..=1.0).contains(&stall_rate)
+            || delay_ms < 0.0
+            || stall_ms < 0.0
+        {
             return Err(Error::Load(
-                "parameters: failure_rate must be within 0..1 and delay_ms not negative".into(),
+                "parameters: failure_rate and stall_rate must be within 0..1, delay_ms and stall_ms not negative".into(),
             ));
         }
         Ok(Self {
@@ -65,12 +79,25 @@ impl IdentityEngine {
                 .collect(),
             delay: Duration::from_secs_f64(delay_ms / 1000.0),
             failure_rate,
+            stall_rate,
+            stall: Duration::from_secs_f64(stall_ms / 1000.0),
+            stalls: 0,
+            pause: pause(config),
             runs: 0,
             failures: 0,
             crash_on,
             panic_on,
         })
     }
+}
+
+/// The pause lock of a model (by name): every instance of it shares one.
+fn pause(config: &pb::ModelConfig) -> std::sync::Arc<std::sync::Mutex<()>> {
+    type Locks = std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>;
+    static LOCKS: std::sync::OnceLock<Locks> = std::sync::OnceLock::new();
+    let locks = LOCKS.get_or_init(Default::default);
+    let mut locks = locks.lock().unwrap_or_else(|e| e.into_inner());
+    locks.entry(config.name.clone()).or_default().clone()
 }
 
 impl Engine for IdentityEngine {
@@ -83,8 +110,18 @@ impl Engine for IdentityEngine {
         if self.panic_on.is_some_and(first_byte_is) {
             panic!("identity backend: panic_on_first_byte matched");
         }
-        std::thread::sleep(self.delay);
         self.runs += 1;
+        // Deterministic: after n runs exactly floor(n × rate) have stalled. A stall pauses
+        // every instance of the model, as a process-wide pause would: the others wait on
+        // the lock it holds.
+        if (self.runs as f64 * self.stall_rate).floor() as u64 > self.stalls {
+            self.stalls += 1;
+            let _paused = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+            std::thread::sleep(self.stall);
+        } else {
+            drop(self.pause.lock().unwrap_or_else(|e| e.into_inner()));
+            std::thread::sleep(self.delay);
+        }
         // Deterministic: after n runs exactly floor(n × rate) have failed.
         if (self.runs as f64 * self.failure_rate).floor() as u64 > self.failures {
             self.failures += 1;

@@ -37,7 +37,7 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("default_model_filename", Refused, "the model file is always model.onnx (refused unless it names that)"),
     ("cc_model_filenames", Refused, "per-GPU model files are not chosen"),
     ("metric_tags", Refused, "metrics carry no custom labels"),
-    ("parameters", Honoured, "the identity backend's delay_ms, failure_rate and crash parameters; refused for ONNX models"),
+    ("parameters", Honoured, "the identity backend's delay_ms, failure_rate, stall_rate, stall_ms and crash parameters; refused for ONNX models"),
     ("model_warmup", Honoured, "zero_data, random_data and input_data_file (from the model's warmup/ directory) samples, `count` times on every instance before READY; a failed sample fails the load"),
     ("model_operations", Refused, "custom operator libraries are not loaded"),
     ("model_transaction_policy", Honoured, "decoupled: false; decoupled: true is refused"),
