@@ -63,9 +63,12 @@ def bearer(who):
 def mesh(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "auth.yaml"
     path.write_text(auth_file())
+    routes = path.parent / "routes.yaml"
+    routes.write_text("models:\n  mlp:\n    hedge: {after: p95}\n  digits:\n    hedge: {after_ms: 50}\n")
     worker = Worker("--model-control-mode", "explicit", "--load-model", "*")
     gateway = Server([binary("infermesh-gateway"), "--workers", worker.url, "--worker-refresh", "100ms",
-                      "--auth-config", str(path), "--model-control-mode", "explicit"], headers=bearer("admin"))
+                      "--auth-config", str(path), "--model-control-mode", "explicit", "--routes", str(routes)],
+                     headers=bearer("admin"))
     yield {"worker": worker, "gateway": gateway, "path": path}
     assert gateway.stop() == 0
     assert worker.stop() == 0
@@ -360,3 +363,19 @@ def test_a_worker_called_directly_checks_the_same_file(mesh):
         assert names == {"mlp"}, names
     finally:
         assert worker.stop() == 0
+
+
+def test_the_routing_policy_needs_the_read_scope_and_shows_the_tenants_models_only(mesh):
+    """infermesh.admin.v1.Routes/Get is a read: a read-scope tenant sees the routes of its
+    own models (team-read: mlp), an infer-only tenant is refused."""
+    cli, url = binary("infermesh"), mesh["gateway"].url
+    out = subprocess.run([cli, "routes", "--url", url, "--json", "--token", TOKENS["reader"]],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert [m["model"] for m in json.loads(out.stdout)["models"]] == ["mlp"]
+    out = subprocess.run([cli, "routes", "--url", url, "--json", "--token", TOKENS["admin"]],
+                         capture_output=True, text=True, timeout=30)
+    assert [m["model"] for m in json.loads(out.stdout)["models"]] == ["digits", "mlp"], out.stderr
+    out = subprocess.run([cli, "routes", "--url", url, "--token", TOKENS["infer"]],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "'read' scope" in out.stderr, out.stderr

@@ -49,3 +49,19 @@ def test_grpcurl_decodes_the_error_details(worker):
     text = out.stdout + out.stderr
     assert "not recognized" not in text, text
     assert '"reason":"model-not-found"' in text.replace(" ", ""), text
+
+
+def test_grpcurl_reads_the_gateways_routing_policy(worker, tmp_path):
+    """The admin API is served by reflection, so grpcurl needs no .proto file."""
+    from conftest import Gateway
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text('models:\n  mlp:\n    split: {"1": 1}\n')
+    gateway = Gateway(worker, extra=("--routes", str(routes)))
+    try:
+        assert "infermesh.admin.v1.Routes" in grpcurl(gateway.url, "list").split()
+        got = json.loads(grpcurl(gateway.url, "infermesh.admin.v1.Routes/Get"))
+        assert got["models"][0]["model"] == "mlp", got
+        assert got["models"][0]["split"][0]["weightInForce"] == 1, got
+    finally:
+        gateway.stop()

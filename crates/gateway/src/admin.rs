@@ -102,8 +102,11 @@ impl Admin {
 impl RoutesApi for Admin {
     async fn get(
         &self,
-        _: Request<GetRoutesRequest>,
+        req: Request<GetRoutesRequest>,
     ) -> Result<Response<GetRoutesResponse>, Status> {
+        // Under auth, a tenant sees the routes of its own models only (as RepositoryIndex).
+        let caller = infermesh_core::auth::caller(&req);
+        let open = |model: &str| caller.as_ref().is_none_or(|c| c.allows_model(model));
         let routes = &self.forwarding.routes;
         let table = routes.current();
         Ok(Response::new(GetRoutesResponse {
@@ -115,6 +118,7 @@ impl RoutesApi for Admin {
             models: table
                 .models()
                 .into_iter()
+                .filter(|(m, _)| open(m))
                 .map(|(m, p)| self.model(m, p))
                 .collect(),
         }))

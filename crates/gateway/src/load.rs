@@ -85,8 +85,11 @@ impl Load {
 
     /// `rtt`: a round trip that ended; `censored`: an attempt dropped before its answer
     /// (a hedge's loser, a cancelled caller), which only says the round trip would have
-    /// been at least `rtt` — it may raise the estimate, never lower it, or a slow worker
-    /// whose attempts are all cut short would look as fast as the cut.
+    /// taken longer than `rtt`. It counts as twice `rtt` (what is left of a wait that has
+    /// lasted this long is, for a pause, about as long again) and may raise the estimate,
+    /// never lower it: else a worker whose attempts are all cut short by hedges would look
+    /// as fast as the cut, and draw more of them (measured: 2 % of requests hedged instead
+    /// of 0.9 % with one stalling worker of three, bench/hedge.sh).
     fn observe(&self, rtt: Duration, censored: bool) {
         let (ewma, at) = self.estimate();
         let now = Instant::now();

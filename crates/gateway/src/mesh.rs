@@ -158,7 +158,8 @@ impl forward::Mesh for Workers<'_> {
                 attempt = n,
             );
             let call = ep.call();
-            let result = upstream::attempt(&ep, req, version, self.size, left, self.carry, span).await;
+            let result =
+                upstream::attempt(&ep, req, version, self.size, left, self.carry, span).await;
             call.ended();
             result
         }

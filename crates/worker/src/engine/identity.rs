@@ -93,7 +93,8 @@ impl IdentityEngine {
 
 /// The pause lock of a model (by name): every instance of it shares one.
 fn pause(config: &pb::ModelConfig) -> std::sync::Arc<std::sync::Mutex<()>> {
-    type Locks = std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>;
+    type Locks =
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>;
     static LOCKS: std::sync::OnceLock<Locks> = std::sync::OnceLock::new();
     let locks = LOCKS.get_or_init(Default::default);
     let mut locks = locks.lock().unwrap_or_else(|e| e.into_inner());
