@@ -315,4 +315,53 @@ mod tests {
             "a named version stays named"
         );
     }
+
+    fn split(weights: &[(i64, u32)], fallback: bool) -> Arc<Policy> {
+        Arc::new(Policy {
+            split: Some(Split::new(weights.to_vec(), fallback)),
+            records: Records {
+                split: weights.iter().map(|_| Default::default()).collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_split_draws_versions_by_weight_and_never_moves_a_named_or_unready_one() {
+        let ws = fakes(1, 2, &[("m", &[1, 2])]);
+        let policy = split(&[(1, 1), (2, 1), (3, 2)], false);
+        let mut drawn = Vec::new();
+        for _ in 0..4 {
+            match route(&ws, "m", "", &policy) {
+                Ok(t) => drawn.push((t.selector == Selector::Split, t.version)),
+                Err(e) => {
+                    assert_eq!(e.reason(), Reason::VersionUnavailable, "{e}");
+                    assert!(e.to_string().contains("version 3 (weight 2 of 4"), "{e}");
+                    drawn.push((false, 3));
+                }
+            }
+        }
+        drawn.sort();
+        assert_eq!(drawn, [(false, 3), (false, 3), (true, 1), (true, 2)]);
+        assert_eq!(policy.records.split[2][2].get(), 2, "counted unavailable");
+        assert_eq!(
+            route(&ws, "m", "3", &policy).unwrap().selector,
+            Selector::Named(3)
+        );
+        let t = route(&ws, "m", "", &split(&[(1, 1)], false)).unwrap();
+        assert!(
+            reroute(&ws, &t, &[1]).is_none(),
+            "no fallback: the share is not moved"
+        );
+        let fallback = split(&[(1, 1), (2, 1), (3, 2)], true);
+        for _ in 0..8 {
+            let t = route(&ws, "m", "", &fallback).unwrap();
+            assert!(matches!(t.version, 1 | 2));
+            assert_eq!(
+                reroute(&ws, &t, &[t.version]).unwrap().version,
+                3 - t.version
+            );
+        }
+    }
 }
