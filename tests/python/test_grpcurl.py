@@ -21,6 +21,7 @@ def test_grpcurl_list_describe_and_call(worker):
     services = grpcurl(worker.url, "list").split()
     assert "inference.GRPCInferenceService" in services
     assert "grpc.health.v1.Health" in services
+    assert "infermesh.admin.v1.Routes" not in services, "a worker lists only what it answers"
     described = grpcurl(worker.url, "describe", "inference.GRPCInferenceService")
     assert "rpc ModelStreamInfer ( stream .inference.ModelInferRequest )" in described
     meta = json.loads(grpcurl("-d", '{"name": "mlp"}', worker.url, "inference.GRPCInferenceService/ModelMetadata"))

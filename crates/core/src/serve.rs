@@ -66,6 +66,9 @@ pub struct Parts<H> {
     pub watched: Vec<crate::watch::Watched>,
     /// Tenants and their rights (`--auth-config`); None lets every caller do everything.
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// Services served beyond inference, health and reflection (the gateway's admin
+    /// API), so reflection lists exactly what this server answers.
+    pub extra_services: &'static [&'static str],
 }
 
 /// Serves an `inference.GRPCInferenceService` (with the message-size flags), health,
@@ -125,6 +128,7 @@ where
         mut registry,
         mut watched,
         auth,
+        extra_services,
     } = parts;
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
     let health = tonic_health::pb::health_server::HealthServer::new(crate::health_guard::Guarded {
@@ -160,6 +164,7 @@ where
     };
     let served = serve(
         routes(limit),
+        extra_services,
         listeners,
         args,
         guards,
@@ -246,6 +251,7 @@ pub async fn bind_health(args: &ServerArgs) -> std::io::Result<Option<TcpListene
 /// served by the caller.
 pub async fn serve(
     routes: Routes,
+    extra_services: &[&str],
     listeners: Listeners,
     args: &ServerArgs,
     guards: Guards,
@@ -266,6 +272,19 @@ pub async fn serve(
     ] {
         v1 = v1.register_encoded_file_descriptor_set(fds);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(fds);
+    }
+    // Only what this server answers: the descriptor sets hold the gateway's admin API too.
+    for name in [
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .iter()
+    .chain(extra_services)
+    {
+        v1 = v1.with_service_name(*name);
+        v1alpha = v1alpha.with_service_name(*name);
     }
     let v1 = v1
         .build_v1()

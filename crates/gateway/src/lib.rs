@@ -146,6 +146,7 @@ pub async fn run(
             .map(|t| t.watched("worker-tls"))
             .chain(routes.watched())
             .collect(),
+        extra_services: &["infermesh.admin.v1.Routes"],
     };
     let served = serve::serve_routes(
         |limit| {

@@ -159,6 +159,7 @@ pub async fn run(
         auth,
         registry,
         watched: Vec::new(),
+        extra_services: &[],
     };
     serve::serve_inference(service, parts, &config.server, shutdown)
         .await
