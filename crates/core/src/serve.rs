@@ -163,8 +163,7 @@ where
         auth,
     };
     let served = serve(
-        routes(limit),
-        extra_services,
+        (routes(limit), extra_services),
         listeners,
         args,
         guards,
@@ -248,10 +247,10 @@ pub async fn bind_health(args: &ServerArgs) -> std::io::Result<Option<TcpListene
 /// Serves `routes` plus `grpc.health.v1` and reflection (v1 and v1alpha, since grpcurl
 /// 1.8 speaks only v1alpha) on the gRPC listener (over TLS when configured), and health
 /// alone on the health listener, until `shutdown` resolves, then drains. Metrics are
-/// served by the caller.
+/// served by the caller. Reflection lists the inference, health and reflection services
+/// and `extra_services` (what `routes` serves beyond them).
 pub async fn serve(
-    routes: Routes,
-    extra_services: &[&str],
+    (routes, extra_services): (Routes, &[&str]),
     listeners: Listeners,
     args: &ServerArgs,
     guards: Guards,
