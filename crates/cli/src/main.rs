@@ -10,6 +10,7 @@ mod json;
 mod load;
 mod models;
 mod routes;
+mod routes_rules;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -51,7 +52,7 @@ enum Command {
     /// Unload a model (RepositoryModelUnload); requests in flight finish.
     Unload(control::ControlArgs),
     /// A gateway's live routing policy (--routes): weights in force, versions skipped and
-    /// why, hedge and win rates.
+    /// why, hedge and win rates, shadow agreement, the guard's state.
     Routes(routes::RoutesArgs),
 }
 

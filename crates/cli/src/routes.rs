@@ -57,7 +57,18 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         let hedge = entry
             .hedge
             .map_or_else(|| "no hedging".to_string(), |h| format!("hedge {h}"));
-        println!("  {model}: {split}; {hedge}");
+        let shadow = entry.shadow.as_ref().map_or_else(String::new, |s| {
+            format!(
+                "; shadow {}% to {}",
+                f64::from(s.per_10k) / 100.0,
+                s.label(model)
+            )
+        });
+        let guard = entry
+            .guard
+            .as_ref()
+            .map_or_else(String::new, |g| format!("; guard on version {}", g.version));
+        println!("  {model}: {split}; {hedge}{shadow}{guard}");
     }
     Ok(())
 }
@@ -87,6 +98,12 @@ fn model_json(m: &ModelRoute) -> serde_json::Value {
         })
         .collect();
     let mut out = serde_json::json!({"model": m.model, "split": split, "fallback": m.fallback, "hedge": m.hedge});
+    if let Some(s) = &m.shadow {
+        out["shadow"] = crate::routes_rules::shadow_json(s);
+    }
+    if let Some(g) = &m.guard {
+        out["guard"] = crate::routes_rules::guard_json(g);
+    }
     if let Some(h) = &m.hedging {
         out["hedging"] = serde_json::json!({
             "delay_ms": h.delay_ms, "waiting": h.waiting, "requests": h.requests, "hedged": h.hedged,
@@ -143,6 +160,12 @@ fn text(r: &GetRoutesResponse) -> String {
                 100.0 * rate(h.won, h.hedged)
             ));
         }
+        if let Some(s) = &m.shadow {
+            out.push_str(&crate::routes_rules::shadow_text(s));
+        }
+        if let Some(g) = &m.guard {
+            out.push_str(&crate::routes_rules::guard_text(g));
+        }
     }
     out
 }
@@ -185,6 +208,23 @@ mod tests {
                     won: 5,
                     ..Default::default()
                 }),
+                shadow: Some(infermesh_proto::admin::Shadow {
+                    target: "mlp:2".into(),
+                    percent: 25.0,
+                    agree: 997,
+                    disagree: 3,
+                    agreement: 0.997,
+                    worst_abs_error: 0.5,
+                    ..Default::default()
+                }),
+                guard: Some(infermesh_proto::admin::Guard {
+                    version: 2,
+                    max_error_rate: Some(0.02),
+                    window_s: 30,
+                    min_requests: 200,
+                    requests: 12,
+                    ..Default::default()
+                }),
             }],
         };
         let t = text(&r);
@@ -194,8 +234,15 @@ mod tests {
                 && t.contains("10 hedged (10.0%), 5 won (50.0% of hedges)"),
             "{t}"
         );
+        assert!(
+            t.contains("agreement 99.70% (997 of 1000), worst abs error 5.000e-1")
+                && t.contains("guard on version 2 (max_error_rate 0.02, window 30s, min 200 requests): not armed (12 of 200 requests)"),
+            "{t}"
+        );
         let j = json(&r);
         assert_eq!(j["models"][0]["hedging"]["win_rate"], 0.5);
+        assert_eq!(j["models"][0]["shadow"]["disagree"], 3);
+        assert_eq!(j["models"][0]["guard"]["armed"], false);
         assert_eq!(j["models"][0]["split"][1]["weight_in_force"], 0);
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use infermesh_proto::admin::{
     routes_server::{Routes as RoutesApi, RoutesServer},
-    GetRoutesRequest, GetRoutesResponse, Hedging, ModelRoute, VersionShare,
+    GetRoutesRequest, GetRoutesResponse, Guard, Hedging, ModelRoute, Shadow, VersionShare,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,7 +29,9 @@ impl Admin {
                 .zip(&policy.records.split)
                 .map(|((version, weight), series)| {
                     let up = ready(*version);
+                    let off = s.is_off(*version);
                     let skipped = match (up, s.fallback) {
+                        _ if off => "the guard took it out of the split: its part goes to the other versions".into(),
                         (true, _) => String::new(),
                         (false, true) => {
                             "no ready worker: its part goes to the other versions (fallback)".into()
@@ -41,7 +43,7 @@ impl Admin {
                     VersionShare {
                         version: *version,
                         weight: *weight,
-                        weight_in_force: if up || !s.fallback { *weight } else { 0 },
+                        weight_in_force: if !off && (up || !s.fallback) { *weight } else { 0 },
                         skipped,
                         routed: series[0].get() + series[1].get(),
                         unavailable: series[2].get(),
@@ -66,6 +68,8 @@ impl Admin {
             fallback: policy.split.as_ref().is_some_and(|s| s.fallback),
             hedge: policy.hedge.map_or_else(String::new, |a| a.to_string()),
             hedging,
+            shadow: policy.shadow.as_ref().map(shadow),
+            guard: policy.guard.as_ref().map(guard),
         }
     }
 
@@ -95,6 +99,49 @@ impl Admin {
                 ),
             ),
         }
+    }
+}
+
+fn shadow(rule: &crate::shadow::Rule) -> Shadow {
+    let t = rule.stats.totals();
+    let compared = t.agree + t.disagree;
+    Shadow {
+        target: rule.label.clone(),
+        percent: f64::from(rule.rule.per_10k) / 100.0,
+        atol: rule.rule.tolerance.atol,
+        rtol: rule.rule.tolerance.rtol,
+        agree: t.agree,
+        disagree: t.disagree,
+        error: t.error,
+        dropped: t.dropped,
+        agreement: if compared == 0 {
+            0.0
+        } else {
+            t.agree as f64 / compared as f64
+        },
+        worst_abs_error: t.worst,
+        argmax_changed: t.argmax_changed,
+        argmax_rows: t.argmax_rows,
+        last_error: t.last_error,
+        in_flight: rule.in_flight() as u32,
+    }
+}
+
+fn guard(g: &crate::guard::Guard) -> Guard {
+    let v = g.view();
+    Guard {
+        version: g.rule.version,
+        max_error_rate: g.rule.max_error_rate,
+        min_agreement: g.rule.min_agreement,
+        window_s: g.rule.window_s,
+        min_requests: g.rule.min_requests,
+        requests: v.requests,
+        errors: v.errors,
+        comparisons: v.compared,
+        agreed: v.agree,
+        armed: v.armed,
+        tripped: v.tripped.is_some(),
+        why: v.tripped.or(v.withheld).unwrap_or_default(),
     }
 }
 

@@ -120,7 +120,7 @@ pub struct GatewayConfig {
     pub max_inflight_bytes: usize,
 
     /// The routing file (YAML): per model, a weighted split over versions for requests
-    /// that name none, and hedging. A file that does not parse stops the gateway at
+    /// that name none, hedging, shadow traffic and a guard that rolls a version back. A file that does not parse stops the gateway at
     /// start; it is reloaded when it changes (a bad reload keeps the last good policy).
     /// See docs/traffic.md.
     #[arg(long, env = "INFERMESH_ROUTES")]

@@ -17,7 +17,7 @@ use tower::retry::budget::Budget as _;
 
 use crate::{
     failure::{self, Failure},
-    hedge,
+    guard, hedge,
     metrics::{CodeLabels, GatewayMetrics},
     poison::{self, Quarantine},
     retry::Budget,
@@ -192,17 +192,31 @@ pub async fn forward<M: Mesh>(
         };
         let status = match result {
             Ok(resp) => {
+                guarded(&target, None, None);
                 mesh.observe(&target, started.elapsed());
                 mesh.learn(&worker, &req.model_name, None);
                 return Ok(resp);
             }
             Err(status) => status,
         };
-        let failure = judge(&status, bound, started, deadline, M::addr(&worker))?;
+        let judged = judge(&status, bound, started, deadline, M::addr(&worker));
+        guarded(&target, Some(&status), judged.as_ref().ok().copied());
+        let failure = judged?;
         mesh.learn(&worker, &req.model_name, Some((failure, &status)));
         tries.failed(retries, failure, status, &target, M::addr(&worker))?;
         if tries.poisoned {
             return Err(poisoned(retries.quarantine, req, version, &tries));
+        }
+    }
+}
+
+/// Tells the model's guard, when it guards the target's version, what an attempt came to
+/// (a passed deadline, `failure` None, counts as a timeout).
+fn guarded(target: &Target, status: Option<&Status>, failure: Option<Failure>) {
+    if let Some(g) = &target.policy.guard {
+        if g.rule.version == target.version {
+            let failure = failure.or(status.map(|_| Failure::TimedOut));
+            g.attempted(guard::judged(status, failure), target.policy.split.as_ref());
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod failure;
 pub mod forward;
+pub mod guard;
 pub mod hedge;
 pub mod latency;
 pub mod load;
@@ -21,6 +22,7 @@ pub mod retry;
 pub mod route;
 pub mod routes;
 pub mod service;
+pub mod shadow;
 pub mod single_flight;
 pub mod stats;
 
@@ -121,7 +123,9 @@ pub async fn run(
         quarantine: poison::Quarantine::new(config.poison_quarantine, metrics.poison.clone()),
         metrics: metrics.clone(),
         bytes: budget.clone(),
+        shadows: shadow::Shadows::new(pool.clone(), &budget),
     });
+    let shadows = forwarding.clone();
     let admin = admin::Admin::server(forwarding.clone());
     let service = GatewayService {
         pool: pool.clone(),
@@ -163,6 +167,7 @@ pub async fn run(
     // refresher and connections stop with it (it may run inside a longer-lived process).
     following.abort();
     health_task.abort();
+    shadows.shadows.stop();
     members.close();
     served
 }

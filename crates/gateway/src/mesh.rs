@@ -41,6 +41,8 @@ pub struct Forwarding {
     pub metrics: GatewayMetrics,
     /// The gateway's byte budget: hedged copies count against it as client requests do.
     pub bytes: ByteBudget,
+    /// Copies of answered requests to the routing file's shadow targets.
+    pub shadows: crate::shadow::Shadows,
 }
 
 impl Forwarding {
@@ -81,7 +83,11 @@ impl Forwarding {
         let deadline = deadline.map(tokio::time::Instant::from_std);
         // Shared by every attempt: each is encoded from it, none copies it.
         let req = Arc::new(req);
-        forward::forward(&mesh, &retries, &req, &asked_version, deadline).await
+        let answer = forward::forward(&mesh, &retries, &req, &asked_version, deadline).await;
+        if let (Ok(answer), Some(_)) = (&answer, &policy.shadow) {
+            self.shadows.offer(policy, &req, answer);
+        }
+        answer
     }
 }
 

@@ -50,6 +50,28 @@ pub struct HedgeLabels {
     pub result: String,
 }
 
+/// A shadow copy's result: agree, disagree, error or dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub model: String,
+    pub target: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowTargetLabels {
+    pub model: String,
+    pub target: String,
+}
+
+/// A guard's rollback of a version, and why (error_rate or agreement).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RollbackLabels {
+    pub model: String,
+    pub version: String,
+    pub why: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabels {
     pub change: String,
@@ -57,6 +79,18 @@ pub struct ChangeLabels {
 
 fn latency() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A shadow comparison's max absolute error: 1e-9 to 1e3, a bucket per decade.
+pub fn abs_error() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-9, 10.0, 13,
+    ))
+}
+
+/// A shadow comparison's lowest cosine similarity of a float output, finest near 1.
+pub fn cosine() -> Histogram {
+    Histogram::new([0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999, 1.0])
 }
 
 #[derive(Clone, Debug)]
@@ -77,6 +111,11 @@ pub struct GatewayMetrics {
     pub open_streams: Gauge,
     pub split: Family<SplitLabels, Counter>,
     pub hedges: Family<HedgeLabels, Counter>,
+    pub shadow: Family<ShadowLabels, Counter>,
+    pub shadow_abs_error: Family<ShadowTargetLabels, Histogram, fn() -> Histogram>,
+    pub shadow_cosine: Family<ShadowTargetLabels, Histogram, fn() -> Histogram>,
+    pub rollbacks: Family<RollbackLabels, Counter>,
+    pub rollbacks_withheld: Family<RollbackLabels, Counter>,
     /// Each model's request series, resolved once (see [`GatewayMetrics::model`]).
     models: Arc<RwLock<HashMap<String, Arc<ModelRecords>>>>,
 }
@@ -101,6 +140,11 @@ impl Default for GatewayMetrics {
             open_streams: Gauge::default(),
             split: Family::default(),
             hedges: Family::default(),
+            shadow: Family::default(),
+            shadow_abs_error: Family::new_with_constructor(abs_error),
+            shadow_cosine: Family::new_with_constructor(cosine),
+            rollbacks: Family::default(),
+            rollbacks_withheld: Family::default(),
             models: Default::default(),
         }
     }
@@ -217,6 +261,31 @@ impl GatewayMetrics {
             "hedges",
             "Hedged copies sent by the routing file's hedge rule, by result (won: its answer was used; lost: the first attempt answered first and the copy was cancelled)",
             m.hedges.clone(),
+        );
+        r.register(
+            "shadow",
+            "Shadow copies sent by the routing file's shadow rule, by target and result (agree: every output within atol + rtol·|primary|; disagree; error: not comparable, or the copy failed; dropped: not sent, the shadow limits or the target's workers being busy)",
+            m.shadow.clone(),
+        );
+        r.register(
+            "shadow_max_abs_error",
+            "Each shadow comparison's largest absolute difference from the primary's answer over its float outputs",
+            m.shadow_abs_error.clone(),
+        );
+        r.register(
+            "shadow_cosine_similarity",
+            "Each shadow comparison's lowest cosine similarity with the primary's answer over its float outputs",
+            m.shadow_cosine.clone(),
+        );
+        r.register(
+            "rollbacks",
+            "Versions the routing file's guard took out of the split, by why (error_rate, agreement)",
+            m.rollbacks.clone(),
+        );
+        r.register(
+            "rollbacks_withheld",
+            "Times a guard would have taken a version out of the split but kept it, as the last version with weight",
+            m.rollbacks_withheld.clone(),
         );
         m
     }

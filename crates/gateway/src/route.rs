@@ -28,6 +28,10 @@ pub struct Policy {
     pub split: Option<Split>,
     /// When to send a second copy to another worker if the first has not answered.
     pub hedge: Option<After>,
+    /// A copy of answered requests to a shadow target, answers compared.
+    pub shadow: Option<crate::shadow::Rule>,
+    /// Takes a version out of the split when it errs or disagrees too often.
+    pub guard: Option<crate::guard::Guard>,
     pub records: Records,
 }
 
@@ -38,6 +42,8 @@ impl Default for Policy {
             max_breaks: crate::poison::MAX_BREAKS,
             split: None,
             hedge: None,
+            shadow: None,
+            guard: None,
             records: Records::default(),
         }
     }

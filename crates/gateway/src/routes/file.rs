@@ -6,6 +6,8 @@
 //!     split: {"1": 9, "2": 1}   # relative weights for requests that name no version
 //!     fallback: false           # true: a version with no ready worker shares its part
 //!     hedge: {after: p95}       # or {after_ms: 5}: at most one extra copy
+//!     shadow: {target: {version: "2"}, percent: 25}   # see `rules`
+//!     guard: {version: "2", max_error_rate: 0.02}     # see `rules`
 //! ```
 //!
 //! Every check is made while the file is read, so an error names the field, its line and
@@ -14,6 +16,8 @@
 use std::collections::BTreeMap;
 
 use serde::{de::Error as _, Deserialize, Deserializer};
+
+use super::rules::{self, Guard, Shadow};
 
 /// The largest sum of a split's weights (the length of its precomputed schedule).
 pub const MAX_TOTAL_WEIGHT: u64 = 10_000;
@@ -26,7 +30,7 @@ pub struct File {
 }
 
 /// One model's routing.
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     /// Version → weight, for requests that name no version.
@@ -38,6 +42,12 @@ pub struct Entry {
     pub fallback: bool,
     #[serde(default, deserialize_with = "hedge")]
     pub hedge: Option<After>,
+    /// A copy of answered requests to another version or model, answers compared.
+    #[serde(default, deserialize_with = "rules::shadow")]
+    pub shadow: Option<Shadow>,
+    /// Takes a version out of the split when its errors or disagreement cross a line.
+    #[serde(default, deserialize_with = "rules::guard")]
+    pub guard: Option<Guard>,
 }
 
 /// When a hedge is sent.
@@ -73,6 +83,15 @@ pub fn parse(text: &str) -> Result<File, String> {
             return Err(format!(
                 "models.{model}.fallback: true needs a split to fall back within; expected a `split` beside it, found none"
             ));
+        }
+        if let Some(guard) = &entry.guard {
+            let versions: Vec<i64> = entry.split.iter().flatten().map(|(v, _)| *v).collect();
+            if !versions.contains(&guard.version) {
+                return Err(format!(
+                    "models.{model}.guard.version: expected a version of the model's split {versions:?} (the guard takes it out of the split), found {}",
+                    guard.version
+                ));
+            }
         }
     }
     Ok(file)
@@ -209,6 +228,26 @@ mod tests {
         assert_eq!(f.models["other"].hedge, Some(After::Ms(5.0)));
         assert_eq!(f.models["other"].split, None);
         assert_eq!(parse("").unwrap(), File::default());
+        let f = parse(
+            "models:\n  mlp:\n    split: {1: 9, 2: 1}\n    shadow:\n      target: {version: \"2\"}\n      percent: 25\n      compare: {atol: 1.0e-4, rtol: 1.0e-3}\n    guard:\n      version: \"2\"\n      max_error_rate: 0.02\n      min_agreement: 0.99\n      window_s: 30\n      min_requests: 200\n  other:\n    shadow: {target: {model: cand, version: \"\"}}\n",
+        )
+        .unwrap();
+        let shadow = f.models["mlp"].shadow.clone().unwrap();
+        assert_eq!(
+            (shadow.version, shadow.per_10k, shadow.tolerance.atol),
+            (Some(2), 2500, 1e-4)
+        );
+        assert_eq!(shadow.label("mlp"), "mlp:2");
+        let guard = f.models["mlp"].guard.clone().unwrap();
+        assert_eq!(
+            (guard.version, guard.window_s, guard.min_requests),
+            (2, 30, 200)
+        );
+        let other = f.models["other"].shadow.clone().unwrap();
+        assert_eq!(
+            (other.label("other"), other.per_10k, other.tolerance.rtol),
+            ("cand".into(), 10_000, 1e-5)
+        );
     }
 
     #[test]
@@ -240,6 +279,16 @@ mod tests {
                 "models.mlp.fallback",
             ),
             ("modelz: {}\n", "unknown field `modelz`"),
+            ("models:\n  mlp:\n    shadow: {percent: 5}\n", "missing field `target`"),
+            ("models:\n  mlp:\n    shadow: {target: {version: x}}\n", "found 'x'"),
+            ("models:\n  mlp:\n    shadow: {target: {}, percent: 101}\n", "found 101"),
+            ("models:\n  mlp:\n    shadow: {target: {}, compare: {atol: -1}}\n", "compare.atol"),
+            ("models:\n  mlp:\n    shadow: {target: {}, mirror: 1}\n", "unknown field `mirror`"),
+            ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 1}\n", "a guard with neither"),
+            ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 1, max_error_rate: 2}\n", "found 2"),
+            ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 1, min_agreement: 0.9, window_s: 0}\n", "window_s"),
+            ("models:\n  mlp:\n    guard: {version: 2, max_error_rate: 0.1}\n", "models.mlp.guard.version"),
+            ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 2, max_error_rate: 0.1}\n", "split [1]"),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(expect), "{text:?}: {err}");

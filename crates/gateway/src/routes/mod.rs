@@ -5,6 +5,7 @@
 //! kept. Each request takes the table in force when it arrives, without a lock.
 
 pub mod file;
+pub mod rules;
 pub mod split;
 
 use std::{
@@ -17,8 +18,12 @@ use infermesh_core::watch::{Reloadable, Watched};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    metrics::{GatewayMetrics, HedgeLabels, SplitLabels},
+    guard::{self, Guard},
+    metrics::{
+        GatewayMetrics, HedgeLabels, RollbackLabels, ShadowLabels, ShadowTargetLabels, SplitLabels,
+    },
     route::Policy,
+    shadow::{self, Stats},
 };
 pub use file::After;
 use split::Split;
@@ -70,6 +75,11 @@ pub struct Routes {
     table: Arc<Reloadable<Table>>,
     metrics: GatewayMetrics,
     counts: Mutex<HashMap<String, Arc<Counts>>>,
+    /// Shadow results by (model, target), kept across reloads.
+    shadows: Mutex<HashMap<(String, String), Arc<Stats>>>,
+    /// Each model's entry as last read and the policy built from it: an entry that did not
+    /// change keeps its policy (its guard's window, a version it took out of the split).
+    built: Mutex<HashMap<String, (file::Entry, Arc<Policy>)>>,
 }
 
 impl Routes {
@@ -83,6 +93,8 @@ impl Routes {
             }),
             metrics,
             counts: Default::default(),
+            shadows: Default::default(),
+            built: Default::default(),
         };
         if routes.path.is_some() {
             let table = routes.read()?;
@@ -117,14 +129,20 @@ impl Routes {
     }
 
     fn build(&self, file: file::File) -> Table {
-        let models = file
+        let mut built = self.built.lock().expect("routes lock");
+        let models: HashMap<String, Arc<Policy>> = file
             .models
             .into_iter()
             .map(|(model, entry)| {
-                let policy = self.policy(&model, entry);
-                (model, Arc::new(policy))
+                let policy = match built.get(&model) {
+                    Some((before, policy)) if *before == entry => policy.clone(),
+                    _ => Arc::new(self.policy(&model, entry.clone())),
+                };
+                built.insert(model.clone(), (entry, policy.clone()));
+                (model, policy)
             })
             .collect();
+        built.retain(|m, _| models.contains_key(m));
         Table {
             models,
             default: Default::default(),
@@ -189,8 +207,63 @@ impl Routes {
         Policy {
             split,
             hedge: entry.hedge,
+            shadow: entry.shadow.map(|rule| self.shadow(model, rule)),
+            guard: entry.guard.map(|rule| self.guard(model, rule)),
             records,
             ..Default::default()
         }
+    }
+
+    fn shadow(&self, model: &str, rule: rules::Shadow) -> shadow::Rule {
+        let target = rule.label(model);
+        let stats = self
+            .shadows
+            .lock()
+            .expect("routes lock")
+            .entry((model.to_string(), target.clone()))
+            .or_insert_with(|| {
+                let m = &self.metrics;
+                let labels = ShadowTargetLabels {
+                    model: model.into(),
+                    target: target.clone(),
+                };
+                let result = |result: &str| {
+                    m.shadow
+                        .get_or_create(&ShadowLabels {
+                            model: model.into(),
+                            target: target.clone(),
+                            result: result.into(),
+                        })
+                        .clone()
+                };
+                Arc::new(Stats::new(
+                    model,
+                    shadow::record::RESULTS.map(result),
+                    m.shadow_abs_error.get_or_create(&labels).clone(),
+                    m.shadow_cosine.get_or_create(&labels).clone(),
+                ))
+            })
+            .clone();
+        shadow::Rule::new(rule, target, stats)
+    }
+
+    fn guard(&self, model: &str, rule: rules::Guard) -> Guard {
+        let series =
+            |family: &prometheus_client::metrics::family::Family<RollbackLabels, Counter>| {
+                guard::WHYS.map(|why| {
+                    family
+                        .get_or_create(&RollbackLabels {
+                            model: model.into(),
+                            version: rule.version.to_string(),
+                            why: why.into(),
+                        })
+                        .clone()
+                })
+            };
+        let (rollbacks, withheld) = (
+            series(&self.metrics.rollbacks),
+            series(&self.metrics.rollbacks_withheld),
+        );
+        Guard::new(model, rule, rollbacks, withheld)
     }
 }

@@ -3,7 +3,7 @@
 //! counter, so the pick takes no lock and 2,000 requests at 9:1 land 1,800 / 200 exactly
 //! (up to what requests in flight reorder).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// One model's split.
 #[derive(Debug)]
@@ -15,6 +15,9 @@ pub struct Split {
     /// Index into `weights` for each slot.
     schedule: Vec<u8>,
     next: AtomicU64,
+    /// For each version of `weights`: taken out of the split by its guard (weight 0 in
+    /// force until the file's entry changes).
+    off: Vec<AtomicBool>,
 }
 
 /// The version a request drew.
@@ -50,6 +53,7 @@ impl Split {
             schedule.push(best as u8);
         }
         Self {
+            off: weights.iter().map(|_| AtomicBool::new(false)).collect(),
             weights,
             fallback,
             schedule,
@@ -57,11 +61,50 @@ impl Split {
         }
     }
 
+    /// Takes `version` out of the split (its guard tripped); false, leaving it in, when no
+    /// other version would be left with weight.
+    pub fn trip(&self, version: i64) -> bool {
+        let others = self
+            .weights
+            .iter()
+            .zip(&self.off)
+            .any(|((v, w), off)| *v != version && *w > 0 && !off.load(Ordering::Relaxed));
+        let Some(i) = self.weights.iter().position(|(v, _)| *v == version) else {
+            return false;
+        };
+        if others {
+            self.off[i].store(true, Ordering::Relaxed);
+        }
+        others
+    }
+
+    /// Whether `version`'s guard took it out of the split.
+    pub fn is_off(&self, version: i64) -> bool {
+        self.weights
+            .iter()
+            .zip(&self.off)
+            .any(|((v, _), off)| *v == version && off.load(Ordering::Relaxed))
+    }
+
+    /// The version of schedule slot `at` (mod its length).
+    fn slot(&self, at: u64) -> (i64, bool) {
+        let i = self.schedule[(at % self.schedule.len() as u64) as usize] as usize;
+        (self.weights[i].0, self.off[i].load(Ordering::Relaxed))
+    }
+
+    /// The next slot from `at` whose version is in the split (a tripped version's slots
+    /// pass to the slots after them, so the others share its part by weight).
+    fn in_force(&self, at: u64) -> u64 {
+        let n = self.schedule.len() as u64;
+        (at..at + n).find(|a| !self.slot(*a).1).unwrap_or(at) % n
+    }
+
     /// The version with the highest weight (the higher version on a tie): what metadata
     /// answers for.
     pub fn heaviest(&self) -> i64 {
         self.weights
             .iter()
+            .filter(|(v, _)| !self.is_off(*v))
             .max_by_key(|(v, w)| (*w, *v))
             .map(|(v, _)| *v)
             .expect("a split has a version")
@@ -72,7 +115,7 @@ impl Split {
     /// shares the part out in proportion to the weights.
     pub fn draw(&self, ready: impl Fn(i64) -> bool) -> Drawn {
         let n = self.schedule.len() as u64;
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let at = self.in_force(self.next.fetch_add(1, Ordering::Relaxed) % n);
         let drew = self.weights[self.schedule[at as usize] as usize].0;
         if ready(drew) {
             return Drawn::Version(drew);
@@ -81,8 +124,9 @@ impl Split {
             return Drawn::Unavailable(drew);
         }
         (1..n)
-            .map(|k| self.weights[self.schedule[((at + k) % n) as usize] as usize].0)
-            .find(|v| *v != drew && ready(*v))
+            .map(|k| self.slot(at + k))
+            .find(|(v, off)| !off && *v != drew && ready(*v))
+            .map(|(v, _)| v)
             .map_or(Drawn::Unavailable(drew), |to| Drawn::Fallback { drew, to })
     }
 
@@ -94,8 +138,9 @@ impl Split {
         let n = self.schedule.len() as u64;
         let at = self.next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
-            .map(|k| self.weights[self.schedule[((at + k) % n) as usize] as usize].0)
-            .find(|v| !without.contains(v) && ready(*v))
+            .map(|k| self.slot(at + k))
+            .find(|(v, off)| !off && !without.contains(v) && ready(*v))
+            .map(|(v, _)| v)
     }
 
     /// The sum of the weights.
@@ -165,5 +210,19 @@ mod tests {
         assert!(matches!(s.draw(|_| false), Drawn::Unavailable(_)));
         assert_eq!(s.other(&[1, 2], |_| true), Some(3));
         assert_eq!(Split::new(vec![(1, 1)], false).other(&[], |_| true), None);
+    }
+
+    #[test]
+    fn a_tripped_version_passes_its_part_to_the_others_but_the_last_one_stays() {
+        let s = Split::new(vec![(1, 6), (2, 3), (3, 1)], false);
+        assert!(s.trip(2));
+        let seen = count(&s, 1000, |_| true);
+        assert_eq!(seen.get("2"), None);
+        assert_eq!(seen["1"] + seen["3"], 1000);
+        assert!((750..=950).contains(&seen["1"]), "{seen:?}");
+        assert!(s.trip(1));
+        assert!(!s.trip(3), "the last version with weight stays");
+        assert_eq!(count(&s, 10, |_| true)["3"], 10);
+        assert_eq!(s.heaviest(), 3);
     }
 }
