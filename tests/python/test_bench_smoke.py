@@ -53,3 +53,16 @@ def test_the_hop_benchmark_runs_every_setup():
         for mode, c in (("unary", 1), ("unary", 32), ("stream", 32)):
             assert f"| {setup} | {mode} | {c} |" in table, table
     assert "| gateway | " in table.split("RSS idle MB")[1], table
+
+
+def test_the_shadow_benchmark_runs_every_setup():
+    """bench/shadow.py at tiny durations: every setup answers and the copies of the
+    shadowing setups agree (the two versions are the same file)."""
+    cmd = [sys.executable, str(ROOT / "bench/shadow.py"), "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--seconds", "0.5", "--rounds", "1", "--concurrency", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    assert {"no shadow", "shadow 25 %", "shadow 100 %"} <= set(rows), run.stdout
+    copies = rows["shadow 100 %"].rstrip(" |").rsplit("|", 1)[1].split("/")
+    assert int(copies[0]) > 0 and int(copies[1]) == 0 and int(copies[2]) == 0, rows["shadow 100 %"]

@@ -130,10 +130,11 @@ def test_dashboard_and_alerts_use_metrics_that_exist(mesh, tmp_path):
     i.set_data_from_numpy(np.zeros((1, 64), np.float32))
     gateway.client.infer("digits", [i])
     exposed = exposed_names(gateway.metrics_url) | exposed_names(workers[0].metrics_url)
-    # The split and hedge series exist from start for the models of a routing file, before
+    # The split, hedge, shadow and rollback series exist from start for the models of a routing file, before
     # any request, so their panels are not empty.
     routes = tmp_path / "routes.yaml"
-    routes.write_text('models:\n  digits:\n    split: {"1": 1}\n    hedge: {after: p95}\n')
+    routes.write_text('models:\n  digits:\n    split: {"1": 1}\n    hedge: {after: p95}\n'
+                      '    shadow: {target: {version: 1}}\n    guard: {version: 1, max_error_rate: 0.5}\n')
     routed = Gateway(workers[0], extra=("--routes", str(routes)))
     try:
         exposed |= exposed_names(routed.metrics_url)
