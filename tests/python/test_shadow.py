@@ -4,6 +4,7 @@ output has another name, all made here from the bundled model; the identity back
 injected failures and a slow shadow target."""
 import concurrent.futures
 import pathlib
+import queue
 import shutil
 
 import numpy as np
@@ -118,6 +119,31 @@ def test_a_shadow_of_an_identical_version_agrees_every_time(onnx_mesh):
     assert total(m, "infermesh_gateway_shadow", "infermesh_gateway_shadow_total", model="mlp", target="mlp:2", result="agree") == 50
     assert total(m, "infermesh_gateway_shadow_cosine_similarity", "infermesh_gateway_shadow_cosine_similarity_count",
                  model="mlp", target="mlp:2") == 50
+
+
+def test_stream_messages_are_shadowed_one_by_one(onnx_mesh):
+    gateway, _, reference = onnx_mesh
+    before = settled(gateway, 0)["agree"]
+    answers = queue.Queue()
+    c = grpcclient.InferenceServerClient(gateway.url)
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    rng = np.random.RandomState(4)
+    sent = []
+    try:
+        for n in range(30):
+            i, data = mlp_input(rng)
+            sent.append(data)
+            c.async_stream_infer("mlp", [i], request_id=str(n))
+        results = [answers.get(timeout=60) for _ in range(30)]
+    finally:
+        c.stop_stream()
+        c.close()
+    assert all(e is None for _, e in results), [e for _, e in results if e][:3]
+    for r, _ in results:
+        data = sent[int(r.get_response().id)]
+        np.testing.assert_allclose(r.as_numpy("output"), reference.run(None, {"input": data})[0], rtol=1e-5, atol=1e-5)
+    s = settled(gateway, before + 30)
+    assert (s["agree"], s["disagree"], s["error"]) == (before + 30, 0, 0), s
 
 
 def test_a_shadow_of_a_shifted_version_disagrees_by_the_shift(onnx_mesh):

@@ -265,3 +265,52 @@ fn renamed(req: &RawRequest, model: &str) -> Result<RawRequest, String> {
     put_string(1, model, &mut bytes);
     RawRequest::decode(bytes.freeze()).map_err(|e| format!("the request does not decode: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_to_another_model_reads_as_that_model_and_sampling_is_exact() {
+        let req = infermesh_proto::ModelInferRequest {
+            model_name: "mlp".into(),
+            model_version: "1".into(),
+            id: "a".into(),
+            ..Default::default()
+        };
+        let raw = RawRequest::decode(prost::Message::encode_to_vec(&req).into()).unwrap();
+        let other = renamed(&raw, "mlp-candidate").unwrap();
+        assert_eq!(
+            (other.model_name.as_str(), other.id.as_str()),
+            ("mlp-candidate", "a")
+        );
+        let decoded =
+            <infermesh_proto::ModelInferRequest as prost::Message>::decode(&other.bytes[..])
+                .unwrap();
+        assert_eq!(decoded.model_name, "mlp-candidate");
+        let shadow = rules::Shadow {
+            model: None,
+            version: Some(2),
+            per_10k: 2_500,
+            tolerance: compare::Tolerance {
+                atol: 0.0,
+                rtol: 0.0,
+            },
+        };
+        let rule = Rule::new(
+            shadow,
+            "mlp:2".into(),
+            Arc::new(Stats::new(
+                "mlp",
+                Default::default(),
+                crate::metrics::abs_error(),
+                crate::metrics::cosine(),
+            )),
+        );
+        let copied: Vec<bool> = (0..8).map(|_| rule.sampled()).collect();
+        assert_eq!(
+            copied,
+            [false, false, false, true, false, false, false, true]
+        );
+    }
+}
