@@ -81,6 +81,9 @@ def digits() -> None:
     )
     # One row as `infermesh infer --input input=@models/digits/example.json` takes it.
     (ROOT / "digits" / "example.json").write_text(json.dumps(x_test[:1].tolist()) + "\n")
+    # The same row as a KServe v2 HTTP request body (`curl -d @models/digits/example-http.json`).
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x_test[:1].tolist()}]}
+    (ROOT / "digits" / "example-http.json").write_text(json.dumps(body) + "\n")
     print(f"digits: test accuracy {(label == y_test).mean():.4f} on {len(y_test)} held-out rows")
 
 

@@ -45,6 +45,7 @@ class Server:
                 self.url = fields["address"]
                 self.metrics_url = fields.get("metrics")
                 self.health_url = fields.get("health")
+                self.http_url = fields.get("http")
                 break
             if time.monotonic() > deadline:
                 break

@@ -45,13 +45,15 @@ def gateway():
         line = proc.stdout.readline()
         assert line or proc.poll() is None, "up exited early"
         assert time.monotonic() < deadline
-    yield re.search(r"gateway on (\S+),", line).group(1)
+    yield re.search(r"gateway on (\S+),", line).group(1), re.search(r"HTTP on http://(\S+),", line).group(1)
     proc.terminate()
     assert proc.wait(timeout=60) == 0
 
 
-def as_here(command, address):
-    return command.replace("localhost:8001", address).replace("target/release/", BIN_DIR + "/")
+def as_here(command, addresses):
+    grpc, http = addresses
+    return (command.replace("localhost:8001", grpc).replace("localhost:8000", http)
+            .replace("target/release/", BIN_DIR + "/"))
 
 
 def requests():
@@ -65,7 +67,7 @@ def test_each_request_line_works(gateway, command):
                          timeout=300, env=env())
     assert out.returncode == 0, (command, out.stdout[-2000:], out.stderr[-2000:])
     expect = {" models --url": "READY", " infer --url": "label", " list": "inference.GRPCInferenceService",
-              "ModelMetadata": '"outputs"', "node ": "label"}
+              "ModelMetadata": '"outputs"', "node ": "label", "curl -s -d": '"model_name":"digits"'}
     for key, text in expect.items():
         if key in command:
             assert text in out.stdout, (command, out.stdout[-2000:])
@@ -81,5 +83,5 @@ def test_the_python_block_works(gateway):
 
 def test_every_command_covered():
     kinds = " ".join(requests())
-    for what in ["infermesh models", "infermesh infer", "grpcurl", "node "]:
+    for what in ["infermesh models", "infermesh infer", "grpcurl", "node ", "curl -s -d"]:
         assert what in kinds, what

@@ -109,6 +109,7 @@ impl Worker {
             grpc,
             metrics: Some(metrics),
             health: Some(health),
+            http: None,
             tls: infermesh_core::serve::load_tls(&config.server).expect("TLS material"),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -240,6 +241,7 @@ impl Gateway {
             grpc,
             metrics: Some(metrics),
             health: Some(health),
+            http: None,
             tls: infermesh_core::serve::load_tls(&config.server).expect("TLS material"),
         };
         let (stop, stopped) = oneshot::channel::<()>();

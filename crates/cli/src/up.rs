@@ -27,6 +27,10 @@ pub struct UpArgs {
     /// Address the gateway listens on (what clients use).
     #[arg(long, env = "INFERMESH_UP_LISTEN", default_value = "127.0.0.1:8001")]
     pub listen: std::net::SocketAddr,
+    /// Address the gateway serves KServe v2 HTTP/REST on; default: --listen's address with
+    /// port 8000 when --listen's port is 8001, else a free port (printed).
+    #[arg(long, env = "INFERMESH_UP_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Workers to start (child processes on 127.0.0.1, free ports).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -138,6 +142,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     const OWN: &[(&str, &str)] = &[
         ("--grpc-address", "--listen"),
         ("--grpc-port", "--listen"),
+        ("--http-", "--http-listen"),
+        ("--allow-http", "--http-listen"),
         ("--health-", "nothing: up binds it on loopback"),
         ("--metrics-", "--metrics"),
         ("--allow-metrics", "--metrics"),
@@ -173,6 +179,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     let addr = grpc.local_addr()?;
+    let http_at = args.http_listen.unwrap_or_else(|| {
+        let port = if args.listen.port() == 8001 { 8000 } else { 0 };
+        std::net::SocketAddr::new(args.listen.ip(), port)
+    });
+    let http = TcpListener::bind(http_at)
+        .await
+        .with_context(|| format!("cannot listen for HTTP/REST on {http_at} (--http-listen)"))?;
+    let http_addr = http.local_addr()?;
     let gw_metrics = match args.metrics {
         true => Some(TcpListener::bind("127.0.0.1:0").await?),
         false => None,
@@ -184,12 +198,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         grpc,
         metrics: gw_metrics,
         health: Some(TcpListener::bind("127.0.0.1:0").await?),
+        http: Some(http),
         tls: server_tls(&args)?,
     };
     let mesh = Mesh {
         url: match args.cert {
             Some(_) => format!("https://{addr}"),
             None => addr.to_string(),
+        },
+        http: match args.cert {
+            Some(_) => format!("https://{http_addr}"),
+            None => format!("http://{http_addr}"),
         },
         conn: crate::conn::ConnArgs {
             ca: args.ca.clone(),
@@ -259,6 +278,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 struct Mesh {
     url: String,
     conn: crate::conn::ConnArgs,
+    /// The gateway's HTTP/REST address (URL).
+    http: String,
 }
 
 impl Mesh {
@@ -296,7 +317,8 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
         .collect();
     let addrs: Vec<&str> = workers.iter().map(|w| w.addr.as_str()).collect();
     println!(
-        "infermesh is up: gateway on {addr}, workers on {} (pids {})",
+        "infermesh is up: gateway on {addr}, HTTP on {}, workers on {} (pids {})",
+        mesh.http,
         addrs.join(", "),
         pids.join(", ")
     );
@@ -320,6 +342,7 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
     let cli = this_binary();
     let ca = mesh.ca_flag("--ca");
     println!("  {cli} models --url {addr}{ca}");
+    println!("  curl {}/v2/models/{model}", mesh.http);
     let example = checkout().join("models/digits/example.json");
     if models.iter().any(|m| m == "digits") && example.exists() {
         println!(

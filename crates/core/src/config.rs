@@ -27,6 +27,22 @@ pub struct ServerArgs {
     #[arg(long, env = "INFERMESH_METRICS_PORT", default_value_t = 8002)]
     pub metrics_port: u16,
 
+    /// Serve KServe v2 HTTP/REST (Triton's HTTP API: health, metadata, config, statistics,
+    /// inference with JSON or binary tensors, repository control) on
+    /// <http-address>:<http-port>, over the gRPC port's TLS when it has TLS.
+    #[arg(long, env = "INFERMESH_ALLOW_HTTP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_http: bool,
+
+    /// Address the HTTP/REST port binds; default: --grpc-address.
+    #[arg(long, env = "INFERMESH_HTTP_ADDRESS")]
+    pub http_address: Option<IpAddr>,
+
+    /// HTTP/REST port (Triton's default is 8000). 0 picks a free port and logs it. When
+    /// not given: 8000, or a free port when --grpc-port is 0 or 8000 is taken (logged as a
+    /// warning): several servers on one host that set their other ports and not this one.
+    #[arg(long, env = "INFERMESH_HTTP_PORT")]
+    pub http_port: Option<u16>,
+
     /// Serve grpc.health.v1 alone, in plaintext, on <health-address>:<health-port>: the
     /// port for Kubernetes gRPC probes and load balancers, which cannot speak TLS or send
     /// credentials. Same statuses as on the gRPC port; nothing else is served there.

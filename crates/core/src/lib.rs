@@ -13,6 +13,7 @@ pub mod error;
 pub mod frame;
 pub mod health_guard;
 pub mod hold;
+pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model_control;

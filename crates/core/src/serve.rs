@@ -18,7 +18,9 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// Plaintext `grpc.health.v1` alone, for probes; `None` serves no health port.
     pub health: Option<TcpListener>,
-    /// TLS on the gRPC port; `None` is plaintext.
+    /// KServe v2 HTTP/REST; `None` serves no HTTP port.
+    pub http: Option<TcpListener>,
+    /// TLS on the gRPC and HTTP ports; `None` is plaintext.
     pub tls: Option<crate::tls::ServerTls>,
 }
 
@@ -29,7 +31,16 @@ impl Listeners {
             grpc: bind(args).await?,
             metrics: bind_metrics(args).await?,
             health: bind_health(args).await?,
+            http: bind_http(args).await?,
             tls: load_tls(args)?,
+        })
+    }
+
+    /// The HTTP port's bound address, or "off".
+    pub fn http_address(&self) -> std::io::Result<String> {
+        Ok(match &self.http {
+            Some(l) => l.local_addr()?.to_string(),
+            None => "off".into(),
         })
     }
 
@@ -153,6 +164,7 @@ where
     }
     let limit = args.grpc_max_message_bytes;
     let guards = Guards {
+        budget: budget.clone(),
         body: crate::admission::body::Admission::new(crate::admission::body::Limits {
             budget,
             max_message: limit,
@@ -180,6 +192,8 @@ where
 pub struct Guards {
     pub body: crate::admission::body::Admission,
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// The process's byte budget, which HTTP bodies count against as they arrive.
+    pub budget: crate::admission::ByteBudget,
 }
 
 /// Binds the gRPC listener from the flags (port 0 picks one).
@@ -224,6 +238,43 @@ pub fn load_tls(args: &ServerArgs) -> std::io::Result<Option<crate::tls::ServerT
         .and_then(|f| f.map(crate::tls::ServerTls::load).transpose())
         .map_err(std::io::Error::other)
 }
+
+/// Binds the HTTP/REST listener, unless `--allow-http false`. Without `--http-port`: 8000
+/// (a free port when --grpc-port is 0), and a free port, with a warning, when 8000 is
+/// taken (several servers on one host that set their other ports and not this one).
+pub async fn bind_http(args: &ServerArgs) -> std::io::Result<Option<TcpListener>> {
+    if !args.allow_http {
+        return Ok(None);
+    }
+    let ip = args.http_address.unwrap_or(args.grpc_address);
+    let port = args.http_port.unwrap_or(if args.grpc_port == 0 {
+        0
+    } else {
+        DEFAULT_HTTP_PORT
+    });
+    let addr = SocketAddr::new(ip, port);
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && args.http_port.is_none() => {
+            let l = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+            tracing::warn!(
+                taken = %addr,
+                http = %l.local_addr()?,
+                "the default HTTP/REST port is taken: serving HTTP on a free port instead (set --http-port, or --allow-http false)"
+            );
+            Ok(Some(l))
+        }
+        Err(e) => Err(which_port(
+            e,
+            "HTTP/REST",
+            addr,
+            "--http-address/--http-port, or --allow-http false",
+        )),
+    }
+}
+
+/// Triton's HTTP port.
+pub const DEFAULT_HTTP_PORT: u16 = 8000;
 
 /// Binds the plaintext health listener, unless `--allow-health-port false`.
 pub async fn bind_health(args: &ServerArgs) -> std::io::Result<Option<TcpListener>> {
@@ -311,6 +362,7 @@ pub async fn serve(
     let Listeners {
         grpc: listener,
         health: health_listener,
+        http: http_listener,
         tls,
         metrics: _,
     } = listeners;
@@ -346,6 +398,34 @@ pub async fn serve(
         .add_service(v1)
         .add_service(v1alpha);
 
+    // The HTTP door calls the same stack in process: the same layers, the same services.
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut http_task = None;
+    if let Some(l) = http_listener {
+        let stack = tower::ServiceBuilder::new()
+            .layer(crate::panic::CatchPanicLayer)
+            .layer(crate::auth::AuthLayer(guards.auth.clone()))
+            .layer(crate::admission::body::CountedLayer(guards.body.clone()))
+            .layer(crate::conn::CallLayer)
+            .service(routes.clone().prepare());
+        let door = std::sync::Arc::new(crate::http::Door {
+            stack: crate::http::Stack::new(stack),
+            budget: guards.budget.clone(),
+            max_message: args.grpc_max_message_bytes,
+            stall: args.grpc_stall_timeout,
+        });
+        http_task = Some(tokio::spawn(crate::http::serve(
+            l,
+            conn_limits,
+            tls.clone(),
+            door,
+            async {
+                let _ = http_stopped.await;
+            },
+            args.drain_timeout,
+        )));
+    }
+
     // Auth comes before byte counting: the tenant is known from the headers, so its
     // bytes count against its own share from the first one.
     let mut builder = connection_layer(Server::builder(), args, args.grpc_max_concurrent_streams)
@@ -380,7 +460,13 @@ pub async fn serve(
     tracing::info!(timeout = ?args.drain_timeout, "shutdown: refusing new requests, draining");
     lifecycle.refuse();
     let _ = stop_tx.send(());
-    match tokio::time::timeout(args.drain_timeout, server).await {
+    let _ = stop_http.send(());
+    let drained = tokio::time::timeout(args.drain_timeout, server).await;
+    // The HTTP door drains within the same timeout, beside gRPC.
+    if let Some(task) = http_task {
+        let _ = tokio::time::timeout(args.drain_timeout, task).await;
+    }
+    match drained {
         Ok(res) => res,
         Err(_) => {
             tracing::warn!("shutdown: drain timeout passed with requests still open; exiting");

@@ -101,6 +101,7 @@ pub async fn run(
         address = %addresses[0],
         metrics = %addresses[1],
         health = %addresses[2],
+        http = %listeners.http_address().map_err(|e| Error::Startup(e.to_string()))?,
         workers = ?config.workers,
         workers_dns = ?config.workers_dns,
         version = infermesh_core::VERSION,

@@ -83,6 +83,7 @@ pub async fn run(
         address = %addresses[0],
         metrics = %addresses[1],
         health = %addresses[2],
+        http = %listeners.http_address().map_err(|e| Error::Startup(e.to_string()))?,
         repository = %config.model_repository.display(),
         mode = ?config.model_control_mode,
         version = infermesh_core::VERSION,

@@ -49,6 +49,8 @@ impl Worker {
         let mut child = command
             .args(args)
             .args(["--grpc-port", port])
+            // Clients use the gateway's HTTP port; a worker's is on a free one.
+            .args(["--http-port", "0"])
             // An error's backtrace would push the error itself out of the kept lines.
             .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())

@@ -1,0 +1,102 @@
+//! The HTTP door calls the server's own gRPC stack in process: a request becomes the
+//! protobuf message the gRPC path takes, framed as gRPC, and goes through the same
+//! layers (auth, byte admission, the connection's call count) to the same handlers, so
+//! both doors share one path below the protocol. The answer's status, message and reason
+//! come back from its trailers.
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tonic::{body::Body, Status};
+
+/// The server's gRPC stack, as every gRPC call goes through it.
+pub type Stack =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+/// Headers a client's HTTP request passes on to the call: credentials and trace context.
+const PASSED: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
+
+/// Calls `path` (e.g. `/inference.GRPCInferenceService/ModelInfer`) with `msg`.
+pub async fn call<Resp: prost::Message + Default>(
+    stack: &Stack,
+    path: &'static str,
+    msg: &impl prost::Message,
+    from: &http::request::Parts,
+    timeout: Option<Duration>,
+) -> Result<Resp, Status> {
+    let len = msg.encoded_len();
+    let mut framed = BytesMut::with_capacity(5 + len);
+    framed.put_u8(0);
+    framed.put_u32(
+        u32::try_from(len).map_err(|_| Status::resource_exhausted("request larger than 4 GiB"))?,
+    );
+    msg.encode(&mut framed).expect("capacity reserved");
+    let mut req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(path)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    for name in PASSED {
+        for v in from.headers.get_all(name) {
+            req = req.header(name, v);
+        }
+    }
+    if let Some(t) = timeout {
+        // gRPC's header: at most 8 digits, in microseconds up to about 100 s, else ms.
+        let us = t.as_micros();
+        let value = if us < 100_000_000 {
+            format!("{us}u")
+        } else {
+            format!("{}m", t.as_millis().min(99_999_999))
+        };
+        req = req.header("grpc-timeout", value);
+    }
+    let mut req = req
+        .body(Body::new(http_body_util::Full::new(framed.freeze())))
+        .map_err(|e| Status::internal(format!("building the call: {e}")))?;
+    // The connection's state (its open calls, its refused credentials) follows the call.
+    if let Some(conn) = from.extensions.get::<crate::conn::ConnInfo>() {
+        req.extensions_mut().insert(conn.clone());
+    }
+    let resp = tower::ServiceExt::oneshot(stack.clone(), req)
+        .await
+        .unwrap_or_else(|never| match never {});
+    // A trailers-only answer carries its status in the headers.
+    if let Some(status) =
+        Status::from_header_map(resp.headers()).filter(|s| s.code() != tonic::Code::Ok)
+    {
+        return Err(status);
+    }
+    let collected = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Status::internal(format!("reading the answer: {e}")))?;
+    let trailers = collected.trailers().cloned();
+    let mut data = collected.to_bytes();
+    if let Some(status) = trailers
+        .as_ref()
+        .and_then(Status::from_header_map)
+        .filter(|s| s.code() != tonic::Code::Ok)
+    {
+        return Err(status);
+    }
+    message(&mut data)
+}
+
+/// The one message of a unary answer's body.
+fn message<Resp: prost::Message + Default>(data: &mut Bytes) -> Result<Resp, Status> {
+    if data.len() < 5 || data[0] != 0 {
+        return Err(Status::internal(
+            "the answer is not one uncompressed gRPC message",
+        ));
+    }
+    data.advance(1);
+    let len = data.get_u32() as usize;
+    if len > data.len() {
+        return Err(Status::internal("the answer's message is cut short"));
+    }
+    Resp::decode(data.split_to(len))
+        .map_err(|e| Status::internal(format!("the answer does not decode: {e}")))
+}

@@ -1,0 +1,103 @@
+//! The KServe v2 HTTP/REST door (`--http-port`), beside gRPC on every server: HTTP/1.1
+//! and HTTP/2 (cleartext or over the gRPC port's TLS) on the same connection layer
+//! (`conn`: connection cap, handshake and idle timeouts, mTLS). Each request becomes the
+//! gRPC call it stands for and goes through the server's own gRPC stack in process
+//! (`call`), so auth, byte admission, validation, deadlines, metrics and reasons are the
+//! gRPC path's. The endpoints are in `routes`; JSON tensors in `infer` and
+//! `tensor_json`; errors as `{"error": ...}` with an HTTP status from `status`.
+
+mod body;
+pub mod call;
+pub mod infer;
+mod meta;
+mod routes;
+pub mod status;
+pub mod tensor_json;
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tonic::transport::server::Connected;
+
+pub use call::Stack;
+
+/// What the HTTP door needs from its server.
+pub struct Door {
+    /// The server's gRPC stack (its layers and services).
+    pub stack: Stack,
+    /// The process's request byte budget: a body counts against it as it arrives.
+    pub budget: crate::admission::ByteBudget,
+    /// The largest request body (`--grpc-max-message-bytes`).
+    pub max_message: usize,
+    /// A body must keep arriving: stalled longer than this, it is refused (0: never).
+    pub stall: Duration,
+}
+
+pub type Response = http::Response<Full<Bytes>>;
+
+impl Door {
+    async fn handle(
+        self: Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Result<Response, Infallible> {
+        Ok(routes::handle(&self, req).await)
+    }
+}
+
+/// Serves the door on `listener` until `stop` resolves, then lets open requests finish
+/// for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    limits: crate::conn::Limits,
+    tls: Option<crate::tls::ServerTls>,
+    door: Arc<Door>,
+    stop: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let incoming = crate::conn::incoming(listener, limits, tls);
+    tokio::pin!(incoming, stop);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A slow-loris sending request heads byte by byte is cut off like a slow gRPC handshake.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(match limits.handshake_timeout {
+            t if t.is_zero() => None,
+            t => Some(t),
+        });
+    loop {
+        let conn = tokio::select! {
+            conn = incoming.next() => conn,
+            () = &mut stop => break,
+        };
+        let Some(Ok(conn)) = conn else {
+            continue;
+        };
+        let info = conn.connect_info();
+        let door = door.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+            req.extensions_mut().insert(info.clone());
+            door.clone().handle(req)
+        });
+        let served = builder
+            .serve_connection(TokioIo::new(conn), service)
+            .into_owned();
+        let served = graceful.watch(served);
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP: drain timeout passed with requests still open");
+    }
+}

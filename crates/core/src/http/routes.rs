@@ -1,0 +1,386 @@
+//! The KServe v2 REST endpoints, each the gRPC call it stands for:
+//!
+//! | method and path | gRPC |
+//! |---|---|
+//! | `GET /v2` | ServerMetadata |
+//! | `GET /v2/health/live`, `/v2/health/ready` | ServerLive, ServerReady (200 or 400, empty body) |
+//! | `GET /v2/models/{m}[/versions/{v}]` | ModelMetadata |
+//! | `GET …/ready` | ModelReady (200, or 400 with an error) |
+//! | `GET …/config` | ModelConfig |
+//! | `GET …/stats`, `GET /v2/models/stats` | ModelStatistics |
+//! | `POST …/infer` | ModelInfer |
+//! | `POST /v2/repository/index` | RepositoryIndex |
+//! | `POST /v2/repository/models/{m}/load`, `…/unload` | RepositoryModelLoad, …Unload |
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use infermesh_proto as pb;
+use tonic::Status;
+
+use super::{
+    body,
+    call::call,
+    infer, meta,
+    status::{self, json},
+    Door, Response,
+};
+
+macro_rules! rpc {
+    ($name:literal) => {
+        concat!("/inference.GRPCInferenceService/", $name)
+    };
+}
+
+pub async fn handle(door: &Door, req: http::Request<hyper::body::Incoming>) -> Response {
+    let (parts, body) = req.into_parts();
+    match route(door, &parts, body).await {
+        Ok(resp) => resp,
+        Err(status) => status::error(&status),
+    }
+}
+
+async fn route(
+    door: &Door,
+    parts: &http::request::Parts,
+    body: hyper::body::Incoming,
+) -> Result<Response, Status> {
+    let segments: Vec<String> = parts
+        .uri
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decoded)
+        .collect::<Result<_, _>>()?;
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let m = &parts.method;
+    match (segs.as_slice(), m) {
+        (["v2"], &Method::GET) => {
+            let r: pb::ServerMetadataResponse = call(
+                &door.stack,
+                rpc!("ServerMetadata"),
+                &pb::ServerMetadataRequest {},
+                parts,
+                None,
+            )
+            .await?;
+            ok_json(meta::server_metadata(&r))
+        }
+        (["v2", "health", "live"], &Method::GET) => {
+            let r: pb::ServerLiveResponse = call(
+                &door.stack,
+                rpc!("ServerLive"),
+                &pb::ServerLiveRequest {},
+                parts,
+                None,
+            )
+            .await?;
+            Ok(empty(r.live))
+        }
+        (["v2", "health", "ready"], &Method::GET) => {
+            let r: pb::ServerReadyResponse = call(
+                &door.stack,
+                rpc!("ServerReady"),
+                &pb::ServerReadyRequest {},
+                parts,
+                None,
+            )
+            .await?;
+            Ok(empty(r.ready))
+        }
+        (["v2", "models", "stats"], &Method::GET) => stats(door, parts, "", "").await,
+        (["v2", "repository", "index"], &Method::POST) => {
+            let read = body::read(body, door).await?;
+            let asked = match read.bytes.is_empty() {
+                true => IndexBody::default(),
+                false => object::<IndexBody>(&read.bytes)?,
+            };
+            let req = pb::RepositoryIndexRequest {
+                repository_name: asked.repository_name.unwrap_or_default(),
+                ready: asked.ready.unwrap_or(false),
+            };
+            let r: pb::RepositoryIndexResponse =
+                call(&door.stack, rpc!("RepositoryIndex"), &req, parts, None).await?;
+            ok_json(meta::index(&r))
+        }
+        (["v2", "repository", "models", model, action @ ("load" | "unload")], &Method::POST) => {
+            let read = body::read(body, door).await?;
+            let parameters = match read.bytes.is_empty() {
+                true => HashMap::new(),
+                false => repository_parameters(object::<LoadBody>(&read.bytes)?.parameters)?,
+            };
+            if *action == "load" {
+                let req = pb::RepositoryModelLoadRequest {
+                    repository_name: String::new(),
+                    model_name: model.to_string(),
+                    parameters,
+                };
+                let _: pb::RepositoryModelLoadResponse =
+                    call(&door.stack, rpc!("RepositoryModelLoad"), &req, parts, None).await?;
+            } else {
+                let req = pb::RepositoryModelUnloadRequest {
+                    repository_name: String::new(),
+                    model_name: model.to_string(),
+                    parameters,
+                };
+                let _: pb::RepositoryModelUnloadResponse = call(
+                    &door.stack,
+                    rpc!("RepositoryModelUnload"),
+                    &req,
+                    parts,
+                    None,
+                )
+                .await?;
+            }
+            Ok(json(StatusCode::OK, Vec::new()))
+        }
+        (["v2", "models", rest @ ..], _) if !rest.is_empty() => {
+            let (model, version, action) = match rest {
+                [m] => (*m, "", None),
+                [m, "versions", v] => (*m, *v, None),
+                [m, a] => (*m, "", Some(*a)),
+                [m, "versions", v, a] => (*m, *v, Some(*a)),
+                _ => return Err(not_found(parts)),
+            };
+            model_route(door, parts, body, model, version, action).await
+        }
+        (["v2", ..], _) if known(&segs) => Err(Status::unimplemented(format!(
+            "{} is not served for {} (see docs/http.md)",
+            m,
+            parts.uri.path()
+        ))),
+        _ => Err(not_found(parts)),
+    }
+}
+
+async fn model_route(
+    door: &Door,
+    parts: &http::request::Parts,
+    body: hyper::body::Incoming,
+    model: &str,
+    version: &str,
+    action: Option<&str>,
+) -> Result<Response, Status> {
+    let (name, version) = (model.to_string(), version.to_string());
+    match (action, &parts.method) {
+        (None, &Method::GET) => {
+            let req = pb::ModelMetadataRequest { name, version };
+            let r: pb::ModelMetadataResponse =
+                call(&door.stack, rpc!("ModelMetadata"), &req, parts, None).await?;
+            ok_json(meta::model_metadata(&r))
+        }
+        (Some("ready"), &Method::GET) => {
+            let req = pb::ModelReadyRequest { name, version };
+            let r: pb::ModelReadyResponse =
+                call(&door.stack, rpc!("ModelReady"), &req, parts, None).await?;
+            Ok(match r.ready {
+                true => empty(true),
+                false => json(
+                    StatusCode::BAD_REQUEST,
+                    br#"{"error":"Model version not ready"}"#.to_vec(),
+                ),
+            })
+        }
+        (Some("config"), &Method::GET) => {
+            let req = pb::ModelConfigRequest { name, version };
+            let r: pb::ModelConfigResponse =
+                call(&door.stack, rpc!("ModelConfig"), &req, parts, None).await?;
+            let config = r.config.unwrap_or_default();
+            Ok(json(
+                StatusCode::OK,
+                meta::proto_json(&config, "inference.ModelConfig").map_err(Status::internal)?,
+            ))
+        }
+        (Some("stats"), &Method::GET) => stats(door, parts, model, &version).await,
+        (Some("infer"), &Method::POST) => infer_route(door, parts, body, model, &version).await,
+        (Some("ready" | "config" | "stats" | "infer") | None, _) => Err(Status::unimplemented(
+            format!("{} is not served for {}", parts.method, parts.uri.path()),
+        )),
+        _ => Err(not_found(parts)),
+    }
+}
+
+async fn stats(
+    door: &Door,
+    parts: &http::request::Parts,
+    model: &str,
+    version: &str,
+) -> Result<Response, Status> {
+    let req = pb::ModelStatisticsRequest {
+        name: model.to_string(),
+        version: version.to_string(),
+    };
+    let r: pb::ModelStatisticsResponse =
+        call(&door.stack, rpc!("ModelStatistics"), &req, parts, None).await?;
+    Ok(json(
+        StatusCode::OK,
+        meta::proto_json(&r, "inference.ModelStatisticsResponse").map_err(Status::internal)?,
+    ))
+}
+
+/// Headers of the binary tensor data extension.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+async fn infer_route(
+    door: &Door,
+    parts: &http::request::Parts,
+    body: hyper::body::Incoming,
+    model: &str,
+    version: &str,
+) -> Result<Response, Status> {
+    if let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING) {
+        if enc.as_bytes() != b"identity" {
+            return Err(Status::unimplemented(format!(
+                "Content-Encoding {:?} is not accepted; send the body uncompressed",
+                enc
+            )));
+        }
+    }
+    let header_len = match parts.headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "Inference-Header-Content-Length: expected a byte count, found {v:?}"
+                    ))
+                })?,
+        ),
+    };
+    let read = body::read(body, door).await?;
+    let parsed =
+        infer::parse(&read.bytes, header_len, model, version).map_err(Status::invalid_argument)?;
+    // The gRPC path counts the request again as it takes it.
+    drop(read.permit);
+    let resp: pb::ModelInferResponse = call(
+        &door.stack,
+        rpc!("ModelInfer"),
+        &parsed.request,
+        parts,
+        None,
+    )
+    .await?;
+    let answer = infer::answer(&resp, &parsed.binary).map_err(Status::internal)?;
+    let mut out = http::Response::new(Full::new(Bytes::from(answer.body)));
+    let headers = out.headers_mut();
+    match answer.header_len {
+        Some(n) => {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(HEADER_LENGTH, http::HeaderValue::from(n));
+        }
+        None => {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexBody {
+    #[serde(default)]
+    ready: Option<bool>,
+    #[serde(default)]
+    repository_name: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBody {
+    #[serde(default)]
+    parameters: HashMap<String, serde_json::Value>,
+}
+
+fn object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Status::invalid_argument(format!("the request's JSON: {e}")))
+}
+
+fn repository_parameters(
+    json: HashMap<String, serde_json::Value>,
+) -> Result<HashMap<String, pb::ModelRepositoryParameter>, Status> {
+    use pb::model_repository_parameter::ParameterChoice as P;
+    json.into_iter()
+        .map(|(k, v)| {
+            let choice = match v {
+                serde_json::Value::Bool(b) => P::BoolParam(b),
+                serde_json::Value::String(s) => P::StringParam(s),
+                serde_json::Value::Number(n) if n.is_i64() => {
+                    P::Int64Param(n.as_i64().expect("checked"))
+                }
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "parameters: '{}': expected a bool, integer or string, found {other}",
+                        crate::text::clip(&k)
+                    )))
+                }
+            };
+            Ok((
+                k,
+                pb::ModelRepositoryParameter {
+                    parameter_choice: Some(choice),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// 200 with an empty body, or 400 (what health and readiness answer).
+fn empty(yes: bool) -> Response {
+    let mut resp = http::Response::new(Full::new(Bytes::new()));
+    if !yes {
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    resp
+}
+
+fn ok_json(v: serde_json::Value) -> Result<Response, Status> {
+    Ok(json(StatusCode::OK, v.to_string().into_bytes()))
+}
+
+fn known(segs: &[&str]) -> bool {
+    matches!(
+        segs,
+        ["v2", "health", "live" | "ready"] | ["v2", "repository", ..]
+    )
+}
+
+fn not_found(parts: &http::request::Parts) -> Status {
+    Status::not_found(format!(
+        "no such endpoint: {} {} (see docs/http.md)",
+        parts.method,
+        crate::text::clip(parts.uri.path())
+    ))
+}
+
+/// A path segment with its %XX escapes decoded.
+fn percent_decoded(s: &str) -> Result<String, Status> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| Status::invalid_argument("the path has a malformed %-escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| Status::invalid_argument("the path is not UTF-8"))
+}
