@@ -379,3 +379,25 @@ def test_the_routing_policy_needs_the_read_scope_and_shows_the_tenants_models_on
     out = subprocess.run([cli, "routes", "--url", url, "--token", TOKENS["infer"]],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "'read' scope" in out.stderr, out.stderr
+
+
+def test_the_http_door_checks_the_same_tenants(mesh):
+    """Bearer tokens over HTTP/REST: the same tenants, scopes, model lists and reasons."""
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(mesh["gateway"].http_url)
+    s = json.loads((MODELS / "digits/samples.json").read_text())
+    i = httpclient.InferInput("input", [1, 64], "FP32")
+    i.set_data_from_numpy(np.array(s["inputs"][:1], dtype=np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("digits", [i])
+    assert e.value.status() == "401" and "authorization" in e.value.message()
+    assert c.infer("digits", [i], headers=bearer("infer")).as_numpy("label").shape == (1,)
+    with pytest.raises(InferenceServerException) as e:
+        c.get_model_metadata("mlp", headers=bearer("infer"))
+    assert e.value.status() == "403", e.value
+    assert c.get_inference_statistics("mlp", headers=bearer("reader"))["model_stats"][0]["name"] == "mlp"
+    with pytest.raises(InferenceServerException) as e:
+        c.get_model_metadata("mlp", headers=bearer("reader"))
+    assert e.value.status() == "403" and "'infer' scope" in e.value.message(), e.value
+    c.close()

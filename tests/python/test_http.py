@@ -165,3 +165,30 @@ def test_every_curl_in_the_docs_works(servers):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.strip(), (line, out.stdout, out.stderr)
         assert '"error"' not in out.stdout, (line, out.stdout)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_answers(client, algorithm):
+    x = RNG.rand(2, 784).astype(np.float32)
+    i = httpclient.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    result = client.infer("mlp", [i], request_compression_algorithm=algorithm,
+                          response_compression_algorithm="gzip")
+    np.testing.assert_allclose(result.as_numpy("output"), reference("mlp", {"input": x})["output"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gzip_bomb_stops_at_the_message_cap(tmp_path):
+    """A few KiB that inflate past --grpc-max-message-bytes: refused at the cap (429),
+    and the server goes on serving."""
+    import gzip
+    w = Worker("--grpc-max-message-bytes", str(1 << 20))
+    try:
+        bomb = gzip.compress(b'{"inputs": [' + b" " * (64 << 20) + b"]}")
+        assert len(bomb) < 100_000
+        status, _, body = raw(w, "POST", "/v2/models/mlp/infer", bomb, {"Content-Encoding": "gzip"})
+        assert status == 429 and "inflates to more than" in json.loads(body)["error"], body
+        status, _, body = raw(w, "POST", "/v2/models/mlp/infer", b"x", {"Content-Encoding": "br"})
+        assert status == 501 and "Content-Encoding" in json.loads(body)["error"], body
+        assert httpclient.InferenceServerClient(w.http_url).is_server_ready()
+    finally:
+        w.stop()

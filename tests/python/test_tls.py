@@ -182,3 +182,26 @@ def test_the_cli_names_the_fix_for_a_tls_mismatch(mesh):
     out = subprocess.run([binary("infermesh"), "health", "--url", f"https://{gateway}"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and "pass --ca" in out.stderr, out.stderr
+
+
+def https_get(url, ca, cert=None, alpn=None):
+    import ssl
+    import urllib.request
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert:
+        ctx.load_cert_chain(*(str(p) for p in cert))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    with urllib.request.urlopen(f"https://{url}/v2/health/ready", context=ctx, timeout=10) as r:
+        return r.status
+
+
+@pytest.mark.parametrize("alpn", [None, ["http/1.1"], ["h2", "http/1.1"]])
+def test_the_http_port_speaks_the_grpc_ports_tls_and_mtls_rules(mesh, alpn):
+    ca = mesh["certs"]["ca"]
+    assert https_get(mesh["gateway"].http_url, ca, alpn=alpn) == 200
+    assert https_get(mesh["worker"].http_url, ca, cert=mesh["certs"]["client"], alpn=alpn) == 200
+    # The worker's HTTP port is no way around its client allow-list.
+    for who in [None, "stranger", "not-listed"]:
+        with pytest.raises(Exception):
+            https_get(mesh["worker"].http_url, ca, cert=mesh["certs"][who] if who else None, alpn=alpn)

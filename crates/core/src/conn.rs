@@ -413,18 +413,31 @@ impl AsyncWrite for Io {
     }
 }
 
-/// The HTTP/2 handshake as it arrives: the preface, then the first frame's header,
-/// whose length says how much payload is still to come.
+/// The handshake as it arrives. HTTP/2: the preface, then the first frame's header, whose
+/// length says how much payload is still to come. HTTP/1.1 (the HTTP/REST port): the
+/// first request's head, up to its blank line. Which one is told by the first 3 bytes.
 #[derive(Debug, Default)]
 struct Handshake2 {
     seen: usize,
     header: [u8; FRAME_HEADER],
+    /// The first bytes (to tell HTTP/2's "PRI" from an HTTP/1.1 method), then the last 4
+    /// bytes seen (to find an HTTP/1.1 head's end).
+    recent: [u8; 4],
+    http1: bool,
 }
 
 impl Handshake2 {
     /// Takes the bytes read; true once the preface and the whole first frame are in.
     fn feed(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
+            if self.seen < 3 {
+                self.recent[self.seen] = b;
+                if self.seen == 2 {
+                    self.http1 = &self.recent[..3] != b"PRI";
+                }
+            } else if self.http1 {
+                self.recent = [self.recent[1], self.recent[2], self.recent[3], b];
+            }
             if let Some(i) = self.seen.checked_sub(PREFACE).filter(|i| *i < FRAME_HEADER) {
                 self.header[i] = b;
             }
@@ -437,6 +450,9 @@ impl Handshake2 {
     }
 
     fn done(&self) -> bool {
+        if self.http1 {
+            return self.seen >= 4 && &self.recent == b"\r\n\r\n";
+        }
         if self.seen < PREFACE + FRAME_HEADER {
             return false;
         }

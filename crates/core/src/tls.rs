@@ -170,7 +170,8 @@ impl ServerFiles {
         p
     }
 
-    /// Reads the files into a server configuration: TLS 1.2 and 1.3, ALPN h2.
+    /// Reads the files into a server configuration: TLS 1.2 and 1.3, ALPN h2 (and
+    /// http/1.1, which the HTTP/REST port serves; gRPC clients offer only h2).
     pub fn load(&self) -> Result<ServerConfig, String> {
         let provider = provider();
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -197,7 +198,7 @@ impl ServerFiles {
         let mut config = builder
             .with_single_cert(certs(&self.cert)?, key(&self.key)?)
             .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 }

@@ -230,14 +230,7 @@ async fn infer_route(
     model: &str,
     version: &str,
 ) -> Result<Response, Status> {
-    if let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING) {
-        if enc.as_bytes() != b"identity" {
-            return Err(Status::unimplemented(format!(
-                "Content-Encoding {:?} is not accepted; send the body uncompressed",
-                enc
-            )));
-        }
-    }
+    let encoding = body::Encoding::of(&parts.headers)?;
     let header_len = match parts.headers.get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -252,6 +245,7 @@ async fn infer_route(
         ),
     };
     let read = body::read(body, door).await?;
+    let read = body::inflate(read, encoding, door)?;
     let parsed =
         infer::parse(&read.bytes, header_len, model, version).map_err(Status::invalid_argument)?;
     // The gRPC path counts the request again as it takes it.
@@ -265,8 +259,21 @@ async fn infer_route(
     )
     .await?;
     let answer = infer::answer(&resp, &parsed.binary).map_err(Status::internal)?;
-    let mut out = http::Response::new(Full::new(Bytes::from(answer.body)));
+    // Compressed when the client takes it; Inference-Header-Content-Length stays the
+    // JSON's uncompressed length, as Triton's clients read it.
+    let gzipped = body::accepts(&parts.headers, "gzip");
+    let bytes = match gzipped {
+        true => body::gzip(&answer.body),
+        false => answer.body,
+    };
+    let mut out = http::Response::new(Full::new(Bytes::from(bytes)));
     let headers = out.headers_mut();
+    if gzipped {
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+    }
     match answer.header_len {
         Some(n) => {
             headers.insert(
