@@ -192,3 +192,20 @@ def test_a_gzip_bomb_stops_at_the_message_cap(tmp_path):
         assert httpclient.InferenceServerClient(w.http_url).is_server_ready()
     finally:
         w.stop()
+
+
+def test_the_openapi_document_is_served_valid_and_covers_every_endpoint(servers):
+    from openapi_spec_validator import validate
+    gateway = servers["gateway"]
+    status, _, body = raw(gateway, "GET", "/v2/openapi.json")
+    doc = json.loads(body)
+    assert status == 200 and doc == json.loads((ROOT / "docs" / "openapi.json").read_text())
+    validate(doc)
+    for path, item in doc["paths"].items():
+        # Model control on a model no worker has: answered, and nothing unloaded.
+        model = "nope" if "/repository/" in path else "mlp"
+        concrete = path.replace("{model}", model).replace("{version}", "1")
+        for method in ("get", "post"):
+            if method in item:
+                status, _, body = raw(gateway, method.upper(), concrete, b"" if method == "post" else None)
+                assert b"no such endpoint" not in body, (method, path, status, body)

@@ -3,6 +3,7 @@
 //! | method and path | gRPC |
 //! |---|---|
 //! | `GET /v2` | ServerMetadata |
+//! | `GET /v2/openapi.json` | (this surface as OpenAPI 3, docs/openapi.json) |
 //! | `GET /v2/health/live`, `/v2/health/ready` | ServerLive, ServerReady (200 or 400, empty body) |
 //! | `GET /v2/models/{m}[/versions/{v}]` | ModelMetadata |
 //! | `GET …/ready` | ModelReady (200, or 400 with an error) |
@@ -33,6 +34,9 @@ macro_rules! rpc {
         concat!("/inference.GRPCInferenceService/", $name)
     };
 }
+
+/// The REST surface as an OpenAPI 3 document (served at `/v2/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
 
 pub async fn handle(door: &Door, req: http::Request<hyper::body::Incoming>) -> Response {
     let (parts, body) = req.into_parts();
@@ -68,6 +72,7 @@ async fn route(
             .await?;
             ok_json(meta::server_metadata(&r))
         }
+        (["v2", "openapi.json"], &Method::GET) => Ok(json(StatusCode::OK, OPENAPI.as_bytes().to_vec())),
         (["v2", "health", "live"], &Method::GET) => {
             let r: pb::ServerLiveResponse = call(
                 &door.stack,
