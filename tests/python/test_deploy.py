@@ -234,8 +234,8 @@ def matches(selector, labels):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_ports_and_gpus_line_up(overlay):
     """Every selector picks the pods it means, every Service and probe port is a container
-    port at the binaries' defaults (gRPC 8001, metrics 8002, health 8003), and GPUs appear only in the
-    GPU overlays."""
+    port at the binaries' defaults (gRPC 8001, metrics 8002, health 8003, and HTTP/REST 8000
+    on the gateway, whose workers leave HTTP off), and GPUs appear only in the GPU overlays."""
     docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
     deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     pods = {n: d["spec"]["template"] for n, d in deps.items()}
@@ -243,7 +243,13 @@ def test_selectors_ports_and_gpus_line_up(overlay):
         assert matches(dep["spec"]["selector"]["matchLabels"], pods[name]["metadata"]["labels"]), name
         (c,) = pods[name]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": 8001, "metrics": 8002, "health": 8003}, name
+        want = {"grpc": 8001, "metrics": 8002, "health": 8003}
+        if name == "infermesh-gateway":
+            want["http"] = 8000
+        else:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("INFERMESH_ALLOW_HTTP") == "false", name
+        assert ports == want, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] in ports.values(), (name, probe)
     for d in docs:

@@ -72,7 +72,9 @@ async fn route(
             .await?;
             ok_json(meta::server_metadata(&r))
         }
-        (["v2", "openapi.json"], &Method::GET) => Ok(json(StatusCode::OK, OPENAPI.as_bytes().to_vec())),
+        (["v2", "openapi.json"], &Method::GET) => {
+            Ok(json(StatusCode::OK, OPENAPI.as_bytes().to_vec()))
+        }
         (["v2", "health", "live"], &Method::GET) => {
             let r: pb::ServerLiveResponse = call(
                 &door.stack,
