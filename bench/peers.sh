@@ -10,23 +10,8 @@
 # shellcheck source=bench/prepare.sh
 source "$(dirname "$0")/prepare.sh"
 
-venv="$root/.cache/bench-peers/venv"
-req="$root/bench/peers-requirements.txt"
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2
-  echo "$want" > "$venv/.requirements.sha256"  # last, so a failed install is retried
-fi
-
-missing=""
-command -v wrk >/dev/null || missing="$missing wrk"
-command -v nginx >/dev/null || missing="$missing nginx-light"
-if [ -n "$missing" ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  # shellcheck disable=SC2086
-  apt-get install -y -qq $missing >&2 || { apt-get update -qq && apt-get install -y -qq $missing >&2; }
-fi
+# shellcheck source=bench/peers-setup.sh
+source "$(dirname "$0")/peers-setup.sh"
 
 # exec: the driver is the only process left to signal; it stops every server it started
 # by PID on any exit (finally blocks, SIGTERM/SIGHUP handlers) and its servers carry

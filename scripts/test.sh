@@ -29,6 +29,10 @@ scripts/debian-local.sh --no-deps protoc-gen-go
 scripts/debian-local.sh --no-deps protoc-gen-go-grpc
 scripts/debian-local.sh protobuf-compiler-grpc
 
+step "wrk and h2load (Debian packages, unpacked into .cache/debian) for the benchmarks' smoke tests"
+scripts/debian-local.sh wrk
+scripts/debian-local.sh nghttp2-client
+
 step "CRD schemas (npm from .venv, tests/crd) for the deploy checks"
 (cd tests/crd && PATH="$root/.venv/bin:$PATH" npm ci --no-audit --no-fund --loglevel=error)
 

@@ -66,3 +66,16 @@ def test_the_shadow_benchmark_runs_every_setup():
     assert {"no shadow", "shadow 25 %", "shadow 100 %"} <= set(rows), run.stdout
     copies = rows["shadow 100 %"].rstrip(" |").rsplit("|", 1)[1].split("/")
     assert int(copies[0]) > 0 and int(copies[1]) == 0 and int(copies[2]) == 0, rows["shadow 100 %"]
+
+
+def test_the_rest_benchmark_runs_every_door():
+    """bench/rest.py without the FastAPI peer at tiny durations: gRPC (h2load) and HTTP JSON
+    and binary (wrk) against the worker and through the gateway, no errors."""
+    cmd = [sys.executable, str(ROOT / "bench/rest.py"), "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--seconds", "1", "--concurrency", "2", "--no-fastapi"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for setup in ("infermesh worker", "infermesh gateway + 1 worker"):
+        for door in ("gRPC", "HTTP/JSON", "HTTP/binary"):
+            assert f"| {setup} | {door} | 2 |" in run.stdout, run.stdout
+    assert "errors:" not in run.stdout, run.stdout
