@@ -209,3 +209,26 @@ def test_the_openapi_document_is_served_valid_and_covers_every_endpoint(servers)
             if method in item:
                 status, _, body = raw(gateway, method.upper(), concrete, b"" if method == "post" else None)
                 assert b"no such endpoint" not in body, (method, path, status, body)
+
+
+def test_a_slow_sender_and_a_body_over_the_budget_are_refused_and_the_server_goes_on():
+    import socket
+    w = Worker("--grpc-stall-timeout", "1s", "--max-inflight-bytes", "200000")
+    try:
+        host, port = w.http_url.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"{" * 10)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = s.recv(4096)
+                assert chunk, answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 504"), answer
+        big = json.dumps({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
+                                      "data": [0.123456789] * 30000}]}).encode()
+        assert len(big) > 200000
+        status, _, body = raw(w, "POST", "/v2/models/mlp/infer", big)
+        assert status == 429 and json.loads(body)["reason"] == "over-budget", body
+        assert httpclient.InferenceServerClient(w.http_url).is_server_ready()
+    finally:
+        w.stop()
