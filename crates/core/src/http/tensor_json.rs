@@ -13,6 +13,9 @@ use crate::DataType;
 /// Reads `data` (its JSON text) into `out` as `datatype` elements; returns the count.
 /// BYTES elements (strings) go length-prefixed (u32 LE), as raw contents carry them.
 pub fn read(data: &str, datatype: DataType, out: &mut Vec<u8>) -> Result<usize, String> {
+    if let Some(n) = fast_floats(data.as_bytes(), datatype, out) {
+        return Ok(n);
+    }
     let mut de = serde_json::Deserializer::from_str(data);
     let mut count = 0;
     Elements {
@@ -24,6 +27,105 @@ pub fn read(data: &str, datatype: DataType, out: &mut Vec<u8>) -> Result<usize, 
     .and_then(|()| de.end())
     .map_err(|e| e.to_string())?;
     Ok(count)
+}
+
+/// Float tensors, the usual case, parsed straight from the text (arrays nested at most 128
+/// deep, numbers correctly rounded to the datatype). `None`, with nothing written, for
+/// anything else or anything wrong: the serde path then reads it and says what is wrong.
+fn fast_floats(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usize> {
+    if !matches!(
+        datatype,
+        DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
+    ) {
+        return None;
+    }
+    let start = out.len();
+    // At most one number per two bytes of text ("1,"): room for them all at once.
+    out.reserve(text.len() / 2 * datatype.size().unwrap_or(4));
+    let parsed = floats_into(text, datatype, out);
+    if parsed.is_none() {
+        out.truncate(start);
+    }
+    parsed
+}
+
+fn floats_into(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usize> {
+    let (mut i, mut depth, mut count) = (0usize, 0usize, 0usize);
+    // A value may come next (after '[' or ','); `comma`: the last token was ','.
+    let (mut want_value, mut comma) = (true, false);
+    loop {
+        while i < text.len() && matches!(text[i], b' ' | b'\t' | b'\n' | b'\r') {
+            i += 1;
+        }
+        let Some(&b) = text.get(i) else {
+            return (depth == 0 && !want_value).then_some(count);
+        };
+        if depth == 0 && !want_value {
+            return None; // something after the value
+        }
+        match b {
+            b'[' if want_value => {
+                depth += 1;
+                if depth > 128 {
+                    return None;
+                }
+                i += 1;
+                comma = false;
+            }
+            b']' if depth > 0 && !comma => {
+                depth -= 1;
+                i += 1;
+                want_value = false;
+            }
+            b',' if depth > 0 && !want_value => {
+                i += 1;
+                want_value = true;
+                comma = true;
+            }
+            // JSON's number grammar: a digit first (after a sign), so no "inf" or "nan",
+            // which a float parser would take.
+            b'-' | b'0'..=b'9'
+                if want_value
+                    && text
+                        .get(i + usize::from(b == b'-'))
+                        .is_some_and(u8::is_ascii_digit) =>
+            {
+                let used = match datatype {
+                    DataType::F64 => {
+                        let (v, used) = fast_float2::parse_partial::<f64, _>(&text[i..]).ok()?;
+                        if !v.is_finite() {
+                            return None;
+                        }
+                        out.extend_from_slice(&v.to_le_bytes());
+                        used
+                    }
+                    _ => {
+                        let (v, used) = fast_float2::parse_partial::<f32, _>(&text[i..]).ok()?;
+                        match datatype {
+                            DataType::F32 if v.is_finite() => {
+                                out.extend_from_slice(&v.to_le_bytes())
+                            }
+                            DataType::F16
+                                if v.is_finite() && v.abs() <= half::f16::MAX.to_f32() =>
+                            {
+                                out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
+                            }
+                            DataType::BF16 if v.is_finite() => {
+                                out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())
+                            }
+                            _ => return None,
+                        }
+                        used
+                    }
+                };
+                i += used;
+                count += 1;
+                want_value = false;
+                comma = false;
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Visits nested arrays, writing each leaf.
