@@ -103,8 +103,13 @@ pub fn parse(
     };
     let text = std::str::from_utf8(&body[..json_len])
         .map_err(|e| format!("the request's JSON is not UTF-8: {e}"))?;
+    // Float data read in one pass where the text allows; serde reads the rest.
+    let (envelope, mut read_data) = match super::prescan::prescan(text) {
+        Some(p) => (std::borrow::Cow::Owned(p.envelope), p.data),
+        None => (std::borrow::Cow::Borrowed(text), HashMap::new()),
+    };
     let req: Request<'_> =
-        serde_json::from_str(text).map_err(|e| format!("the request's JSON: {e}"))?;
+        serde_json::from_str(&envelope).map_err(|e| format!("the request's JSON: {e}"))?;
     let mut binary = Binary::default();
     let mut parameters = params(req.parameters.as_ref(), "parameters")?;
     if let Some(p) = parameters.remove(BINARY_DATA_OUTPUT) {
@@ -113,8 +118,8 @@ pub fn parse(
     let mut rest = body.slice(json_len..);
     let mut inputs = Vec::with_capacity(req.inputs.len());
     let mut raw = Vec::with_capacity(req.inputs.len());
-    for input in &req.inputs {
-        let (tensor, bytes) = read_input(input, &mut rest)?;
+    for (k, input) in req.inputs.iter().enumerate() {
+        let (tensor, bytes) = read_input(input, &mut rest, read_data.remove(&k))?;
         inputs.push(tensor);
         raw.push(bytes);
     }
@@ -153,7 +158,11 @@ pub fn parse(
 }
 
 /// One input: its tensor and its bytes, from `data` or from the binary part.
-fn read_input(input: &Input<'_>, rest: &mut Bytes) -> Result<(InferInputTensor, Bytes), String> {
+fn read_input(
+    input: &Input<'_>,
+    rest: &mut Bytes,
+    read: Option<Vec<u8>>,
+) -> Result<(InferInputTensor, Bytes), String> {
     let name = &input.name;
     let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
         format!(
@@ -167,6 +176,12 @@ fn read_input(input: &Input<'_>, rest: &mut Bytes) -> Result<(InferInputTensor, 
     )?;
     let size = parameters.remove(BINARY_DATA_SIZE);
     let bytes = match (size, input.data) {
+        (Some(_), _) if read.is_some() => {
+            return Err(format!(
+                "input '{name}': expected `data` or the parameter binary_data_size, found both"
+            ))
+        }
+        (None, _) if read.is_some() => Bytes::from(read.expect("checked")),
         (Some(_), Some(_)) => {
             return Err(format!(
                 "input '{name}': expected `data` or the parameter binary_data_size, found both"

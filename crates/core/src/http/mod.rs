@@ -10,6 +10,7 @@ mod body;
 pub mod call;
 pub mod infer;
 mod meta;
+mod prescan;
 mod routes;
 pub mod status;
 pub mod tensor_json;

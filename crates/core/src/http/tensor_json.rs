@@ -50,7 +50,25 @@ fn fast_floats(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usi
 }
 
 fn floats_into(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usize> {
-    let (mut i, mut depth, mut count) = (0usize, 0usize, 0usize);
+    floats_at(text, 0, datatype, out).and_then(|(n, end)| (end == text.len()).then_some(n))
+}
+
+/// Reads one value of float elements (nested arrays, or a number) from `text[start..]`
+/// into `out`: (elements, where the value and the whitespace after it end). `None` where
+/// the value is anything else; `out` may then hold part of it.
+pub fn floats_at(
+    text: &[u8],
+    start: usize,
+    datatype: DataType,
+    out: &mut Vec<u8>,
+) -> Option<(usize, usize)> {
+    if !matches!(
+        datatype,
+        DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
+    ) {
+        return None;
+    }
+    let (mut i, mut depth, mut count) = (start, 0usize, 0usize);
     // A value may come next (after '[' or ','); `comma`: the last token was ','.
     let (mut want_value, mut comma) = (true, false);
     loop {
@@ -58,10 +76,10 @@ fn floats_into(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usi
             i += 1;
         }
         let Some(&b) = text.get(i) else {
-            return (depth == 0 && !want_value).then_some(count);
+            return (depth == 0 && !want_value).then_some((count, i));
         };
         if depth == 0 && !want_value {
-            return None; // something after the value
+            return Some((count, i)); // the value ended; what follows is the caller's
         }
         match b {
             b'[' if want_value => {
