@@ -45,7 +45,7 @@ def gateway():
         line = proc.stdout.readline()
         assert line or proc.poll() is None, "up exited early"
         assert time.monotonic() < deadline
-    yield re.search(r"gateway on (\S+),", line).group(1), re.search(r"HTTP on http://(\S+),", line).group(1)
+    yield re.search(r"gateway on (\S+),", line).group(1), re.search(r"HTTP/REST on http://(\S+)", line).group(1)
     proc.terminate()
     assert proc.wait(timeout=60) == 0
 

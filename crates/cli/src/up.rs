@@ -317,10 +317,10 @@ async fn print_hints(mesh: &Mesh, workers: &[Worker], gw_metrics: Option<std::ne
         .collect();
     let addrs: Vec<&str> = workers.iter().map(|w| w.addr.as_str()).collect();
     println!(
-        "infermesh is up: gateway on {addr}, HTTP on {}, workers on {} (pids {})",
-        mesh.http,
+        "infermesh is up: gateway on {addr}, workers on {} (pids {}), HTTP/REST on {}",
         addrs.join(", "),
-        pids.join(", ")
+        pids.join(", "),
+        mesh.http
     );
     if let Some(m) = gw_metrics {
         let each: Vec<String> = workers
