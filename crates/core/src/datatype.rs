@@ -68,6 +68,11 @@ impl DataType {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
+    /// FP16, BF16, FP32 or FP64.
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F16 | Self::BF16 | Self::F32 | Self::F64)
+    }
+
     /// Bytes per element, or `None` for variable-length BYTES.
     pub fn size(self) -> Option<usize> {
         Some(match self {

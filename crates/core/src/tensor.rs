@@ -6,7 +6,10 @@
 //! decodes only `raw_output_contents`).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use infermesh_proto::{model_infer_request::InferInputTensor, InferTensorContents};
+use infermesh_proto::{
+    model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
+    InferTensorContents,
+};
 
 use crate::{
     invalid,
@@ -117,6 +120,19 @@ impl Tensor {
             shape: input.shape.clone(),
             data,
         })
+    }
+
+    /// Decodes one output of an answer (a worker's, read back by the HTTP door or a
+    /// shadow comparison) by the rules of an input: `raw` is its `raw_output_contents` entry.
+    pub fn decode_output(output: &InferOutputTensor, raw: Option<&Bytes>) -> Result<Tensor> {
+        let as_input = InferInputTensor {
+            name: output.name.clone(),
+            datatype: output.datatype.clone(),
+            shape: output.shape.clone(),
+            parameters: Default::default(),
+            contents: output.contents.clone(),
+        };
+        Self::decode(&as_input, raw)
     }
 
     /// The tensor's bytes in the raw wire format.

@@ -85,6 +85,20 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 const PASS_THROUGH: &str = "served by the gateway's pass-through route";
 
 impl GatewayService {
+    /// The worker for a metadata or config call about `model` (routed as `mesh::pick`
+    /// routes it), with `version` set to the version to ask it for.
+    fn pick_model(
+        &self,
+        caller: Option<&auth::Caller>,
+        model: &str,
+        version: &mut String,
+    ) -> std::result::Result<Arc<Endpoint>, Status> {
+        let (ep, picked) = mesh::pick(&self.pool, Some(&self.forwarding.routes), model, version)
+            .map_err(|e| self.scrub(caller, e.into()))?;
+        *version = picked;
+        Ok(ep)
+    }
+
     /// ModelInfer on the bytes that came (see `pass_through`).
     pub async fn model_infer_raw(
         &self,
@@ -240,14 +254,7 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = mesh::pick(
-            &self.pool,
-            Some(&self.forwarding.routes),
-            &req.name,
-            &req.version,
-        )
-        .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
-        req.version = version;
+        let ep = self.pick_model(caller.as_ref(), &req.name, &mut req.version)?;
         Ok(Response::new(
             ep.client
                 .clone()
@@ -265,14 +272,7 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
-        let (ep, version) = mesh::pick(
-            &self.pool,
-            Some(&self.forwarding.routes),
-            &req.name,
-            &req.version,
-        )
-        .map_err(|e| self.scrub(caller.as_ref(), e.into()))?;
-        req.version = version;
+        let ep = self.pick_model(caller.as_ref(), &req.name, &mut req.version)?;
         Ok(Response::new(
             ep.client
                 .clone()

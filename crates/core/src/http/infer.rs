@@ -366,14 +366,7 @@ pub fn answer(resp: &ModelInferResponse, binary: &Binary) -> Result<Answer, Stri
 
 /// An output sent in typed contents, as raw bytes.
 fn typed(o: &infermesh_proto::model_infer_response::InferOutputTensor) -> Result<Bytes, String> {
-    let as_input = InferInputTensor {
-        name: o.name.clone(),
-        datatype: o.datatype.clone(),
-        shape: o.shape.clone(),
-        parameters: Default::default(),
-        contents: o.contents.clone(),
-    };
-    let t = Tensor::decode(&as_input, None).map_err(|e| e.to_string())?;
+    let t = Tensor::decode_output(o, None).map_err(|e| e.to_string())?;
     Ok(t.to_raw())
 }
 

@@ -153,12 +153,7 @@ impl<'a> Scan<'a> {
                 }
                 b"data" => {
                     // Other datatypes, or a datatype still to come: left to serde.
-                    let Some(dt) = datatype.filter(|d| {
-                        matches!(
-                            d,
-                            DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
-                        )
-                    }) else {
+                    let Some(dt) = datatype.filter(|d| d.is_float()) else {
                         return s.skip_value();
                     };
                     let start = {

@@ -33,41 +33,30 @@ pub fn read(data: &str, datatype: DataType, out: &mut Vec<u8>) -> Result<usize, 
 /// deep, numbers correctly rounded to the datatype). `None`, with nothing written, for
 /// anything else or anything wrong: the serde path then reads it and says what is wrong.
 fn fast_floats(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usize> {
-    if !matches!(
-        datatype,
-        DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
-    ) {
+    if !datatype.is_float() {
         return None;
     }
     let start = out.len();
     // At most one number per two bytes of text ("1,"): room for them all at once.
     out.reserve(text.len() / 2 * datatype.size().unwrap_or(4));
-    let parsed = floats_into(text, datatype, out);
+    let parsed =
+        floats_at(text, 0, datatype, out).and_then(|(n, end)| (end == text.len()).then_some(n));
     if parsed.is_none() {
         out.truncate(start);
     }
     parsed
 }
 
-fn floats_into(text: &[u8], datatype: DataType, out: &mut Vec<u8>) -> Option<usize> {
-    floats_at(text, 0, datatype, out).and_then(|(n, end)| (end == text.len()).then_some(n))
-}
-
 /// Reads one value of float elements (nested arrays, or a number) from `text[start..]`
 /// into `out`: (elements, where the value and the whitespace after it end). `None` where
-/// the value is anything else; `out` may then hold part of it.
+/// the value is anything else; `out` may then hold part of it. `datatype` is a float
+/// type (`DataType::is_float`).
 pub fn floats_at(
     text: &[u8],
     start: usize,
     datatype: DataType,
     out: &mut Vec<u8>,
 ) -> Option<(usize, usize)> {
-    if !matches!(
-        datatype,
-        DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
-    ) {
-        return None;
-    }
     let (mut i, mut depth, mut count) = (start, 0usize, 0usize);
     // A value may come next (after '[' or ','); `comma`: the last token was ','.
     let (mut want_value, mut comma) = (true, false);

@@ -9,7 +9,7 @@ use infermesh_core::{
     tensor::{Tensor, TensorData},
     DataType,
 };
-use infermesh_proto::{model_infer_request::InferInputTensor, ModelInferResponse};
+use infermesh_proto::ModelInferResponse;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tolerance {
@@ -62,15 +62,8 @@ fn outputs(answer: &ModelInferResponse, whose: &str) -> Result<Vec<Tensor>, Stri
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let as_input = InferInputTensor {
-                name: o.name.clone(),
-                datatype: o.datatype.clone(),
-                shape: o.shape.clone(),
-                parameters: Default::default(),
-                contents: o.contents.clone(),
-            };
             let raw = (!raw.is_empty()).then(|| raw.get(i)).flatten();
-            Tensor::decode(&as_input, raw).map_err(|e| format!("{whose}: {e}"))
+            Tensor::decode_output(o, raw).map_err(|e| format!("{whose}: {e}"))
         })
         .collect()
 }
