@@ -222,12 +222,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     // Until the mesh answers, a worker that exits or says it can serve nothing is fatal:
     // waiting would only end in a timeout that hides the reason.
+    let started = workers.len();
     let checked = {
         let exits =
             futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.child.wait())));
         tokio::select! {
             r = async {
-                wait_ready(&mesh).await?;
+                wait_ready(&mesh, started).await?;
                 self_check(&mesh, &repo).await?;
                 match args.check {
                     true => check::every_model(&mesh).await,
@@ -462,7 +463,7 @@ async fn stop_all(workers: &mut [Worker]) {
     }
 }
 
-async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
+async fn wait_ready(mesh: &Mesh, workers: usize) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let connected = crate::conn::connect(&mesh.url, &mesh.conn).await;
@@ -477,7 +478,9 @@ async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
             let mut c =
                 infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
             if let Ok(r) = c.server_ready(infermesh_proto::ServerReadyRequest {}).await {
-                if r.into_inner().ready {
+                // Every worker ready as the gateway sees it (the index lists each worker's
+                // state), not just one: a request right after `up` says so may go to any.
+                if r.into_inner().ready && ready_workers(&mut c).await >= workers {
                     return Ok(());
                 }
             }
@@ -487,6 +490,35 @@ async fn wait_ready(mesh: &Mesh) -> anyhow::Result<()> {
             "mesh not ready after 120 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Workers the gateway reports ready: its RepositoryIndex lists each as `ADDR ready` or
+/// `ADDR unready: why` (`infermesh-worker` metadata).
+async fn ready_workers<T>(
+    c: &mut infermesh_proto::grpc_inference_service_client::GrpcInferenceServiceClient<T>,
+) -> usize
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let asked = infermesh_proto::RepositoryIndexRequest {
+        repository_name: String::new(),
+        ready: false,
+    };
+    match c.repository_index(asked).await {
+        Ok(r) => r
+            .metadata()
+            .get_all("infermesh-worker")
+            .iter()
+            .filter(|v| {
+                v.to_str()
+                    .is_ok_and(|s| s.split_once(' ').is_some_and(|(_, state)| state == "ready"))
+            })
+            .count(),
+        Err(_) => 0,
     }
 }
 
