@@ -410,9 +410,8 @@ pub async fn serve(
             .service(routes.clone().prepare());
         let door = std::sync::Arc::new(crate::http::Door {
             stack: crate::http::Stack::new(stack),
-            budget: guards.budget.clone(),
-            max_message: args.grpc_max_message_bytes,
-            stall: args.grpc_stall_timeout,
+            admission: guards.body.clone(),
+            auth: guards.auth.clone(),
         });
         http_task = Some(tokio::spawn(crate::http::serve(
             l,

@@ -37,7 +37,7 @@ pub struct Limits {
 
 impl Limits {
     /// Bytes a message must receive in one stall window (at least 1).
-    fn window_need(&self) -> usize {
+    pub fn window_need(&self) -> usize {
         let per_window = (self.min_rate as f64 * self.stall.as_secs_f64()) as usize;
         per_window.max(1)
     }

@@ -49,27 +49,34 @@ where
         let Some(auth) = &self.auth else {
             return Either::Left(self.inner.call(req));
         };
+        // The HTTP door authenticates a request before reading its body and hands the
+        // caller on in the extensions (never set from the wire).
+        let found = req.extensions_mut().remove::<super::Caller>();
         let path = req.uri().path();
         // Probes and load balancers send no credentials: health is never refused here. A
         // credential that comes along is taken (a single model's health needs `read`).
         if path.starts_with("/grpc.health.v1.Health/") {
-            if req.headers().contains_key(http::header::AUTHORIZATION) {
+            if let Some(caller) = found {
+                req.extensions_mut().insert(caller);
+            } else if req.headers().contains_key(http::header::AUTHORIZATION) {
                 if let Ok(caller) = auth.authenticate(req.headers()) {
                     req.extensions_mut().insert(caller);
                 }
             }
             return Either::Left(self.inner.call(req));
         }
-        let checked = auth.authenticate(req.headers()).and_then(|caller| {
-            if let Some(scope) = rpc_scope(path) {
-                caller.require(scope)?;
-            }
-            // Inference is counted per request (and per stream message) by its handler.
-            if !crate::admission::body::is_inference(path) {
-                caller.admit_small()?;
-            }
-            Ok(caller)
-        });
+        let checked = found
+            .map_or_else(|| auth.authenticate(req.headers()), Ok)
+            .and_then(|caller| {
+                if let Some(scope) = rpc_scope(path) {
+                    caller.require(scope)?;
+                }
+                // Inference is counted per request (and per stream message) by its handler.
+                if !crate::admission::body::is_inference(path) {
+                    caller.admit_small()?;
+                }
+                Ok(caller)
+            });
         match checked {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);

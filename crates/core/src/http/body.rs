@@ -2,13 +2,14 @@
 //! arrive (never from what Content-Length claims), refused past the largest message, and
 //! refused when it stalls.
 
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tonic::{Code, Status};
 
-use crate::{admission::BytesPermit, reason, Reason};
+use crate::{
+    admission::{body::Limits, BytesPermit},
+    reason, Reason,
+};
 
 /// The body, and the budget it holds until the request has been handed on.
 pub struct Read {
@@ -16,16 +17,27 @@ pub struct Read {
     pub permit: Option<BytesPermit>,
 }
 
-pub async fn read(mut body: hyper::body::Incoming, door: &super::Door) -> Result<Read, Status> {
+pub async fn read(mut body: hyper::body::Incoming, limits: &Limits) -> Result<Read, Status> {
+    use http_body::Body as _;
     let mut buf = BytesMut::new();
     let mut permit: Option<BytesPermit> = None;
+    // The gRPC door's stall rule: each `stall` window must bring its share of the bytes
+    // still to come (any byte, or --grpc-min-receive-rate x the window), so a body
+    // trickled a byte at a time cannot hold its bytes for long.
+    let mut window = tokio::time::Instant::now() + limits.stall;
+    let mut got_in_window = 0usize;
     loop {
-        let next = body.frame();
-        let frame = match door.stall {
-            t if t.is_zero() => next.await,
-            t => tokio::time::timeout(t, next)
-                .await
-                .map_err(|_| stalled(t, buf.len()))?,
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = tokio::time::sleep_until(window), if !limits.stall.is_zero() => {
+                let left = body.size_hint().exact().map_or(usize::MAX, |n| n as usize);
+                if got_in_window < limits.window_need().min(left) {
+                    return Err(too_slow(limits, got_in_window, buf.len()));
+                }
+                window += limits.stall;
+                got_in_window = 0;
+                continue;
+            }
         };
         let Some(frame) = frame else { break };
         let frame =
@@ -33,21 +45,15 @@ pub async fn read(mut body: hyper::body::Incoming, door: &super::Door) -> Result
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if buf.len() + data.len() > door.max_message {
-            return Err(reason::status(
-                Code::ResourceExhausted,
-                format!(
-                    "request body larger than the largest message, {} bytes (--grpc-max-message-bytes)",
-                    door.max_message
-                ),
-                Reason::OverBudget,
-            ));
+        if buf.len() + data.len() > limits.max_message {
+            return Err(too_large("request body larger", limits));
         }
-        let more = door.budget.acquire(data.len()).map_err(Status::from)?;
+        let more = limits.budget.acquire(data.len()).map_err(Status::from)?;
         match permit.as_mut() {
             Some(p) => p.absorb(more),
             None => permit = Some(more),
         }
+        got_in_window += data.len();
         buf.extend_from_slice(&data);
     }
     Ok(Read {
@@ -56,14 +62,29 @@ pub async fn read(mut body: hyper::body::Incoming, door: &super::Door) -> Result
     })
 }
 
-fn stalled(t: Duration, got: usize) -> Status {
+fn too_large(what: &str, limits: &Limits) -> Status {
     reason::status(
-        Code::DeadlineExceeded,
+        Code::ResourceExhausted,
         format!(
-            "the request body stalled: no bytes for {t:?} after {got} bytes (--grpc-stall-timeout)"
+            "{what} than the largest message, {} bytes ({})",
+            limits.max_message, limits.max_message_is
         ),
-        Reason::Deadline,
+        Reason::OverBudget,
     )
+}
+
+fn too_slow(limits: &Limits, got: usize, total: usize) -> Status {
+    let t = limits.stall;
+    let message = match got {
+        0 => format!(
+            "the request body stalled: no bytes for {t:?} after {total} bytes (--grpc-stall-timeout)"
+        ),
+        _ => format!(
+            "the request body is arriving too slowly: {got} bytes in the last {t:?}, below --grpc-min-receive-rate {} bytes/s ({total} bytes of it received)",
+            limits.min_rate
+        ),
+    };
+    reason::status(Code::DeadlineExceeded, message, Reason::Deadline)
 }
 
 /// How a request body is encoded (`Content-Encoding`).
@@ -93,7 +114,7 @@ impl Encoding {
 
 /// The body inflated, its inflated bytes counted against the budget as they come and
 /// capped at the largest message: a small bomb stops at the cap.
-pub fn inflate(read: Read, encoding: Encoding, door: &super::Door) -> Result<Read, Status> {
+pub fn inflate(read: Read, encoding: Encoding, limits: &Limits) -> Result<Read, Status> {
     use std::io::Read as _;
     let mut decoder: Box<dyn std::io::Read> = match encoding {
         Encoding::Identity => return Ok(read),
@@ -110,17 +131,10 @@ pub fn inflate(read: Read, encoding: Encoding, door: &super::Door) -> Result<Rea
         if n == 0 {
             break;
         }
-        if out.len() + n > door.max_message {
-            return Err(reason::status(
-                Code::ResourceExhausted,
-                format!(
-                    "the request body inflates to more than the largest message, {} bytes (--grpc-max-message-bytes)",
-                    door.max_message
-                ),
-                Reason::OverBudget,
-            ));
+        if out.len() + n > limits.max_message {
+            return Err(too_large("the request body inflates to more", limits));
         }
-        let more = door.budget.acquire(n).map_err(Status::from)?;
+        let more = limits.budget.acquire(n).map_err(Status::from)?;
         match permit.as_mut() {
             Some(p) => p.absorb(more),
             None => permit = Some(more),

@@ -4,7 +4,7 @@
 //! both doors share one path below the protocol. The answer's status, message and reason
 //! come back from its trailers.
 
-use std::{convert::Infallible, time::Duration};
+use std::convert::Infallible;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -14,8 +14,15 @@ use tonic::{body::Body, Status};
 pub type Stack =
     tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
-/// Headers a client's HTTP request passes on to the call: credentials and trace context.
-const PASSED: [&str; 4] = ["authorization", "traceparent", "tracestate", "baggage"];
+/// Headers a client's HTTP request passes on to the call: credentials, trace context and
+/// the deadline (`grpc-timeout`, checked by `routes` before any call).
+const PASSED: [&str; 5] = [
+    "authorization",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "grpc-timeout",
+];
 
 /// Calls `path` (e.g. `/inference.GRPCInferenceService/ModelInfer`) with `msg`.
 pub async fn call<Resp: prost::Message + Default>(
@@ -23,7 +30,6 @@ pub async fn call<Resp: prost::Message + Default>(
     path: &'static str,
     msg: &impl prost::Message,
     from: &http::request::Parts,
-    timeout: Option<Duration>,
 ) -> Result<Resp, Status> {
     let len = msg.encoded_len();
     let mut framed = BytesMut::with_capacity(5 + len);
@@ -42,22 +48,16 @@ pub async fn call<Resp: prost::Message + Default>(
             req = req.header(name, v);
         }
     }
-    if let Some(t) = timeout {
-        // gRPC's header: at most 8 digits, in microseconds up to about 100 s, else ms.
-        let us = t.as_micros();
-        let value = if us < 100_000_000 {
-            format!("{us}u")
-        } else {
-            format!("{}m", t.as_millis().min(99_999_999))
-        };
-        req = req.header("grpc-timeout", value);
-    }
     let mut req = req
         .body(Body::new(http_body_util::Full::new(framed.freeze())))
         .map_err(|e| Status::internal(format!("building the call: {e}")))?;
     // The connection's state (its open calls, its refused credentials) follows the call.
     if let Some(conn) = from.extensions.get::<crate::conn::ConnInfo>() {
         req.extensions_mut().insert(conn.clone());
+    }
+    // Authenticated before its body was read: the auth layer takes the caller as found.
+    if let Some(caller) = from.extensions.get::<crate::auth::Caller>() {
+        req.extensions_mut().insert(caller.clone());
     }
     let resp = tower::ServiceExt::oneshot(stack.clone(), req)
         .await

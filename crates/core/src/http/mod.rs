@@ -30,12 +30,13 @@ pub use call::Stack;
 pub struct Door {
     /// The server's gRPC stack (its layers and services).
     pub stack: Stack,
-    /// The process's request byte budget: a body counts against it as it arrives.
-    pub budget: crate::admission::ByteBudget,
-    /// The largest request body (`--grpc-max-message-bytes`).
-    pub max_message: usize,
-    /// A body must keep arriving: stalled longer than this, it is refused (0: never).
-    pub stall: Duration,
+    /// The gRPC port's byte rules: a body counts against the inference budget (with auth,
+    /// the caller's share of it) or the small calls' pool as it arrives, capped at the
+    /// largest message, and must keep arriving (stall timeout, minimum rate).
+    pub admission: crate::admission::body::Admission,
+    /// Tenants (`--auth-config`): a request with a body is authenticated before its body
+    /// is read, so its bytes count against its tenant's share from the first one.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 pub type Response = http::Response<Full<Bytes>>;
@@ -46,6 +47,40 @@ impl Door {
         req: http::Request<hyper::body::Incoming>,
     ) -> Result<Response, Infallible> {
         Ok(routes::handle(&self, req).await)
+    }
+
+    /// The limits an inference body is read under: the caller's share when the request
+    /// was authenticated up front, else the whole budget.
+    fn inference(&self, parts: &http::request::Parts) -> crate::admission::body::Limits {
+        let mut limits = self.admission.inference.clone();
+        if let Some(caller) = parts.extensions.get::<crate::auth::Caller>() {
+            limits.budget = caller.share(&limits.budget);
+        }
+        limits
+    }
+
+    /// Authenticates a request that carries a body before reading it (the Caller goes
+    /// into its extensions and on to the gRPC stack, which takes it as found); refused
+    /// as the stack would refuse it.
+    fn authenticate(&self, parts: &mut http::request::Parts) -> Result<(), tonic::Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        if parts.method == http::Method::GET || parts.method == http::Method::HEAD {
+            return Ok(());
+        }
+        match auth.authenticate(&parts.headers) {
+            Ok(caller) => {
+                parts.extensions.insert(caller);
+                Ok(())
+            }
+            Err(status) => {
+                if let Some(conn) = parts.extensions.get::<crate::conn::ConnInfo>() {
+                    conn.activity.refused_credential();
+                }
+                Err(status)
+            }
+        }
     }
 }
 

@@ -39,10 +39,28 @@ macro_rules! rpc {
 pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
 
 pub async fn handle(door: &Door, req: http::Request<hyper::body::Incoming>) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let Err(status) = deadline(&parts.headers).and_then(|()| door.authenticate(&mut parts)) {
+        return status::error(&status);
+    }
     match route(door, &parts, body).await {
         Ok(resp) => resp,
         Err(status) => status::error(&status),
+    }
+}
+
+/// The optional deadline header, `grpc-timeout` as gRPC writes it (`500m`, `2S`): passed
+/// on to the call when well formed, refused when not (gRPC ignores a bad one; here the
+/// client hears why).
+fn deadline(headers: &http::HeaderMap) -> Result<(), Status> {
+    let Some(v) = headers.get("grpc-timeout") else {
+        return Ok(());
+    };
+    match v.to_str().ok().and_then(crate::deadline::parse_grpc_timeout) {
+        Some(_) => Ok(()),
+        None => Err(Status::invalid_argument(format!(
+            "grpc-timeout: expected 1 to 8 digits and a unit (H, M, S, m, u, n), e.g. 500m, found {v:?}"
+        ))),
     }
 }
 
@@ -67,7 +85,6 @@ async fn route(
                 rpc!("ServerMetadata"),
                 &pb::ServerMetadataRequest {},
                 parts,
-                None,
             )
             .await?;
             ok_json(meta::server_metadata(&r))
@@ -81,7 +98,6 @@ async fn route(
                 rpc!("ServerLive"),
                 &pb::ServerLiveRequest {},
                 parts,
-                None,
             )
             .await?;
             Ok(empty(r.live))
@@ -92,14 +108,13 @@ async fn route(
                 rpc!("ServerReady"),
                 &pb::ServerReadyRequest {},
                 parts,
-                None,
             )
             .await?;
             Ok(empty(r.ready))
         }
         (["v2", "models", "stats"], &Method::GET) => stats(door, parts, "", "").await,
         (["v2", "repository", "index"], &Method::POST) => {
-            let read = body::read(body, door).await?;
+            let read = body::read(body, &door.admission.small).await?;
             let asked = match read.bytes.is_empty() {
                 true => IndexBody::default(),
                 false => object::<IndexBody>(&read.bytes)?,
@@ -109,11 +124,11 @@ async fn route(
                 ready: asked.ready.unwrap_or(false),
             };
             let r: pb::RepositoryIndexResponse =
-                call(&door.stack, rpc!("RepositoryIndex"), &req, parts, None).await?;
+                call(&door.stack, rpc!("RepositoryIndex"), &req, parts).await?;
             ok_json(meta::index(&r))
         }
         (["v2", "repository", "models", model, action @ ("load" | "unload")], &Method::POST) => {
-            let read = body::read(body, door).await?;
+            let read = body::read(body, &door.admission.small).await?;
             let parameters = match read.bytes.is_empty() {
                 true => HashMap::new(),
                 false => repository_parameters(object::<LoadBody>(&read.bytes)?.parameters)?,
@@ -125,21 +140,15 @@ async fn route(
                     parameters,
                 };
                 let _: pb::RepositoryModelLoadResponse =
-                    call(&door.stack, rpc!("RepositoryModelLoad"), &req, parts, None).await?;
+                    call(&door.stack, rpc!("RepositoryModelLoad"), &req, parts).await?;
             } else {
                 let req = pb::RepositoryModelUnloadRequest {
                     repository_name: String::new(),
                     model_name: model.to_string(),
                     parameters,
                 };
-                let _: pb::RepositoryModelUnloadResponse = call(
-                    &door.stack,
-                    rpc!("RepositoryModelUnload"),
-                    &req,
-                    parts,
-                    None,
-                )
-                .await?;
+                let _: pb::RepositoryModelUnloadResponse =
+                    call(&door.stack, rpc!("RepositoryModelUnload"), &req, parts).await?;
             }
             Ok(json(StatusCode::OK, Vec::new()))
         }
@@ -175,13 +184,13 @@ async fn model_route(
         (None, &Method::GET) => {
             let req = pb::ModelMetadataRequest { name, version };
             let r: pb::ModelMetadataResponse =
-                call(&door.stack, rpc!("ModelMetadata"), &req, parts, None).await?;
+                call(&door.stack, rpc!("ModelMetadata"), &req, parts).await?;
             ok_json(meta::model_metadata(&r))
         }
         (Some("ready"), &Method::GET) => {
             let req = pb::ModelReadyRequest { name, version };
             let r: pb::ModelReadyResponse =
-                call(&door.stack, rpc!("ModelReady"), &req, parts, None).await?;
+                call(&door.stack, rpc!("ModelReady"), &req, parts).await?;
             Ok(match r.ready {
                 true => empty(true),
                 false => json(
@@ -193,7 +202,7 @@ async fn model_route(
         (Some("config"), &Method::GET) => {
             let req = pb::ModelConfigRequest { name, version };
             let r: pb::ModelConfigResponse =
-                call(&door.stack, rpc!("ModelConfig"), &req, parts, None).await?;
+                call(&door.stack, rpc!("ModelConfig"), &req, parts).await?;
             let config = r.config.unwrap_or_default();
             Ok(json(
                 StatusCode::OK,
@@ -220,7 +229,7 @@ async fn stats(
         version: version.to_string(),
     };
     let r: pb::ModelStatisticsResponse =
-        call(&door.stack, rpc!("ModelStatistics"), &req, parts, None).await?;
+        call(&door.stack, rpc!("ModelStatistics"), &req, parts).await?;
     Ok(json(
         StatusCode::OK,
         meta::proto_json(&r, "inference.ModelStatisticsResponse").map_err(Status::internal)?,
@@ -251,20 +260,15 @@ async fn infer_route(
                 })?,
         ),
     };
-    let read = body::read(body, door).await?;
-    let read = body::inflate(read, encoding, door)?;
+    let limits = door.inference(parts);
+    let read = body::read(body, &limits).await?;
+    let read = body::inflate(read, encoding, &limits)?;
     let parsed =
         infer::parse(&read.bytes, header_len, model, version).map_err(Status::invalid_argument)?;
     // The gRPC path counts the request again as it takes it.
     drop(read.permit);
-    let resp: pb::ModelInferResponse = call(
-        &door.stack,
-        rpc!("ModelInfer"),
-        &parsed.request,
-        parts,
-        None,
-    )
-    .await?;
+    let resp: pb::ModelInferResponse =
+        call(&door.stack, rpc!("ModelInfer"), &parsed.request, parts).await?;
     let answer = infer::answer(&resp, &parsed.binary).map_err(Status::internal)?;
     // Compressed when the client takes it; Inference-Header-Content-Length stays the
     // JSON's uncompressed length, as Triton's clients read it.
