@@ -120,7 +120,7 @@ def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
     all but the last KiB of each: her bodies count against her share (half) as they
     arrive, so the later ones are refused (429, naming the share) while her first is held,
     and bob's 1 MiB request over HTTP is served meanwhile. A request without credentials
-    is refused before its body is read."""
+    is refused before its body is read; probes need none."""
     path = tmp_path / "auth.yaml"
     path.write_text(f"""tenants:
   - name: alice
@@ -160,6 +160,12 @@ def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
 
         status, body = post(gateway, "/v2/models/vec_fp32/infer", b"{}" * 1000)
         assert status == 401 and "authorization" in body["error"], body
+        # Probes carry no credentials: server health is open, everything else is not.
+        for probe in ("/v2/health/live", "/v2/health/ready"):
+            assert urllib.request.urlopen(f"http://{gateway.http_url}{probe}", timeout=10).status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{gateway.http_url}/v2", timeout=10)
+        assert e.value.code == 401
         s.close()
         assert gateway.proc.poll() is None
     finally:

@@ -92,25 +92,26 @@ async fn route(
         (["v2", "openapi.json"], &Method::GET) => {
             Ok(json(StatusCode::OK, OPENAPI.as_bytes().to_vec()))
         }
-        (["v2", "health", "live"], &Method::GET) => {
-            let r: pb::ServerLiveResponse = call(
+        // Probes send no credentials: the server's liveness and readiness are
+        // grpc.health.v1's "liveness" and "" (open to all, as on the gRPC and health
+        // ports), not ServerLive/ServerReady, which need a credential under auth.
+        (["v2", "health", which @ ("live" | "ready")], &Method::GET) => {
+            let service = match *which {
+                "live" => crate::lifecycle::LIVENESS,
+                _ => "",
+            };
+            let r: tonic_health::pb::HealthCheckResponse = call(
                 &door.stack,
-                rpc!("ServerLive"),
-                &pb::ServerLiveRequest {},
+                "/grpc.health.v1.Health/Check",
+                &tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                },
                 parts,
             )
             .await?;
-            Ok(empty(r.live))
-        }
-        (["v2", "health", "ready"], &Method::GET) => {
-            let r: pb::ServerReadyResponse = call(
-                &door.stack,
-                rpc!("ServerReady"),
-                &pb::ServerReadyRequest {},
-                parts,
-            )
-            .await?;
-            Ok(empty(r.ready))
+            Ok(empty(
+                r.status() == tonic_health::pb::health_check_response::ServingStatus::Serving,
+            ))
         }
         (["v2", "models", "stats"], &Method::GET) => stats(door, parts, "", "").await,
         (["v2", "repository", "index"], &Method::POST) => {
