@@ -141,3 +141,40 @@ def test_load_and_unload_and_models_json_through_a_gateway():
     finally:
         assert g.stop() == 0
         assert w.stop() == 0
+
+
+def test_infer_models_and_health_on_the_http_port(worker, mesh):
+    """http:// URLs naming the HTTP/REST port: the same answers as on the gRPC port, byte
+    for byte (every datatype of multi_io included), against a worker and a gateway."""
+    gateway, _ = mesh
+    digits = ("--model", "digits", "--input", f"input=@{MODELS / 'digits/example.json'}", "--json")
+    multi = ("--model", "multi_io", "--input", 'text=[["a"]]', "--input", "x=[[1,2,3,4]]",
+             "--input", "k=[[41]]", "--input", "h=[[0.5,-1]]")
+    for server in (worker, gateway):
+        rest = f"http://{server.http_url}"
+        for args in (digits, multi):
+            grpc_out = cli("infer", "--url", server.url, *args)
+            http_out = cli("infer", "--url", rest, *args)
+            assert grpc_out.returncode == 0 and http_out.returncode == 0, http_out.stderr
+            assert http_out.stdout == grpc_out.stdout
+        out = cli("infer", "--url", rest, "--protocol", "http", *digits)
+        assert out.returncode == 0 and json.loads(out.stdout)["label"], out.stderr
+        out = cli("infer", "--url", rest, "--model", "digits", "--input", "input=[[1,2,3]]")
+        assert out.returncode != 0 and "HTTP 400" in out.stderr and "dim 1 is 3" in out.stderr, out.stderr
+        out = cli("infer", "--url", rest, "--protocol", "grpc", *digits)
+        assert out.returncode != 0 and "HTTP/REST port" in out.stderr, out.stderr
+
+        out = cli("health", "--url", rest)
+        assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
+        out = cli("health", "--url", rest, "--service", "digits")
+        assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
+        out = cli("health", "--url", rest, "--service", "no_such_model")
+        assert out.returncode != 0 and "NOT_SERVING" in out.stdout + out.stderr, out.stderr
+
+    # The index, and the gateway's worker lines, as on gRPC.
+    for server in (worker, gateway):
+        grpc_out = cli("models", "--url", server.url, "--json")
+        http_out = cli("models", "--url", f"http://{server.http_url}", "--json")
+        assert grpc_out.returncode == 0 and http_out.returncode == 0, http_out.stderr
+        assert http_out.stdout == grpc_out.stdout
+    assert '"worker"' in http_out.stdout

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODELS, ROOT, Gateway, Worker
+from conftest import MODELS, ROOT, Gateway, Worker, binary
 from test_tritonclient import NUMPY, multi_io_inputs
 
 RNG = np.random.RandomState(0)
@@ -155,11 +155,16 @@ def test_mistakes_get_their_status_and_a_message_naming_the_field(server, client
 
 
 def test_every_curl_in_the_docs_works(servers):
-    """docs/http.md's curl lines, run as written against the gateway (localhost:8000 replaced
-    by its HTTP address)."""
+    """docs/http.md's curl and infermesh lines, run as written against the gateway
+    (localhost:8000 replaced by its HTTP address)."""
     text = (ROOT / "docs" / "http.md").read_text()
-    lines = [l for b in re.findall(r"```sh\n(.*?)```", text, re.S) for l in b.splitlines() if l.startswith("curl ")]
+    blocks = [l for b in re.findall(r"```sh\n(.*?)```", text, re.S) for l in b.splitlines()]
+    lines = [l for l in blocks if l.startswith("curl ")]
     assert len(lines) >= 3, lines
+    # The command-line examples too, with this build's binary.
+    commands = [l for l in blocks if l.startswith("infermesh ")]
+    assert len(commands) >= 3, commands
+    lines += [binary("infermesh") + l[len("infermesh"):] for l in commands]
     for line in lines:
         out = subprocess.run(["bash", "-c", line.replace("localhost:8000", servers["gateway"].http_url)], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)

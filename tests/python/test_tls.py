@@ -144,6 +144,12 @@ def test_the_cli_speaks_tls_and_mtls(mesh):
     assert out.returncode == 0 and "label" in out.stdout, out.stderr
     out = run("models", "--url", mesh["gateway"].url, "--ca", ca)
     assert out.returncode == 0 and "digits" in out.stdout, out.stderr
+    # https:// URLs naming the HTTP/REST ports: the same TLS, and mTLS to the worker.
+    out = run("infer", "--url", f"https://{mesh['worker'].http_url}", "--ca", ca, "--cert", cert, "--key", key,
+              "--model", "digits", "--input", f"input=@{example}")
+    assert out.returncode == 0 and "label" in out.stdout, out.stderr
+    out = run("models", "--url", f"https://{mesh['gateway'].http_url}", "--ca", ca)
+    assert out.returncode == 0 and "digits" in out.stdout, out.stderr
     # The health port, in plaintext, as the images' HEALTHCHECK calls it. The gateway's
     # health follows its pool's refreshes, so it may say SERVING a moment after ready.
     import time

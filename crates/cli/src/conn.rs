@@ -3,6 +3,10 @@
 
 use std::{
     path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
 };
 
@@ -71,20 +75,31 @@ pub async fn connect(url: &str, args: &ConnArgs) -> anyhow::Result<Conn> {
     Ok(Conn {
         channel,
         authorization,
+        answered_http: Default::default(),
     })
 }
 
-/// A channel that adds the bearer token to every call.
+/// A channel that adds the bearer token to every call, and notes whether the server ever
+/// answered with something other than gRPC (an HTTP/REST port).
 #[derive(Clone, Debug)]
 pub struct Conn {
     channel: Channel,
     authorization: Option<http::HeaderValue>,
+    answered_http: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Whether an answer came without gRPC's content type: the URL names an HTTP/REST
+    /// port (KServe v2), where a gRPC call finds no such endpoint.
+    pub fn answered_http(&self) -> bool {
+        self.answered_http.load(Ordering::Relaxed)
+    }
 }
 
 impl tower::Service<http::Request<Body>> for Conn {
     type Response = http::Response<Body>;
     type Error = tonic::transport::Error;
-    type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         tower::Service::poll_ready(&mut self.channel, cx)
@@ -95,7 +110,19 @@ impl tower::Service<http::Request<Body>> for Conn {
             req.headers_mut()
                 .insert(http::header::AUTHORIZATION, v.clone());
         }
-        self.channel.call(req)
+        let call = self.channel.call(req);
+        let answered_http = self.answered_http.clone();
+        Box::pin(async move {
+            let resp = call.await?;
+            let grpc = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if !grpc {
+                answered_http.store(true, Ordering::Relaxed);
+            }
+            Ok(resp)
+        })
     }
 }
 

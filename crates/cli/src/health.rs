@@ -7,11 +7,14 @@ use tonic_health::pb::{
 
 #[derive(clap::Args)]
 pub struct HealthArgs {
-    /// Server address, e.g. localhost:8001 or http://localhost:8001.
+    /// Server address, e.g. localhost:8001 or http://localhost:8001, or an HTTP/REST port:
+    /// http://localhost:8000.
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
     pub conn: crate::conn::ConnArgs,
+    #[command(flatten)]
+    pub protocol: crate::rest::ProtocolArg,
     /// Health service to check: "" for the whole server, or a model name.
     #[arg(long, default_value = "")]
     pub service: String,
@@ -22,14 +25,23 @@ pub struct HealthArgs {
 
 pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
     let check = async {
-        let channel = crate::conn::connect(&args.url, &args.conn).await?;
-        let resp = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: args.service.clone(),
+        let conn = crate::conn::connect(&args.url, &args.conn).await?;
+        let grpc = async {
+            let resp = HealthClient::new(conn.clone())
+                .check(HealthCheckRequest {
+                    service: args.service.clone(),
+                })
+                .await
+                .context("health check failed")?;
+            anyhow::Ok(resp.into_inner().status())
+        };
+        let rest = async {
+            Ok(match crate::rest::ready(&conn, &args.service).await? {
+                true => ServingStatus::Serving,
+                false => ServingStatus::NotServing,
             })
-            .await
-            .context("health check failed")?;
-        anyhow::Ok(resp.into_inner().status())
+        };
+        args.protocol.either(&conn, grpc, rest).await
     };
     let status = tokio::time::timeout(args.timeout, check)
         .await

@@ -10,14 +10,18 @@ use infermesh_proto::{
 };
 use serde_json::{Map, Value};
 
+use crate::rest::{Described, Prepared};
+
 #[derive(clap::Args)]
 pub struct InferArgs {
-    /// Server address, e.g. localhost:8001, http://localhost:8001 or
-    /// https://infer.example.com:443.
+    /// Server address, e.g. localhost:8001, http://localhost:8001,
+    /// https://infer.example.com:443, or an HTTP/REST port: http://localhost:8000.
     #[arg(long, env = "INFERMESH_URL", default_value = "localhost:8001")]
     pub url: String,
     #[command(flatten)]
     pub conn: crate::conn::ConnArgs,
+    #[command(flatten)]
+    pub protocol: crate::rest::ProtocolArg,
     /// Model name.
     #[arg(long)]
     pub model: String,
@@ -37,6 +41,7 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
     let outputs = call(
         &args.url,
         &args.conn,
+        &args.protocol,
         &args.model,
         &args.version,
         &args.inputs,
@@ -56,11 +61,36 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
 pub async fn call(
     url: &str,
     conn: &crate::conn::ConnArgs,
+    protocol: &crate::rest::ProtocolArg,
     model: &str,
     version: &str,
     inputs: &[String],
 ) -> anyhow::Result<Map<String, Value>> {
-    let mut client = GrpcInferenceServiceClient::new(crate::conn::connect(url, conn).await?)
+    let conn = crate::conn::connect(url, conn).await?;
+    let outputs = protocol
+        .either(&conn, grpc(conn.clone(), model, version, inputs), async {
+            let described = crate::rest::inputs(&conn, model, version).await?;
+            let prepared = prepare(model, &described, inputs)?;
+            crate::rest::infer(&conn, model, version, prepared).await
+        })
+        .await?;
+    let mut out = Map::new();
+    for o in outputs {
+        out.insert(
+            o.name.clone(),
+            crate::json::decode(&o.name, &o.datatype, &o.shape, &o.raw)?,
+        );
+    }
+    Ok(out)
+}
+
+async fn grpc(
+    conn: crate::conn::Conn,
+    model: &str,
+    version: &str,
+    inputs: &[String],
+) -> anyhow::Result<Vec<Prepared>> {
+    let mut client = GrpcInferenceServiceClient::new(conn)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let meta = client
@@ -71,12 +101,54 @@ pub async fn call(
         .await
         .map_err(|s| anyhow::anyhow!("model metadata: {}: {}", s.code(), s.message()))?
         .into_inner();
-
+    let described: Vec<Described> = meta
+        .inputs
+        .into_iter()
+        .map(|i| Described {
+            name: i.name,
+            datatype: i.datatype,
+            shape: i.shape,
+        })
+        .collect();
     let mut req = ModelInferRequest {
         model_name: model.into(),
         model_version: version.into(),
         ..Default::default()
     };
+    for p in prepare(model, &described, inputs)? {
+        req.inputs.push(InferInputTensor {
+            name: p.name,
+            datatype: p.datatype,
+            shape: p.shape,
+            ..Default::default()
+        });
+        req.raw_input_contents.push(p.raw);
+    }
+    let resp = client
+        .model_infer(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("inference failed: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(resp
+        .outputs
+        .into_iter()
+        .zip(resp.raw_output_contents)
+        .map(|(o, raw)| Prepared {
+            name: o.name,
+            datatype: o.datatype,
+            shape: o.shape,
+            raw,
+        })
+        .collect())
+}
+
+/// The NAME=JSON|@FILE inputs as tensors of the datatypes and ranks the model declares.
+fn prepare(
+    model: &str,
+    described: &[Described],
+    inputs: &[String],
+) -> anyhow::Result<Vec<Prepared>> {
+    let mut out = Vec::with_capacity(inputs.len());
     for spec in inputs {
         let (name, text) = spec
             .split_once('=')
@@ -88,8 +160,8 @@ pub async fn call(
         };
         let value: Value =
             serde_json::from_str(&text).with_context(|| format!("input '{name}': not JSON"))?;
-        let Some(info) = meta.inputs.iter().find(|i| i.name == name) else {
-            let known: Vec<_> = meta.inputs.iter().map(|i| i.name.as_str()).collect();
+        let Some(info) = described.iter().find(|i| i.name == name) else {
+            let known: Vec<_> = described.iter().map(|i| i.name.as_str()).collect();
             bail!(
                 "model '{model}' has no input '{name}'; inputs: {}",
                 known.join(", ")
@@ -101,25 +173,12 @@ pub async fn call(
         if shape.len() + 1 == info.shape.len() && info.shape.first() == Some(&-1) {
             shape.insert(0, 1);
         }
-        req.inputs.push(InferInputTensor {
+        out.push(Prepared {
             name: name.into(),
             datatype: info.datatype.clone(),
             shape,
-            ..Default::default()
+            raw,
         });
-        req.raw_input_contents.push(raw);
-    }
-    let resp = client
-        .model_infer(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("inference failed: {}: {}", s.code(), s.message()))?
-        .into_inner();
-    let mut out = Map::new();
-    for (o, raw) in resp.outputs.iter().zip(&resp.raw_output_contents) {
-        out.insert(
-            o.name.clone(),
-            crate::json::decode(&o.name, &o.datatype, &o.shape, raw)?,
-        );
     }
     Ok(out)
 }

@@ -9,6 +9,7 @@ mod infer;
 mod json;
 mod load;
 mod models;
+mod rest;
 mod routes;
 mod routes_rules;
 mod up;

@@ -534,7 +534,15 @@ async fn self_check(mesh: &Mesh, repo: &std::path::Path) -> anyhow::Result<()> {
     };
     let v: Value = serde_json::from_str(&text)?;
     let inputs = vec![format!("input={}", v["inputs"])];
-    let out = crate::infer::call(&mesh.url, &mesh.conn, "digits", "", &inputs).await?;
+    let out = crate::infer::call(
+        &mesh.url,
+        &mesh.conn,
+        &Default::default(),
+        "digits",
+        "",
+        &inputs,
+    )
+    .await?;
     let got = &out["label"];
     println!("digits: predicted {got}, expected {}", v["labels"]);
     anyhow::ensure!(

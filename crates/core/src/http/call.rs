@@ -31,6 +31,16 @@ pub async fn call<Resp: prost::Message + Default>(
     msg: &impl prost::Message,
     from: &http::request::Parts,
 ) -> Result<Resp, Status> {
+    Ok(call_with_metadata(stack, path, msg, from).await?.0)
+}
+
+/// [`call`], and the answer's headers (its gRPC metadata).
+pub async fn call_with_metadata<Resp: prost::Message + Default>(
+    stack: &Stack,
+    path: &'static str,
+    msg: &impl prost::Message,
+    from: &http::request::Parts,
+) -> Result<(Resp, http::HeaderMap), Status> {
     let len = msg.encoded_len();
     let mut framed = BytesMut::with_capacity(5 + len);
     framed.put_u8(0);
@@ -68,8 +78,8 @@ pub async fn call<Resp: prost::Message + Default>(
     {
         return Err(status);
     }
-    let collected = resp
-        .into_body()
+    let (head, body) = resp.into_parts();
+    let collected = body
         .collect()
         .await
         .map_err(|e| Status::internal(format!("reading the answer: {e}")))?;
@@ -82,7 +92,7 @@ pub async fn call<Resp: prost::Message + Default>(
     {
         return Err(status);
     }
-    message(&mut data)
+    Ok((message(&mut data)?, head.headers))
 }
 
 /// The one message of a unary answer's body.

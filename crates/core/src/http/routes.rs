@@ -23,7 +23,7 @@ use tonic::Status;
 
 use super::{
     body,
-    call::call,
+    call::{call, call_with_metadata},
     infer, meta,
     status::{self, json},
     Door, Response,
@@ -124,9 +124,14 @@ async fn route(
                 repository_name: asked.repository_name.unwrap_or_default(),
                 ready: asked.ready.unwrap_or(false),
             };
-            let r: pb::RepositoryIndexResponse =
-                call(&door.stack, rpc!("RepositoryIndex"), &req, parts).await?;
-            ok_json(meta::index(&r))
+            let (r, metadata): (pb::RepositoryIndexResponse, _) =
+                call_with_metadata(&door.stack, rpc!("RepositoryIndex"), &req, parts).await?;
+            // A gateway's workers and their states, as on gRPC.
+            let mut resp = ok_json(meta::index(&r))?;
+            for v in metadata.get_all("infermesh-worker") {
+                resp.headers_mut().append("infermesh-worker", v.clone());
+            }
+            Ok(resp)
         }
         (["v2", "repository", "models", model, action @ ("load" | "unload")], &Method::POST) => {
             let read = body::read(body, &door.admission.small).await?;
