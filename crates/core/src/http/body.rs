@@ -26,15 +26,18 @@ pub async fn read(mut body: hyper::body::Incoming, limits: &Limits) -> Result<Re
     // trickled a byte at a time cannot hold its bytes for long.
     let mut window = tokio::time::Instant::now() + limits.stall;
     let mut got_in_window = 0usize;
+    let timer = tokio::time::sleep_until(window);
+    tokio::pin!(timer);
     loop {
         let frame = tokio::select! {
             frame = body.frame() => frame,
-            () = tokio::time::sleep_until(window), if !limits.stall.is_zero() => {
+            () = &mut timer, if !limits.stall.is_zero() => {
                 let left = body.size_hint().exact().map_or(usize::MAX, |n| n as usize);
                 if got_in_window < limits.window_need().min(left) {
                     return Err(too_slow(limits, got_in_window, buf.len()));
                 }
                 window += limits.stall;
+                timer.as_mut().reset(window);
                 got_in_window = 0;
                 continue;
             }
