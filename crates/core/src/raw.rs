@@ -102,7 +102,14 @@ pub struct RawRequest {
     pub model_version: String,
     pub id: String,
     pub parameters: Parameters,
+    /// Set by a gateway with auth on: the tenant it authenticated, which it tells the
+    /// worker as the `infermesh_tenant` parameter (a worker's response cache keeps each
+    /// tenant's answers apart by it). Never read from the client's bytes.
+    pub tenant: Option<String>,
 }
+
+/// The request parameter a gateway names its authenticated tenant in.
+pub const TENANT: &str = "infermesh_tenant";
 
 impl RawRequest {
     pub fn decode(bytes: Bytes) -> Result<Self, prost::DecodeError> {
@@ -113,6 +120,7 @@ impl RawRequest {
             model_version: view.model_version,
             id: view.id,
             parameters: view.parameters,
+            tenant: None,
         })
     }
 

@@ -105,7 +105,9 @@ impl GatewayService {
         req: Request<RawRequest>,
     ) -> std::result::Result<Response<RawAnswer>, Status> {
         frame::unary(req, &self.lifecycle, &self.bytes, |call| async move {
-            self.infer(call.req, call.deadline, call.carry)
+            let mut req = call.req;
+            req.tenant = call.caller.as_ref().map(|c| c.tenant().to_string());
+            self.infer(req, call.deadline, call.carry)
                 .await
                 .map_err(|s| self.scrub(call.caller.as_ref(), s))
         })
@@ -131,7 +133,9 @@ impl GatewayService {
             let _open = &open; // lives as long as the stream
             let svc = svc.clone();
             async move {
-                svc.infer(call.req, call.deadline, call.carry)
+                let mut req = call.req;
+                req.tenant = call.caller.as_ref().map(|c| c.tenant().to_string());
+                svc.infer(req, call.deadline, call.carry)
                     .await
                     .map_err(|s| svc.scrub(call.caller.as_ref(), s))
             }

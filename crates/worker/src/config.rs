@@ -97,6 +97,17 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_MAX_MODELS", default_value_t = 0)]
     pub max_models: usize,
 
+    /// Triton's response cache: `local,size=BYTES` (repeatable, one setting each) keeps
+    /// answers of models whose config sets `response_cache { enable: true }`, in at most
+    /// BYTES (keys and bookkeeping counted), least recently used evicted first. Without
+    /// it nothing is cached.
+    #[arg(
+        long = "cache-config",
+        env = "INFERMESH_CACHE_CONFIG",
+        value_name = "local,size=BYTES"
+    )]
+    pub cache_config: Vec<String>,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

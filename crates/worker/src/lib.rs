@@ -2,6 +2,7 @@
 //! Triton gRPC protocol, with ONNX Runtime sessions each owned by its own OS thread.
 
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod engine;
@@ -65,9 +66,13 @@ pub async fn run(
     let reporter = tonic_health::server::HealthReporter::new();
     let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
     let lifecycle = Lifecycle::new(reporter).await;
+    let cache = cache::parse_config(&config.cache_config)
+        .map_err(Error::Startup)?
+        .map(|size| Arc::new(cache::ResponseCache::new(size, metrics.cache.clone())));
     let repo = Arc::new(Repository::new(
         config.model_repository.clone(),
         metrics.clone(),
+        cache.clone(),
     ));
     // A typo in the path must not give a Ready pod that serves nothing: refuse to start.
     std::fs::read_dir(&config.model_repository).map_err(|e| {
@@ -99,6 +104,7 @@ pub async fn run(
         },
         intra_op_threads: config.intra_op_threads,
         intra_op_spinning: config.intra_op_spinning,
+        cache: cache.is_some(),
         default_max_batch_size: config.default_max_batch_size,
         queue_capacity: config.max_queue_size,
         queue_timeout: (!config.default_queue_timeout.is_zero())
@@ -151,6 +157,7 @@ pub async fn run(
         lifecycle: lifecycle.clone(),
         budget: budget.clone(),
         metrics,
+        cache,
     };
     let parts = serve::Parts {
         listeners,

@@ -62,6 +62,7 @@ pub struct WorkerMetrics {
     pub repository_poll_failures: Counter,
     pub update_failures: Counter,
     pub warmup_runs: Family<ModelLabels, Counter>,
+    pub cache: crate::cache::CacheMetrics,
 }
 
 impl WorkerMetrics {
@@ -82,6 +83,7 @@ impl WorkerMetrics {
             repository_poll_failures: Counter::default(),
             update_failures: Counter::default(),
             warmup_runs: Family::default(),
+            cache: crate::cache::CacheMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(

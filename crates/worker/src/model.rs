@@ -60,6 +60,8 @@ pub struct Defaults {
     /// `--default-queue-timeout`, for requests and configs that set no deadline.
     pub queue_timeout: Option<Duration>,
     pub metrics: WorkerMetrics,
+    /// The worker has a response cache (`--cache-config`).
+    pub cache: bool,
 }
 
 /// One model version to load.
@@ -82,9 +84,16 @@ pub struct Model {
     /// What each instance really runs on, in instance order.
     pub providers: Vec<Provider>,
     pub stats: Arc<Stats>,
+    /// This load of the version, unique in the process: a reload of the same version is
+    /// another generation, so no cached answer outlives the weights that gave it.
+    pub generation: u64,
+    /// Whether, and with whom, answers are cached.
+    pub caching: model_config::Caching,
     scheduler: Scheduler,
     queue_timeout: Option<Duration>,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Model {
     /// Loads every instance, warm-up included. Blocking: call from `spawn_blocking` (inside
@@ -156,6 +165,14 @@ impl Model {
         if config.instance_group.is_empty() {
             config.instance_group = vec![reported_group(&opts.name, &providers)];
         }
+        let caching = model_config::caching(&config)?;
+        if caching != model_config::Caching::Off && !opts.defaults.cache {
+            tracing::warn!(model = %opts.name, version = opts.version, "response_cache is enabled but the worker has no --cache-config: answers are not cached");
+        }
+        let caching = match opts.defaults.cache {
+            true => caching,
+            false => model_config::Caching::Off,
+        };
         let signature = model_config::signature(&config);
         let batching = model_config::batch_policy(&config);
         let capacity = model_config::queue_capacity(&config, opts.defaults.queue_capacity);
@@ -175,6 +192,8 @@ impl Model {
             batching,
             providers,
             stats,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            caching,
             scheduler,
             queue_timeout: opts.defaults.queue_timeout,
         })

@@ -490,7 +490,10 @@ pub fn identity_graph(config: &pb::ModelConfig) -> Result<GraphSpec, Error> {
     Ok(GraphSpec { inputs, outputs })
 }
 
+mod caching;
 pub mod fields;
+
+pub use caching::{caching, Caching, SHARED as CACHE_SHARED};
 
 #[cfg(test)]
 mod tests;

@@ -42,6 +42,9 @@ pub struct Repository {
     /// Written on load/unload, read on every request; requests clone the `Arc<Model>` and
     /// drop the lock before awaiting.
     models: RwLock<BTreeMap<String, Versions>>,
+    /// The response cache: a model's entries go whenever its state changes (loaded
+    /// again, unloaded, failed).
+    cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// One model directory found on disk.
@@ -59,11 +62,16 @@ pub struct Plan {
 }
 
 impl Repository {
-    pub fn new(root: PathBuf, metrics: WorkerMetrics) -> Self {
+    pub fn new(
+        root: PathBuf,
+        metrics: WorkerMetrics,
+        cache: Option<Arc<crate::cache::ResponseCache>>,
+    ) -> Self {
         Self {
             root,
             metrics,
             models: RwLock::new(BTreeMap::new()),
+            cache,
         }
     }
 
@@ -161,6 +169,9 @@ impl Repository {
 
     pub fn set(&self, name: &str, version: Option<i64>, state: State) {
         self.metrics.set_state(name, version, state.label());
+        if let Some(cache) = &self.cache {
+            cache.clear_model(name);
+        }
         let mut models = self.models.write().expect("repository lock");
         models
             .entry(name.to_string())

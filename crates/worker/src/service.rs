@@ -8,7 +8,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{control::Control, metrics::WorkerMetrics, repository::Repository, Error};
+use crate::{
+    cache::{self, key, ResponseCache},
+    control::Control,
+    metrics::{ModelLabels, WorkerMetrics},
+    model::Model,
+    model_config::Caching,
+    repository::Repository,
+    Error,
+};
 
 /// Messages of one stream in flight at once (then the stream stops reading).
 const MAX_STREAM_IN_FLIGHT: usize = 256;
@@ -26,6 +34,8 @@ pub struct WorkerService {
     /// Bytes of requests held in memory, process-wide.
     pub budget: ByteBudget,
     pub metrics: WorkerMetrics,
+    /// The response cache (`--cache-config`), for models whose config turns it on.
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 /// Adds to a gauge for as long as it lives; dropped futures (cancelled calls) still undo it.
@@ -49,18 +59,20 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 impl WorkerService {
     /// Runs one inference request; shared by ModelInfer and each message of a stream.
     /// Admission is checked by the caller: a stream opened before shutdown keeps being
-    /// served while it drains. `deadline` comes from the call's `grpc-timeout`.
+    /// served while it drains. `deadline` comes from the call's `grpc-timeout`; `tenant`
+    /// is the caller this worker authenticated, if it did.
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
+        tenant: Option<&str>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
         let model = metrics::model_label(&req.model_name, self.repo.knows(&req.model_name));
         let _inflight = GaugeGuard::new(&self.metrics.inflight_requests, 1);
         let mut record = metrics::RequestRecord::new(|code, version, took| {
             self.metrics.record_request(&model, version, code, took)
         });
-        let result = self.run(req, deadline).await;
+        let result = self.run(req, deadline, tenant).await;
         match &result {
             Ok(r) => record.finish(tonic::Code::Ok, &r.model_version),
             Err(e) => record.finish(Status::from(e.clone()).code(), ""),
@@ -81,17 +93,38 @@ impl WorkerService {
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
+        tenant: Option<&str>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
+        let started = Instant::now();
         let size = req.encoded_len();
         let _held = self.budget.acquire(size)?;
         let _bytes = GaugeGuard::new(&self.metrics.inflight_bytes, size as i64);
         let model = self.repo.get(&req.model_name, &req.model_version)?;
+        let cached = self.cache.as_ref().and_then(|cache| {
+            let scope = match model.caching {
+                Caching::Off => return None,
+                Caching::Shared => key::Scope::default(),
+                Caching::PerTenant => key::Scope::of(tenant, &req),
+            };
+            let version = key::Version {
+                name: &model.name,
+                version: model.version,
+                generation: model.generation,
+            };
+            Some((cache, key::of(&req, &version, scope)))
+        });
+        if let Some((cache, key)) = &cached {
+            if let Some(hit) = cache.get(key) {
+                return self.answer_hit(&model, &hit, req.id, deadline, started);
+            }
+        }
+        let lookup = started.elapsed();
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         let outputs = model
             .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
             .await?;
         let _response = infermesh_core::child_span!("response").entered();
-        Ok(pb::ModelInferResponse {
+        let resp = pb::ModelInferResponse {
             model_name: model.name.clone(),
             model_version: model.version.to_string(),
             id: req.id,
@@ -106,7 +139,45 @@ impl WorkerService {
                     ..Default::default()
                 })
                 .collect(),
-        })
+        };
+        if let Some((cache, key)) = &cached {
+            let stored = Instant::now();
+            cache.put(key, &model.name, cache::Answer::of(&resp));
+            model.stats.cache_miss(lookup + stored.elapsed());
+            self.metrics
+                .cache
+                .misses
+                .get_or_create(&model_labels(&model))
+                .inc();
+        }
+        Ok(resp)
+    }
+
+    /// A cached answer, unless the request's deadline has passed: a hit honours it as the
+    /// engine would.
+    fn answer_hit(
+        &self,
+        model: &Model,
+        hit: &cache::Answer,
+        id: String,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> std::result::Result<pb::ModelInferResponse, Error> {
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            model.stats.skipped_expired(started.elapsed());
+            return Err(infermesh_core::Error::DeadlineExceeded(format!(
+                "model '{}': the request's deadline passed before its cached answer was sent",
+                model.name
+            ))
+            .into());
+        }
+        model.stats.cache_hit(started.elapsed(), started.elapsed());
+        self.metrics
+            .cache
+            .hits
+            .get_or_create(&model_labels(model))
+            .inc();
+        Ok(hit.response(&model.name, model.version, id))
     }
 
     /// Ready once every model found at start has finished loading and the repository
@@ -188,7 +259,8 @@ impl GrpcInferenceService for WorkerService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
         frame::unary(req, &self.lifecycle, &self.budget, |call| async move {
-            self.infer(call.req, call.deadline)
+            let tenant = call.caller.as_ref().map(|c| c.tenant());
+            self.infer(call.req, call.deadline, tenant)
                 .await
                 .map_err(Status::from)
         })
@@ -211,7 +283,8 @@ impl GrpcInferenceService for WorkerService {
         frame::stream(req, &self.lifecycle, opts, move |call| {
             let svc = svc.clone();
             async move {
-                svc.infer(call.req, call.deadline)
+                let tenant = call.caller.as_ref().map(|c| c.tenant());
+                svc.infer(call.req, call.deadline, tenant)
                     .await
                     .map_err(Status::from)
             }
@@ -293,4 +366,11 @@ impl GrpcInferenceService for WorkerService {
     }
 
     infermesh_core::unsupported_rpcs!();
+}
+
+fn model_labels(model: &Model) -> ModelLabels {
+    ModelLabels {
+        model: model.name.clone(),
+        version: model.version.to_string(),
+    }
 }

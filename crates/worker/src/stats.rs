@@ -44,6 +44,8 @@ struct Inner {
     compute_input: Dur,
     compute_infer: Dur,
     compute_output: Dur,
+    cache_hit: Dur,
+    cache_miss: Dur,
     batches: BTreeMap<u64, [Dur; 3]>,
 }
 
@@ -95,10 +97,27 @@ impl Stats {
         b[0].add(1, times.input);
         b[1].add(1, times.infer);
         b[2].add(1, times.output);
-        s.last_inference_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        s.last_inference_ms = now_ms();
+    }
+
+    /// A request answered from the response cache: a success that ran nothing
+    /// (`inference_count` and `execution_count` count engine work only, as Triton's do);
+    /// `lookup` is the time to find it.
+    pub fn cache_hit(&self, lookup: Duration, total: Duration) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.cache_hit.add(1, lookup);
+        s.success.add(1, total);
+        s.last_inference_ms = now_ms();
+    }
+
+    /// A cacheable request that ran the engine: `lookup_and_insert` is the time the
+    /// cache took (looking up, then storing the answer).
+    pub fn cache_miss(&self, lookup_and_insert: Duration) {
+        self.inner
+            .lock()
+            .expect("stats lock")
+            .cache_miss
+            .add(1, lookup_and_insert);
     }
 
     pub fn failed(&self, total: Duration) {
@@ -129,8 +148,8 @@ impl Stats {
                 compute_input: s.compute_input.pb(),
                 compute_infer: s.compute_infer.pb(),
                 compute_output: s.compute_output.pb(),
-                cache_hit: Dur::default().pb(),
-                cache_miss: Dur::default().pb(),
+                cache_hit: s.cache_hit.pb(),
+                cache_miss: s.cache_miss.pb(),
             }),
             batch_stats: s
                 .batches
@@ -146,4 +165,11 @@ impl Stats {
             response_stats: Default::default(),
         }
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use bytes::{Buf, BufMut, Bytes};
 use infermesh_core::{
-    raw::{put_string, string_len, RawRequest},
+    raw::{put_string, string_len, RawRequest, TENANT},
     reason,
     stream::{CANCEL, STATUS_CODE, UNORDERED},
     Reason,
@@ -75,6 +75,7 @@ impl Outgoing {
                         parameter(key, choice.clone(), buf);
                     }
                 }
+                tenant(req, buf);
             }
             Self::Cancel(id) => {
                 put_string(ID, decimal(*id, &mut digits), buf);
@@ -87,8 +88,17 @@ impl Outgoing {
                     decimal(version.unsigned_abs(), &mut digits),
                     buf,
                 );
+                tenant(req, buf);
             }
         }
+    }
+}
+
+/// The tenant the gateway authenticated, for the worker (a client cannot set it: the
+/// gateway refuses `infermesh_` parameters from clients).
+fn tenant(req: &RawRequest, buf: &mut impl BufMut) {
+    if let Some(t) = &req.tenant {
+        parameter(TENANT, ParameterChoice::StringParam(t.clone()), buf);
     }
 }
 

@@ -37,12 +37,12 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("default_model_filename", Refused, "the model file is always model.onnx (refused unless it names that)"),
     ("cc_model_filenames", Refused, "per-GPU model files are not chosen"),
     ("metric_tags", Refused, "metrics carry no custom labels"),
-    ("parameters", Honoured, "the identity backend's delay_ms, failure_rate, stall_rate, stall_ms and crash parameters; refused for ONNX models"),
+    ("parameters", Honoured, "`infermesh_response_cache_shared` (every backend); the identity backend's delay_ms, failure_rate, stall_rate, stall_ms and crash parameters; any other is refused for ONNX models"),
     ("model_warmup", Honoured, "zero_data, random_data and input_data_file (from the model's warmup/ directory) samples, `count` times on every instance before READY; a failed sample fails the load"),
     ("model_operations", Refused, "custom operator libraries are not loaded"),
     ("model_transaction_policy", Honoured, "decoupled: false; decoupled: true is refused"),
     ("model_repository_agents", Refused, "repository agents (checksum, decryption) do not run"),
-    ("response_cache", Warned, "responses are not cached yet: speed only"),
+    ("response_cache", Honoured, "`enable: true` caches answers in the worker's `--cache-config local,size=BYTES` cache, per tenant unless `infermesh_response_cache_shared` is \"true\"; without the flag, one warning (speed only)"),
     ("model_metrics", Refused, "metric settings (histogram buckets) are not configurable"),
 ];
 
@@ -146,8 +146,14 @@ fn nested(c: &pb::ModelConfig) -> Result<(), String> {
             ));
         }
     }
-    if !c.parameters.is_empty() && c.backend != "identity" {
-        let keys: Vec<&str> = c.parameters.keys().map(String::as_str).collect();
+    let engine_keys: Vec<&str> = c
+        .parameters
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != super::CACHE_SHARED)
+        .collect();
+    if !engine_keys.is_empty() && c.backend != "identity" {
+        let keys = engine_keys;
         return Err(format!(
             "parameters: not read by the ONNX Runtime backend (got {keys:?}); only the identity backend takes parameters"
         ));
@@ -210,8 +216,8 @@ mod tests {
             "response_cache { enable: true }\noptimization { execution_accelerators { gpu_execution_accelerator [ { name: \"tensorrt\" } ] } }",
         ))
         .unwrap();
-        assert_eq!(warned.len(), 2, "{warned:?}");
-        assert!(warned[0].starts_with("optimization") && warned[1].starts_with("response_cache"));
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].starts_with("optimization"));
         assert!(check(&cfg(
             "default_model_filename: \"model.onnx\"\nmax_batch_size: 8"
         ))
