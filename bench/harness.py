@@ -172,12 +172,14 @@ def grpc_load(infermesh: str, url: str, model: str, concurrency: int, streaming:
             "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"], "max_ms": r["max_ms"], "client_cpu_s": cpu}
 
 
-def http_load(url: str, concurrency: int, seconds: float, body: pathlib.Path, header_len: int | None = None) -> dict:
+def http_load(url: str, concurrency: int, seconds: float, body: pathlib.Path, header_len: int | None = None,
+              script: str = "wrk_post.lua", extra: tuple = ()) -> dict:
     # One wrk thread: the client shares the 2 cores with the server, so it stays cheap.
     cmd = [str(ROOT / "scripts/loadgen.sh"), "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-           "--latency", "-s", str(ROOT / "bench/peer_apps/wrk_post.lua"), url, "--", str(body)]
+           "--latency", "-s", str(ROOT / "bench/peer_apps" / script), url, "--", str(body)]
     if header_len is not None:
         cmd.append(str(header_len))
+    cmd += [str(x) for x in extra]
     out, cpu, _ = run_measured(cmd, seconds + 60)
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
     r = json.loads(line.split(" ", 1)[1])

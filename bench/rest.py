@@ -67,11 +67,11 @@ def grpc_load(url: str, concurrency: int, seconds: float, body: pathlib.Path, wo
             "p99_ms": pct(0.99), "client_cpu_s": cpu}
 
 
-def start_worker(bin_dir, procs, repo) -> tuple[str, str]:
+def start_worker(bin_dir, procs, repo, extra=()) -> tuple[str, str]:
     port, http = h.free_port(), h.free_port()
     procs.start("worker", [str(bin_dir / "infermesh-worker"), "--model-repository", str(repo),
                            "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(http),
-                           "--health-port", "0", "--allow-metrics", "false", "--shutdown-grace", "0s"])
+                           "--health-port", "0", "--allow-metrics", "false", "--shutdown-grace", "0s", *extra])
     return f"127.0.0.1:{port}", f"127.0.0.1:{http}"
 
 
