@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin-dir", default=str(h.ROOT / "target/release"))
     ap.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "5")))
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency", default="32", help="comma-separated levels, e.g. 1,32")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cache-bytes", type=int, default=64 << 20)
     args = ap.parse_args()
@@ -58,17 +58,19 @@ def main() -> None:
                 got = rest.answer(http, b["json"])
                 reference = reference or got
                 assert got == reference, "the cached worker answers what the engine does"
-                before = hits(http)
-                meter = h.Meter(roles)
-                r = h.http_load(f"http://{http}/v2/models/mlp/infer", args.concurrency, args.seconds, b["binary"],
-                                b["header_len"], script="wrk_repeat.lua", extra=(b["header_len"],))
-                r["server"] = meter.done(r["ok"])
-                after = hits(http)
-                looked = (after[0] - before[0]) + (after[1] - before[1])
-                r["hit_rate"] = (after[0] - before[0]) / looked if looked else 0.0
-                rows.append({"round": n + 1, "cache": mode, **r})
-                print(f"round {n + 1} cache {mode}: {r['rps']:.0f}/s, hit rate {r['hit_rate']:.2f}, "
-                      f"{r['errors']} errors", file=sys.stderr)
+                for level, c in enumerate(int(x) for x in args.concurrency.split(",")):
+                    before = hits(http)
+                    meter = h.Meter(roles)
+                    r = h.http_load(f"http://{http}/v2/models/mlp/infer", c, args.seconds, b["binary"],
+                                    b["header_len"], script="wrk_repeat.lua",
+                                    extra=(b["header_len"], level * 10_000_000))
+                    r["server"] = meter.done(r["ok"])
+                    after = hits(http)
+                    looked = (after[0] - before[0]) + (after[1] - before[1])
+                    r["hit_rate"] = (after[0] - before[0]) / looked if looked else 0.0
+                    rows.append({"round": n + 1, "cache": mode, "c": c, **r})
+                    print(f"round {n + 1} cache {mode} c={c}: {r['rps']:.0f}/s, hit rate {r['hit_rate']:.2f}, "
+                          f"{r['errors']} errors", file=sys.stderr)
             finally:
                 procs.stop()
     report(args, rows)
@@ -76,19 +78,22 @@ def main() -> None:
 
 def report(args, rows) -> None:
     print(f"`{shlex.join(['bench/cache.sh', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}; the MLP at batch 1, "
-          f"dynamic batching; {CORES} cores shared by the worker and wrk; c={args.concurrency}; "
+          f"dynamic batching; {CORES} cores shared by the worker and wrk; "
           f"{args.seconds:g} s per row; 9 requests in 10 repeat one body, the 10th is unique)\n")
-    print("| round | cache | req/s | p50 ms | p99 ms | worker CPU µs / req | hit rate | vs off |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    off = {r["round"]: r["rps"] for r in rows if r["cache"] == "off"}
-    for r in rows:
-        cpu = r["server"]["worker"]["cpu_s"] / max(r["ok"], 1) * 1e6
-        vs = f"{r['rps'] / off[r['round']]:.2f}×" if off.get(r["round"]) else ""
-        print(f"| {r['round']} | {r['cache']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {cpu:.0f} "
-              f"| {r['hit_rate']:.2f} | {vs} |")
+    print("| round | c | cache | req/s | p50 ms | p99 ms | worker CPU µs / req | hit rate | req/s vs off | CPU vs off |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    cpu = {id(r): r["server"]["worker"]["cpu_s"] / max(r["ok"], 1) * 1e6 for r in rows}
+    off = {(r["round"], r["c"]): r for r in rows if r["cache"] == "off"}
+    for r in sorted(rows, key=lambda r: (r["c"], r["round"], r["cache"] == "on")):
+        base = off.get((r["round"], r["c"]))
+        vs = f"{r['rps'] / base['rps']:.2f}×" if base and base["rps"] else ""
+        cvs = f"{cpu[id(r)] / cpu[id(base)]:.2f}×" if base and cpu[id(base)] else ""
+        print(f"| {r['round']} | {r['c']} | {r['cache']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+              f"| {cpu[id(r)]:.0f} | {r['hit_rate']:.2f} | {vs} | {cvs} |")
     errors = [r for r in rows if r["errors"]]
     if errors:
-        print("\nerrors: " + ", ".join(f"round {r['round']} cache {r['cache']}: {r['errors']}" for r in errors))
+        print("\nerrors: " + ", ".join(f"round {r['round']} c={r['c']} cache {r['cache']}: {r['errors']}"
+                                        for r in errors))
 
 
 if __name__ == "__main__":

@@ -79,3 +79,15 @@ def test_the_rest_benchmark_runs_every_door():
         for door in ("gRPC", "HTTP/JSON", "HTTP/binary"):
             assert f"| {setup} | {door} | 2 |" in run.stdout, run.stdout
     assert "errors:" not in run.stdout, run.stdout
+
+
+def test_the_cache_benchmark_hits_nine_in_ten():
+    """bench/cache.py at tiny durations: cache off never hits, cache on hits the repeated
+    body (the unique tenth misses), no errors."""
+    cmd = [sys.executable, str(ROOT / "bench/cache.py"), "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--seconds", "1", "--rounds", "1", "--concurrency", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[3].strip(): line.split("|") for line in run.stdout.splitlines() if line.startswith("| 1 ")}
+    assert float(rows["off"][8]) == 0.0 and 0.8 <= float(rows["on"][8]) <= 0.95, run.stdout
+    assert "errors:" not in run.stdout, run.stdout

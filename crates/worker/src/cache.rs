@@ -90,7 +90,7 @@ impl Answer {
 }
 
 struct Entry {
-    check: [u8; 64],
+    check: [u8; 32],
     model: Arc<str>,
     tick: u64,
     size: usize,

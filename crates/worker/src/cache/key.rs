@@ -1,7 +1,7 @@
 //! The cache key: everything that decides an answer, written as one unambiguous byte
-//! stream (every piece length-prefixed, maps in key order) and digested twice — SHA-256
-//! names the entry, SHA-512 confirms a hit. Two different requests collide only if both
-//! digests collide at once.
+//! stream (every piece length-prefixed, maps in key order) and digested twice by two hash
+//! functions of unrelated designs — BLAKE3 names the entry, SHA-256 confirms a hit. Two
+//! different requests collide only if both digests collide at once.
 //!
 //! In the stream: the scope (the caller's tenant and the tenant a gateway names, unless
 //! the model shares its cache), the model, its version and load generation, each input's
@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use infermesh_proto as pb;
 use prost::Message;
-use ring::digest::{Context, SHA256, SHA512};
+use ring::digest::{Context, SHA256};
 
 /// The request parameter a gateway sets to the tenant it authenticated, so a worker
 /// behind it keeps each tenant's entries apart.
@@ -33,7 +33,7 @@ const NEUTRAL: &[&str] = &[
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key {
     pub id: [u8; 32],
-    pub check: [u8; 64],
+    pub check: [u8; 32],
 }
 
 /// Who may share entries: `caller` is the tenant this worker authenticated, `via` the one a
@@ -112,15 +112,15 @@ pub fn of(req: &pb::ModelInferRequest, model: &Version<'_>, scope: Scope<'_>) ->
 }
 
 struct Writer {
-    id: Context,
+    id: blake3::Hasher,
     check: Context,
 }
 
 impl Writer {
     fn new() -> Self {
         Self {
-            id: Context::new(&SHA256),
-            check: Context::new(&SHA512),
+            id: blake3::Hasher::new(),
+            check: Context::new(&SHA256),
         }
     }
 
@@ -154,10 +154,9 @@ impl Writer {
 
     fn finish(self) -> Key {
         let mut key = Key {
-            id: [0; 32],
-            check: [0; 64],
+            id: *self.id.finalize().as_bytes(),
+            check: [0; 32],
         };
-        key.id.copy_from_slice(self.id.finish().as_ref());
         key.check.copy_from_slice(self.check.finish().as_ref());
         key
     }
