@@ -46,9 +46,15 @@ pub enum Reason {
     /// The routing file split requests over versions and the version this one drew has
     /// no ready worker (its share is not moved to another version without `fallback`).
     VersionUnavailable,
+    /// (placement) A model load that would not fit the worker's model memory capacity,
+    /// however much of it could be freed.
+    OverCapacity,
+    /// (placement) A model load that would fit only by evicting models used too recently
+    /// (`--model-min-idle`).
+    ChurnGuard,
 }
 
-const ALL: [Reason; 15] = [
+const ALL: [Reason; 17] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -64,6 +70,8 @@ const ALL: [Reason; 15] = [
     Reason::OverQuota,
     Reason::Unreachable,
     Reason::VersionUnavailable,
+    Reason::OverCapacity,
+    Reason::ChurnGuard,
 ];
 
 impl Reason {
@@ -84,6 +92,8 @@ impl Reason {
             Self::OverQuota => "over-quota",
             Self::Unreachable => "worker-unreachable",
             Self::VersionUnavailable => "version-unavailable",
+            Self::OverCapacity => "over-capacity",
+            Self::ChurnGuard => "churn-guard",
         }
     }
 

@@ -57,6 +57,10 @@ pub struct WorkerConfig {
     /// none: load every model at start, refuse Load/Unload. explicit: load only
     /// --load-model names at start, then what RepositoryModelLoad/Unload ask. poll: like
     /// none, and rescan the repository every --repository-poll-secs for changes.
+    /// placement: list every model, load only --load-model names at start (pinned: never
+    /// evicted or unloaded); RepositoryModelLoad loads a model within
+    /// --model-memory-bytes, evicting the least recently used idle models to make room
+    /// (a READY model unchanged on disk is only marked used); Unload unloads.
     #[arg(
         long,
         env = "INFERMESH_MODEL_CONTROL_MODE",
@@ -107,6 +111,18 @@ pub struct WorkerConfig {
         value_name = "local,size=BYTES"
     )]
     pub cache_config: Vec<String>,
+
+    /// With --model-control-mode placement: the memory loaded models may take, as measured
+    /// (each load's growth of the resident set). Default: half the cgroup's memory limit,
+    /// or of the host's memory where there is none.
+    #[arg(long, env = "INFERMESH_MODEL_MEMORY_BYTES")]
+    pub model_memory_bytes: Option<u64>,
+
+    /// With --model-control-mode placement: a model used more recently than this is not
+    /// evicted to make room for another (the churn guard); a load that would need it
+    /// is refused (churn-guard). Default 30s.
+    #[arg(long, env = "INFERMESH_MODEL_MIN_IDLE", value_parser = infermesh_core::config::parse_duration)]
+    pub model_min_idle: Option<std::time::Duration>,
 
     #[command(flatten)]
     pub server: ServerArgs,

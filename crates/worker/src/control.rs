@@ -21,15 +21,23 @@ use infermesh_core::{model_control::check_name, Error as RequestError, Lifecycle
 
 use crate::{
     model::{Defaults, LoadOptions, Model},
+    placement::{
+        gate::{Gate, Priority},
+        memory, Placement,
+    },
     repository::{Found, Plan, Repository, State},
+    stats::Stats,
     Error,
 };
+
+mod placed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModelControlMode {
     None,
     Explicit,
     Poll,
+    Placement,
 }
 
 /// What a model looked like on disk when it was last loaded, to tell whether it changed.
@@ -82,6 +90,10 @@ pub struct Control {
     /// Poll mode: a changed model directory as the last poll saw it, loaded once the next
     /// poll sees the same (the settle rule).
     settling: tokio::sync::Mutex<BTreeMap<String, Stamp>>,
+    /// Placement mode: capacity, measured sizes, pins, loads under way.
+    placement: Option<Arc<Placement>>,
+    /// One load at a time, asked-for ones first (placement's measurements need the first).
+    gate: Gate,
 }
 
 impl Control {
@@ -92,6 +104,7 @@ impl Control {
         lifecycle: Lifecycle,
         max_models: usize,
         allow_empty: bool,
+        placement: Option<Arc<Placement>>,
     ) -> Self {
         Self {
             repo,
@@ -103,6 +116,8 @@ impl Control {
             started: Default::default(),
             stamps: Default::default(),
             settling: Default::default(),
+            placement,
+            gate: Gate::default(),
         }
     }
 
@@ -110,8 +125,9 @@ impl Control {
     /// is READY (or `--allow-empty-repository`). A worker that can serve nothing must not
     /// be in a Service's endpoints.
     pub fn can_serve(&self) -> bool {
+        // A placement worker with nothing loaded is ready to be given models.
         self.started.load(std::sync::atomic::Ordering::SeqCst)
-            && (self.allow_empty || self.repo.any_ready())
+            && (self.allow_empty || self.placement.is_some() || self.repo.any_ready())
     }
 
     /// Marks the start set as tried and publishes overall health.
@@ -133,10 +149,17 @@ impl Control {
     /// given (`*` for everything).
     pub async fn initial(&self, load: &[String]) -> Result<(), Error> {
         let found = self.repo.scan()?;
-        let all = self.mode != ModelControlMode::Explicit || load.iter().any(|n| n == "*");
+        let named = matches!(
+            self.mode,
+            ModelControlMode::Explicit | ModelControlMode::Placement
+        );
+        let all = !named || load.iter().any(|n| n == "*");
         for f in found {
             if all || load.contains(&f.name) {
-                let _ = self.reload(f).await;
+                if let Some(p) = &self.placement {
+                    p.pin(&f.name);
+                }
+                let _ = self.reload(f, Priority::Background).await;
             } else {
                 // Listed in RepositoryIndex (so clients can discover it), not loaded.
                 self.repo.set(&f.name, None, State::Unloaded);
@@ -149,7 +172,10 @@ impl Control {
     /// leave; versions the policy no longer selects are unloaded after their requests.
     /// The name is one path component inside the repository (checked before the file
     /// system is touched); missing, not a directory and outside all answer the same.
-    pub async fn load(&self, name: &str) -> Result<(), Error> {
+    pub async fn load(self: &Arc<Self>, name: &str) -> Result<(), Error> {
+        if self.placement.is_some() {
+            return self.place(name).await;
+        }
         self.allowed()?;
         check_name(name)?;
         let found = self.repo.scan_one(name).ok_or_else(|| {
@@ -157,6 +183,12 @@ impl Control {
                 "model_name '{name}': no such model directory in the model repository"
             ))
         })?;
+        self.under_max_models(name)?;
+        self.reload(found, Priority::Request).await
+    }
+
+    /// `--max-models`: a load of one more model beyond it is refused.
+    fn under_max_models(&self, name: &str) -> Result<(), Error> {
         let loaded = self.repo.get(name, "").is_ok();
         let count = self.repo.loaded_count();
         if self.max_models > 0 && !loaded && count >= self.max_models {
@@ -167,7 +199,7 @@ impl Control {
             .because(infermesh_core::Reason::OverBudget)
             .into());
         }
-        self.reload(found).await
+        Ok(())
     }
 
     /// RepositoryModelUnload: every version stops taking requests; those in flight finish.
@@ -176,6 +208,12 @@ impl Control {
         check_name(name)?;
         if !self.repo.knows(name) {
             return Err(RequestError::NotFound(format!("unknown model '{name}'")).into());
+        }
+        if self.placement.as_ref().is_some_and(|p| p.is_pinned(name)) {
+            return Err(RequestError::FailedPrecondition(format!(
+                "model '{name}' is pinned (--load-model at start in placement mode): it stays loaded"
+            ))
+            .into());
         }
         let mut stamps = self.stamps.lock().await;
         self.unload_all(name).await;
@@ -220,7 +258,7 @@ impl Control {
             };
             if settled {
                 tracing::info!(model = %f.name, "model changed on disk; reloading");
-                let _ = self.reload(f).await;
+                let _ = self.reload(f, Priority::Background).await;
             }
         }
         for name in self.repo.names() {
@@ -238,7 +276,7 @@ impl Control {
     fn allowed(&self) -> Result<(), Error> {
         if self.mode == ModelControlMode::None {
             return Err(RequestError::FailedPrecondition(
-                "model load/unload is not allowed: the worker runs with --model-control-mode none (use explicit or poll)"
+                "model load/unload is not allowed: the worker runs with --model-control-mode none (use explicit, poll or placement)"
                     .into(),
             )
             .into());
@@ -246,7 +284,13 @@ impl Control {
         Ok(())
     }
 
-    async fn reload(&self, found: Found) -> Result<(), Error> {
+    async fn reload(&self, found: Found, priority: Priority) -> Result<(), Error> {
+        let _turn = self.gate.turn(priority).await;
+        self.reload_in_turn(found).await
+    }
+
+    /// `reload` for a caller that holds the gate's turn.
+    async fn reload_in_turn(&self, found: Found) -> Result<(), Error> {
         // One model operation at a time: loads are rare and must not interleave.
         let mut stamps = self.stamps.lock().await;
         let name = found.name.clone();
@@ -285,19 +329,38 @@ impl Control {
             if self.repo.get(&name, &version.to_string()).is_err() {
                 self.repo.set(&name, Some(version), State::Loading);
             }
+            let metrics = &self.defaults.metrics;
             let opts = LoadOptions {
                 name: name.clone(),
                 version,
                 path: path.clone(),
                 config: config.clone(),
                 defaults: self.defaults.clone(),
+                stats: Some(
+                    self.repo
+                        .stats_for(&name, version, || Stats::new(metrics.model(&name, version))),
+                ),
             };
+            // Loads run one at a time (the gate, then the stamps lock): what the resident
+            // set grows by is this load's.
+            let (before, started) = (memory::Held::now(), std::time::Instant::now());
             let result = tokio::task::spawn_blocking(move || Model::load(&opts))
                 .await
                 .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
+            let grown = before.grown_since();
+            metrics.placement.loaded(result.is_ok(), started.elapsed());
             match result {
                 Ok(model) => {
-                    tracing::info!(model = %name, version, providers = ?model.providers, "model ready");
+                    match &self.placement {
+                        Some(p) => p.measured(&name, version, grown, memory::files_size(path)),
+                        None => {
+                            metrics
+                                .placement
+                                .model_bytes(&name, version)
+                                .set(grown as i64);
+                        }
+                    }
+                    tracing::info!(model = %name, version, providers = ?model.providers, memory_bytes = grown, "model ready");
                     self.repo
                         .set(&name, Some(version), State::Ready(Arc::new(model)));
                 }

@@ -22,6 +22,7 @@ pub fn spawn<E, F>(
     samples: Arc<Vec<crate::warmup::Sample>>,
     jobs: Receiver<Batch>,
     stats: Arc<Stats>,
+    alive: Arc<()>,
 ) -> Result<(GraphSpec, Provider), Error>
 where
     E: Engine,
@@ -31,6 +32,9 @@ where
     thread::Builder::new()
         .name(label)
         .spawn(move || {
+            // Dropped last, after the engine: its model's memory is back once every
+            // instance has let go of it.
+            let _alive = alive;
             let mut engine = match load().and_then(|(mut engine, spec)| {
                 match samples.is_empty() {
                     true => warm_up(&mut engine, &spec)?,

@@ -11,6 +11,7 @@ pub mod instance;
 pub mod metrics;
 pub mod model;
 pub mod model_config;
+pub mod placement;
 pub mod repository;
 pub mod scheduler;
 pub mod service;
@@ -111,6 +112,7 @@ pub async fn run(
             .then_some(config.default_queue_timeout),
         metrics: metrics.clone(),
     };
+    let placement = placement_of(&config, &metrics)?;
     let control = Arc::new(Control::new(
         repo.clone(),
         config.model_control_mode,
@@ -118,6 +120,7 @@ pub async fn run(
         lifecycle.clone(),
         config.max_models,
         config.allow_empty_repository,
+        placement,
     ));
     {
         let control = control.clone();
@@ -172,4 +175,47 @@ pub async fn run(
     serve::serve_inference(service, parts, &config.server, shutdown)
         .await
         .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+}
+
+/// Placement's capacity and churn guard; their flags are refused in any other mode.
+fn placement_of(
+    config: &WorkerConfig,
+    metrics: &WorkerMetrics,
+) -> Result<Option<Arc<placement::Placement>>, Error> {
+    if config.model_control_mode != ModelControlMode::Placement {
+        let given = [
+            ("--model-memory-bytes", config.model_memory_bytes.is_some()),
+            ("--model-min-idle", config.model_min_idle.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(Error::Startup(format!(
+                "{flag} applies only with --model-control-mode placement"
+            )));
+        }
+        return Ok(None);
+    }
+    let capacity = match config.model_memory_bytes {
+        Some(0) => {
+            return Err(Error::Startup(
+                "--model-memory-bytes 0: models need some memory".into(),
+            ))
+        }
+        Some(n) => n,
+        None => placement::memory::limit()
+            .map(|l| (l as f64 * placement::DEFAULT_SHARE) as u64)
+            .ok_or_else(|| {
+                Error::Startup(
+                    "--model-memory-bytes: no cgroup limit or host memory to take a share of; give it".into(),
+                )
+            })?,
+    };
+    let min_idle = config
+        .model_min_idle
+        .unwrap_or(std::time::Duration::from_secs(30));
+    tracing::info!(capacity, ?min_idle, "placement: models load on request");
+    Ok(Some(Arc::new(placement::Placement::new(
+        capacity,
+        min_idle,
+        metrics.placement.clone(),
+    ))))
 }

@@ -63,6 +63,7 @@ pub struct WorkerMetrics {
     pub update_failures: Counter,
     pub warmup_runs: Family<ModelLabels, Counter>,
     pub cache: crate::cache::CacheMetrics,
+    pub placement: crate::placement::PlacementMetrics,
 }
 
 impl WorkerMetrics {
@@ -84,6 +85,7 @@ impl WorkerMetrics {
             update_failures: Counter::default(),
             warmup_runs: Family::default(),
             cache: crate::cache::CacheMetrics::register(registry),
+            placement: crate::placement::PlacementMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(

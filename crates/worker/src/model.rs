@@ -73,6 +73,9 @@ pub struct LoadOptions {
     /// The parsed config.pbtxt, if the model has one.
     pub config: Option<pb::ModelConfig>,
     pub defaults: Defaults,
+    /// The version's statistics from earlier loads, to go on accumulating (ModelStatistics
+    /// never goes backwards across an unload and a load).
+    pub stats: Option<Arc<Stats>>,
 }
 
 pub struct Model {
@@ -89,6 +92,10 @@ pub struct Model {
     pub generation: u64,
     /// Whether, and with whom, answers are cached.
     pub caching: model_config::Caching,
+    /// Requests in flight and the last use, for placement's eviction.
+    pub usage: crate::placement::Usage,
+    /// Alive while any of its instance threads (and so its engines) is.
+    pub alive: std::sync::Weak<()>,
     scheduler: Scheduler,
     queue_timeout: Option<Duration>,
 }
@@ -104,14 +111,18 @@ impl Model {
         let backend = model_config::backend(&config)?;
         let devices = model_config::instances(&config, opts.defaults.device)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let stats = Arc::new(Stats::new(
-            opts.defaults.metrics.model(&opts.name, opts.version),
-        ));
+        let stats = opts.stats.clone().unwrap_or_else(|| {
+            Arc::new(Stats::new(
+                opts.defaults.metrics.model(&opts.name, opts.version),
+            ))
+        });
         // The model directory (the version's parent) holds warmup/ files.
         let model_dir = opts.path.parent().unwrap_or(&opts.path);
         let samples = Arc::new(crate::warmup::samples(&config, model_dir)?);
         let mut graph = None;
         let mut providers = Vec::with_capacity(devices.len());
+        // Held by the instance threads only: gone once all have ended.
+        let alive = Arc::new(());
         for (i, device) in devices.iter().enumerate() {
             let label = format!("{}-{}-{i}", opts.name, opts.version);
             let (jobs, stats) = (jobs_rx.clone(), stats.clone());
@@ -129,13 +140,21 @@ impl Model {
                         samples.clone(),
                         jobs,
                         stats,
+                        alive.clone(),
                     )?
                 }
                 Backend::Identity => {
                     let spec = model_config::identity_graph(&config)?;
                     let engine = IdentityEngine::new(&config)?;
                     let samples = samples.clone();
-                    instance::spawn(label, move || Ok((engine, spec)), samples, jobs, stats)?
+                    instance::spawn(
+                        label,
+                        move || Ok((engine, spec)),
+                        samples,
+                        jobs,
+                        stats,
+                        alive.clone(),
+                    )?
                 }
             };
             graph.get_or_insert(spec);
@@ -194,6 +213,8 @@ impl Model {
             stats,
             generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             caching,
+            usage: Default::default(),
+            alive: Arc::downgrade(&alive),
             scheduler,
             queue_timeout: opts.defaults.queue_timeout,
         })

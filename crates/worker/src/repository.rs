@@ -45,6 +45,8 @@ pub struct Repository {
     /// The response cache: a model's entries go whenever its state changes (loaded
     /// again, unloaded, failed).
     cache: Option<Arc<crate::cache::ResponseCache>>,
+    /// Every version's statistics since the process started, across unloads and loads.
+    stats: std::sync::Mutex<BTreeMap<(String, i64), Arc<crate::stats::Stats>>>,
 }
 
 /// One model directory found on disk.
@@ -72,7 +74,23 @@ impl Repository {
             metrics,
             models: RwLock::new(BTreeMap::new()),
             cache,
+            stats: Default::default(),
         }
+    }
+
+    /// The statistics of `name` `version`, made by `make` the first time.
+    pub fn stats_for(
+        &self,
+        name: &str,
+        version: i64,
+        make: impl FnOnce() -> crate::stats::Stats,
+    ) -> Arc<crate::stats::Stats> {
+        self.stats
+            .lock()
+            .expect("repository lock")
+            .entry((name.to_string(), version))
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
     }
 
     pub fn root(&self) -> &Path {

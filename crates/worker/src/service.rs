@@ -100,6 +100,7 @@ impl WorkerService {
         let _held = self.budget.acquire(size)?;
         let _bytes = GaugeGuard::new(&self.metrics.inflight_bytes, size as i64);
         let model = self.repo.get(&req.model_name, &req.model_version)?;
+        let _in_use = model.usage.begin();
         let cached = self.cache.as_ref().and_then(|cache| {
             let scope = match model.caching {
                 Caching::Off => return None,

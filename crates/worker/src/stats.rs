@@ -64,6 +64,12 @@ pub struct Stats {
     pub metrics: ModelMetrics,
 }
 
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stats")
+    }
+}
+
 impl Stats {
     pub fn new(metrics: ModelMetrics) -> Self {
         Self {

@@ -1,0 +1,199 @@
+"""A worker in --model-control-mode placement with real ONNX models of several sizes made
+here: loads within --model-memory-bytes (by the worker's measurement and by /proc), least
+recently used idle models evicted first, pinned models never, the churn guard's refusal,
+100 concurrent loads making one, a model too large refused while the worker serves on,
+statistics that keep counting across an eviction, and measured sizes near the resident
+set's growth."""
+import concurrent.futures
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import Worker
+
+MiB = 1 << 20
+
+
+def matmul_model(path, k):
+    """y = x · W with W a constant k×k FP32 matrix: a file of about 4·k² bytes."""
+    import onnx
+    from onnx import TensorProto, helper
+    w = np.random.RandomState(k).rand(k, k).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [k, k], w.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    for name, k in [("a", 1024), ("b", 1024), ("c", 1024), ("d", 1024), ("pinned", 1024), ("huge", 2896)]:
+        matmul_model(root / name / "1" / "model.onnx", k)
+    return root
+
+
+def metric(server, name, **labels):
+    text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith(name + " ") or line.startswith(name + "{")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def rss(server):
+    for line in open(f"/proc/{server.proc.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def states(server):
+    return {m.name: m.state for m in server.client.get_model_repository_index().models}
+
+
+def infer(server, name, k=1024):
+    x = grpcclient.InferInput("x", [1, k], "FP32")
+    x.set_data_from_numpy(np.ones((1, k), np.float32))
+    return server.client.infer(name, [x]).as_numpy("y")
+
+
+def placed(repo, *extra):
+    return Worker("--model-repository", str(repo), "--model-control-mode", "placement", *extra)
+
+
+def sizes(repo):
+    """What the first load in a worker takes (ONNX Runtime's one-time setup with it) and
+    what a later load of a 4 MiB model takes, as the worker measures them."""
+    w = placed(repo, "--model-memory-bytes", str(1 << 30))
+    try:
+        w.client.load_model("a")
+        w.client.load_model("b")
+        return metric(w, "infermesh_model_memory_bytes", model="a"), metric(w, "infermesh_model_memory_bytes", model="b")
+    finally:
+        assert w.stop() == 0
+
+
+def test_loads_stay_within_capacity_least_recently_used_first(repo):
+    first, size = sizes(repo)
+    assert size > 4 * MiB and first >= size, (first, size)
+    capacity = int(first + 1.6 * size)  # the first model and one and a half more
+    w = placed(repo, "--model-memory-bytes", str(capacity), "--model-min-idle", "0s")
+    try:
+        baseline = rss(w)
+        assert set(states(w).values()) == {"UNAVAILABLE"}, "nothing loads at start"
+        w.client.load_model("a")
+        w.client.load_model("b")
+        infer(w, "a")  # b is now the least recently used
+        w.client.load_model("c")
+        s = states(w)
+        assert (s["a"], s["b"], s["c"]) == ("READY", "UNAVAILABLE", "READY"), s
+        w.client.load_model("d")
+        s = states(w)
+        assert (s["a"], s["c"], s["d"]) == ("UNAVAILABLE", "READY", "READY"), s
+        assert metric(w, "infermesh_model_evictions_total") == 2
+        assert metric(w, "infermesh_model_memory_used_bytes") <= capacity
+        # /proc agrees, within what one model takes (freed memory goes back lazily).
+        assert rss(w) - baseline <= capacity + size, (rss(w) - baseline, capacity)
+        assert infer(w, "d").shape == (1, 1024)
+    finally:
+        assert w.stop() == 0
+
+
+def test_pinned_models_stay_and_the_churn_guard_refuses_with_its_reason(repo):
+    first, size = sizes(repo)
+    w = placed(repo, "--model-memory-bytes", str(int(first + 1.5 * size)), "--model-min-idle", "60s",
+               "--load-model", "pinned")
+    try:
+        assert states(w)["pinned"] == "READY"
+        w.client.load_model("a")
+        with pytest.raises(InferenceServerException) as e:
+            w.client.load_model("b")
+        assert "churn-guard" in str(e.value) and "--model-min-idle" in str(e.value), e.value
+        assert metric(w, "infermesh_model_load_refusals_total", reason="churn-guard") == 1
+        with pytest.raises(InferenceServerException) as e:
+            w.client.unload_model("pinned")
+        assert "pinned" in str(e.value)
+        assert states(w)["pinned"] == "READY" and states(w)["a"] == "READY"
+    finally:
+        assert w.stop() == 0
+
+
+def test_a_model_too_large_is_refused_and_the_worker_serves_on(repo):
+    first, size = sizes(repo)
+    w = placed(repo, "--model-memory-bytes", str(int(first + 1.5 * size)), "--model-min-idle", "0s")
+    try:
+        w.client.load_model("a")
+        with pytest.raises(InferenceServerException) as e:
+            w.client.load_model("huge")  # 32 MiB of weights
+        assert "over-capacity" in str(e.value) and "whole capacity" in str(e.value), e.value
+        assert states(w)["a"] == "READY", "nothing was evicted for a load that cannot fit"
+        assert infer(w, "a").shape == (1, 1024)
+    finally:
+        assert w.stop() == 0
+
+
+def test_a_hundred_concurrent_loads_make_one(repo):
+    w = placed(repo, "--model-memory-bytes", str(1 << 30))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            clients = [grpcclient.InferenceServerClient(w.url) for _ in range(100)]
+            list(pool.map(lambda c: c.load_model("b"), clients))
+        assert metric(w, "infermesh_model_loads_total", result="ok") == 1
+        assert states(w)["b"] == "READY"
+    finally:
+        assert w.stop() == 0
+
+
+def test_statistics_keep_counting_across_an_eviction(repo):
+    first, size = sizes(repo)
+    w = placed(repo, "--model-memory-bytes", str(int(first + 0.5 * size)), "--model-min-idle", "0s")
+    try:
+        def successes():
+            s = w.client.get_inference_statistics("c", as_json=True)["model_stats"]
+            return int(s[0]["inference_stats"]["success"].get("count", 0)) if s else None
+
+        w.client.load_model("c")
+        infer(w, "c")
+        infer(w, "c")
+        assert successes() == 2
+        w.client.load_model("d")  # room for one: c goes
+        assert states(w)["c"] == "UNAVAILABLE"
+        w.client.load_model("c")
+        infer(w, "c")
+        assert successes() == 3
+    finally:
+        assert w.stop() == 0
+
+
+def test_measured_sizes_are_near_the_resident_sets_growth(repo):
+    w = placed(repo, "--model-memory-bytes", str(1 << 30))
+    try:
+        for name in ("a", "huge"):
+            before = rss(w)
+            w.client.load_model(name)
+            grown = rss(w) - before
+            measured = metric(w, "infermesh_model_memory_bytes", model=name)
+            # Within 2 MiB or 10 %: the same growth, seen from inside and from /proc.
+            assert abs(measured - grown) <= max(2 * MiB, 0.1 * grown), (name, measured, grown)
+    finally:
+        assert w.stop() == 0
+
+
+def test_placement_flags_are_refused_in_other_modes(repo):
+    import subprocess
+
+    from conftest import binary
+    out = subprocess.run([binary("infermesh-worker"), "--model-repository", str(repo), "--grpc-port", "0",
+                          "--model-memory-bytes", "1000000"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--model-memory-bytes applies only with --model-control-mode placement" in out.stderr
