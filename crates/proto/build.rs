@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "inference/grpc_service.proto",
         "inference/model_config.proto",
         "infermesh/admin/v1/routes.proto",
+        "infermesh/placement/v1/placement.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

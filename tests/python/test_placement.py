@@ -197,3 +197,76 @@ def test_placement_flags_are_refused_in_other_modes(repo):
     out = subprocess.run([binary("infermesh-worker"), "--model-repository", str(repo), "--grpc-port", "0",
                           "--model-memory-bytes", "1000000"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--model-memory-bytes applies only with --model-control-mode placement" in out.stderr
+
+
+def test_the_change_stream_gives_a_snapshot_then_each_change_in_order(repo):
+    """infermesh.placement.v1.Placement/Watch through grpcurl (reflection): a snapshot of
+    every model with the worker's memory, then b loading and ready, its use within about
+    a second of its requests, and its unload — each change once, sequences growing."""
+    import json
+    import queue
+    import shutil
+    import subprocess
+    import threading
+
+    w = placed(repo, "--model-memory-bytes", str(1 << 30), "--load-model", "a")
+    exe = shutil.which("grpcurl")
+    assert exe, "grpcurl is installed by scripts/pyenv.sh"
+    proc = subprocess.Popen([exe, "-plaintext", "-d", "{}", w.url, "infermesh.placement.v1.Placement/Watch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    messages = queue.Queue()
+
+    def read():
+        decoder, buf = json.JSONDecoder(), ""
+        for line in proc.stdout:
+            buf += line
+            try:
+                msg, end = decoder.raw_decode(buf.strip())
+            except json.JSONDecodeError:
+                continue
+            messages.put(msg)
+            buf = buf.strip()[end:]
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def until(pred, what):
+        while True:
+            try:
+                m = messages.get(timeout=30)
+            except queue.Empty:
+                raise AssertionError(f"no message with {what}")
+            got.append(m)
+            if pred(m):
+                return m
+
+    def version(m, name):
+        return [v for v in m.get("models", []) if v["name"] == name]
+
+    got = []
+    try:
+        first = until(lambda m: True, "a snapshot")
+        assert first.get("snapshot") is True, first
+        models = {v["name"]: v for v in first["models"]}
+        assert models["a"]["state"] == "READY" and models["a"].get("pinned") is True, models["a"]
+        assert models["a"].get("memoryMeasured") is True and int(models["a"]["memoryBytes"]) > MiB
+        assert models["b"]["state"] == "UNAVAILABLE" and models["b"]["reason"] == "unloaded"
+        assert int(first["memory"]["capacityBytes"]) == 1 << 30
+        assert int(first["memory"]["usedBytes"]) == int(models["a"]["memoryBytes"])
+
+        w.client.load_model("b")
+        until(lambda m: any(v["state"] == "LOADING" for v in version(m, "b")), "b loading")
+        ready = until(lambda m: any(v["state"] == "READY" for v in version(m, "b")), "b ready")
+        assert int(version(ready, "b")[0]["memoryBytes"]) > MiB
+        for _ in range(5):
+            infer(w, "b")
+        used = until(lambda m: any(v.get("requestsPerSecond", 0) > 0 for v in version(m, "b")), "b's use")
+        assert int(version(used, "b")[0]["lastUseUnixMs"]) > 0
+        w.client.unload_model("b")
+        until(lambda m: any(v["state"] == "UNAVAILABLE" for v in version(m, "b")), "b unloaded")
+        sequences = [int(m.get("sequence", 0)) for m in got[1:]]
+        assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences), sequences
+        assert not any(m.get("snapshot") for m in got[1:]), "a follower keeping up gets no second snapshot"
+    finally:
+        proc.kill()
+        proc.wait()
+        assert w.stop() == 0

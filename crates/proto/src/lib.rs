@@ -13,6 +13,12 @@ pub mod admin {
     tonic::include_proto!("infermesh.admin.v1");
 }
 
+/// infermesh's placement API (`package infermesh.placement.v1`): a worker's models and
+/// memory as a stream of changes.
+pub mod placement {
+    tonic::include_proto!("infermesh.placement.v1");
+}
+
 /// Encoded `FileDescriptorSet` of `proto/`, served by gRPC reflection and used to parse
 /// `config.pbtxt` files in protobuf text format.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

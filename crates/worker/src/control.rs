@@ -352,7 +352,13 @@ impl Control {
             match result {
                 Ok(model) => {
                     match &self.placement {
-                        Some(p) => p.measured(&name, version, grown, memory::files_size(path)),
+                        Some(p) => p.measured(
+                            &name,
+                            version,
+                            grown,
+                            memory::files_size(path),
+                            started.elapsed(),
+                        ),
                         None => {
                             metrics
                                 .placement

@@ -120,8 +120,9 @@ pub async fn run(
         lifecycle.clone(),
         config.max_models,
         config.allow_empty_repository,
-        placement,
+        placement.clone(),
     ));
+    let watcher = placement::watch::Watcher::start(repo.clone(), placement);
     {
         let control = control.clone();
         let (load, poll) = (config.load_model.clone(), config.repository_poll_secs);
@@ -170,11 +171,19 @@ pub async fn run(
         auth,
         registry,
         watched: Vec::new(),
-        extra_services: &[],
+        extra_services: &["infermesh.placement.v1.Placement"],
     };
-    serve::serve_inference(service, parts, &config.server, shutdown)
-        .await
-        .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
+    let watch = infermesh_proto::placement::placement_server::PlacementServer::new(
+        placement::watch::WatchService(watcher),
+    );
+    serve::serve_routes(
+        |limit| tonic::service::Routes::new(serve::generated(service, limit)).add_service(watch),
+        parts,
+        &config.server,
+        shutdown,
+    )
+    .await
+    .map_err(|e| Error::Startup(format!("gRPC server failed: {e}")))
 }
 
 /// Placement's capacity and churn guard; their flags are refused in any other mode.

@@ -9,6 +9,7 @@
 pub mod gate;
 pub mod memory;
 mod metrics;
+pub mod watch;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -36,12 +37,15 @@ pub struct Size {
     pub bytes: u64,
     /// Measured from the resident set; else estimated from the files.
     pub measured: bool,
+    /// How long the measured load took.
+    pub load: Duration,
 }
 
 /// In-flight requests and last use of one loaded model version.
 #[derive(Debug)]
 pub struct Usage {
     in_flight: AtomicUsize,
+    requests: AtomicU64,
     /// Milliseconds since `EPOCH` of the last request (or of the load).
     last_use_ms: AtomicU64,
 }
@@ -56,6 +60,7 @@ impl Default for Usage {
     fn default() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             last_use_ms: AtomicU64::new(now_ms()),
         }
     }
@@ -67,6 +72,7 @@ pub struct InUse<'a>(&'a Usage);
 impl Usage {
     pub fn begin(&self) -> InUse<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.touch();
         InUse(self)
     }
@@ -77,6 +83,11 @@ impl Usage {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests since the load.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Time since the last use.
@@ -173,6 +184,7 @@ impl Placement {
                     n => n,
                 },
             measured: false,
+            load: Duration::ZERO,
         })
     }
 
@@ -184,8 +196,8 @@ impl Placement {
             .copied()
     }
 
-    /// `name` `version` took `bytes` to load, from `files` bytes of files.
-    pub fn measured(&self, name: &str, version: i64, bytes: u64, files: u64) {
+    /// `name` `version` took `bytes` and `load` to load, from `files` bytes of files.
+    pub fn measured(&self, name: &str, version: i64, bytes: u64, files: u64, load: Duration) {
         if self.measured_loads.fetch_add(1, Ordering::Relaxed) > 0 {
             self.overhead
                 .fetch_min(bytes.saturating_sub(files), Ordering::Relaxed);
@@ -195,6 +207,7 @@ impl Placement {
             Size {
                 bytes,
                 measured: true,
+                load,
             },
         );
         self.metrics.model_bytes(name, version).set(bytes as i64);

@@ -47,6 +47,8 @@ pub struct Repository {
     cache: Option<Arc<crate::cache::ResponseCache>>,
     /// Every version's statistics since the process started, across unloads and loads.
     stats: std::sync::Mutex<BTreeMap<(String, i64), Arc<crate::stats::Stats>>>,
+    /// The name of each model whose state changed, for the placement API's stream.
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 /// One model directory found on disk.
@@ -75,7 +77,13 @@ impl Repository {
             models: RwLock::new(BTreeMap::new()),
             cache,
             stats: Default::default(),
+            changes: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Names of models as their states change (a receiver that falls behind is told so).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     /// The statistics of `name` `version`, made by `make` the first time.
@@ -190,11 +198,14 @@ impl Repository {
         if let Some(cache) = &self.cache {
             cache.clear_model(name);
         }
-        let mut models = self.models.write().expect("repository lock");
-        models
-            .entry(name.to_string())
-            .or_default()
-            .insert(version, state);
+        {
+            let mut models = self.models.write().expect("repository lock");
+            models
+                .entry(name.to_string())
+                .or_default()
+                .insert(version, state);
+        }
+        let _ = self.changes.send(name.to_string());
     }
 
     /// Whether a model of this name was found (in any state).

@@ -525,6 +525,7 @@ pub fn rpc_scope(path: &str) -> Option<Scope> {
         None if path.starts_with("/grpc.reflection.") => Some(Scope::Read),
         // The admin API's reads, listed one by one: any other method of it is admin.
         None if path == "/infermesh.admin.v1.Routes/Get" => Some(Scope::Read),
+        None if path == "/infermesh.placement.v1.Placement/Watch" => Some(Scope::Read),
         None => Some(Scope::Admin),
     }
 }
