@@ -270,3 +270,67 @@ def test_the_change_stream_gives_a_snapshot_then_each_change_in_order(repo):
         proc.kill()
         proc.wait()
         assert w.stop() == 0
+
+
+def test_a_follower_that_stops_reading_gets_a_fresh_snapshot(repo):
+    """A raw HTTP/2 follower that grants 1 KiB of window and stops reading while a model
+    loads and unloads 60 times (180 changes): the worker keeps at most its backlog for it,
+    and when the follower reads again it gets a second snapshot in place of what it
+    missed. (A snapshot is a WatchResponse with field 1 set: it starts 08 01.)"""
+    import h2.events
+    import h2.settings
+
+    from test_connections import connect, read_until
+
+    w = placed(repo, "--model-memory-bytes", str(1 << 30))
+    try:
+        s, c = connect(w.url)
+        c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
+        c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                           (":path", "/infermesh.placement.v1.Placement/Watch"),
+                           ("content-type", "application/grpc"), ("te", "trailers")])
+        c.send_data(1, b"\0\0\0\0\0", end_stream=True)
+        s.sendall(c.data_to_send())
+        data = bytearray()
+
+        def take(events):
+            for e in events:
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == 1:
+                    data.extend(e.data)
+                    c.acknowledge_received_data(e.flow_controlled_length, 1)
+
+        def messages():
+            out, at = [], 0
+            while at + 5 <= len(data):
+                n = int.from_bytes(data[at + 1:at + 5], "big")
+                if at + 5 + n > len(data):
+                    break
+                out.append(bytes(data[at + 5:at + 5 + n]))
+                at += 5 + n
+            return out
+
+        # The first snapshot, then stop reading (no window updates go out).
+        events = read_until(s, c, lambda ev: any(isinstance(e, h2.events.DataReceived) for e in ev))
+        data.extend(b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)))
+        for _ in range(60):
+            w.client.load_model("c")
+            w.client.unload_model("c")
+        # Read again: window updates go out as data comes in (for the first snapshot too).
+        c.acknowledge_received_data(len(data), 1)
+        s.sendall(c.data_to_send())
+        taken = [0]
+
+        def second_snapshot(ev):
+            take(ev[taken[0]:])
+            taken[0] = len(ev)
+            s.sendall(c.data_to_send())
+            return sum(m.startswith(b"\x08\x01") for m in messages()) >= 2
+
+        read_until(s, c, second_snapshot, timeout=30)
+        got = messages()
+        assert got[0].startswith(b"\x08\x01"), got[0][:8]
+        assert len(got) < 180, "it was not handed every change"
+        s.close()
+        assert w.client.is_server_ready()
+    finally:
+        assert w.stop() == 0
