@@ -48,6 +48,7 @@ pub struct Usage {
     requests: AtomicU64,
     /// Milliseconds since `EPOCH` of the last request (or of the load).
     last_use_ms: AtomicU64,
+    loaded_ms: u64,
 }
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -62,6 +63,7 @@ impl Default for Usage {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             last_use_ms: AtomicU64::new(now_ms()),
+            loaded_ms: now_ms(),
         }
     }
 }
@@ -90,6 +92,11 @@ impl Usage {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Time since the load.
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.loaded_ms))
+    }
+
     /// Time since the last use.
     pub fn idle(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.last_use_ms.load(Ordering::Relaxed)))
@@ -110,6 +117,8 @@ pub struct Resident {
     pub bytes: u64,
     pub in_flight: usize,
     pub idle: Duration,
+    /// Since its (newest version's) load.
+    pub age: Duration,
 }
 
 /// Why no room could be made.

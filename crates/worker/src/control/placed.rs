@@ -126,21 +126,23 @@ impl Control {
                 bytes: 0,
                 in_flight: 0,
                 idle: m.usage.idle(),
+                age: m.usage.age(),
             });
             r.bytes += bytes;
             r.in_flight += m.usage.in_flight();
             r.idle = r.idle.min(m.usage.idle());
+            r.age = r.age.min(m.usage.age());
         }
         by_name.into_values().collect()
     }
 
     async fn evict(&self, name: &str) {
         let placement = self.placement.as_ref().expect("placement mode");
-        let idle = self
+        let times = self
             .resident()
             .into_iter()
             .find(|r| r.name == name)
-            .map(|r| r.idle);
+            .map(|r| (r.idle, r.age));
         let engines: Vec<_> = self
             .repo
             .ready_models()
@@ -161,10 +163,11 @@ impl Control {
         }
         crate::placement::memory::trim();
         placement.metrics.evictions.inc();
-        if let Some(idle) = idle {
+        if let Some((idle, age)) = times {
             placement.metrics.eviction_idle.observe(idle.as_secs_f64());
+            placement.metrics.eviction_age.observe(age.as_secs_f64());
         }
-        tracing::info!(model = %name, ?idle, "model evicted to make room");
+        tracing::info!(model = %name, ?times, "model evicted to make room (idle, age)");
         self.publish_use();
     }
 

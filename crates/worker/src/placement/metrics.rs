@@ -32,6 +32,7 @@ pub struct PlacementMetrics {
     pub load_duration: Histogram,
     pub evictions: Counter,
     pub eviction_idle: Histogram,
+    pub eviction_age: Histogram,
     pub refusals: Family<ReasonLabels, Counter>,
     pub collapses: Counter,
     pub capacity_bytes: Gauge,
@@ -46,6 +47,7 @@ impl Default for PlacementMetrics {
             load_duration: seconds(),
             evictions: Counter::default(),
             eviction_idle: seconds(),
+            eviction_age: seconds(),
             refusals: Family::default(),
             collapses: Counter::default(),
             capacity_bytes: Gauge::default(),
@@ -78,6 +80,11 @@ impl PlacementMetrics {
             "eviction_idle_seconds",
             "How long an evicted model had gone unused",
             m.eviction_idle.clone(),
+        );
+        r.register(
+            "eviction_age_seconds",
+            "How long an evicted model had been loaded",
+            m.eviction_age.clone(),
         );
         r.register(
             "load_refusals",

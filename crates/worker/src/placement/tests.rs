@@ -8,6 +8,7 @@ fn resident(name: &str, bytes: u64, in_flight: usize, idle_s: u64) -> Resident {
         bytes,
         in_flight,
         idle: Duration::from_secs(idle_s),
+        age: Duration::from_secs(idle_s),
     }
 }
 
