@@ -344,6 +344,7 @@ impl Control {
             // Loads run one at a time (the gate, then the stamps lock): what the resident
             // set grows by is this load's.
             let (before, started) = (memory::Held::now(), std::time::Instant::now());
+            let device_before = self.placement.as_ref().and_then(|p| p.device_used());
             let result = tokio::task::spawn_blocking(move || Model::load(&opts))
                 .await
                 .unwrap_or_else(|e| Err(Error::Load(format!("loader panicked: {e}"))));
@@ -352,13 +353,22 @@ impl Control {
             match result {
                 Ok(model) => {
                     match &self.placement {
-                        Some(p) => p.measured(
-                            &name,
-                            version,
-                            grown,
-                            memory::files_size(path),
-                            started.elapsed(),
-                        ),
+                        Some(p) => {
+                            let on_gpu = model
+                                .providers
+                                .iter()
+                                .any(|p| matches!(p, crate::engine::Provider::Cuda(_)));
+                            let device = device_before
+                                .filter(|_| on_gpu)
+                                .and_then(|b| Some(p.device_used()?.saturating_sub(b)));
+                            p.measured(
+                                &name,
+                                version,
+                                (grown, device),
+                                memory::files_size(path),
+                                started.elapsed(),
+                            )
+                        }
                         None => {
                             metrics
                                 .placement

@@ -6,6 +6,7 @@
 //! model and version across unloads, and used as the next estimate; a version never
 //! loaded is estimated from its files.
 
+pub mod device;
 pub mod gate;
 pub mod memory;
 mod metrics;
@@ -39,6 +40,8 @@ pub struct Size {
     pub measured: bool,
     /// How long the measured load took.
     pub load: Duration,
+    /// On CUDA: the GPU memory the load took (NVML); None on CPU or without the driver.
+    pub device_bytes: Option<u64>,
 }
 
 /// In-flight requests and last use of one loaded model version.
@@ -148,6 +151,8 @@ pub struct Placement {
     loads: Mutex<HashMap<String, LoadFuture>>,
     pub gate: gate::Gate,
     pub metrics: PlacementMetrics,
+    /// The NVIDIA driver's counters, where there is a driver.
+    nvml: Option<device::Nvml>,
 }
 
 impl Placement {
@@ -163,7 +168,13 @@ impl Placement {
             loads: Default::default(),
             gate: Default::default(),
             metrics,
+            nvml: device::Nvml::open(),
         }
+    }
+
+    /// GPU memory in use now, summed over GPUs; None without the driver.
+    pub fn device_used(&self) -> Option<u64> {
+        self.nvml.as_ref()?.used()
     }
 
     pub fn pin(&self, name: &str) {
@@ -194,6 +205,7 @@ impl Placement {
                 },
             measured: false,
             load: Duration::ZERO,
+            device_bytes: None,
         })
     }
 
@@ -205,8 +217,16 @@ impl Placement {
             .copied()
     }
 
-    /// `name` `version` took `bytes` and `load` to load, from `files` bytes of files.
-    pub fn measured(&self, name: &str, version: i64, bytes: u64, files: u64, load: Duration) {
+    /// `name` `version` took `bytes` (and `device_bytes` of GPU memory) and `load` to
+    /// load, from `files` bytes of files.
+    pub fn measured(
+        &self,
+        name: &str,
+        version: i64,
+        (bytes, device_bytes): (u64, Option<u64>),
+        files: u64,
+        load: Duration,
+    ) {
         if self.measured_loads.fetch_add(1, Ordering::Relaxed) > 0 {
             self.overhead
                 .fetch_min(bytes.saturating_sub(files), Ordering::Relaxed);
@@ -217,9 +237,13 @@ impl Placement {
                 bytes,
                 measured: true,
                 load,
+                device_bytes,
             },
         );
         self.metrics.model_bytes(name, version).set(bytes as i64);
+        if let Some(d) = device_bytes {
+            self.metrics.device_bytes(name, version).set(d as i64);
+        }
     }
 
     /// The load under way for `name`, or `start()` made the one every later ask joins.

@@ -38,6 +38,7 @@ pub struct PlacementMetrics {
     pub capacity_bytes: Gauge,
     pub used_bytes: Gauge,
     pub model_bytes: Family<ModelLabels, Gauge>,
+    pub model_device_bytes: Family<ModelLabels, Gauge>,
 }
 
 impl Default for PlacementMetrics {
@@ -53,6 +54,7 @@ impl Default for PlacementMetrics {
             capacity_bytes: Gauge::default(),
             used_bytes: Gauge::default(),
             model_bytes: Family::default(),
+            model_device_bytes: Family::default(),
         }
     }
 }
@@ -111,7 +113,21 @@ impl PlacementMetrics {
             "What loading each model version took (the resident set's growth)",
             m.model_bytes.clone(),
         );
+        r.register(
+            "device_memory_bytes",
+            "On CUDA: the GPU memory each model version's load took (NVML, summed over GPUs)",
+            m.model_device_bytes.clone(),
+        );
         m
+    }
+
+    pub fn device_bytes(&self, model: &str, version: i64) -> Gauge {
+        self.model_device_bytes
+            .get_or_create(&ModelLabels {
+                model: model.into(),
+                version: version.to_string(),
+            })
+            .clone()
     }
 
     pub fn model_bytes(&self, model: &str, version: i64) -> Gauge {

@@ -154,6 +154,7 @@ impl Watcher {
                     reason: m.reason,
                     memory_bytes: size.map_or(0, |s| s.bytes),
                     memory_measured: size.is_some_and(|s| s.measured),
+                    device_memory_bytes: size.and_then(|s| s.device_bytes).unwrap_or(0),
                     load_seconds: size.map_or(0.0, |s| s.load.as_secs_f64()),
                     last_use_unix_ms: use_now.map_or(0, |u| u.last_use_ms),
                     in_flight: use_now.map_or(0, |u| u.in_flight),
