@@ -3,7 +3,6 @@ with real workers and Triton's client: identical requests hit and answer the eng
 bytes, anything that changes the answer misses, new weights under the same version never
 see an old answer, the byte bound holds, tenants do not share hits unless the model says
 so, and a hit past its deadline is not served."""
-import hashlib
 import shutil
 import urllib.request
 
@@ -12,7 +11,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODELS, Gateway, Server, Worker, binary
+from conftest import MODELS, Server, Worker, binary
+from test_http_admission import two_tenants
 
 CACHED = "response_cache { enable: true }\n"
 RNG = np.random.RandomState(7)
@@ -170,24 +170,6 @@ def test_a_hit_past_its_deadline_is_not_served(worker):
     assert c.infer("mlp", [mlp_input(x)]).as_numpy("output") is not None
 
 
-def key_line(token):
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-
-
-AUTH = f"""tenants:
-  - name: alice
-    keys: ["{key_line('tok-alice')}"]
-    scopes: [infer, read]
-    models: ["*"]
-    limits: {{}}
-  - name: bob
-    keys: ["{key_line('tok-bob')}"]
-    scopes: [infer, read]
-    models: ["*"]
-    limits: {{}}
-"""
-
-
 def as_(who):
     return {"authorization": f"Bearer tok-{who}"}
 
@@ -198,8 +180,7 @@ def test_tenants_do_not_share_hits_unless_the_model_says_so(tmp_path, through):
     alice's misses (he cannot learn what she asked); his own repeat hits; a model whose
     config shares its cache hits for both."""
     root = repository(tmp_path / "repo")
-    (tmp_path / "auth.yaml").write_text(AUTH)
-    auth = ["--auth-config", str(tmp_path / "auth.yaml")]
+    auth = ["--auth-config", str(two_tenants(tmp_path / "auth.yaml"))]
     worker = Server([binary("infermesh-worker"), "--model-repository", str(root),
                      "--cache-config", "local,size=1048576", *(auth if through == "worker" else [])],
                     headers=as_("alice"))

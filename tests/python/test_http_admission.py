@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 
 from conftest import HOSTILE, Gateway, Server, Worker, binary
 from test_connections import connect, poll
-from test_tenants import bearer, key_line
+from test_tenants import bearer, key_line, send_body
 
 MiB = 1 << 20
 
@@ -98,21 +98,16 @@ def answered(events, stream_id):
     return None
 
 
-def send_until_answered(s, c, stream_id, data, events):
-    """Sends `data` as the window allows; stops when the stream is answered."""
-    sent, deadline = 0, time.monotonic() + 30
-    while sent < len(data):
-        if answered(events, stream_id):
-            return False
-        assert time.monotonic() < deadline, "no window and no answer"
-        window = min(c.local_flow_control_window(stream_id), c.max_outbound_frame_size)
-        if window <= 0:
-            events += poll(s, c, 1)
-            continue
-        c.send_data(stream_id, data[sent:sent + window])
-        s.sendall(c.data_to_send())
-        sent += window
-    return True
+def two_tenants(path):
+    """An auth file with tenants alice and bob (keys tok-alice, tok-bob), both allowed
+    every model with the infer and read scopes."""
+    path.write_text("tenants:\n" + "".join(f"""  - name: {who}
+    keys: ["{key_line('tok-' + who)}"]
+    scopes: [infer, read]
+    models: ["*"]
+    limits: {{}}
+""" for who in ("alice", "bob")))
+    return path
 
 
 def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
@@ -121,19 +116,7 @@ def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
     arrive, so the later ones are refused (429, naming the share) while her first is held,
     and bob's 1 MiB request over HTTP is served meanwhile. A request without credentials
     is refused before its body is read; probes need none."""
-    path = tmp_path / "auth.yaml"
-    path.write_text(f"""tenants:
-  - name: alice
-    keys: ["{key_line('tok-alice')}"]
-    scopes: [infer, read]
-    models: ["*"]
-    limits: {{}}
-  - name: bob
-    keys: ["{key_line('tok-bob')}"]
-    scopes: [infer, read]
-    models: ["*"]
-    limits: {{}}
-""")
+    path = two_tenants(tmp_path / "auth.yaml")
     worker = Worker("--model-repository", str(HOSTILE))
     gateway = Server([binary("infermesh-gateway"), "--workers", worker.url, "--auth-config", str(path),
                       "--max-inflight-bytes", str(8 * MiB), "--grpc-stall-timeout", "20s"], headers=bearer("bob"))
@@ -144,7 +127,8 @@ def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
         for n, size in enumerate(sizes):
             stream_id = 1 + 2 * n
             http2_post(c, s, stream_id, "/v2/models/vec_fp32/infer", "tok-alice", size)
-            send_until_answered(s, c, stream_id, b" " * (size - 1024), events)
+            send_body(s, c, stream_id, b" " * (size - 1024), events,
+                      answered=lambda ev, i=stream_id: answered(ev, i))
         events += poll(s, c, 1)
         later = [answered(events, 1 + 2 * n) for n in (1, 2)]
         assert 429 in later, (later, events)

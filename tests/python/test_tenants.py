@@ -106,13 +106,15 @@ def rewrite(mesh, text, result="ok"):
         time.sleep(0.1)
 
 
-def send_body(s, c, stream_id, data, events):
+def send_body(s, c, stream_id, data, events, answered=None):
     """Sends `data` on a stream as its window allows; stops early when the stream is
-    answered (refused). Returns whether all of it was sent."""
+    answered (refused: a gRPC status or a reset, unless `answered(events)` says otherwise).
+    Returns whether all of it was sent."""
     sent, deadline = 0, time.monotonic() + 30
+    answered = answered or (lambda ev: grpc_status(ev, stream_id) or any(
+        isinstance(e, h2.events.StreamReset) and e.stream_id == stream_id for e in ev))
     while sent < len(data):
-        if grpc_status(events, stream_id) or any(
-                isinstance(e, h2.events.StreamReset) and e.stream_id == stream_id for e in events):
+        if answered(events):
             return False
         assert time.monotonic() < deadline, "no window and no answer"
         window = min(c.local_flow_control_window(stream_id), c.max_outbound_frame_size)
