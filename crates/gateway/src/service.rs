@@ -30,7 +30,12 @@ use crate::{
     stats::StatsCache,
 };
 
-const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
+const EXTENSIONS: &[&str] = &[
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+];
 
 #[derive(Clone)]
 pub struct GatewayService {

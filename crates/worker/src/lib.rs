@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod classify;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -96,6 +96,8 @@ pub struct Model {
     pub usage: crate::placement::Usage,
     /// Alive while any of its instance threads (and so its engines) is.
     pub alive: std::sync::Weak<()>,
+    /// Each output's labels (`label_filename`), for the classification extension.
+    pub labels: std::collections::HashMap<String, Vec<String>>,
     scheduler: Scheduler,
     queue_timeout: Option<Duration>,
 }
@@ -192,6 +194,7 @@ impl Model {
             true => caching,
             false => model_config::Caching::Off,
         };
+        let labels = labels(&config, model_dir)?;
         let signature = model_config::signature(&config);
         let batching = model_config::batch_policy(&config);
         let capacity = model_config::queue_capacity(&config, opts.defaults.queue_capacity);
@@ -215,6 +218,7 @@ impl Model {
             caching,
             usage: Default::default(),
             alive: Arc::downgrade(&alive),
+            labels,
             scheduler,
             queue_timeout: opts.defaults.queue_timeout,
         })
@@ -286,4 +290,37 @@ fn reported_group(name: &str, providers: &[Provider]) -> pb::ModelInstanceGroup 
         gpus,
         ..Default::default()
     }
+}
+
+/// The labels each output's `label_filename` names: a file in the model's directory, one
+/// label a line (the classification extension appends them).
+fn labels(
+    config: &pb::ModelConfig,
+    model_dir: &std::path::Path,
+) -> Result<std::collections::HashMap<String, Vec<String>>, Error> {
+    let mut out = std::collections::HashMap::new();
+    for o in config
+        .output
+        .iter()
+        .filter(|o| !o.label_filename.is_empty())
+    {
+        let file = &o.label_filename;
+        let plain = std::path::Path::new(file)
+            .file_name()
+            .is_some_and(|n| n == std::ffi::OsStr::new(file));
+        if !plain || file == ".." {
+            return Err(Error::Load(format!(
+                "output '{}' label_filename '{file}': expected a file name in the model's directory",
+                o.name
+            )));
+        }
+        let text = std::fs::read_to_string(model_dir.join(file)).map_err(|e| {
+            Error::Load(format!(
+                "output '{}' label_filename '{file}': cannot read it: {e}",
+                o.name
+            ))
+        })?;
+        out.insert(o.name.clone(), text.lines().map(str::to_string).collect());
+    }
+    Ok(out)
 }

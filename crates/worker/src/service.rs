@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     cache::{self, key, ResponseCache},
+    classify,
     control::Control,
     metrics::{ModelLabels, WorkerMetrics},
     model::Model,
@@ -23,7 +24,12 @@ const MAX_STREAM_IN_FLIGHT: usize = 256;
 
 /// Protocol extensions this server implements, as ServerMetadata lists them. Only what is
 /// implemented: perf_analyzer changes its behaviour by this list.
-const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics"];
+const EXTENSIONS: &[&str] = &[
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+];
 
 #[derive(Clone)]
 pub struct WorkerService {
@@ -121,9 +127,19 @@ impl WorkerService {
         }
         let lookup = started.elapsed();
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
-        let outputs = model
+        let classes = classify::asked(&req.outputs)?;
+        let mut outputs = model
             .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
             .await?;
+        if !classes.is_empty() {
+            let batched = model.signature.max_batch_size > 0;
+            for t in &mut outputs {
+                if let Some(&n) = classes.get(&t.name) {
+                    let labels = model.labels.get(&t.name).map(Vec::as_slice);
+                    *t = classify::classify(t, n, batched, labels)?;
+                }
+            }
+        }
         let _response = infermesh_core::child_span!("response").entered();
         let resp = pb::ModelInferResponse {
             model_name: model.name.clone(),

@@ -26,7 +26,7 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("version_policy", Honoured, "latest N, all, specific"),
     ("max_batch_size", Honoured, "> 0: the first dim is the batch dim"),
     ("input", Honoured, "names, data types, dims, optional; `reshape` is refused"),
-    ("output", Honoured, "names, data types, dims; `reshape` is refused"),
+    ("output", Honoured, "names, data types, dims, `label_filename` (the classification extension's labels); `reshape` is refused"),
     ("batch_input", Refused, "ragged batching changes the inputs the model sees"),
     ("batch_output", Refused, "ragged batching changes the outputs"),
     ("optimization", Warned, "execution accelerators (TensorRT, OpenVINO), graph level, CUDA graphs, pinned memory: speed only"),
