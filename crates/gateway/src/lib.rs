@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pass_through;
 pub mod poison;
 pub mod pool;
+pub mod rank;
 pub mod retry;
 pub mod route;
 pub mod routes;
