@@ -75,7 +75,12 @@ async fn metadata_and_config_describe_the_graph() {
     // Only what is implemented: perf_analyzer changes its behaviour by this list.
     assert_eq!(
         server.extensions,
-        ["model_configuration", "model_repository", "statistics"]
+        [
+            "classification",
+            "model_configuration",
+            "model_repository",
+            "statistics"
+        ]
     );
     worker.stop().await.unwrap();
 }
