@@ -28,13 +28,7 @@ fn sample() -> Option<Sample> {
     let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
-            .map(|v| v * 1024)
-    };
+    let kb = |key: &str| kb_field(&status, key).map(|b| b as i64);
     let boot: f64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -48,6 +42,14 @@ fn sample() -> Option<Sample> {
         open_fds: std::fs::read_dir("/proc/self/fd").ok()?.count() as i64,
         start_time_seconds: boot + num(19)? / TICKS_PER_SEC,
     })
+}
+
+/// A "Key:   N kB" line of a /proc file (status, meminfo) in bytes.
+pub fn kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|v| v * 1024)
 }
 
 impl Collector for ProcessCollector {

@@ -76,6 +76,16 @@ impl Admission {
         }
     }
 
+    /// The limits an inference call is read under: with auth, the caller's share of the
+    /// budget from its first byte.
+    pub fn inference_for(&self, caller: Option<&crate::auth::Caller>) -> Limits {
+        let mut limits = self.inference.clone();
+        if let Some(caller) = caller {
+            limits.budget = caller.share(&limits.budget);
+        }
+        limits
+    }
+
     /// Inference with `inference`; small calls in a pool of their own.
     pub fn new(inference: Limits) -> Self {
         let mut me = Self::small_only(
@@ -485,15 +495,11 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let (inference, stream) = class(req.uri().path());
         let limits = match inference {
-            true => {
-                let mut limits = self.admission.inference.clone();
-                // The tenant is known from the headers: its bytes count against its own
-                // share from the first one.
-                if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
-                    limits.budget = caller.share(&limits.budget);
-                }
-                limits
-            }
+            // The tenant is known from the headers: its bytes count against its own share
+            // from the first one.
+            true => self
+                .admission
+                .inference_for(req.extensions().get::<crate::auth::Caller>()),
             false => self.admission.small.clone(),
         };
         let call = self.inner.call(

@@ -49,16 +49,6 @@ impl Door {
         Ok(routes::handle(&self, req).await)
     }
 
-    /// The limits an inference body is read under: the caller's share when the request
-    /// was authenticated up front, else the whole budget.
-    fn inference(&self, parts: &http::request::Parts) -> crate::admission::body::Limits {
-        let mut limits = self.admission.inference.clone();
-        if let Some(caller) = parts.extensions.get::<crate::auth::Caller>() {
-            limits.budget = caller.share(&limits.budget);
-        }
-        limits
-    }
-
     /// Authenticates a request that carries a body before reading it (the Caller goes
     /// into its extensions and on to the gRPC stack, which takes it as found); refused
     /// as the stack would refuse it.

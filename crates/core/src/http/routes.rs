@@ -266,7 +266,10 @@ async fn infer_route(
                 })?,
         ),
     };
-    let limits = door.inference(parts);
+    // The caller's share when the request was authenticated up front.
+    let limits = door
+        .admission
+        .inference_for(parts.extensions.get::<crate::auth::Caller>());
     let read = body::read(body, &limits).await?;
     let read = body::inflate(read, encoding, &limits)?;
     let parsed =

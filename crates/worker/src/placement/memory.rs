@@ -1,19 +1,14 @@
 //! What the process holds and what it may hold: resident memory from /proc, the memory
 //! limit from the cgroup (v2, then v1) or the host.
 
+use infermesh_core::process_metrics::kb_field;
+
 /// This process's resident set (VmRSS) in bytes; 0 where /proc cannot say.
 pub fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| kb_field(&s, "VmRSS:"))
+        .unwrap_or(0)
 }
 
 /// Hands the allocator's free pages back to the system, so the resident set is what the
@@ -63,15 +58,7 @@ fn cgroup_limit() -> Option<u64> {
 }
 
 fn host_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = info
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
+    kb_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")
 }
 
 /// Bytes of a version directory's files: the first estimate of what loading it takes.
