@@ -110,9 +110,7 @@ impl GatewayService {
         req: Request<RawRequest>,
     ) -> std::result::Result<Response<RawAnswer>, Status> {
         frame::unary(req, &self.lifecycle, &self.bytes, |call| async move {
-            let mut req = call.req;
-            req.tenant = call.caller.as_ref().map(|c| c.tenant().to_string());
-            self.infer(req, call.deadline, call.carry)
+            self.infer(call.req, call.deadline, call.carry, call.caller.as_ref())
                 .await
                 .map_err(|s| self.scrub(call.caller.as_ref(), s))
         })
@@ -138,9 +136,7 @@ impl GatewayService {
             let _open = &open; // lives as long as the stream
             let svc = svc.clone();
             async move {
-                let mut req = call.req;
-                req.tenant = call.caller.as_ref().map(|c| c.tenant().to_string());
-                svc.infer(req, call.deadline, call.carry)
+                svc.infer(call.req, call.deadline, call.carry, call.caller.as_ref())
                     .await
                     .map_err(|s| svc.scrub(call.caller.as_ref(), s))
             }
@@ -152,12 +148,16 @@ impl GatewayService {
     /// that means the request did not run (worker unavailable or draining, model gone
     /// there, queue full) is retried on another worker while the deadline and the retry
     /// budget allow; every other status passes through unchanged.
+    /// `caller`: the tenant auth found, named to the worker (its response cache keeps
+    /// tenants apart by it).
     pub async fn infer(
         &self,
-        req: RawRequest,
+        mut req: RawRequest,
         deadline: Option<Instant>,
         carry: trace::Carry,
+        caller: Option<&auth::Caller>,
     ) -> std::result::Result<RawAnswer, Status> {
+        req.tenant = caller.map(|c| c.tenant().to_string());
         let known = self.pool.knows(&req.model_name);
         let series = self.metrics.model(match known {
             true => &req.model_name,

@@ -160,13 +160,11 @@ impl ResponseCache {
         lru.remove(&key.id);
         let mut evicted = 0;
         while lru.used + size > self.limit {
-            let Some((_, oldest)) = lru.order.pop_first() else {
+            let Some(&oldest) = lru.order.values().next() else {
                 break;
             };
-            if let Some(e) = lru.entries.remove(&oldest) {
-                lru.used -= e.size;
-                evicted += 1;
-            }
+            lru.remove(&oldest);
+            evicted += 1;
         }
         lru.tick += 1;
         let tick = lru.tick;

@@ -352,29 +352,20 @@ impl Control {
             metrics.placement.loaded(result.is_ok(), started.elapsed());
             match result {
                 Ok(model) => {
-                    match &self.placement {
-                        Some(p) => {
-                            let on_gpu = model
-                                .providers
-                                .iter()
-                                .any(|p| matches!(p, crate::engine::Provider::Cuda(_)));
-                            let device = device_before
-                                .filter(|_| on_gpu)
-                                .and_then(|b| Some(p.device_used()?.saturating_sub(b)));
-                            p.measured(
-                                &name,
-                                version,
-                                (grown, device),
-                                memory::files_size(path),
-                                started.elapsed(),
-                            )
-                        }
-                        None => {
-                            metrics
-                                .placement
-                                .model_bytes(&name, version)
-                                .set(grown as i64);
-                        }
+                    metrics
+                        .placement
+                        .model_bytes(&name, version)
+                        .set(grown as i64);
+                    if let Some(p) = &self.placement {
+                        let on_gpu = model
+                            .providers
+                            .iter()
+                            .any(|p| matches!(p, crate::engine::Provider::Cuda(_)));
+                        let device = device_before
+                            .filter(|_| on_gpu)
+                            .and_then(|b| Some(p.device_used()?.saturating_sub(b)));
+                        let files = memory::files_size(path);
+                        p.measured(&name, version, (grown, device), files, started.elapsed());
                     }
                     tracing::info!(model = %name, version, providers = ?model.providers, memory_bytes = grown, "model ready");
                     self.repo

@@ -12,6 +12,7 @@ use std::{
 use bytes::Bytes;
 use infermesh_core::{tensor::decode_inputs, Tensor};
 use infermesh_proto::{self as pb, model_infer_request::InferInputTensor};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     engine::{
@@ -98,6 +99,9 @@ pub struct Model {
     pub alive: std::sync::Weak<()>,
     /// Each output's labels (`label_filename`), for the classification extension.
     pub labels: std::collections::HashMap<String, Vec<String>>,
+    /// Its `infermesh_cache_hits_total`/`_misses_total` series, resolved at its first
+    /// cached request (no series for a model that never caches).
+    pub cache_series: std::sync::OnceLock<(Counter, Counter)>,
     scheduler: Scheduler,
     queue_timeout: Option<Duration>,
 }
@@ -219,6 +223,7 @@ impl Model {
             usage: Default::default(),
             alive: Arc::downgrade(&alive),
             labels,
+            cache_series: Default::default(),
             scheduler,
             queue_timeout: opts.defaults.queue_timeout,
         })

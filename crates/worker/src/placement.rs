@@ -209,6 +209,15 @@ impl Placement {
         })
     }
 
+    /// What the loaded `models` took, summed.
+    pub fn used(&self, models: &[std::sync::Arc<crate::model::Model>]) -> u64 {
+        models
+            .iter()
+            .filter_map(|m| self.size(&m.name, m.version))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
     pub fn size(&self, name: &str, version: i64) -> Option<Size> {
         self.sizes
             .lock()
@@ -240,7 +249,6 @@ impl Placement {
                 device_bytes,
             },
         );
-        self.metrics.model_bytes(name, version).set(bytes as i64);
         if let Some(d) = device_bytes {
             self.metrics.device_bytes(name, version).set(d as i64);
         }

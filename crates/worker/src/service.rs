@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use infermesh_core::{admission::ByteBudget, auth, frame, metrics, trace, Lifecycle};
 use infermesh_proto::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -65,14 +65,15 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 impl WorkerService {
     /// Runs one inference request; shared by ModelInfer and each message of a stream.
     /// Admission is checked by the caller: a stream opened before shutdown keeps being
-    /// served while it drains. `deadline` comes from the call's `grpc-timeout`; `tenant`
-    /// is the caller this worker authenticated, if it did.
+    /// served while it drains. `deadline` comes from the call's `grpc-timeout`; `caller`
+    /// is who this worker authenticated, if it did.
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
         deadline: Option<Instant>,
-        tenant: Option<&str>,
+        caller: Option<&auth::Caller>,
     ) -> std::result::Result<pb::ModelInferResponse, Error> {
+        let tenant = caller.map(auth::Caller::tenant);
         let model = metrics::model_label(&req.model_name, self.repo.knows(&req.model_name));
         let _inflight = GaugeGuard::new(&self.metrics.inflight_requests, 1);
         let mut record = metrics::RequestRecord::new(|code, version, took| {
@@ -161,11 +162,7 @@ impl WorkerService {
             let stored = Instant::now();
             cache.put(key, &model.name, cache::Answer::of(&resp));
             model.stats.cache_miss(lookup + stored.elapsed());
-            self.metrics
-                .cache
-                .misses
-                .get_or_create(&model_labels(&model))
-                .inc();
+            self.cache_series(&model).1.inc();
         }
         Ok(resp)
     }
@@ -188,13 +185,24 @@ impl WorkerService {
             ))
             .into());
         }
-        model.stats.cache_hit(started.elapsed(), started.elapsed());
-        self.metrics
-            .cache
-            .hits
-            .get_or_create(&model_labels(model))
-            .inc();
+        model.stats.cache_hit(started.elapsed());
+        self.cache_series(model).0.inc();
         Ok(hit.response(&model.name, model.version, id))
+    }
+
+    /// The model's (hits, misses) series, looked up once.
+    fn cache_series<'m>(&self, model: &'m Model) -> &'m (Counter, Counter) {
+        model.cache_series.get_or_init(|| {
+            let labels = ModelLabels {
+                model: model.name.clone(),
+                version: model.version.to_string(),
+            };
+            let m = &self.metrics.cache;
+            (
+                m.hits.get_or_create(&labels).clone(),
+                m.misses.get_or_create(&labels).clone(),
+            )
+        })
     }
 
     /// Ready once every model found at start has finished loading and the repository
@@ -276,8 +284,7 @@ impl GrpcInferenceService for WorkerService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<pb::ModelInferResponse> {
         frame::unary(req, &self.lifecycle, &self.budget, |call| async move {
-            let tenant = call.caller.as_ref().map(|c| c.tenant());
-            self.infer(call.req, call.deadline, tenant)
+            self.infer(call.req, call.deadline, call.caller.as_ref())
                 .await
                 .map_err(Status::from)
         })
@@ -300,8 +307,7 @@ impl GrpcInferenceService for WorkerService {
         frame::stream(req, &self.lifecycle, opts, move |call| {
             let svc = svc.clone();
             async move {
-                let tenant = call.caller.as_ref().map(|c| c.tenant());
-                svc.infer(call.req, call.deadline, tenant)
+                svc.infer(call.req, call.deadline, call.caller.as_ref())
                     .await
                     .map_err(Status::from)
             }
@@ -383,11 +389,4 @@ impl GrpcInferenceService for WorkerService {
     }
 
     infermesh_core::unsupported_rpcs!();
-}
-
-fn model_labels(model: &Model) -> ModelLabels {
-    ModelLabels {
-        model: model.name.clone(),
-        version: model.version.to_string(),
-    }
 }

@@ -106,13 +106,12 @@ impl Stats {
         s.last_inference_ms = now_ms();
     }
 
-    /// A request answered from the response cache: a success that ran nothing
-    /// (`inference_count` and `execution_count` count engine work only, as Triton's do);
-    /// `lookup` is the time to find it.
-    pub fn cache_hit(&self, lookup: Duration, total: Duration) {
+    /// A request answered from the response cache in `took`: a success that ran nothing
+    /// (`inference_count` and `execution_count` count engine work only, as Triton's do).
+    pub fn cache_hit(&self, took: Duration) {
         let mut s = self.inner.lock().expect("stats lock");
-        s.cache_hit.add(1, lookup);
-        s.success.add(1, total);
+        s.cache_hit.add(1, took);
+        s.success.add(1, took);
         s.last_inference_ms = now_ms();
     }
 
@@ -173,7 +172,8 @@ impl Stats {
     }
 }
 
-fn now_ms() -> u64 {
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -173,7 +173,7 @@ impl Control {
 
     fn publish_use(&self) {
         if let Some(p) = &self.placement {
-            let used: u64 = self.resident().iter().map(|r| r.bytes).sum();
+            let used = p.used(&self.repo.ready_models());
             p.metrics.used_bytes.set(used as i64);
         }
     }

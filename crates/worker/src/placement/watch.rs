@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use infermesh_proto::placement::{
@@ -112,13 +112,7 @@ impl Watcher {
         match &self.placement {
             Some(p) => Memory {
                 capacity_bytes: p.capacity,
-                used_bytes: self
-                    .repo
-                    .ready_models()
-                    .iter()
-                    .filter_map(|m| p.size(&m.name, m.version))
-                    .map(|s| s.bytes)
-                    .sum(),
+                used_bytes: p.used(&self.repo.ready_models()),
             },
             None => Memory::default(),
         }
@@ -198,12 +192,9 @@ impl Watcher {
 }
 
 fn use_of(m: &crate::model::Model, rate: f64) -> Seen {
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
     Seen {
         in_flight: m.usage.in_flight() as u32,
-        last_use_ms: now_ms - m.usage.idle().as_millis() as i64,
+        last_use_ms: crate::stats::now_ms() as i64 - m.usage.idle().as_millis() as i64,
         requests: m.usage.requests(),
         rate,
     }
