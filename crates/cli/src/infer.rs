@@ -101,15 +101,7 @@ async fn grpc(
         .await
         .map_err(|s| anyhow::anyhow!("model metadata: {}: {}", s.code(), s.message()))?
         .into_inner();
-    let described: Vec<Described> = meta
-        .inputs
-        .into_iter()
-        .map(|i| Described {
-            name: i.name,
-            datatype: i.datatype,
-            shape: i.shape,
-        })
-        .collect();
+    let described = meta.inputs;
     let mut req = ModelInferRequest {
         model_name: model.into(),
         model_version: version.into(),

@@ -132,12 +132,8 @@ fn model_path(model: &str, version: &str) -> String {
     }
 }
 
-/// A tensor's name, datatype and shape, as model metadata lists them.
-pub struct Described {
-    pub name: String,
-    pub datatype: String,
-    pub shape: Vec<i64>,
-}
+/// A tensor's name, datatype and shape, as model metadata lists them (the gRPC message).
+pub use infermesh_proto::model_metadata_response::TensorMetadata as Described;
 
 /// The model's inputs from `GET /v2/models/{m}[/versions/{v}]`.
 pub async fn inputs(conn: &Conn, model: &str, version: &str) -> anyhow::Result<Vec<Described>> {
