@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from conftest import HOSTILE, Gateway, Server, Worker, binary
+from conftest import HOSTILE, Server, Worker, binary
+from test_http import servers  # noqa: F401 (a fixture: a worker and a gateway in front of it)
 from test_connections import connect, poll
 from test_tenants import bearer, key_line, send_body
 
@@ -61,20 +62,11 @@ def test_a_body_trickled_below_the_minimum_rate_is_dropped():
         w.stop()
 
 
-@pytest.fixture(scope="module")
-def pair():
-    worker = Worker()
-    gateway = Gateway(worker)
-    yield {"worker": worker, "gateway": gateway}
-    gateway.stop()
-    worker.stop()
-
-
 @pytest.mark.parametrize("which", ["worker", "gateway"])
-def test_the_deadline_header(pair, which):
+def test_the_deadline_header(servers, which):
     """grpc-timeout as gRPC writes it: an expired one answers 504 with the deadline reason,
     a generous one is served, and one that does not parse is refused naming the header."""
-    server = pair[which]
+    server = servers[which]
     status, body = post(server, "/v2/models/mlp/infer", MLP, {"grpc-timeout": "1n"})
     assert status == 504 and body["reason"] == "deadline", body
     status, body = post(server, "/v2/models/mlp/infer", MLP, {"grpc-timeout": "30S"})
@@ -144,9 +136,20 @@ def test_a_tenant_filling_its_share_over_http_cannot_starve_another(tmp_path):
 
         status, body = post(gateway, "/v2/models/vec_fp32/infer", b"{}" * 1000)
         assert status == 401 and "authorization" in body["error"], body
-        # Probes carry no credentials: server health is open, everything else is not.
+        # Probes carry no credentials: server health is open, everything else is not. The
+        # gateway's health follows its pool's refreshes, so readiness may say so a moment
+        # after ServerReady did: asked again until then (bounded).
         for probe in ("/v2/health/live", "/v2/health/ready"):
-            assert urllib.request.urlopen(f"http://{gateway.http_url}{probe}", timeout=10).status == 200
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    status = urllib.request.urlopen(f"http://{gateway.http_url}{probe}", timeout=10).status
+                except urllib.error.HTTPError as e:
+                    status = e.code
+                if status == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert status == 200, (probe, status)
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://{gateway.http_url}/v2", timeout=10)
         assert e.value.code == 401
