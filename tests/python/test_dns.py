@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 
@@ -47,7 +48,6 @@ def dnsmasq():
 
 
 def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
-    dnsmasq_exe = dnsmasq()
     port = free_port("127.0.0.2")
     workers = {}
     for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
@@ -58,14 +58,9 @@ def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         workers[ip] = proc
     hosts = tmp_path / "hosts"
-    hosts.write_text(f"127.0.0.2 {NAME}\n127.0.0.3 {NAME}\n")
-    dns_port = free_port(kind=socket.SOCK_DGRAM)
-    dns = subprocess.Popen([dnsmasq_exe, "-k", "--user=root", f"--port={dns_port}", "--listen-address=127.0.0.1",
-                            "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}",
-                            "--log-facility=-", f"--pid-file={tmp_path}/dnsmasq.pid"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gateway = None
+    dns = gateway = None
     try:
+        dns, dns_port = start_dns(tmp_path, f"127.0.0.2 {NAME}\n127.0.0.3 {NAME}\n")
         for ip in workers:
             c = grpcclient.InferenceServerClient(f"{ip}:{port}")
             deadline = time.monotonic() + 60
@@ -106,23 +101,48 @@ def test_dns_discovery_follows_records_and_survives_an_outage(tmp_path):
     finally:
         if gateway:
             assert gateway.stop() == 0
-        if dns.poll() is None:
+        if dns and dns.poll() is None:
             dns.terminate()
         for p in workers.values():
             p.terminate()
             p.wait(timeout=30)
 
 
+def dns_query(name):
+    """A minimal DNS query (id 0x1234, recursion desired, one A question)."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(">HH", 1, 1)
+
+
 def start_dns(tmp_path, hosts_text, *extra):
-    """dnsmasq answering from a hosts file; returns (process, port)."""
+    """dnsmasq answering from a hosts file; returns (process, port) once it answers a
+    query. The port is picked free for UDP only and dnsmasq also binds it for TCP, so a
+    start that loses that race (dnsmasq exits) is tried again on another port."""
     hosts = tmp_path / "hosts"
     hosts.write_text(hosts_text)
-    port = free_port(kind=socket.SOCK_DGRAM)
-    proc = subprocess.Popen([dnsmasq(), "-k", "--user=root", f"--port={port}", "--listen-address=127.0.0.1",
-                             "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}",
-                             "--log-facility=-", f"--pid-file={tmp_path}/dnsmasq.pid", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, port
+    exe = dnsmasq()
+    for attempt in range(5):
+        port = free_port(kind=socket.SOCK_DGRAM)
+        log = open(tmp_path / f"dnsmasq-{attempt}.log", "w")
+        proc = subprocess.Popen([exe, "-k", "--user=root", f"--port={port}", "--listen-address=127.0.0.1",
+                                 "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}",
+                                 "--log-facility=-", f"--pid-file={tmp_path}/dnsmasq.pid", *extra],
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 30
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            while proc.poll() is None and time.monotonic() < deadline:
+                s.sendto(dns_query(NAME), ("127.0.0.1", port))
+                try:
+                    s.recvfrom(4096)
+                    return proc, port
+                except OSError:  # no answer yet (timeout) or nothing bound there yet (refused)
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    raise AssertionError(f"dnsmasq never answered: {(tmp_path / f'dnsmasq-{attempt}.log').read_text()[-2000:]}")
 
 
 def gateway_workers(args, want, timeout=30):
