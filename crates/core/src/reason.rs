@@ -52,9 +52,12 @@ pub enum Reason {
     /// (placement) A model load that would fit only by evicting models used too recently
     /// (`--model-min-idle`).
     ChurnGuard,
+    /// (gateway placement) Too many requests already wait for this model to be loaded
+    /// (`--placement-queue`).
+    PlacementQueueFull,
 }
 
-const ALL: [Reason; 17] = [
+const ALL: [Reason; 18] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -72,6 +75,7 @@ const ALL: [Reason; 17] = [
     Reason::VersionUnavailable,
     Reason::OverCapacity,
     Reason::ChurnGuard,
+    Reason::PlacementQueueFull,
 ];
 
 impl Reason {
@@ -94,6 +98,7 @@ impl Reason {
             Self::VersionUnavailable => "version-unavailable",
             Self::OverCapacity => "over-capacity",
             Self::ChurnGuard => "churn-guard",
+            Self::PlacementQueueFull => "placement-queue-full",
         }
     }
 

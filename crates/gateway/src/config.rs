@@ -126,6 +126,17 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_ROUTES")]
     pub routes: Option<std::path::PathBuf>,
 
+    /// Requests (stream messages included) that may wait at this gateway for one model to
+    /// be loaded on a placement-mode worker; beyond it they get RESOURCE_EXHAUSTED
+    /// (placement-queue-full). See docs/placement.md.
+    #[arg(long, env = "INFERMESH_PLACEMENT_QUEUE", default_value_t = 1000)]
+    pub placement_queue: usize,
+
+    /// How long one worker's model load is waited for before the next worker in the
+    /// model's ranking is asked.
+    #[arg(long, env = "INFERMESH_PLACEMENT_LOAD_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub placement_load_timeout: Duration,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

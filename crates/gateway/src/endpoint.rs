@@ -17,8 +17,11 @@ use tonic::transport::Channel;
 
 use crate::{discovery::Discovered, failure::Failure, load::Load, metrics::WorkerMetrics};
 
+mod follow;
 pub mod upstream;
 mod wire;
+
+pub use follow::Held;
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
 
@@ -34,6 +37,8 @@ pub struct Seen {
     pub versions: BTreeMap<String, BTreeSet<i64>>,
     /// Why it is not ready, for error messages.
     pub problem: Option<String>,
+    /// What its change stream said, while the stream is open (see `follow`).
+    pub held: Option<Arc<Held>>,
 }
 
 pub struct Endpoint {
@@ -55,6 +60,8 @@ pub struct Endpoint {
     ejected: std::sync::atomic::AtomicBool,
     /// The streams requests travel on to this worker (see `upstream`).
     pub streams: std::sync::Mutex<Vec<Arc<upstream::Upstream>>>,
+    /// Bumped on every change of `seen`: what a wait for a model to be ready here awaits.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// One call in flight to a worker: counted in its load estimate and its gauges until
@@ -174,6 +181,7 @@ impl Endpoint {
             ejected: Default::default(),
             metrics,
             streams: Default::default(),
+            changed: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -217,6 +225,36 @@ impl Endpoint {
 
     pub fn knows(&self, model: &str) -> bool {
         self.seen.load().known.contains(model)
+    }
+
+    /// Whether it is ready, in placement mode, and lists `model`: it can be asked to load it.
+    pub fn places(&self, model: &str) -> bool {
+        let seen = self.seen.load();
+        seen.ready
+            && seen
+                .held
+                .as_ref()
+                .is_some_and(|h| h.placing() && h.models.contains_key(model))
+    }
+
+    /// Whether it runs in placement mode (as its change stream last said).
+    pub fn placing(&self) -> bool {
+        self.seen.load().held.as_ref().is_some_and(|h| h.placing())
+    }
+
+    /// Waits (at most `within`) until it serves `model` at `version`; whether it does.
+    pub async fn wait_serving(&self, model: &str, version: Option<i64>, within: Duration) -> bool {
+        let mut changed = self.changed.subscribe();
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if self.serves(model, version) {
+                return true;
+            }
+            match tokio::time::timeout_at(until, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.serves(model, version),
+            }
+        }
     }
 
     /// Learns from a failed call (see `failure`): a model that is gone comes off this
@@ -283,23 +321,34 @@ impl Endpoint {
 
     /// Sets what the worker is known to serve (from a poll, or tests). An ejected worker
     /// stays out until its backoff has passed, whatever the poll says.
-    pub fn set_seen(&self, mut seen: Seen) {
+    pub fn set_seen(&self, seen: Seen) {
+        self.store(|_| seen.clone());
+    }
+
+    /// Replaces `seen` with `next(current)` (the poll and the change stream both write
+    /// through here), keeping an ejected worker out until its backoff has passed.
+    fn store(&self, next: impl Fn(&Seen) -> Seen) {
         let until = self.ejection.lock().expect("ejection lock").until;
-        if let Some(until) = until.filter(|&u| u > tokio::time::Instant::now()) {
-            seen.ready = false;
-            seen.problem = Some(format!(
-                "ejected for another {:?}",
-                until.saturating_duration_since(tokio::time::Instant::now())
-            ));
-        }
-        self.metrics.ready.set(seen.ready as i64);
-        let back = seen.ready;
-        let was = self.seen.swap(Arc::new(seen)).ready;
-        if back && !was {
+        let ejected = until.filter(|&u| u > tokio::time::Instant::now());
+        let before = self.seen.rcu(|current| {
+            let mut seen = next(current);
+            if let Some(until) = ejected {
+                seen.ready = false;
+                seen.problem = Some(format!(
+                    "ejected for another {:?}",
+                    until.saturating_duration_since(tokio::time::Instant::now())
+                ));
+            }
+            seen
+        });
+        let back = self.seen.load().ready;
+        self.metrics.ready.set(back as i64);
+        if back && !before.ready {
             // Back from a fault or an ejection: the latency it had then (a request that
             // hung) must not keep it shunned now.
             self.load.reset();
         }
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Marks the worker out of rotation at once (e.g. it answered UNAVAILABLE).
@@ -310,6 +359,7 @@ impl Endpoint {
             problem: Some(why.clone()),
             ..seen.as_ref().clone()
         });
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Keeps the state fresh for as long as the worker is in the pool: a poll of readiness
@@ -338,7 +388,12 @@ impl Endpoint {
                 tokio::time::sleep(refresh).await;
             }
         };
-        tokio::join!(poll, watch);
+        let follow = async {
+            while let follow::Followed::Ended = self.follow().await {
+                tokio::time::sleep(refresh).await;
+            }
+        };
+        tokio::join!(poll, watch, follow);
     }
 
     async fn watch_health(&self) {
@@ -375,20 +430,37 @@ impl Endpoint {
         }
     }
 
-    /// Asks the worker for its readiness and ready models.
+    /// Asks the worker for its readiness and ready models (the models only while its
+    /// change stream is closed).
     pub async fn refresh(&self, timeout: Duration) {
+        self.refresh_from(timeout, false).await
+    }
+
+    /// `refresh`, asking for the repository index even while the change stream is open
+    /// (after a Load or Unload through the gateway, which must show at once).
+    pub async fn refresh_index(&self, timeout: Duration) {
+        self.refresh_from(timeout, true).await
+    }
+
+    async fn refresh_from(&self, timeout: Duration, index_too: bool) {
         let mut client = self.client.clone();
+        let streamed = !index_too && self.seen.load().held.is_some();
         let ask = async {
             let ready = client
                 .server_ready(ServerReadyRequest {})
                 .await?
                 .into_inner()
                 .ready;
-            let index = client
-                .repository_index(RepositoryIndexRequest::default())
-                .await?
-                .into_inner()
-                .models;
+            let index = match streamed {
+                true => Vec::new(),
+                false => {
+                    client
+                        .repository_index(RepositoryIndexRequest::default())
+                        .await?
+                        .into_inner()
+                        .models
+                }
+            };
             Ok::<_, tonic::Status>((ready, index))
         };
         let seen = match tokio::time::timeout(timeout, ask).await {
@@ -422,7 +494,18 @@ impl Endpoint {
         let before = self.seen.load().ready;
         // Sampled here, not on every call: reading the estimate is the pick path's work.
         self.metrics.load.set((self.load.cost() / 1000.0) as i64);
-        self.set_seen(seen);
+        self.store(|current| {
+            let mut next = seen.clone();
+            if streamed && !Self::models_from_stream(&mut next, current) {
+                // The stream closed meanwhile: the models as they were, until the next poll.
+                next.models = current.models.clone();
+                next.known = current.known.clone();
+                next.versions = current.versions.clone();
+            } else if !streamed {
+                next.held = current.held.clone();
+            }
+            next
+        });
         let after = self.seen();
         if before != after.ready {
             tracing::info!(worker = %self.addr, ready = after.ready, problem = ?after.problem, "worker readiness changed");
@@ -470,6 +553,7 @@ pub fn fakes(first: usize, n: usize, models: &[(&str, &[i64])]) -> Vec<Arc<Endpo
                 known: versions.keys().cloned().collect(),
                 versions,
                 problem: None,
+                held: None,
             });
             ep
         })
@@ -489,6 +573,7 @@ mod tests {
             known: ["m".to_string()].into(),
             versions: [("m".to_string(), BTreeSet::from([1]))].into(),
             problem: None,
+            held: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod pass_through;
+pub mod placement;
 pub mod poison;
 pub mod pool;
 pub mod rank;
@@ -55,6 +56,7 @@ pub async fn run(
     let auth = infermesh_core::auth::Auth::from_args(&config.server.auth, &mut registry)
         .map_err(Error::Startup)?;
     let metrics = metrics::GatewayMetrics::register(&mut registry);
+    let placement_metrics = placement::PlacementMetrics::register(&mut registry);
     let routes =
         routes::Routes::load(config.routes.clone(), metrics.clone()).map_err(Error::Startup)?;
     let worker_tls = config
@@ -109,8 +111,15 @@ pub async fn run(
         "infermesh gateway listening"
     );
 
+    let placer = placement::Placer::new(
+        pool.clone(),
+        config.placement_queue,
+        config.placement_load_timeout,
+        placement_metrics,
+    );
     let health_task = tokio::spawn(follow_health(
         pool.clone(),
+        placer.clone(),
         lifecycle.clone(),
         config.worker_refresh / 2,
     ));
@@ -126,6 +135,7 @@ pub async fn run(
         metrics: metrics.clone(),
         bytes: budget.clone(),
         shadows: shadow::Shadows::new(pool.clone(), &budget),
+        placer,
     });
     let shadows = forwarding.clone();
     let admin = admin::Admin::server(forwarding.clone());
@@ -177,9 +187,15 @@ pub async fn run(
 /// Health follows the pool: "" is SERVING while at least one worker is ready; each model
 /// any worker lists is SERVING while a ready worker has it ready, NOT_SERVING otherwise
 /// (also once no worker lists it any more, so a client watching it hears the change).
-async fn follow_health(pool: Arc<Pool>, lifecycle: Lifecycle, every: std::time::Duration) {
+async fn follow_health(
+    pool: Arc<Pool>,
+    placer: Arc<placement::Placer>,
+    lifecycle: Lifecycle,
+    every: std::time::Duration,
+) {
     let mut last: std::collections::BTreeMap<String, bool> = Default::default();
     loop {
+        placer.count_copies();
         let mut now = pool.model_health();
         for name in last.keys() {
             now.entry(name.clone()).or_insert(false);

@@ -43,6 +43,8 @@ pub struct Forwarding {
     pub bytes: ByteBudget,
     /// Copies of answered requests to the routing file's shadow targets.
     pub shadows: crate::shadow::Shadows,
+    /// Loads models on placement-mode workers when no ready worker holds them.
+    pub placer: Arc<crate::placement::Placer>,
 }
 
 impl Forwarding {
@@ -71,6 +73,9 @@ impl Forwarding {
                 ));
             }
         }
+        let deadline = deadline.map(tokio::time::Instant::from_std);
+        let named = asked_version.parse::<i64>().ok();
+        self.placer.ensure(&req.model_name, named, deadline).await?;
         let table = self.routes.current();
         let policy = table.policy(&req.model_name);
         let mesh = Workers::new(&self.pool, policy, &self.latency, size, carry);
@@ -80,10 +85,18 @@ impl Forwarding {
             metrics: &self.metrics,
             bytes: Some(&self.bytes),
         };
-        let deadline = deadline.map(tokio::time::Instant::from_std);
         // Shared by every attempt: each is encoded from it, none copies it.
         let req = Arc::new(req);
-        let answer = forward::forward(&mesh, &retries, &req, &asked_version, deadline).await;
+        let mut answer = forward::forward(&mesh, &retries, &req, &asked_version, deadline).await;
+        if answer
+            .as_ref()
+            .is_err_and(|s| self.placer.lost(&req.model_name, s))
+        {
+            // Evicted between the check and the attempt: loaded again, tried once more.
+            self.placer.ensure(&req.model_name, named, deadline).await?;
+            let mesh = Workers::new(&self.pool, policy, &self.latency, size, carry);
+            answer = forward::forward(&mesh, &retries, &req, &asked_version, deadline).await;
+        }
         if let (Ok(answer), Some(_)) = (&answer, &policy.shadow) {
             self.shadows.offer(policy, &req, answer);
         }

@@ -66,7 +66,7 @@ pub struct Flights {
 /// Refreshes what each worker is known to serve, now (after a Load or Unload).
 async fn learn_now(workers: &[Arc<crate::endpoint::Endpoint>]) {
     const WITHIN: Duration = Duration::from_secs(5);
-    join_all(workers.iter().map(|ep| ep.refresh(WITHIN))).await;
+    join_all(workers.iter().map(|ep| ep.refresh_index(WITHIN))).await;
 }
 
 /// Asks every worker in `workers` at once (`call` makes one worker's call).
@@ -102,6 +102,22 @@ impl GatewayService {
             .map_err(|e| self.scrub(caller, e.into()))?;
         *version = picked;
         Ok(ep)
+    }
+
+    /// Has `model` loaded on a placement-mode worker first, when none holds it (metadata
+    /// and config are read from a worker that holds the model).
+    async fn placed(
+        &self,
+        caller: Option<&auth::Caller>,
+        model: &str,
+        version: &str,
+    ) -> std::result::Result<(), Status> {
+        let named = version.parse::<i64>().ok();
+        self.forwarding
+            .placer
+            .ensure(model, named, None)
+            .await
+            .map_err(|s| self.scrub(caller, s))
     }
 
     /// ModelInfer on the bytes that came (see `pass_through`).
@@ -240,7 +256,11 @@ impl GrpcInferenceService for GatewayService {
     ) -> Result<pb::ModelReadyResponse> {
         auth::check_model(&req, &req.get_ref().name)?;
         let req = req.into_inner();
-        let ready = mesh::pick(&self.pool, None, &req.name, &req.version).is_ok()
+        // A model a placement-mode worker can load is ready to be served: the first
+        // request has it loaded (as ModelMesh reports its catalog).
+        let placeable =
+            req.version.is_empty() && self.pool.all().iter().any(|e| e.places(&req.name));
+        let ready = (placeable || mesh::pick(&self.pool, None, &req.name, &req.version).is_ok())
             && !self.lifecycle.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
@@ -263,6 +283,8 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
+        self.placed(caller.as_ref(), &req.name, &req.version)
+            .await?;
         let ep = self.pick_model(caller.as_ref(), &req.name, &mut req.version)?;
         Ok(Response::new(
             ep.client
@@ -281,6 +303,8 @@ impl GrpcInferenceService for GatewayService {
         auth::check_model(&req, &req.get_ref().name)?;
         let caller = auth::caller(&req);
         let mut req = req.into_inner();
+        self.placed(caller.as_ref(), &req.name, &req.version)
+            .await?;
         let ep = self.pick_model(caller.as_ref(), &req.name, &mut req.version)?;
         Ok(Response::new(
             ep.client

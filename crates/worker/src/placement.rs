@@ -240,6 +240,9 @@ impl Placement {
             self.overhead
                 .fetch_min(bytes.saturating_sub(files), Ordering::Relaxed);
         }
+        // A load keeps at least its weights: a smaller growth means memory freed by other
+        // work during the load (requests, an eviction's last pages) offset it.
+        let bytes = bytes.max(files);
         self.sizes.lock().expect("placement lock").insert(
             (name.to_string(), version),
             Size {

@@ -158,9 +158,11 @@ impl Watcher {
             .collect()
     }
 
-    /// Versions whose use changed since the last tick, `dt` seconds ago.
+    /// Every version of each model whose use changed since the last tick, `dt` seconds
+    /// ago (a change always carries all of a model's versions: a follower replaces the
+    /// model's entries with them).
     fn tick(&self, dt: f64) -> Vec<ModelVersion> {
-        let mut names = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
         {
             let mut seen = self.seen.lock().expect("watch lock");
             for m in self.repo.ready_models() {
@@ -175,19 +177,14 @@ impl Watcher {
                 };
                 if now != before {
                     seen.insert(key, now);
-                    names.push((m.name.clone(), m.version.to_string()));
+                    names.insert(m.name.clone());
                 }
             }
         }
-        let mut out = Vec::new();
-        for (name, version) in names {
-            out.extend(
-                self.versions(Some(&name))
-                    .into_iter()
-                    .filter(|v| v.version == version),
-            );
-        }
-        out
+        names
+            .into_iter()
+            .flat_map(|name| self.versions(Some(&name)))
+            .collect()
     }
 }
 
