@@ -6,13 +6,16 @@ the ranking; a killed holder's model is loaded elsewhere; a 40-model catalog on 
 that each hold a fraction of it is served whole under Zipf traffic."""
 import concurrent.futures
 import signal
+import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Gateway, Worker
+from conftest import Gateway, Worker, binary
 from test_placement import matmul_model, metric
 
 MiB = 1 << 20
@@ -190,6 +193,85 @@ def test_a_catalog_larger_than_the_fleet_is_served_whole_under_zipf_traffic(repo
         assert sum(metric(w, "infermesh_model_evictions_total") for w in workers) > 0
         for w in workers:
             assert metric(w, "infermesh_model_memory_used_bytes") <= capacity
+    finally:
+        for s in [gateway, *workers]:
+            assert s.stop() == 0
+
+
+def wait_for(what, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.1)
+
+
+def test_min_copies_are_loaded_ahead_of_traffic_and_never_evicted(repo, tmp_path):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("models:\n  m7:\n    copies: {min: 2}\n")
+    workers = [placed(repo, 16 * MiB) for _ in range(3)]
+    gateway = Gateway(*workers, extra=("--routes", str(routes)))
+    try:
+        want = ranked("m7", workers)[:2]
+        wait_for("two copies of m7", lambda: sorted(w.url for w in holders(workers, "m7")) == sorted(w.url for w in want))
+        assert metric(gateway, "infermesh_gateway_placement_copies_added_total", result="min") >= 2
+        # `infermesh models` shows where each model's copies are, their size and last use.
+        out = subprocess.run([binary("infermesh"), "models", "--url", gateway.url], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip()}
+        assert "copies 2:" in rows["m7"] and "pinned" in rows["m7"] and want[0].url in rows["m7"], out.stdout
+        assert "not loaded: loads on request" in rows["m8"], out.stdout
+        assert "MiB used" in out.stdout.split("WORKER STATE")[1], out.stdout
+        # Pinned: an unload straight at the worker is refused.
+        for w in want:
+            with pytest.raises(InferenceServerException) as e:
+                w.client.unload_model("m7")
+            assert "pinned" in str(e.value), e.value
+        # Every model of the catalog through the gateway: far more than the workers hold.
+        for i in range(CATALOG):
+            ask(gateway.client, f"m{i}")
+        assert sum(metric(w, "infermesh_model_evictions_total") for w in workers) > 0
+        assert {w.url for w in want} <= {w.url for w in holders(workers, "m7")}
+    finally:
+        for s in [gateway, *workers]:
+            assert s.stop() == 0
+
+
+def test_copies_follow_load_up_to_the_routing_files_max(repo, tmp_path):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("models:\n  m2:\n    copies: {max: 2}\n")
+    workers = [placed(repo, 64 * MiB) for _ in range(3)]
+    gateway = Gateway(*workers, extra=("--routes", str(routes), "--placement-copy-inflight", "2",
+                                       "--placement-copy-window", "1s"))
+    stop = threading.Event()
+
+    def hammer():
+        x = grpcclient.InferInput("x", [8, 768], "FP32")
+        x.set_data_from_numpy(np.ones((8, 768), np.float32))
+        c = grpcclient.InferenceServerClient(gateway.url)
+        while not stop.is_set():
+            c.infer("m2", [x], client_timeout=60)
+
+    try:
+        ask(gateway.client, "m2")
+        first, second = ranked("m2", workers)[:2]
+        assert holders(workers, "m2") == [first]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            running = [pool.submit(hammer) for _ in range(12)]
+            try:
+                wait_for("a second copy", lambda: len(holders(workers, "m2")) == 2)
+                assert {w.url for w in holders(workers, "m2")} == {first.url, second.url}
+                # Still saturated, and at the routing file's max: no third copy.
+                added = metric(gateway, "infermesh_gateway_placement_copies_added_total", result="load")
+                served = lambda: sum(metric(w, "infermesh_requests_total", model="m2") for w in workers)  # noqa: E731
+                then = served()
+                wait_for("1,000 more requests", lambda: served() > then + 1000, timeout=120)
+                assert len(holders(workers, "m2")) == 2
+                assert metric(gateway, "infermesh_gateway_placement_copies_added_total", result="load") == added
+            finally:
+                stop.set()
+                for r in running:
+                    r.result()
     finally:
         for s in [gateway, *workers]:
             assert s.stop() == 0

@@ -65,3 +65,11 @@ pub const VERSION: &str = concat!(
     env!("INFERMESH_GIT_REV"),
     ")"
 );
+
+/// Unix time in milliseconds (0 before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

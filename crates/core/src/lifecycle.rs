@@ -30,6 +30,9 @@ struct Inner {
     wanted: Mutex<BTreeMap<String, bool>>,
     draining: AtomicBool,
     refusing: AtomicBool,
+    /// Wakes long-lived streams (a placement Watch) that must end when refusing starts,
+    /// or the drain would wait the whole --drain-timeout for them.
+    refused: tokio::sync::watch::Sender<bool>,
 }
 
 impl Lifecycle {
@@ -41,6 +44,7 @@ impl Lifecycle {
                 wanted: Mutex::new(BTreeMap::new()),
                 draining: AtomicBool::new(false),
                 refusing: AtomicBool::new(false),
+                refused: tokio::sync::watch::Sender::new(false),
             }),
         };
         lc.set("", false).await;
@@ -72,6 +76,13 @@ impl Lifecycle {
     /// Shutdown step 2: new requests are answered UNAVAILABLE.
     pub fn refuse(&self) {
         self.inner.refusing.store(true, Ordering::SeqCst);
+        self.inner.refused.send_replace(true);
+    }
+
+    /// Resolves once new requests are refused (shutdown step 2).
+    pub async fn refusing(&self) {
+        let mut rx = self.inner.refused.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     pub fn is_draining(&self) -> bool {

@@ -137,8 +137,25 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_PLACEMENT_LOAD_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub placement_load_timeout: Duration,
 
+    /// Requests in flight per copy, averaged over a model's copies, at which its copies
+    /// count as saturated: saturated for --placement-copy-window, the model gets another
+    /// copy on the next worker in its ranking (up to the routing file's copies.max).
+    #[arg(long, env = "INFERMESH_PLACEMENT_COPY_INFLIGHT", default_value_t = 8.0, value_parser = positive)]
+    pub placement_copy_inflight: f64,
+
+    /// How long a model's copies must stay saturated before another is loaded.
+    #[arg(long, env = "INFERMESH_PLACEMENT_COPY_WINDOW", default_value = "5s", value_parser = parse_duration)]
+    pub placement_copy_window: Duration,
+
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a number above 0, found '{s}'")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

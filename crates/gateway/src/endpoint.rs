@@ -237,6 +237,11 @@ impl Endpoint {
                 .is_some_and(|h| h.placing() && h.models.contains_key(model))
     }
 
+    /// What its change stream said, while the stream is open.
+    pub fn held(&self) -> Option<Arc<Held>> {
+        self.seen.load().held.clone()
+    }
+
     /// Whether it runs in placement mode (as its change stream last said).
     pub fn placing(&self) -> bool {
         self.seen.load().held.as_ref().is_some_and(|h| h.placing())

@@ -113,13 +113,20 @@ pub async fn run(
 
     let placer = placement::Placer::new(
         pool.clone(),
-        config.placement_queue,
-        config.placement_load_timeout,
+        routes.clone(),
+        placement::Settings {
+            max_queue: config.placement_queue,
+            load_timeout: config.placement_load_timeout,
+            scaling: placement::Scaling {
+                inflight: config.placement_copy_inflight,
+                window: config.placement_copy_window,
+            },
+        },
         placement_metrics,
     );
+    let keeper = tokio::spawn(placer.clone().keep(std::time::Duration::from_secs(1)));
     let health_task = tokio::spawn(follow_health(
         pool.clone(),
-        placer.clone(),
         lifecycle.clone(),
         config.worker_refresh / 2,
     ));
@@ -179,6 +186,7 @@ pub async fn run(
     // refresher and connections stop with it (it may run inside a longer-lived process).
     following.abort();
     health_task.abort();
+    keeper.abort();
     shadows.shadows.stop();
     members.close();
     served
@@ -187,15 +195,9 @@ pub async fn run(
 /// Health follows the pool: "" is SERVING while at least one worker is ready; each model
 /// any worker lists is SERVING while a ready worker has it ready, NOT_SERVING otherwise
 /// (also once no worker lists it any more, so a client watching it hears the change).
-async fn follow_health(
-    pool: Arc<Pool>,
-    placer: Arc<placement::Placer>,
-    lifecycle: Lifecycle,
-    every: std::time::Duration,
-) {
+async fn follow_health(pool: Arc<Pool>, lifecycle: Lifecycle, every: std::time::Duration) {
     let mut last: std::collections::BTreeMap<String, bool> = Default::default();
     loop {
-        placer.count_copies();
         let mut now = pool.model_health();
         for name in last.keys() {
             now.entry(name.clone()).or_insert(false);

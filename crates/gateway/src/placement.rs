@@ -8,6 +8,8 @@
 //! again until its deadline. Everything is learned from the workers' change streams; no
 //! store is shared between gateways.
 
+pub mod describe;
+mod keeper;
 mod metrics;
 
 use std::{
@@ -25,6 +27,7 @@ use infermesh_proto::RepositoryModelLoadRequest;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
+pub use keeper::Scaling;
 pub use metrics::PlacementMetrics;
 
 use crate::{endpoint::Endpoint, pool::Pool, rank};
@@ -51,7 +54,22 @@ pub struct Placer {
     max_queue: usize,
     load_timeout: Duration,
     pub metrics: PlacementMetrics,
+    /// Per-model copies (`copies: {min, max}`) come from the routing file.
+    routes: Arc<crate::routes::Routes>,
+    scaling: Scaling,
+    keeping: keeper::Keeping,
 }
+
+/// The placer's settings (the gateway's `--placement-*` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub max_queue: usize,
+    pub load_timeout: Duration,
+    pub scaling: Scaling,
+}
+
+/// The worker's load parameter that pins a model (never evicted).
+const PIN: &str = "infermesh_pin";
 
 /// How long a churn-guarded request waits before its model's workers are asked again.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
@@ -62,17 +80,20 @@ const SEEN_WITHIN: Duration = Duration::from_secs(2);
 impl Placer {
     pub fn new(
         pool: Arc<Pool>,
-        max_queue: usize,
-        load_timeout: Duration,
+        routes: Arc<crate::routes::Routes>,
+        settings: Settings,
         metrics: PlacementMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             pool,
             flights: Mutex::default(),
             waiting: Mutex::default(),
-            max_queue,
-            load_timeout,
+            max_queue: settings.max_queue,
+            load_timeout: settings.load_timeout,
             metrics,
+            routes,
+            scaling: settings.scaling,
+            keeping: Default::default(),
         })
     }
 
@@ -207,7 +228,7 @@ impl Placer {
             if all.iter().any(|e| e.serves(model, version)) {
                 return Placed::Ready; // another gateway's load, seen meanwhile
             }
-            match self.load_on(ep, model, version).await {
+            match self.load_on(ep, model, version, false).await {
                 Ok(()) => return Placed::Ready,
                 Err((why, reason)) => {
                     why_not.push(reason);
@@ -245,17 +266,33 @@ impl Placer {
         ))
     }
 
-    /// Asks `ep` to load `model` and waits until it is seen ready there; else why not,
-    /// and the reason the worker gave.
+    /// Asks `ep` to load `model` (pinned there: `pin`) and waits until it is seen ready
+    /// there; else why not, and the reason the worker gave.
     async fn load_on(
         &self,
         ep: &Endpoint,
         model: &str,
         version: Option<i64>,
+        pin: bool,
     ) -> Result<(), (String, Option<Reason>)> {
         let mut client = ep.client.clone();
+        let parameters = match pin {
+            true => [(
+                PIN.to_string(),
+                infermesh_proto::ModelRepositoryParameter {
+                    parameter_choice: Some(
+                        infermesh_proto::model_repository_parameter::ParameterChoice::BoolParam(
+                            true,
+                        ),
+                    ),
+                },
+            )]
+            .into(),
+            false => Default::default(),
+        };
         let asked = client.repository_model_load(RepositoryModelLoadRequest {
             model_name: model.to_string(),
+            parameters,
             ..Default::default()
         });
         let answer = tokio::time::timeout(self.load_timeout, asked).await;
@@ -305,27 +342,6 @@ impl Placer {
         let all = self.pool.all();
         !all.iter().any(|e| e.serves(model, None)) && all.iter().any(|e| e.places(model))
     }
-
-    /// Sets the copies gauge of every model on placement-mode workers.
-    pub fn count_copies(&self) {
-        let all = self.pool.all();
-        let mut copies: HashMap<String, i64> = HashMap::new();
-        for ep in all.iter().filter(|e| e.placing()) {
-            let seen = ep.seen();
-            for name in &seen.known {
-                let n = copies.entry(name.clone()).or_default();
-                if seen.ready && seen.models.contains_key(name) {
-                    *n += 1;
-                }
-            }
-        }
-        for (model, n) in copies {
-            self.metrics
-                .copies
-                .get_or_create(&metrics::ModelLabels { model })
-                .set(n);
-        }
-    }
 }
 
 /// The deadline passed while the model was being loaded.
@@ -363,14 +379,27 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_queue_is_bounded_per_model_and_frees_its_places() {
+    fn placer() -> Arc<Placer> {
         let pool = Pool::new(
             Duration::from_secs(1),
             Default::default(),
             Default::default(),
         );
-        let placer = Placer::new(pool, 2, Duration::from_secs(1), Default::default());
+        let routes = crate::routes::Routes::load(None, Default::default()).unwrap();
+        let settings = Settings {
+            max_queue: 2,
+            load_timeout: Duration::from_secs(1),
+            scaling: Scaling {
+                inflight: 4.0,
+                window: Duration::from_secs(5),
+            },
+        };
+        Placer::new(pool, routes, settings, Default::default())
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_per_model_and_frees_its_places() {
+        let placer = placer();
         let first = placer.queue("m").unwrap();
         let _second = placer.queue("m").unwrap();
         let Err(full) = placer.queue("m") else {
@@ -388,12 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_model_no_placement_worker_lists_is_left_to_forwarding() {
-        let pool = Pool::new(
-            Duration::from_secs(1),
-            Default::default(),
-            Default::default(),
-        );
-        let placer = Placer::new(pool, 2, Duration::from_secs(1), Default::default());
+        let placer = placer();
         placer.ensure("m", None, None).await.unwrap();
         assert!(!placer.lost("m", &Status::unavailable("gone")));
     }

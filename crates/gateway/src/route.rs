@@ -32,6 +32,8 @@ pub struct Policy {
     pub shadow: Option<crate::shadow::Rule>,
     /// Takes a version out of the split when it errs or disagrees too often.
     pub guard: Option<crate::guard::Guard>,
+    /// Copies on placement-mode workers: at least `min` kept loaded, at most `max` by load.
+    pub copies: crate::routes::file::Copies,
     pub records: Records,
 }
 
@@ -44,6 +46,7 @@ impl Default for Policy {
             hedge: None,
             shadow: None,
             guard: None,
+            copies: Default::default(),
             records: Records::default(),
         }
     }

@@ -408,24 +408,32 @@ impl GrpcInferenceService for GatewayService {
                 });
             }
         }
+        let now_ms = infermesh_core::unix_ms() as i64;
+        let internals = caller.as_ref().is_none_or(|c| c.sees_internals());
         let models = union
             .into_iter()
             .filter(|(_, (ready, _))| *ready || !ready_only)
             .filter(|((name, _), _)| caller.as_ref().is_none_or(|c| c.allows_model(name)))
-            .map(
-                |((name, version), (ready, on))| pb::repository_index_response::ModelIndex {
+            .filter_map(|((name, version), (ready, on))| {
+                // Placed models: their copies, sizes and last use, as the workers' change
+                // streams tell them (a model's not-loaded row dropped beside its copies).
+                let placed = crate::placement::describe::row(&workers, &name, &version, now_ms);
+                let reason = match (placed, internals) {
+                    (Some(row), _) if row.is_empty() => return None,
+                    (Some(row), true) => row,
+                    (_, false) => match on.len() {
+                        1 => "on 1 worker".to_string(),
+                        n => format!("on {n} workers"),
+                    },
+                    (None, true) => format!("workers: {}", on.join(", ")),
+                };
+                Some(pb::repository_index_response::ModelIndex {
                     name,
                     version,
                     state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
-                    reason: match caller.as_ref() {
-                        Some(c) if !c.sees_internals() => match on.len() {
-                            1 => "on 1 worker".to_string(),
-                            n => format!("on {n} workers"),
-                        },
-                        _ => format!("workers: {}", on.join(", ")),
-                    },
-                },
-            )
+                    reason,
+                })
+            })
             .collect();
         let mut response = Response::new(pb::RepositoryIndexResponse { models });
         if caller.as_ref().is_none_or(|c| c.sees_internals()) {
@@ -515,7 +523,11 @@ fn worker_states(workers: &[Arc<Endpoint>], md: &mut tonic::metadata::MetadataMa
     for ep in workers.iter().take(MAX_LISTED_WORKERS) {
         let seen = ep.seen();
         let state = match (seen.ready, seen.problem) {
-            (true, _) => format!("{} ready", ep.addr),
+            (true, _) => format!(
+                "{} ready{}",
+                ep.addr,
+                crate::placement::describe::memory(ep)
+            ),
             (false, Some(p)) => format!("{} unready: {p}", ep.addr),
             (false, None) => format!("{} unready", ep.addr),
         };

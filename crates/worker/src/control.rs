@@ -187,6 +187,21 @@ impl Control {
         self.reload(found, Priority::Request).await
     }
 
+    /// The `infermesh_pin` load parameter (placement mode): true pins the model once
+    /// loaded (never evicted, an Unload refused), false takes such a pin off again. A
+    /// gateway pins the copies a routing file's `copies.min` asks for.
+    pub fn set_pinned(&self, name: &str, pin: bool) -> Result<(), Error> {
+        let Some(p) = &self.placement else {
+            return Err(RequestError::InvalidArgument(format!(
+                "parameter '{PIN}' applies in --model-control-mode placement only"
+            ))
+            .into());
+        };
+        p.pin_asked(name, pin);
+        self.repo.announce(name);
+        Ok(())
+    }
+
     /// `--max-models`: a load of one more model beyond it is refused.
     fn under_max_models(&self, name: &str) -> Result<(), Error> {
         let loaded = self.repo.get(name, "").is_ok();
@@ -211,7 +226,7 @@ impl Control {
         }
         if self.placement.as_ref().is_some_and(|p| p.is_pinned(name)) {
             return Err(RequestError::FailedPrecondition(format!(
-                "model '{name}' is pinned (--load-model at start in placement mode): it stays loaded"
+                "model '{name}' is pinned (--load-model at start in placement mode, or a load with {PIN} true): it stays loaded"
             ))
             .into());
         }
@@ -422,5 +437,28 @@ impl Control {
         self.lifecycle.set(name, false).await;
         self.publish_overall().await;
         tracing::info!(model = %name, "model unloaded");
+    }
+}
+
+/// The load parameter that pins a model in placement mode.
+pub const PIN: &str = "infermesh_pin";
+
+/// Reads `infermesh_pin` from a load's parameters: None when absent.
+pub fn pin_parameter(
+    parameters: &std::collections::HashMap<String, infermesh_proto::ModelRepositoryParameter>,
+) -> Result<Option<bool>, RequestError> {
+    use infermesh_proto::model_repository_parameter::ParameterChoice;
+    match parameters.get(PIN).map(|p| &p.parameter_choice) {
+        None => Ok(None),
+        Some(Some(ParameterChoice::BoolParam(b))) => Ok(Some(*b)),
+        Some(other) => Err(RequestError::InvalidArgument(format!(
+            "parameter '{PIN}': expected a bool, found {}",
+            match other {
+                Some(ParameterChoice::Int64Param(_)) => "an int64",
+                Some(ParameterChoice::StringParam(_)) => "a string",
+                Some(ParameterChoice::BytesParam(_)) => "bytes",
+                _ => "nothing",
+            }
+        ))),
     }
 }

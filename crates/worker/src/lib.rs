@@ -164,6 +164,9 @@ pub async fn run(
         metrics,
         cache,
     };
+    let watch = infermesh_proto::placement::placement_server::PlacementServer::new(
+        placement::watch::WatchService(watcher, lifecycle.clone()),
+    );
     let parts = serve::Parts {
         listeners,
         lifecycle,
@@ -174,9 +177,7 @@ pub async fn run(
         watched: Vec::new(),
         extra_services: &["infermesh.placement.v1.Placement"],
     };
-    let watch = infermesh_proto::placement::placement_server::PlacementServer::new(
-        placement::watch::WatchService(watcher),
-    );
+
     serve::serve_routes(
         |limit| tonic::service::Routes::new(serve::generated(service, limit)).add_service(watch),
         parts,

@@ -139,7 +139,10 @@ pub struct Placement {
     pub capacity: u64,
     /// `--model-min-idle`: a model used more recently is not evicted for another.
     pub min_idle: Duration,
+    /// `--load-model` names.
     pinned: Mutex<BTreeSet<String>>,
+    /// Pinned by a load with `infermesh_pin` (a gateway's `copies.min`); unpinned the same way.
+    pinned_asked: Mutex<BTreeSet<String>>,
     sizes: Mutex<HashMap<(String, i64), Size>>,
     /// The least any measured load but the process's first took beyond its files (a
     /// session's own arena and pre-packed weights; the first load also carries ONNX
@@ -162,6 +165,7 @@ impl Placement {
             capacity,
             min_idle,
             pinned: Default::default(),
+            pinned_asked: Default::default(),
             sizes: Default::default(),
             overhead: AtomicU64::new(u64::MAX),
             measured_loads: AtomicUsize::new(0),
@@ -184,8 +188,23 @@ impl Placement {
             .insert(name.to_string());
     }
 
+    /// Pins (or unpins) `name` as a load's `infermesh_pin` asked; a `--load-model` pin
+    /// stays whatever a load says.
+    pub fn pin_asked(&self, name: &str, pin: bool) {
+        let mut asked = self.pinned_asked.lock().expect("placement lock");
+        match pin {
+            true => asked.insert(name.to_string()),
+            false => asked.remove(name),
+        };
+    }
+
     pub fn is_pinned(&self, name: &str) -> bool {
         self.pinned.lock().expect("placement lock").contains(name)
+            || self
+                .pinned_asked
+                .lock()
+                .expect("placement lock")
+                .contains(name)
     }
 
     /// What `name` `version` took when last loaded, or its files' size plus the smallest

@@ -208,6 +208,11 @@ impl Repository {
         let _ = self.changes.send(name.to_string());
     }
 
+    /// Tells change followers that something of `name` besides its state changed (a pin).
+    pub fn announce(&self, name: &str) {
+        let _ = self.changes.send(name.to_string());
+    }
+
     /// Whether a model of this name was found (in any state).
     pub fn knows(&self, name: &str) -> bool {
         self.models

@@ -370,6 +370,7 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<pb::RepositoryModelLoadResponse> {
         let req = req.into_inner();
         infermesh_core::model_control::check_load_parameters(req.parameters.keys())?;
+        let pin = crate::control::pin_parameter(&req.parameters)?;
         let name = req.model_name;
         self.control.load(&name).await.map_err(|e| match e {
             Error::Load(reason) => {
@@ -377,6 +378,9 @@ impl GrpcInferenceService for WorkerService {
             }
             other => Status::from(other),
         })?;
+        if let Some(pin) = pin {
+            self.control.set_pinned(&name, pin)?;
+        }
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 

@@ -3,11 +3,7 @@
 //! request of a batch is charged the batch's compute time), batch_stats one entry per
 //! executed batch size. Sums only ever grow.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use infermesh_proto as pb;
 
@@ -173,9 +169,4 @@ impl Stats {
 }
 
 /// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use infermesh_core::unix_ms as now_ms;

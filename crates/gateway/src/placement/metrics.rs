@@ -39,6 +39,8 @@ pub struct PlacementMetrics {
     pub refusals: Family<ReasonLabels, Counter>,
     pub queue: Family<ModelLabels, Gauge>,
     pub copies: Family<ModelLabels, Gauge>,
+    /// Copies the keeper asked for beyond requests' own loads, by why (min, load).
+    pub copies_added: Family<ResultLabels, Counter>,
 }
 
 impl Default for PlacementMetrics {
@@ -50,6 +52,7 @@ impl Default for PlacementMetrics {
             refusals: Family::default(),
             queue: Family::default(),
             copies: Family::default(),
+            copies_added: Family::default(),
         }
     }
 }
@@ -87,6 +90,11 @@ impl PlacementMetrics {
             "copies",
             "Ready copies of each model over the workers (workers holding a ready version)",
             m.copies.clone(),
+        );
+        r.register(
+            "copies_added",
+            "Copies the gateway asked for ahead of requests, by why (min: the routing file's copies.min; load: the copies were saturated)",
+            m.copies_added.clone(),
         );
         m
     }

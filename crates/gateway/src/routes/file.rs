@@ -8,6 +8,7 @@
 //!     hedge: {after: p95}       # or {after_ms: 5}: at most one extra copy
 //!     shadow: {target: {version: "2"}, percent: 25}   # see `rules`
 //!     guard: {version: "2", max_error_rate: 0.02}     # see `rules`
+//!     copies: {min: 2, max: 8}  # placement-mode workers: copies kept loaded, and the most
 //! ```
 //!
 //! Every check is made while the file is read, so an error names the field, its line and
@@ -48,6 +49,22 @@ pub struct Entry {
     /// Takes a version out of the split when its errors or disagreement cross a line.
     #[serde(default, deserialize_with = "rules::guard")]
     pub guard: Option<Guard>,
+    /// On placement-mode workers: copies loaded ahead of requests (and pinned), and the
+    /// most that load may add.
+    #[serde(default)]
+    pub copies: Option<Copies>,
+}
+
+/// `copies: {min, max}`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Copies {
+    /// Loaded ahead of traffic on the model's first-ranked workers, pinned there.
+    #[serde(default)]
+    pub min: u32,
+    /// The most copies load may bring (default: every placement-mode worker).
+    #[serde(default)]
+    pub max: Option<u32>,
 }
 
 /// When a hedge is sent.
@@ -83,6 +100,17 @@ pub fn parse(text: &str) -> Result<File, String> {
             return Err(format!(
                 "models.{model}.fallback: true needs a split to fall back within; expected a `split` beside it, found none"
             ));
+        }
+        if let Some(Copies {
+            min,
+            max: Some(max),
+        }) = entry.copies
+        {
+            if max == 0 || max < min {
+                return Err(format!(
+                    "models.{model}.copies.max: expected at least 1 and at least min ({min}), found {max}"
+                ));
+            }
         }
         if let Some(guard) = &entry.guard {
             let versions: Vec<i64> = entry.split.iter().flatten().map(|(v, _)| *v).collect();
@@ -228,6 +256,17 @@ mod tests {
         assert_eq!(f.models["other"].hedge, Some(After::Ms(5.0)));
         assert_eq!(f.models["other"].split, None);
         assert_eq!(parse("").unwrap(), File::default());
+        let f =
+            parse("models:\n  mlp:\n    copies: {min: 2, max: 8}\n  one:\n    copies: {min: 1}\n")
+                .unwrap();
+        assert_eq!(
+            f.models["mlp"].copies,
+            Some(Copies {
+                min: 2,
+                max: Some(8)
+            })
+        );
+        assert_eq!(f.models["one"].copies, Some(Copies { min: 1, max: None }));
         let f = parse(
             "models:\n  mlp:\n    split: {1: 9, 2: 1}\n    shadow:\n      target: {version: \"2\"}\n      percent: 25\n      compare: {atol: 1.0e-4, rtol: 1.0e-3}\n    guard:\n      version: \"2\"\n      max_error_rate: 0.02\n      min_agreement: 0.99\n      window_s: 30\n      min_requests: 200\n  other:\n    shadow: {target: {model: cand, version: \"\"}}\n",
         )
@@ -289,6 +328,9 @@ mod tests {
             ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 1, min_agreement: 0.9, window_s: 0}\n", "window_s"),
             ("models:\n  mlp:\n    guard: {version: 2, max_error_rate: 0.1}\n", "models.mlp.guard.version"),
             ("models:\n  mlp:\n    split: {1: 1}\n    guard: {version: 2, max_error_rate: 0.1}\n", "split [1]"),
+            ("models:\n  mlp:\n    copies: {min: 3, max: 2}\n", "models.mlp.copies.max"),
+            ("models:\n  mlp:\n    copies: {min: -1}\n", "line 3"),
+            ("models:\n  mlp:\n    copies: {least: 1}\n", "unknown field `least`"),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(expect), "{text:?}: {err}");

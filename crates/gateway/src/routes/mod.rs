@@ -209,6 +209,7 @@ impl Routes {
             hedge: entry.hedge,
             shadow: entry.shadow.map(|rule| self.shadow(model, rule)),
             guard: entry.guard.map(|rule| self.guard(model, rule)),
+            copies: entry.copies.unwrap_or_default(),
             records,
             ..Default::default()
         }

@@ -220,8 +220,9 @@ pub async fn relay(
     }
 }
 
-/// The gRPC service.
-pub struct WatchService(pub Arc<Watcher>);
+/// The gRPC service; its streams end when the worker starts refusing requests (so its
+/// drain does not wait for followers that never hang up).
+pub struct WatchService(pub Arc<Watcher>, pub infermesh_core::Lifecycle);
 
 #[tonic::async_trait]
 impl placement_server::Placement for WatchService {
@@ -236,7 +237,13 @@ impl placement_server::Placement for WatchService {
         let first = self.0.snapshot();
         let (out, rx) = mpsc::channel(4);
         let watcher = self.0.clone();
-        tokio::spawn(relay(first, changes, out, move || watcher.snapshot()));
+        let lifecycle = self.1.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = relay(first, changes, out, move || watcher.snapshot()) => {}
+                () = lifecycle.refusing() => {}
+            }
+        });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
