@@ -275,3 +275,45 @@ def test_copies_follow_load_up_to_the_routing_files_max(repo, tmp_path):
     finally:
         for s in [gateway, *workers]:
             assert s.stop() == 0
+
+
+def test_a_draining_worker_keeps_its_models_until_they_are_loaded_elsewhere(repo):
+    workers = [placed(repo, 64 * MiB, "--shutdown-grace", "5s") for _ in range(2)]
+    gateway = Gateway(*workers)
+    stop, failures, served = threading.Event(), [], [0]
+
+    def traffic():
+        c = grpcclient.InferenceServerClient(gateway.url)
+        while not stop.is_set():
+            try:
+                ask(c, "m10")
+                served[0] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is the test's finding
+                failures.append(e)
+
+    try:
+        ask(gateway.client, "m10")
+        first = ranked("m10", workers)[0]
+        other = next(w for w in workers if w is not first)
+        cold = metric(gateway, "infermesh_gateway_placement_requests_total", result="cold")
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            first.proc.send_signal(signal.SIGTERM)
+            wait_for("m10 loaded on the other worker", lambda: holders([other], "m10") == [other])
+            wait_for("the draining worker out of rotation", lambda: metric(
+                gateway, "infermesh_gateway_worker_ready", worker=first.url) == 0)
+            then = served[0]
+            wait_for("requests after the move", lambda: served[0] > then + 20)
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert not failures, failures[:3]
+        # Served by the draining worker until the copy was ready: no request waited for a load.
+        assert metric(gateway, "infermesh_gateway_placement_requests_total", result="cold") == cold
+        assert first.proc.wait(timeout=60) == 0
+    finally:
+        gateway.stop()
+        for w in workers:
+            if w.proc.poll() is None:
+                assert w.stop() == 0

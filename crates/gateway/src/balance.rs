@@ -13,13 +13,23 @@ pub fn pick(
     target: &Target,
     tried: &[String],
 ) -> Option<(Arc<Endpoint>, bool)> {
+    draw(workers, target, tried, false).or_else(|| draw(workers, target, tried, true))
+}
+
+/// `pick` over the workers that are not draining, or (`draining`) over every one: a
+/// draining worker takes a model's requests only while no other worker holds it.
+fn draw(
+    workers: &[Arc<Endpoint>],
+    target: &Target,
+    tried: &[String],
+    draining: bool,
+) -> Option<(Arc<Endpoint>, bool)> {
     // Two distinct candidates drawn uniformly in one pass (a reservoir of two), so each
     // worker's state is read once and nothing is allocated per request.
     let (mut a, mut b, mut n) = (None, None, 0usize);
-    for e in workers
-        .iter()
-        .filter(|e| e.serves(&target.model, Some(target.version)) && !tried.contains(&e.addr))
-    {
+    for e in workers.iter().filter(|e| {
+        e.takes(&target.model, Some(target.version), draining) && !tried.contains(&e.addr)
+    }) {
         n += 1;
         match n {
             1 => a = Some(e),

@@ -39,6 +39,10 @@ pub struct Seen {
     pub problem: Option<String>,
     /// What its change stream said, while the stream is open (see `follow`).
     pub held: Option<Arc<Held>>,
+    /// A placement-mode worker whose health said NOT_SERVING (its shutdown began): it
+    /// still serves its models, only where no other worker holds them, until the gateway
+    /// has loaded them elsewhere (see `placement::keeper`); nothing new is placed on it.
+    pub draining: bool,
 }
 
 pub struct Endpoint {
@@ -196,8 +200,14 @@ impl Endpoint {
 
     /// Whether it is ready and serves `model` at `version` (None: any version).
     pub fn serves(&self, model: &str, version: Option<i64>) -> bool {
+        self.takes(model, version, true)
+    }
+
+    /// `serves`, leaving out a draining worker unless `draining` (one read of its state).
+    pub fn takes(&self, model: &str, version: Option<i64>, draining: bool) -> bool {
         let seen = self.seen.load();
         seen.ready
+            && (draining || !seen.draining)
             && seen
                 .models
                 .get(model)
@@ -231,10 +241,16 @@ impl Endpoint {
     pub fn places(&self, model: &str) -> bool {
         let seen = self.seen.load();
         seen.ready
+            && !seen.draining
             && seen
                 .held
                 .as_ref()
                 .is_some_and(|h| h.placing() && h.models.contains_key(model))
+    }
+
+    /// Whether it is draining its placed models (see `Seen::draining`).
+    pub fn is_draining(&self) -> bool {
+        self.seen.load().draining
     }
 
     /// What its change stream said, while the stream is open.
@@ -419,6 +435,16 @@ impl Endpoint {
         while let Some(Ok(update)) = stream.next().await {
             if update.status() == ServingStatus::Serving {
                 self.wake.notify_one();
+            } else if self.placing() {
+                // Its models stay served here until copies elsewhere take over.
+                if self.seen().ready && !self.is_draining() {
+                    tracing::info!(worker = %self.addr, "worker health NOT_SERVING; draining its models to other workers");
+                    self.store(|seen| Seen {
+                        draining: true,
+                        ..seen.clone()
+                    });
+                }
+                return;
             } else {
                 if self.seen().ready {
                     tracing::info!(worker = %self.addr, "worker health NOT_SERVING; out of rotation");
@@ -501,6 +527,13 @@ impl Endpoint {
         self.metrics.load.set((self.load.cost() / 1000.0) as i64);
         self.store(|current| {
             let mut next = seen.clone();
+            // A draining worker says it is not ready but still serves: the keeper decides
+            // when it leaves. Ready again, it is back in full.
+            if current.draining && current.ready && next.problem.as_deref() == Some("not ready") {
+                next.ready = true;
+                next.problem = None;
+                next.draining = true;
+            }
             if streamed && !Self::models_from_stream(&mut next, current) {
                 // The stream closed meanwhile: the models as they were, until the next poll.
                 next.models = current.models.clone();
@@ -559,6 +592,7 @@ pub fn fakes(first: usize, n: usize, models: &[(&str, &[i64])]) -> Vec<Arc<Endpo
                 versions,
                 problem: None,
                 held: None,
+                draining: false,
             });
             ep
         })
@@ -579,6 +613,7 @@ mod tests {
             versions: [("m".to_string(), BTreeSet::from([1]))].into(),
             problem: None,
             held: None,
+            draining: false,
         }
     }
 

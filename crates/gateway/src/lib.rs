@@ -121,6 +121,7 @@ pub async fn run(
                 inflight: config.placement_copy_inflight,
                 window: config.placement_copy_window,
             },
+            drain_timeout: config.server.drain_timeout,
         },
         placement_metrics,
     );

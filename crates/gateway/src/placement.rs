@@ -58,6 +58,8 @@ pub struct Placer {
     routes: Arc<crate::routes::Routes>,
     scaling: Scaling,
     keeping: keeper::Keeping,
+    /// How long a draining worker keeps its models' requests while they move.
+    drain_timeout: Duration,
 }
 
 /// The placer's settings (the gateway's `--placement-*` flags).
@@ -66,6 +68,7 @@ pub struct Settings {
     pub max_queue: usize,
     pub load_timeout: Duration,
     pub scaling: Scaling,
+    pub drain_timeout: Duration,
 }
 
 /// The worker's load parameter that pins a model (never evicted).
@@ -94,6 +97,7 @@ impl Placer {
             routes,
             scaling: settings.scaling,
             keeping: Default::default(),
+            drain_timeout: settings.drain_timeout,
         })
     }
 
@@ -393,6 +397,7 @@ mod tests {
                 inflight: 4.0,
                 window: Duration::from_secs(5),
             },
+            drain_timeout: Duration::from_secs(30),
         };
         Placer::new(pool, routes, settings, Default::default())
     }

@@ -30,6 +30,8 @@ pub struct Keeping {
     hot_since: Mutex<HashMap<String, Instant>>,
     /// Loads the keeper asked for and that have not answered: (model, worker).
     asked: Mutex<HashSet<(String, String)>>,
+    /// Since when each draining worker has been draining.
+    draining_since: Mutex<HashMap<String, Instant>>,
 }
 
 /// One model as the workers' change streams show it.
@@ -66,6 +68,7 @@ impl Placer {
         names.sort();
         names.dedup();
         let table = self.routes.current();
+        self.drain(&placing);
         for name in &names {
             let model = survey(name, &placing);
             self.metrics
@@ -86,6 +89,41 @@ impl Placer {
                 }
             }
             self.follow_load(name, &model, copies.max.map_or(usize::MAX, |m| m as usize));
+        }
+    }
+
+    /// Moves each draining worker's models: a model it alone holds is loaded on the next
+    /// worker in its ranking; once none is left (or `--drain-timeout` has passed) the
+    /// worker leaves rotation.
+    fn drain(self: &Arc<Self>, placing: &[&Arc<Endpoint>]) {
+        let mut since = self.keeping.draining_since.lock().expect("keeper lock");
+        since.retain(|addr, _| placing.iter().any(|e| e.addr == *addr && e.is_draining()));
+        for ep in placing.iter().filter(|e| e.is_draining()) {
+            let started = *since.entry(ep.addr.clone()).or_insert_with(Instant::now);
+            let held = ep.held().map(|h| h.models.clone()).unwrap_or_default();
+            let mut alone = 0;
+            for (name, versions) in &held {
+                if !versions.iter().any(|v| v.state == "READY") {
+                    continue;
+                }
+                let model = survey(name, placing);
+                if model.holders.is_empty() {
+                    alone += 1;
+                    if let Some(next) = model.ranked.first() {
+                        self.ask(next, name, false);
+                    }
+                }
+            }
+            let late = started.elapsed() >= self.drain_timeout;
+            if alone == 0 || late {
+                tracing::info!(worker = %ep.addr, models_left = alone, "draining worker out of rotation");
+                ep.mark_unready(match late {
+                    false => "draining; its models are held elsewhere".into(),
+                    true => format!(
+                        "draining; --drain-timeout passed with {alone} models held nowhere else"
+                    ),
+                });
+            }
         }
     }
 
