@@ -5,13 +5,14 @@ the binaries' shutdown flags, and that every INFERMESH_ variable is a real flag.
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
 
-from conftest import ROOT, Gateway, binary
+from conftest import ROOT, Gateway, Worker, binary
 
-OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit", "production-tls"]
+OVERLAYS = ["cpu", "gpu", "production", "production-keda", "explicit", "production-tls", "placement"]
 
 
 def run(*cmd):
@@ -63,13 +64,15 @@ def test_pods_are_hardened_and_consistent(overlay):
     docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "infermesh-config")["data"]
     secs = lambda v: float(v.rstrip("s"))  # noqa: E731
-    needed = secs(config["INFERMESH_SHUTDOWN_GRACE"]) + secs(config["INFERMESH_DRAIN_TIMEOUT"])
     flags = {"infermesh-worker": env_flags("infermesh-worker"), "infermesh-gateway": env_flags("infermesh-gateway")}
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     for dep in (d for d in docs if d["kind"] == "Deployment"):
         pod = dep["spec"]["template"]["spec"]
         name = dep["metadata"]["name"]
         assert pod["enableServiceLinks"] is False, name
+        # A container's own env overrides the shared ConfigMap.
+        own = {**config, **{e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}}
+        needed = secs(own["INFERMESH_SHUTDOWN_GRACE"]) + secs(own["INFERMESH_DRAIN_TIMEOUT"])
         assert pod["terminationGracePeriodSeconds"] >= needed, name
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
@@ -103,7 +106,7 @@ def test_pods_are_hardened_and_consistent(overlay):
         budget = int(next(e["value"] for e in c["env"] if e["name"] == "INFERMESH_MAX_INFLIGHT_BYTES"))
         limit = quantity(c["resources"]["limits"]["memory"])
         assert 0 < budget <= limit * 3 // 4, (name, budget, limit)
-    if overlay not in ("cpu", "explicit"):
+    if overlay not in ("cpu", "explicit", "placement"):
         worker = next(d for d in docs if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"])
         limits = worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == 1
@@ -140,6 +143,20 @@ def test_dashboard_and_alerts_use_metrics_that_exist(mesh, tmp_path):
         exposed |= exposed_names(routed.metrics_url)
     finally:
         routed.stop()
+    # The placement series: a placement-mode worker and its gateway after one cold request.
+    placing = Worker("--model-control-mode", "placement", "--model-memory-bytes", str(1 << 30))
+    placed = Gateway(placing)
+    try:
+        placed.client.infer("digits", [i])
+        # Copies per model are counted once a second.
+        deadline = time.monotonic() + 30
+        while "infermesh_gateway_placement_copies" not in exposed_names(placed.metrics_url):
+            assert time.monotonic() < deadline, "no copies series"
+            time.sleep(0.1)
+        exposed |= exposed_names(placed.metrics_url) | exposed_names(placing.metrics_url)
+    finally:
+        placed.stop()
+        placing.stop()
     dashboard = _json.loads((ROOT / "deploy/monitoring/dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     rules = yaml.safe_load((ROOT / "deploy/monitoring/alerts.yaml").read_text())
@@ -266,7 +283,7 @@ def test_selectors_ports_and_gpus_line_up(overlay):
         if kind == "HorizontalPodAutoscaler":
             assert d["spec"]["scaleTargetRef"]["name"] in deps, name
     gpus = [n for n, p in pods.items() if "nvidia.com/gpu" in p["spec"]["containers"][0]["resources"].get("limits", {})]
-    assert gpus == ([] if overlay in ("cpu", "explicit") else ["infermesh-worker"])
+    assert gpus == ([] if overlay in ("cpu", "explicit", "placement") else ["infermesh-worker"])
 
 
 def test_the_tls_shape_lines_up():

@@ -96,7 +96,29 @@ impl PlacementMetrics {
             "Copies the gateway asked for ahead of requests, by why (min: the routing file's copies.min; load: the copies were saturated)",
             m.copies_added.clone(),
         );
+        // Every series but the per-model ones exists from start, at 0, so dashboards and
+        // rates see it before the first cold start.
+        for result in ["hit", "cold"] {
+            Self::touch(&m.requests, result);
+        }
+        for result in ["loaded", "refused", "failed"] {
+            Self::touch(&m.loads, result);
+        }
+        for result in ["min", "load"] {
+            Self::touch(&m.copies_added, result);
+        }
+        for reason in ["over-capacity", "churn-guard"] {
+            let _ = m.refusals.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
         m
+    }
+
+    fn touch(family: &Family<ResultLabels, Counter>, result: &str) {
+        let _ = family.get_or_create(&ResultLabels {
+            result: result.into(),
+        });
     }
 
     pub fn count(family: &Family<ResultLabels, Counter>, result: &str) {
