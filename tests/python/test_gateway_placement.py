@@ -317,3 +317,35 @@ def test_a_draining_worker_keeps_its_models_until_they_are_loaded_elsewhere(repo
         for w in workers:
             if w.proc.poll() is None:
                 assert w.stop() == 0
+
+
+def test_stream_messages_wait_for_their_models_load(repo):
+    """Messages of one ModelStreamInfer stream for models no worker holds each wait for
+    their model's load; every message is answered, in any order."""
+    import queue
+    workers = [placed(repo, 64 * MiB) for _ in range(2)]
+    gateway = Gateway(*workers)
+    answers = queue.Queue()
+    client = grpcclient.InferenceServerClient(gateway.url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        names = [f"m{i}" for i in (20, 21, 22, 20, 21, 22)]
+        for n, name in enumerate(names):
+            k = size(int(name[1:]))
+            x = grpcclient.InferInput("x", [1, k], "FP32")
+            x.set_data_from_numpy(np.full((1, k), n, np.float32))
+            client.async_stream_infer(name, [x], request_id=str(n))
+        got = {}
+        for _ in names:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            got[result.get_response().id] = result.as_numpy("y")
+        for n, name in enumerate(names):
+            k = size(int(name[1:]))
+            np.testing.assert_allclose(got[str(n)], np.full((1, k), n, np.float32) @ weights(k), rtol=1e-4)
+        assert loads(workers) == 3
+    finally:
+        client.stop_stream()
+        client.close()
+        for s in [gateway, *workers]:
+            assert s.stop() == 0
