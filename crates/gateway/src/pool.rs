@@ -111,13 +111,16 @@ impl Pool {
     }
 
     /// Every model any worker lists, and whether a ready worker has a ready version of it
-    /// (the gateway's per-model health).
+    /// or, in placement mode, would load it on request (the gateway's per-model health,
+    /// as ModelReady answers).
     pub fn model_health(&self) -> BTreeMap<String, bool> {
         let mut health = BTreeMap::new();
         for ep in self.all().iter() {
             let seen = ep.seen();
+            let placing =
+                seen.ready && !seen.draining && seen.held.as_ref().is_some_and(|h| h.placing());
             for name in seen.known {
-                let serving = seen.ready && seen.models.contains_key(&name);
+                let serving = seen.ready && seen.models.contains_key(&name) || placing;
                 *health.entry(name).or_insert(false) |= serving;
             }
         }
