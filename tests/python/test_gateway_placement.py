@@ -349,3 +349,22 @@ def test_stream_messages_wait_for_their_models_load(repo):
         client.close()
         for s in [gateway, *workers]:
             assert s.stop() == 0
+
+
+def test_a_version_the_model_does_not_have_is_not_found_without_loads_elsewhere(repo):
+    workers = [placed(repo, 64 * MiB) for _ in range(2)]
+    gateway = Gateway(*workers)
+    try:
+        k = size(11)
+        x = grpcclient.InferInput("x", [1, k], "FP32")
+        x.set_data_from_numpy(np.ones((1, k), np.float32))
+        for _ in range(3):
+            with pytest.raises(InferenceServerException) as e:
+                gateway.client.infer("m11", [x], model_version="99", client_timeout=60)
+            assert e.value.status() == "StatusCode.NOT_FOUND", e.value
+            assert "version 99" in str(e.value), e.value
+        assert loads(workers) == 1, "one load of the model, then its versions are known"
+        assert metric(gateway, "infermesh_gateway_placement_loads_total", result="failed") == 0
+    finally:
+        for s in [gateway, *workers]:
+            assert s.stop() == 0

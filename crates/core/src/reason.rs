@@ -55,9 +55,12 @@ pub enum Reason {
     /// (gateway placement) Too many requests already wait for this model to be loaded
     /// (`--placement-queue`).
     PlacementQueueFull,
+    /// (gateway) The worker that held this request's sequence is gone, and its state
+    /// with it: the sequence must start again.
+    SequenceLost,
 }
 
-const ALL: [Reason; 18] = [
+const ALL: [Reason; 19] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -76,6 +79,7 @@ const ALL: [Reason; 18] = [
     Reason::OverCapacity,
     Reason::ChurnGuard,
     Reason::PlacementQueueFull,
+    Reason::SequenceLost,
 ];
 
 impl Reason {
@@ -99,6 +103,7 @@ impl Reason {
             Self::OverCapacity => "over-capacity",
             Self::ChurnGuard => "churn-guard",
             Self::PlacementQueueFull => "placement-queue-full",
+            Self::SequenceLost => "sequence-lost",
         }
     }
 

@@ -147,6 +147,17 @@ pub struct GatewayConfig {
     #[arg(long, env = "INFERMESH_PLACEMENT_COPY_WINDOW", default_value = "5s", value_parser = parse_duration)]
     pub placement_copy_window: Duration,
 
+    /// A sequence (Triton's sequence_id) unused this long is forgotten by this gateway;
+    /// its next request goes where rendezvous ranking puts it. Keep it at least the
+    /// models' max_sequence_idle_microseconds.
+    #[arg(long, env = "INFERMESH_SEQUENCE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub sequence_idle_timeout: Duration,
+
+    /// Sequences this gateway remembers at once; a new one beyond it (none idle past
+    /// --sequence-idle-timeout) gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "INFERMESH_MAX_SEQUENCES", default_value_t = 100_000)]
+    pub max_sequences: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

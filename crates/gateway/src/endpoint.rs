@@ -233,6 +233,15 @@ impl Endpoint {
             .copied()
     }
 
+    /// Whether it lists `version` of `model`, in any state.
+    pub fn lists(&self, model: &str, version: i64) -> bool {
+        self.seen
+            .load()
+            .versions
+            .get(model)
+            .is_some_and(|v| v.contains(&version))
+    }
+
     pub fn knows(&self, model: &str) -> bool {
         self.seen.load().known.contains(model)
     }

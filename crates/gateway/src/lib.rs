@@ -23,6 +23,7 @@ pub mod rank;
 pub mod retry;
 pub mod route;
 pub mod routes;
+pub mod sequence;
 pub mod service;
 pub mod shadow;
 pub mod single_flight;
@@ -144,6 +145,7 @@ pub async fn run(
         bytes: budget.clone(),
         shadows: shadow::Shadows::new(pool.clone(), &budget),
         placer,
+        sticky: sequence::Sticky::new(config.sequence_idle_timeout, config.max_sequences),
     });
     let shadows = forwarding.clone();
     let admin = admin::Admin::server(forwarding.clone());

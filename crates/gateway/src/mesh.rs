@@ -45,6 +45,8 @@ pub struct Forwarding {
     pub shadows: crate::shadow::Shadows,
     /// Loads models on placement-mode workers when no ready worker holds them.
     pub placer: Arc<crate::placement::Placer>,
+    /// Where each open sequence (Triton's sequence_id) is held.
+    pub sticky: crate::sequence::Sticky,
 }
 
 impl Forwarding {
@@ -78,6 +80,12 @@ impl Forwarding {
         self.placer.ensure(&req.model_name, named, deadline).await?;
         let table = self.routes.current();
         let policy = table.policy(&req.model_name);
+        if let Some(seq) = crate::sequence::of(&req.parameters)? {
+            let req = Arc::new(req);
+            return self
+                .sequenced(&req, &seq, &asked_version, policy, size, deadline, carry)
+                .await;
+        }
         let mesh = Workers::new(&self.pool, policy, &self.latency, size, carry);
         let retries = forward::Retries {
             budget: &self.budget,
@@ -101,6 +109,58 @@ impl Forwarding {
             self.shadows.offer(policy, &req, answer);
         }
         answer
+    }
+}
+
+impl Forwarding {
+    /// A request of a sequence: on the sequence's worker, once (never retried elsewhere,
+    /// hedged or shadowed: its state lives there). A worker gone under it is the
+    /// sequence's state lost (`sequence-lost`).
+    #[allow(clippy::too_many_arguments)]
+    async fn sequenced(
+        &self,
+        req: &Arc<RawRequest>,
+        seq: &crate::sequence::Sequence,
+        version: &str,
+        policy: &Arc<Policy>,
+        size: usize,
+        deadline: Option<tokio::time::Instant>,
+        carry: &trace::Carry,
+    ) -> Result<RawAnswer, Status> {
+        let all = self.pool.all();
+        let model = &req.model_name;
+        let (ep, version) = self.sticky.worker(&all, model, seq, || {
+            route::route(&all, model, version, policy).map_err(Status::from)
+        })?;
+        let left = forward::time_left(deadline, tokio::time::Instant::now())?;
+        let span = infermesh_core::child_span!(
+            "forward",
+            otel.kind = "client",
+            worker = %ep.addr,
+            attempt = 1,
+        );
+        let call = ep.call();
+        let result = upstream::attempt(&ep, req, version, size, left, carry, span).await;
+        call.ended();
+        match result {
+            Ok(answer) => {
+                ep.succeeded();
+                if seq.end {
+                    self.sticky.ended(model, seq);
+                }
+                Ok(answer)
+            }
+            Err(status) => {
+                let failure = crate::failure::classify(&status);
+                ep.note_failure(model, failure, &status);
+                match failure {
+                    Failure::Broken | Failure::Refusing => {
+                        Err(self.sticky.lost(model, seq, &ep.addr))
+                    }
+                    _ => Err(status),
+                }
+            }
+        }
     }
 }
 

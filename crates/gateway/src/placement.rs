@@ -120,24 +120,26 @@ impl Placer {
         if !all.iter().any(|e| e.places(model)) {
             return Ok(());
         }
+        // Loaded, but no worker lists the version asked for: nothing to load, and
+        // forwarding answers NOT_FOUND naming the versions there are.
+        if let Some(v) = version {
+            if all.iter().any(|e| e.serves(model, None)) && !all.iter().any(|e| e.lists(model, v)) {
+                return Ok(());
+            }
+        }
         PlacementMetrics::count(&self.metrics.requests, "cold");
         let _slot = self.queue(model)?;
         let started = Instant::now();
-        let result = self.wait(model, version, deadline).await;
+        let result = self.wait(model, deadline).await;
         self.metrics
             .cold_wait
             .observe(started.elapsed().as_secs_f64());
         result
     }
 
-    async fn wait(
-        self: &Arc<Self>,
-        model: &str,
-        version: Option<i64>,
-        deadline: Option<Instant>,
-    ) -> Result<(), Status> {
+    async fn wait(self: &Arc<Self>, model: &str, deadline: Option<Instant>) -> Result<(), Status> {
         loop {
-            let flight = self.flight(model, version);
+            let flight = self.flight(model);
             let placed = match deadline {
                 Some(d) => tokio::time::timeout_at(d, flight)
                     .await
@@ -195,14 +197,14 @@ impl Placer {
 
     /// The load round under way for `model`, or a new one; it runs as its own task, so
     /// it finishes even if every request waiting for it goes away.
-    fn flight(self: &Arc<Self>, model: &str, version: Option<i64>) -> Flight {
+    fn flight(self: &Arc<Self>, model: &str) -> Flight {
         let mut flights = self.flights.lock().expect("placement lock");
         if let Some(f) = flights.get(model) {
             return f.clone();
         }
         let (me, name) = (self.clone(), model.to_string());
         let task = tokio::spawn(async move {
-            let placed = me.place(&name, version).await;
+            let placed = me.place(&name).await;
             me.flights.lock().expect("placement lock").remove(&name);
             placed
         });
@@ -218,7 +220,7 @@ impl Placer {
     }
 
     /// One round: the workers that list the model, in its ranking, asked in turn.
-    async fn place(&self, model: &str, version: Option<i64>) -> Placed {
+    async fn place(&self, model: &str) -> Placed {
         let all = self.pool.all();
         let candidates: Vec<&Arc<Endpoint>> = all.iter().filter(|e| e.places(model)).collect();
         let addrs: Vec<&str> = candidates.iter().map(|e| e.addr.as_str()).collect();
@@ -229,10 +231,10 @@ impl Placer {
                 .iter()
                 .find(|e| e.addr == addr)
                 .expect("ranked from the candidates");
-            if all.iter().any(|e| e.serves(model, version)) {
+            if all.iter().any(|e| e.serves(model, None)) {
                 return Placed::Ready; // another gateway's load, seen meanwhile
             }
-            match self.load_on(ep, model, version, false).await {
+            match self.load_on(ep, model, false).await {
                 Ok(()) => return Placed::Ready,
                 Err((why, reason)) => {
                     why_not.push(reason);
@@ -240,7 +242,7 @@ impl Placer {
                 }
             }
         }
-        if all.iter().any(|e| e.serves(model, version)) {
+        if all.iter().any(|e| e.serves(model, None)) {
             return Placed::Ready;
         }
         let model = clip(model);
@@ -276,7 +278,6 @@ impl Placer {
         &self,
         ep: &Endpoint,
         model: &str,
-        version: Option<i64>,
         pin: bool,
     ) -> Result<(), (String, Option<Reason>)> {
         let mut client = ep.client.clone();
@@ -302,17 +303,18 @@ impl Placer {
         let answer = tokio::time::timeout(self.load_timeout, asked).await;
         let status = match answer {
             Ok(Ok(_)) => {
-                if !ep.wait_serving(model, version, SEEN_WITHIN).await {
+                // Any version will do: a version the model does not have is forwarding's
+                // NOT_FOUND, not a reason to load it anywhere else.
+                if !ep.wait_serving(model, None, SEEN_WITHIN).await {
                     ep.refresh_index(SEEN_WITHIN).await;
                 }
-                if ep.serves(model, version) {
+                if ep.serves(model, None) {
                     PlacementMetrics::count(&self.metrics.loads, "loaded");
                     tracing::info!(model = %clip(model), worker = %ep.addr, "model placed");
                     return Ok(());
                 }
                 PlacementMetrics::count(&self.metrics.loads, "failed");
-                let want = version.map_or("a ready version".into(), |v| format!("version {v}"));
-                return Err((format!("loaded, but without {want}"), None));
+                return Err(("loaded, but no version is ready".into(), None));
             }
             Ok(Err(status)) => status,
             Err(_) => {

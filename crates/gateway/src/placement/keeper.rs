@@ -32,7 +32,13 @@ pub struct Keeping {
     asked: Mutex<HashSet<(String, String)>>,
     /// Since when each draining worker has been draining.
     draining_since: Mutex<HashMap<String, Instant>>,
+    /// Loads refused or failed, not asked again of the same worker until then.
+    backoff: Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// How long a (model, worker) whose load the keeper asked for failed is left alone (a
+/// worker full of models in use would otherwise be asked every second).
+const BACKOFF: Duration = Duration::from_secs(10);
 
 /// One model as the workers' change streams show it.
 struct Model<'a> {
@@ -159,6 +165,14 @@ impl Placer {
     /// Asks `ep` to load `name` (pinned or not) in the background, once at a time.
     fn ask(self: &Arc<Self>, ep: &Arc<Endpoint>, name: &str, pin: bool) {
         let key = (name.to_string(), ep.addr.clone());
+        {
+            let mut backoff = self.keeping.backoff.lock().expect("keeper lock");
+            let now = Instant::now();
+            backoff.retain(|_, until| *until > now);
+            if backoff.contains_key(&key) {
+                return;
+            }
+        }
         if !self
             .keeping
             .asked
@@ -170,7 +184,14 @@ impl Placer {
         }
         let (me, ep) = (self.clone(), ep.clone());
         tokio::spawn(async move {
-            let _ = me.load_on(&ep, &key.0, None, pin).await;
+            if me.load_on(&ep, &key.0, pin).await.is_err() {
+                let until = Instant::now() + BACKOFF;
+                me.keeping
+                    .backoff
+                    .lock()
+                    .expect("keeper lock")
+                    .insert(key.clone(), until);
+            }
             me.keeping.asked.lock().expect("keeper lock").remove(&key);
         });
     }
