@@ -15,6 +15,7 @@ gateways); and the baseline's share of requests served and its p50.
 
 Run through bench/placement.sh (BENCH_BUILD=0 keeps the release binaries as they are)."""
 import argparse
+import json
 import os
 import pathlib
 import shlex
@@ -101,25 +102,37 @@ def metric(url: str, name: str, **labels) -> float:
     return total
 
 
+def listening(procs, name: str, timeout: float = 60) -> tuple[str, str]:
+    """The gRPC and metrics addresses a server started on port 0 logged (no port picked
+    ahead can be taken by another process in between)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.check_alive()
+        for line in (procs.logdir / f"{name}.log").read_text(errors="replace").splitlines():
+            try:
+                fields = json.loads(line).get("fields", {})
+            except ValueError:
+                continue
+            if "address" in fields and "metrics" in fields:
+                return fields["address"], fields["metrics"]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not log its addresses:\n{procs.tail(name)}")
+        time.sleep(0.05)
+
+
 def start_fleet(bin_dir, procs, repo, workers, extra_worker, gateways=2):
     """Workers and gateways on loopback; returns (worker (grpc, metrics)), gateway (grpc, metrics))."""
-    ws = []
+    common = ["--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-address", "127.0.0.1",
+              "--metrics-port", "0", "--health-port", "0", "--allow-http", "false", "--shutdown-grace", "0s",
+              "--log-format", "json"]
     for n in range(workers):
-        port, metrics = h.free_port(), h.free_port()
-        procs.start(f"worker{n}", [str(bin_dir / "infermesh-worker"), "--model-repository", str(repo),
-                                   "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--metrics-address",
-                                   "127.0.0.1", "--metrics-port", str(metrics), "--health-port", "0",
-                                   "--allow-http", "false", "--intra-op-threads", "1", "--shutdown-grace", "0s",
-                                   *extra_worker])
-        ws.append((f"127.0.0.1:{port}", f"127.0.0.1:{metrics}"))
-    gs = []
+        procs.start(f"worker{n}", [str(bin_dir / "infermesh-worker"), "--model-repository", str(repo), *common,
+                                   "--intra-op-threads", "1", *extra_worker])
+    ws = [listening(procs, f"worker{n}") for n in range(workers)]
     for n in range(gateways):
-        port, metrics = h.free_port(), h.free_port()
         procs.start(f"gateway{n}", [str(bin_dir / "infermesh-gateway"), "--workers", ",".join(w for w, _ in ws),
-                                    "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--metrics-address",
-                                    "127.0.0.1", "--metrics-port", str(metrics), "--health-port", "0",
-                                    "--allow-http", "false", "--shutdown-grace", "0s"])
-        gs.append((f"127.0.0.1:{port}", f"127.0.0.1:{metrics}"))
+                                    *common])
+    gs = [listening(procs, f"gateway{n}") for n in range(gateways)]
     return ws, gs
 
 

@@ -30,6 +30,10 @@ pub struct Sequence {
     pub end: bool,
 }
 
+/// The longest string `sequence_id` taken: the table holds each open one
+/// (`--max-sequences` of them at most).
+pub const MAX_ID_BYTES: usize = 256;
+
 /// Triton's sequence parameters of a request: None without a `sequence_id` (0 and "" are
 /// none, as in Triton); an id of another type is refused naming it.
 pub fn of(parameters: &Parameters) -> Result<Option<Sequence>, Status> {
@@ -41,6 +45,12 @@ pub fn of(parameters: &Parameters) -> Result<Option<Sequence>, Status> {
         Some(ParameterChoice::Int64Param(n)) => Some(format!("i:{n}")),
         Some(ParameterChoice::Uint64Param(n)) => Some(format!("i:{n}")),
         Some(ParameterChoice::StringParam(s)) if s.is_empty() => None,
+        Some(ParameterChoice::StringParam(s)) if s.len() > MAX_ID_BYTES => {
+            return Err(Status::invalid_argument(format!(
+                "parameter 'sequence_id': expected a string of at most {MAX_ID_BYTES} bytes, found {} bytes",
+                s.len()
+            )))
+        }
         Some(ParameterChoice::StringParam(s)) => Some(format!("s:{s}")),
         _ => {
             return Err(Status::invalid_argument(
@@ -238,6 +248,12 @@ mod tests {
         assert!(of(&Parameters::new()).unwrap().is_none());
         let err = of(&params(ParameterChoice::BoolParam(true), true, false)).unwrap_err();
         assert!(err.message().contains("sequence_id"), "{err:?}");
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let err = of(&params(ParameterChoice::StringParam(long), true, false)).unwrap_err();
+        assert!(
+            err.message().contains("at most 256 bytes, found 257"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
