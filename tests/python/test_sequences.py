@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import MODELS, Gateway, Worker
 from test_gateway_placement import score
+from test_placement import metric
 
 SAMPLE = np.array(json.loads((MODELS / "digits/samples.json").read_text())["inputs"][:1], dtype=np.float32)
 
@@ -108,3 +109,6 @@ def test_a_killed_workers_sequences_are_lost_and_only_those(fleet3):
             gateway.client.infer("digits", [digits_input()], sequence_id=seq, sequence_end=True)
     # A new start picks a worker that is there.
     gateway.client.infer("digits", [digits_input()], sequence_id=lost[0], sequence_start=True)
+    assert metric(gateway, "infermesh_gateway_sequences_lost_total") == len(lost)
+    # Open: the survivors ended theirs; the lost ones are forgotten; the restarted one is open.
+    assert metric(gateway, "infermesh_gateway_sequences_open") == 1

@@ -145,7 +145,7 @@ pub async fn run(
         bytes: budget.clone(),
         shadows: shadow::Shadows::new(pool.clone(), &budget),
         placer,
-        sticky: sequence::Sticky::new(config.sequence_idle_timeout, config.max_sequences),
+        sticky: sequence::Sticky::new(config.sequence_idle_timeout, config.max_sequences, &metrics),
     });
     let shadows = forwarding.clone();
     let admin = admin::Admin::server(forwarding.clone());

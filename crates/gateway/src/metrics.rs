@@ -109,6 +109,10 @@ pub struct GatewayMetrics {
     pub discovery_changes: Family<ChangeLabels, Counter>,
     pub dns_failures: Counter,
     pub open_streams: Gauge,
+    /// Sequences (Triton's sequence_id) this gateway holds a worker for.
+    pub sequences_open: Gauge,
+    /// Sequence requests answered `sequence-lost`.
+    pub sequences_lost: Counter,
     pub split: Family<SplitLabels, Counter>,
     pub hedges: Family<HedgeLabels, Counter>,
     pub shadow: Family<ShadowLabels, Counter>,
@@ -138,6 +142,8 @@ impl Default for GatewayMetrics {
             discovery_changes: Family::default(),
             dns_failures: Counter::default(),
             open_streams: Gauge::default(),
+            sequences_open: Gauge::default(),
+            sequences_lost: Counter::default(),
             split: Family::default(),
             hedges: Family::default(),
             shadow: Family::default(),
@@ -251,6 +257,16 @@ impl GatewayMetrics {
             "open_streams",
             "ModelStreamInfer streams open now",
             m.open_streams.clone(),
+        );
+        r.register(
+            "sequences_open",
+            "Sequences (Triton's sequence_id) this gateway keeps on a worker",
+            m.sequences_open.clone(),
+        );
+        r.register(
+            "sequences_lost",
+            "Sequence requests answered sequence-lost: the sequence's worker was gone",
+            m.sequences_lost.clone(),
         );
         r.register(
             "split_requests",

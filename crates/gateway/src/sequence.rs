@@ -78,6 +78,9 @@ pub struct Sticky {
     table: Mutex<HashMap<(String, String), Held>>,
     idle: Duration,
     max: usize,
+    /// `infermesh_gateway_sequences_open` and `_lost_total`.
+    open: prometheus_client::metrics::gauge::Gauge,
+    lost: prometheus_client::metrics::counter::Counter,
 }
 
 struct Held {
@@ -88,11 +91,13 @@ struct Held {
 
 impl Sticky {
     /// `idle`: a sequence unused this long is forgotten; `max`: sequences remembered at once.
-    pub fn new(idle: Duration, max: usize) -> Self {
+    pub fn new(idle: Duration, max: usize, metrics: &crate::metrics::GatewayMetrics) -> Self {
         Self {
             table: Mutex::default(),
             idle,
             max,
+            open: metrics.sequences_open.clone(),
+            lost: metrics.sequences_lost.clone(),
         }
     }
 
@@ -121,6 +126,8 @@ impl Sticky {
                     let Some(ep) = serving(&held.worker, held.version) else {
                         let worker = held.worker.clone();
                         table.remove(&key);
+                        self.open.set(table.len() as i64);
+                        self.lost.inc();
                         return Err(lost(model, seq, &worker));
                     };
                     held.last = now;
@@ -167,21 +174,22 @@ impl Sticky {
                     last: now,
                 },
             );
+            self.open.set(table.len() as i64);
         }
         Ok((ep, target.version))
     }
 
     /// The sequence ended (its `sequence_end` request answered): forgotten.
     pub fn ended(&self, model: &str, seq: &Sequence) {
-        self.table
-            .lock()
-            .expect("sequence lock")
-            .remove(&(model.to_string(), seq.key.clone()));
+        let mut table = self.table.lock().expect("sequence lock");
+        table.remove(&(model.to_string(), seq.key.clone()));
+        self.open.set(table.len() as i64);
     }
 
     /// The sequence's worker failed under it: forgotten, and the client told it is lost.
     pub fn lost(&self, model: &str, seq: &Sequence, worker: &str) -> Status {
         self.ended(model, seq);
+        self.lost.inc();
         lost(model, seq, worker)
     }
 
@@ -259,7 +267,8 @@ mod tests {
     #[tokio::test]
     async fn a_sequence_stays_on_its_worker_until_it_is_gone() {
         let ws = fakes(1, 3, &[("m", &[1])]);
-        let sticky = Sticky::new(Duration::from_secs(60), 10);
+        let metrics = crate::metrics::GatewayMetrics::default();
+        let sticky = Sticky::new(Duration::from_secs(60), 10, &metrics);
         let route = || Ok(crate::route::route(&ws, "m", "", &Default::default()).unwrap());
         let worker = |seq: &Sequence| {
             sticky
@@ -284,6 +293,7 @@ mod tests {
         }
         assert_eq!(on.len(), 3, "sequences spread over every worker");
         assert_eq!(sticky.open(), 0);
+        assert_eq!(metrics.sequences_open.get(), 0);
         // Its worker gone mid-sequence: lost, and forgotten; a new start picks another.
         let held = worker(&seq(99, true, false)).unwrap();
         let ep = ws.iter().find(|e| e.addr == held).unwrap();
@@ -292,6 +302,7 @@ mod tests {
         assert_eq!(err.code(), Code::Aborted);
         assert_eq!(reason::of_status(&err), Some(Reason::SequenceLost));
         assert!(err.message().contains("sequence 99"), "{err:?}");
+        assert_eq!(metrics.sequences_lost.get(), 1);
         let again = worker(&seq(99, true, false)).unwrap();
         assert_ne!(again, held);
         // The table is bounded.
