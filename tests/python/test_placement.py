@@ -5,6 +5,7 @@ recently used idle models evicted first, pinned models never, the churn guard's 
 statistics that keep counting across an eviction, and measured sizes near the resident
 set's growth."""
 import concurrent.futures
+import sys
 import urllib.request
 
 import numpy as np
@@ -12,25 +13,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Worker
+from conftest import ROOT, Worker
+
+sys.path.append(str(ROOT / "bench"))
+from placement import matmul_model  # noqa: E402 - the benchmark's generator: y = x · W, W a constant k×k
 
 MiB = 1 << 20
-
-
-def matmul_model(path, k):
-    """y = x · W with W a constant k×k FP32 matrix: a file of about 4·k² bytes."""
-    import onnx
-    from onnx import TensorProto, helper
-    w = np.random.RandomState(k).rand(k, k).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [k, k], w.tobytes(), raw=True)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.SerializeToString())
 
 
 @pytest.fixture(scope="module")
