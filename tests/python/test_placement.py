@@ -6,7 +6,6 @@ statistics that keep counting across an eviction, and measured sizes near the re
 set's growth."""
 import concurrent.futures
 import sys
-import urllib.request
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from conftest import ROOT, Worker
 
 sys.path.append(str(ROOT / "bench"))
 from placement import matmul_model  # noqa: E402 - the benchmark's generator: y = x · W, W a constant k×k
+from placement import metric as scrape  # noqa: E402
 
 MiB = 1 << 20
 
@@ -30,13 +30,8 @@ def repo(tmp_path_factory):
 
 
 def metric(server, name, **labels):
-    text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (line.startswith(name + " ") or line.startswith(name + "{")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """A series of `server`'s metrics, summed over the labels not given."""
+    return scrape(server.metrics_url, name, **labels)
 
 
 def rss(server):

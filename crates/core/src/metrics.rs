@@ -15,6 +15,18 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     0.25, 0.5, 1.0, 10.0,
 ];
 
+/// A series by the result of what it counts (a load's `ok`/`failed`, a request's hit).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+/// A series by a reason key (`infermesh_core::Reason`), e.g. a load's refusal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 /// The label value for anything a client named that the server does not know (a model,
 /// a tenant), so request contents cannot mint new series.
 pub const UNKNOWN: &str = "(unknown)";

@@ -45,6 +45,25 @@ pub struct Seen {
     pub draining: bool,
 }
 
+impl Seen {
+    /// Takes one model version as an index or change stream lists it.
+    pub fn list(&mut self, name: &str, version: &str, state: &str) {
+        self.known.insert(name.to_string());
+        let Ok(v) = version.parse::<i64>() else {
+            return;
+        };
+        self.versions.entry(name.to_string()).or_default().insert(v);
+        if state == "READY" {
+            self.models.entry(name.to_string()).or_default().insert(v);
+        }
+    }
+
+    /// Ready, not draining, and in placement mode: it can be asked to load models.
+    pub fn takes_loads(&self) -> bool {
+        self.ready && !self.draining && self.held.as_ref().is_some_and(|h| h.placing())
+    }
+}
+
 pub struct Endpoint {
     pub addr: String,
     /// What discovery said about it (TLS server name, weight, zone).
@@ -249,12 +268,11 @@ impl Endpoint {
     /// Whether it is ready, in placement mode, and lists `model`: it can be asked to load it.
     pub fn places(&self, model: &str) -> bool {
         let seen = self.seen.load();
-        seen.ready
-            && !seen.draining
+        seen.takes_loads()
             && seen
                 .held
                 .as_ref()
-                .is_some_and(|h| h.placing() && h.models.contains_key(model))
+                .is_some_and(|h| h.models.contains_key(model))
     }
 
     /// Whether it is draining its placed models (see `Seen::draining`).
@@ -446,7 +464,7 @@ impl Endpoint {
                 self.wake.notify_one();
             } else if self.placing() {
                 // Its models stay served here until copies elsewhere take over.
-                if self.seen().ready && !self.is_draining() {
+                if self.is_ready() && !self.is_draining() {
                     tracing::info!(worker = %self.addr, "worker health NOT_SERVING; draining its models to other workers");
                     self.store(|seen| Seen {
                         draining: true,
@@ -503,7 +521,7 @@ impl Endpoint {
             };
             Ok::<_, tonic::Status>((ready, index))
         };
-        let seen = match tokio::time::timeout(timeout, ask).await {
+        let (seen, answered) = match tokio::time::timeout(timeout, ask).await {
             Ok(Ok((ready, index))) => {
                 let mut seen = Seen {
                     ready,
@@ -511,25 +529,30 @@ impl Endpoint {
                     ..Default::default()
                 };
                 for m in index {
-                    seen.known.insert(m.name.clone());
-                    let Ok(v) = m.version.parse::<i64>() else {
-                        continue;
-                    };
-                    seen.versions.entry(m.name.clone()).or_default().insert(v);
-                    if m.state == "READY" {
-                        seen.models.entry(m.name).or_default().insert(v);
-                    }
+                    seen.list(&m.name, &m.version, &m.state);
                 }
-                seen
+                (seen, true)
             }
-            Ok(Err(status)) => Seen {
-                problem: Some(describe(&status)),
-                ..Default::default()
-            },
-            Err(_) => Seen {
-                problem: Some(format!("no answer within {timeout:?}")),
-                ..Default::default()
-            },
+            Ok(Err(status)) => {
+                let problem = Some(describe(&status));
+                (
+                    Seen {
+                        problem,
+                        ..Default::default()
+                    },
+                    false,
+                )
+            }
+            Err(_) => {
+                let problem = Some(format!("no answer within {timeout:?}"));
+                (
+                    Seen {
+                        problem,
+                        ..Default::default()
+                    },
+                    false,
+                )
+            }
         };
         let before = self.seen.load().ready;
         // Sampled here, not on every call: reading the estimate is the pick path's work.
@@ -538,7 +561,7 @@ impl Endpoint {
             let mut next = seen.clone();
             // A draining worker says it is not ready but still serves: the keeper decides
             // when it leaves. Ready again, it is back in full.
-            if current.draining && current.ready && next.problem.as_deref() == Some("not ready") {
+            if current.draining && current.ready && answered && !next.ready {
                 next.ready = true;
                 next.problem = None;
                 next.draining = true;

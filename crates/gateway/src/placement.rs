@@ -224,8 +224,8 @@ impl Placer {
         let all = self.pool.all();
         let candidates: Vec<&Arc<Endpoint>> = all.iter().filter(|e| e.places(model)).collect();
         let addrs: Vec<&str> = candidates.iter().map(|e| e.addr.as_str()).collect();
-        let mut refusals = Vec::new();
-        let mut why_not = Vec::new();
+        // Each worker asked: what it said, and its reason.
+        let mut refusals: Vec<(String, Option<Reason>)> = Vec::new();
         for addr in rank::rank(model, &addrs) {
             let ep = candidates
                 .iter()
@@ -236,10 +236,7 @@ impl Placer {
             }
             match self.load_on(ep, model, false).await {
                 Ok(()) => return Placed::Ready,
-                Err((why, reason)) => {
-                    why_not.push(reason);
-                    refusals.push(format!("{addr} ({why})"));
-                }
+                Err((why, reason)) => refusals.push((format!("{addr} ({why})"), reason)),
             }
         }
         if all.iter().any(|e| e.serves(model, None)) {
@@ -249,16 +246,18 @@ impl Placer {
         let tried = if refusals.is_empty() {
             "no placement-mode worker is ready".to_string()
         } else {
-            refusals.join(", ")
+            let lines: Vec<&str> = refusals.iter().map(|(line, _)| line.as_str()).collect();
+            lines.join(", ")
         };
-        if why_not.contains(&Some(Reason::ChurnGuard)) {
+        let reasons = || refusals.iter().map(|(_, reason)| *reason);
+        if reasons().any(|r| r == Some(Reason::ChurnGuard)) {
             return Placed::Retry(reason::status(
                 Code::ResourceExhausted,
                 format!("model '{model}' could not be loaded before the deadline: {tried}"),
                 Reason::ChurnGuard,
             ));
         }
-        if !why_not.is_empty() && why_not.iter().all(|r| *r == Some(Reason::OverCapacity)) {
+        if !refusals.is_empty() && reasons().all(|r| r == Some(Reason::OverCapacity)) {
             return Placed::Failed(reason::status(
                 Code::ResourceExhausted,
                 format!("no worker has room for model '{model}': {tried}"),
@@ -300,8 +299,7 @@ impl Placer {
             parameters,
             ..Default::default()
         });
-        let answer = tokio::time::timeout(self.load_timeout, asked).await;
-        let status = match answer {
+        let status = match tokio::time::timeout(self.load_timeout, asked).await {
             Ok(Ok(_)) => {
                 // Any version will do: a version the model does not have is forwarding's
                 // NOT_FOUND, not a reason to load it anywhere else.
@@ -313,26 +311,16 @@ impl Placer {
                     tracing::info!(model = %clip(model), worker = %ep.addr, "model placed");
                     return Ok(());
                 }
-                PlacementMetrics::count(&self.metrics.loads, "failed");
-                return Err(("loaded, but no version is ready".into(), None));
+                Status::unavailable("loaded, but no version is ready")
             }
             Ok(Err(status)) => status,
             Err(_) => {
-                PlacementMetrics::count(&self.metrics.loads, "failed");
-                return Err((format!("no answer within {:?}", self.load_timeout), None));
+                Status::deadline_exceeded(format!("no answer within {:?}", self.load_timeout))
             }
         };
         let why = reason::of_status(&status);
         match why {
-            Some(r @ (Reason::OverCapacity | Reason::ChurnGuard)) => {
-                PlacementMetrics::count(&self.metrics.loads, "refused");
-                self.metrics
-                    .refusals
-                    .get_or_create(&metrics::ReasonLabels {
-                        reason: r.as_str().into(),
-                    })
-                    .inc();
-            }
+            Some(r @ (Reason::OverCapacity | Reason::ChurnGuard)) => self.metrics.refused(r),
             _ => PlacementMetrics::count(&self.metrics.loads, "failed"),
         }
         tracing::info!(model = %clip(model), worker = %ep.addr, code = ?status.code(), message = status.message(), "model load refused");

@@ -117,8 +117,7 @@ impl Pool {
         let mut health = BTreeMap::new();
         for ep in self.all().iter() {
             let seen = ep.seen();
-            let placing =
-                seen.ready && !seen.draining && seen.held.as_ref().is_some_and(|h| h.placing());
+            let placing = seen.takes_loads();
             for name in seen.known {
                 let serving = seen.ready && seen.models.contains_key(&name) || placing;
                 *health.entry(name).or_insert(false) |= serving;

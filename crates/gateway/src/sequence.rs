@@ -121,18 +121,14 @@ impl Sticky {
         };
         if !seq.start {
             let mut table = self.table.lock().expect("sequence lock");
-            if let Some(held) = table.get_mut(&key) {
-                if now - held.last <= self.idle {
-                    let Some(ep) = serving(&held.worker, held.version) else {
-                        let worker = held.worker.clone();
-                        table.remove(&key);
-                        self.open.set(table.len() as i64);
-                        self.lost.inc();
-                        return Err(lost(model, seq, &worker));
-                    };
+            if let Some(held) = table.get_mut(&key).filter(|h| now - h.last <= self.idle) {
+                if let Some(ep) = serving(&held.worker, held.version) {
                     held.last = now;
                     return Ok((ep, held.version));
                 }
+                let worker = held.worker.clone();
+                drop(table);
+                return Err(self.lost(model, seq, &worker));
             }
         }
         // Routed once, at the start: a sequence stays on the version it started on.

@@ -4,10 +4,7 @@
 //! the stream is open it decides the worker's ready models; the poll keeps only
 //! readiness. A worker without the service (Triton, an older worker) is polled as before.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::StreamExt;
 use infermesh_proto::placement::{placement_client::PlacementClient, ModelVersion, WatchRequest};
@@ -62,26 +59,9 @@ impl Held {
         for (name, versions) in &self.models {
             seen.known.insert(name.clone());
             for v in versions {
-                let Ok(n) = v.version.parse::<i64>() else {
-                    continue;
-                };
-                seen.versions.entry(name.clone()).or_default().insert(n);
-                if v.state == "READY" {
-                    seen.models.entry(name.clone()).or_default().insert(n);
-                }
+                seen.list(name, &v.version, &v.state);
             }
         }
-    }
-
-    /// The versions of `model` that are READY here.
-    pub fn ready(&self, model: &str) -> BTreeSet<i64> {
-        self.models
-            .get(model)
-            .into_iter()
-            .flatten()
-            .filter(|v| v.state == "READY")
-            .filter_map(|v| v.version.parse().ok())
-            .collect()
     }
 }
 
@@ -137,9 +117,20 @@ impl Endpoint {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use infermesh_proto::placement::{Memory, WatchResponse};
 
     use super::*;
+
+    impl Held {
+        /// The versions of `model` that are READY here.
+        fn ready(&self, model: &str) -> BTreeSet<i64> {
+            let mut seen = Seen::default();
+            self.fill_seen(&mut seen);
+            seen.models.remove(model).unwrap_or_default()
+        }
+    }
 
     fn version(name: &str, v: &str, state: &str) -> ModelVersion {
         ModelVersion {

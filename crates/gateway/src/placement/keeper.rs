@@ -87,11 +87,8 @@ impl Placer {
             let min = copies.min as usize;
             // The first `min` of the ranking hold pinned copies.
             for ep in model.ranked.iter().take(min) {
-                if !pinned_here(ep, name) {
-                    if model.holders.len() < min {
-                        super::PlacementMetrics::count(&self.metrics.copies_added, "min");
-                    }
-                    self.ask(ep, name, true);
+                if !pinned_here(ep, name) && self.ask(ep, name, true) && model.holders.len() < min {
+                    super::PlacementMetrics::count(&self.metrics.copies_added, "min");
                 }
             }
             self.follow_load(name, &model, copies.max.map_or(usize::MAX, |m| m as usize));
@@ -153,24 +150,24 @@ impl Placer {
             .ranked
             .iter()
             .find(|e| !model.holders.iter().any(|h| h.addr == e.addr));
-        if let Some(ep) = next {
+        if let Some(ep) = next.filter(|ep| self.ask(ep, name, false)) {
             tracing::info!(model = %name, worker = %ep.addr, copies, in_flight = model.in_flight, "copies saturated; loading another");
             super::PlacementMetrics::count(&self.metrics.copies_added, "load");
-            self.ask(ep, name, false);
             // A whole window again before the next one: the new copy takes load first.
             hot.insert(name.to_string(), now);
         }
     }
 
-    /// Asks `ep` to load `name` (pinned or not) in the background, once at a time.
-    fn ask(self: &Arc<Self>, ep: &Arc<Endpoint>, name: &str, pin: bool) {
+    /// Asks `ep` to load `name` (pinned or not) in the background, once at a time; false
+    /// when such a load is already under way or backing off.
+    fn ask(self: &Arc<Self>, ep: &Arc<Endpoint>, name: &str, pin: bool) -> bool {
         let key = (name.to_string(), ep.addr.clone());
         {
             let mut backoff = self.keeping.backoff.lock().expect("keeper lock");
             let now = Instant::now();
             backoff.retain(|_, until| *until > now);
             if backoff.contains_key(&key) {
-                return;
+                return false;
             }
         }
         if !self
@@ -180,7 +177,7 @@ impl Placer {
             .expect("keeper lock")
             .insert(key.clone())
         {
-            return;
+            return false;
         }
         let (me, ep) = (self.clone(), ep.clone());
         tokio::spawn(async move {
@@ -194,6 +191,7 @@ impl Placer {
             }
             me.keeping.asked.lock().expect("keeper lock").remove(&key);
         });
+        true
     }
 }
 

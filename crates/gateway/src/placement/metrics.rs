@@ -1,25 +1,13 @@
 //! The gateway's placement metrics (`infermesh_gateway_placement_*`).
 
+pub use infermesh_core::metrics::{ReasonLabels, ResultLabels};
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelLabels {
-    pub model: String,
-}
+pub use crate::metrics::ModelLabels;
+use infermesh_core::Reason;
 
 fn cold_buckets() -> Histogram {
     // From a small model's tens of milliseconds to a large one's minutes.
@@ -107,12 +95,22 @@ impl PlacementMetrics {
         for result in ["min", "load"] {
             Self::touch(&m.copies_added, result);
         }
-        for reason in ["over-capacity", "churn-guard"] {
+        for reason in [Reason::OverCapacity, Reason::ChurnGuard] {
             let _ = m.refusals.get_or_create(&ReasonLabels {
-                reason: reason.into(),
+                reason: reason.as_str().into(),
             });
         }
         m
+    }
+
+    /// A load a worker refused for `reason`.
+    pub fn refused(&self, reason: Reason) {
+        Self::count(&self.loads, "refused");
+        self.refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
+            })
+            .inc();
     }
 
     fn touch(family: &Family<ResultLabels, Counter>, result: &str) {

@@ -2,23 +2,13 @@
 //! evicted, refused loads by reason, collapsed duplicate loads, capacity, use, and the
 //! measured size of each model version.
 
+use infermesh_core::metrics::{ReasonLabels, ResultLabels};
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
 use crate::metrics::ModelLabels;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: String,
-}
 
 fn seconds() -> Histogram {
     Histogram::new([
