@@ -101,6 +101,8 @@ where
     let caller = auth::caller(&req);
     let mesh = frame.mesh_parameters;
     let handle = std::sync::Arc::new(handle);
+    // A sequence's messages are handled one after another, in the order they came.
+    let gates = crate::sequence::Turnstile::default();
     Ok(Response::new(crate::stream::serve(
         req.into_inner(),
         crate::stream::Options {
@@ -118,7 +120,15 @@ where
             let handle = handle.clone();
             let deadline =
                 crate::deadline::of_request(stream_deadline, m.parameters(), Instant::now());
+            // Taken now, as the message is read; a malformed id is the handler's to refuse.
+            let mut ticket = crate::sequence::of(m.parameters())
+                .ok()
+                .flatten()
+                .map(|seq| gates.ticket(m.model_name(), &seq.key));
             async move {
+                if let Some(ticket) = &mut ticket {
+                    ticket.turn().await;
+                }
                 let model = m.model_name().to_string();
                 let call = Call {
                     req: m,
@@ -126,7 +136,9 @@ where
                     carry,
                     caller: caller.clone(),
                 };
-                auth::infer(caller.as_ref(), &model, handle(call)).await
+                let answer = auth::infer(caller.as_ref(), &model, handle(call)).await;
+                drop(ticket);
+                answer
             }
             .instrument(span)
         },

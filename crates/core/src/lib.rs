@@ -22,6 +22,7 @@ pub mod precise;
 pub mod process_metrics;
 pub mod raw;
 pub mod reason;
+pub mod sequence;
 pub mod serve;
 pub mod stream;
 pub mod telemetry;

@@ -58,9 +58,12 @@ pub enum Reason {
     /// (gateway) The worker that held this request's sequence is gone, and its state
     /// with it: the sequence must start again.
     SequenceLost,
+    /// (worker) Every sequence slot of the model is taken and too many new sequences
+    /// already wait for one.
+    SequenceSlotsFull,
 }
 
-const ALL: [Reason; 19] = [
+const ALL: [Reason; 20] = [
     Reason::ModelNotFound,
     Reason::VersionNotFound,
     Reason::ModelNotReady,
@@ -80,6 +83,7 @@ const ALL: [Reason; 19] = [
     Reason::ChurnGuard,
     Reason::PlacementQueueFull,
     Reason::SequenceLost,
+    Reason::SequenceSlotsFull,
 ];
 
 impl Reason {
@@ -104,6 +108,7 @@ impl Reason {
             Self::ChurnGuard => "churn-guard",
             Self::PlacementQueueFull => "placement-queue-full",
             Self::SequenceLost => "sequence-lost",
+            Self::SequenceSlotsFull => "sequence-slots-full",
         }
     }
 

@@ -14,63 +14,16 @@ use std::{
     time::Duration,
 };
 
-use infermesh_core::{raw::Parameters, reason, text::clip, Reason};
-use infermesh_proto::infer_parameter::ParameterChoice;
+use infermesh_core::{reason, text::clip, Reason};
+pub use infermesh_core::sequence::Sequence;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use crate::{endpoint::Endpoint, rank, route::Target};
 
-/// A request's place in a sequence.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sequence {
-    /// The id as a key: `i:N` or `s:TEXT` (Triton's ids are integers or strings).
-    pub key: String,
-    pub start: bool,
-    pub end: bool,
-}
-
-/// The longest string `sequence_id` taken: the table holds each open one
-/// (`--max-sequences` of them at most).
-pub const MAX_ID_BYTES: usize = 256;
-
-/// Triton's sequence parameters of a request: None without a `sequence_id` (0 and "" are
-/// none, as in Triton); an id of another type is refused naming it.
-pub fn of(parameters: &Parameters) -> Result<Option<Sequence>, Status> {
-    let Some(id) = parameters.get("sequence_id") else {
-        return Ok(None);
-    };
-    let key = match &id.parameter_choice {
-        Some(ParameterChoice::Int64Param(0)) | Some(ParameterChoice::Uint64Param(0)) => None,
-        Some(ParameterChoice::Int64Param(n)) => Some(format!("i:{n}")),
-        Some(ParameterChoice::Uint64Param(n)) => Some(format!("i:{n}")),
-        Some(ParameterChoice::StringParam(s)) if s.is_empty() => None,
-        Some(ParameterChoice::StringParam(s)) if s.len() > MAX_ID_BYTES => {
-            return Err(Status::invalid_argument(format!(
-                "parameter 'sequence_id': expected a string of at most {MAX_ID_BYTES} bytes, found {} bytes",
-                s.len()
-            )))
-        }
-        Some(ParameterChoice::StringParam(s)) => Some(format!("s:{s}")),
-        _ => {
-            return Err(Status::invalid_argument(
-                "parameter 'sequence_id': expected an integer or a string",
-            ))
-        }
-    };
-    let flag = |name: &str| {
-        matches!(
-            parameters
-                .get(name)
-                .and_then(|p| p.parameter_choice.as_ref()),
-            Some(ParameterChoice::BoolParam(true))
-        )
-    };
-    Ok(key.map(|key| Sequence {
-        key,
-        start: flag("sequence_start"),
-        end: flag("sequence_end"),
-    }))
+/// Triton's sequence parameters of a request (None without a `sequence_id`).
+pub fn of(parameters: &infermesh_core::raw::Parameters) -> Result<Option<Sequence>, Status> {
+    infermesh_core::sequence::of(parameters).map_err(Status::from)
 }
 
 /// Where this gateway sent each open sequence.
@@ -200,7 +153,7 @@ fn lost(model: &str, seq: &Sequence, worker: &str) -> Status {
         Code::Aborted,
         format!(
             "sequence {} of model '{}' was on worker {worker}, which is gone: its state is lost; start it again with sequence_start",
-            clip(seq.key.split_once(':').map_or("", |(_, id)| id)),
+            seq.shown(),
             clip(model)
         ),
         Reason::SequenceLost,
@@ -209,56 +162,8 @@ fn lost(model: &str, seq: &Sequence, worker: &str) -> Status {
 
 #[cfg(test)]
 mod tests {
-    use infermesh_proto::InferParameter;
-
     use super::*;
     use crate::endpoint::fakes;
-
-    fn params(id: ParameterChoice, start: bool, end: bool) -> Parameters {
-        let p = |c| InferParameter {
-            parameter_choice: Some(c),
-        };
-        [
-            ("sequence_id".to_string(), p(id)),
-            (
-                "sequence_start".to_string(),
-                p(ParameterChoice::BoolParam(start)),
-            ),
-            (
-                "sequence_end".to_string(),
-                p(ParameterChoice::BoolParam(end)),
-            ),
-        ]
-        .into()
-    }
-
-    #[test]
-    fn ids_are_integers_or_strings_and_zero_is_none() {
-        let s = of(&params(ParameterChoice::Int64Param(7), true, false))
-            .unwrap()
-            .unwrap();
-        assert_eq!((s.key.as_str(), s.start, s.end), ("i:7", true, false));
-        let s = of(&params(
-            ParameterChoice::StringParam("abc".into()),
-            false,
-            true,
-        ))
-        .unwrap()
-        .unwrap();
-        assert_eq!((s.key.as_str(), s.end), ("s:abc", true));
-        assert!(of(&params(ParameterChoice::Int64Param(0), true, false))
-            .unwrap()
-            .is_none());
-        assert!(of(&Parameters::new()).unwrap().is_none());
-        let err = of(&params(ParameterChoice::BoolParam(true), true, false)).unwrap_err();
-        assert!(err.message().contains("sequence_id"), "{err:?}");
-        let long = "x".repeat(MAX_ID_BYTES + 1);
-        let err = of(&params(ParameterChoice::StringParam(long), true, false)).unwrap_err();
-        assert!(
-            err.message().contains("at most 256 bytes, found 257"),
-            "{err:?}"
-        );
-    }
 
     #[tokio::test]
     async fn a_sequence_stays_on_its_worker_until_it_is_gone() {
@@ -272,6 +177,7 @@ mod tests {
                 .map(|(ep, _)| ep.addr.clone())
         };
         let seq = |n: u64, start, end| Sequence {
+            id: infermesh_core::sequence::Id::Int(n),
             key: format!("i:{n}"),
             start,
             end,

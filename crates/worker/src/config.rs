@@ -124,6 +124,14 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERMESH_MODEL_MIN_IDLE", value_parser = infermesh_core::config::parse_duration)]
     pub model_min_idle: Option<std::time::Duration>,
 
+    /// Sequences a stateful model (sequence_batching) keeps at once, at most: its slots are
+    /// Triton's (max_batch_size per instance for `direct`, max_candidate_sequences for
+    /// `oldest`) up to this bound. A new sequence beyond them waits for one to end, within
+    /// its deadline; beyond max_queue_size waiting it gets RESOURCE_EXHAUSTED
+    /// (sequence-slots-full).
+    #[arg(long, env = "INFERMESH_MAX_SEQUENCES", default_value_t = 1024)]
+    pub max_sequences: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

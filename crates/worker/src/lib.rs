@@ -15,6 +15,7 @@ pub mod model_config;
 pub mod placement;
 pub mod repository;
 pub mod scheduler;
+pub mod sequence;
 pub mod service;
 pub mod stats;
 pub mod warmup;
@@ -97,6 +98,7 @@ pub async fn run(
         "infermesh worker listening"
     );
 
+    let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     // Models load in the background so liveness and health (NOT_SERVING) answer at once.
     let defaults = Defaults {
         device: match config.default_instance_kind {
@@ -112,6 +114,8 @@ pub async fn run(
         queue_timeout: (!config.default_queue_timeout.is_zero())
             .then_some(config.default_queue_timeout),
         metrics: metrics.clone(),
+        budget: budget.clone(),
+        max_sequences: config.max_sequences,
     };
     let placement = placement_of(&config, &metrics)?;
     let control = Arc::new(Control::new(
@@ -155,7 +159,6 @@ pub async fn run(
         });
     }
 
-    let budget = infermesh_core::admission::ByteBudget::new(config.max_inflight_bytes);
     let service = WorkerService {
         repo,
         control,

@@ -64,6 +64,7 @@ pub struct WorkerMetrics {
     pub warmup_runs: Family<ModelLabels, Counter>,
     pub cache: crate::cache::CacheMetrics,
     pub placement: crate::placement::PlacementMetrics,
+    pub sequences: crate::sequence::SequenceMetrics,
 }
 
 impl WorkerMetrics {
@@ -86,6 +87,7 @@ impl WorkerMetrics {
             warmup_runs: Family::default(),
             cache: crate::cache::CacheMetrics::register(registry),
             placement: crate::placement::PlacementMetrics::register(registry),
+            sequences: crate::sequence::SequenceMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("infermesh");
         r.register(

@@ -63,6 +63,10 @@ pub struct Defaults {
     pub metrics: WorkerMetrics,
     /// The worker has a response cache (`--cache-config`).
     pub cache: bool,
+    /// The worker's byte budget, which sequences' state counts against.
+    pub budget: infermesh_core::admission::ByteBudget,
+    /// `--max-sequences`: sequence slots per stateful model at most.
+    pub max_sequences: usize,
 }
 
 /// One model version to load.
@@ -102,6 +106,8 @@ pub struct Model {
     /// Its `infermesh_cache_hits_total`/`_misses_total` series, resolved at its first
     /// cached request (no series for a model that never caches).
     pub cache_series: std::sync::OnceLock<(Counter, Counter)>,
+    /// A stateful model's sequences (`sequence_batching`).
+    pub sequences: Option<crate::sequence::Sequences>,
     scheduler: Scheduler,
     queue_timeout: Option<Duration>,
 }
@@ -200,8 +206,28 @@ impl Model {
         };
         let labels = labels(&config, model_dir)?;
         let signature = model_config::signature(&config);
-        let batching = model_config::batch_policy(&config);
         let capacity = model_config::queue_capacity(&config, opts.defaults.queue_capacity);
+        let sequences = crate::sequence::Policy::of(
+            &config,
+            &graph,
+            providers.len(),
+            opts.defaults.max_sequences,
+            model_dir,
+        )?
+        .map(|policy| {
+            crate::sequence::Sequences::new(
+                &opts.name,
+                opts.version,
+                policy,
+                capacity,
+                opts.defaults.budget.clone(),
+                opts.defaults.metrics.sequences.clone(),
+            )
+        });
+        let batching = match &sequences {
+            Some(s) => s.policy().batch.clone(),
+            None => model_config::batch_policy(&config),
+        };
         let scheduler = Scheduler::start(
             opts.name.clone(),
             batching.clone(),
@@ -224,6 +250,7 @@ impl Model {
             alive: Arc::downgrade(&alive),
             labels,
             cache_series: Default::default(),
+            sequences,
             scheduler,
             queue_timeout: opts.defaults.queue_timeout,
         })
@@ -237,6 +264,7 @@ impl Model {
         inputs: &[InferInputTensor],
         raw: &[Bytes],
         outputs: &[String],
+        parameters: &infermesh_core::raw::Parameters,
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, Error> {
         let rows = validate::inputs(&self.name, &self.signature, inputs)?;
@@ -255,7 +283,15 @@ impl Model {
             self.queue_timeout
                 .and_then(|t| Instant::now().checked_add(t))
         });
-        self.scheduler.submit(inputs, outputs, rows, deadline).await
+        let Some(sequences) = &self.sequences else {
+            return self.scheduler.submit(inputs, outputs, rows, deadline).await;
+        };
+        let seq = infermesh_core::sequence::of(parameters)?;
+        sequences
+            .run(seq, rows, deadline, inputs, outputs, |inputs, outputs| {
+                self.scheduler.submit(inputs, outputs, rows, deadline)
+            })
+            .await
     }
 
     pub fn metadata(&self) -> pb::ModelMetadataResponse {

@@ -278,6 +278,21 @@ pub fn complete(
             fixed.map(|io| io.dims.clone()).unwrap_or_default()
         )));
     }
+    // A stateful model's control and state inputs (and state outputs) are the worker's
+    // to fill and keep: clients neither send nor see them.
+    let hidden_in = crate::sequence::Policy::hidden_inputs(&config);
+    let hidden_out = crate::sequence::Policy::hidden_outputs(&config);
+    if let Some((i, input)) = config
+        .input
+        .iter()
+        .enumerate()
+        .find(|(_, i)| hidden_in.contains(&i.name))
+    {
+        return Err(Error::Load(format!(
+            "input[{i}] '{}': sequence_batching names it as a control or state input, which the worker fills; leave it out of input",
+            input.name
+        )));
+    }
     let strip = |io: &IoSpec| {
         if batch {
             io.dims[1..].to_vec()
@@ -289,6 +304,7 @@ pub fn complete(
         config.input = graph
             .inputs
             .iter()
+            .filter(|io| !hidden_in.contains(&io.name))
             .map(|io| pb::ModelInput {
                 name: io.name.clone(),
                 data_type: io.datatype.to_config() as i32,
@@ -301,6 +317,7 @@ pub fn complete(
         config.output = graph
             .outputs
             .iter()
+            .filter(|io| !hidden_out.contains(&io.name))
             .map(|io| pb::ModelOutput {
                 name: io.name.clone(),
                 data_type: io.datatype.to_config() as i32,
@@ -354,7 +371,9 @@ pub fn complete(
     if let Some(missing) = graph
         .inputs
         .iter()
-        .find(|io| !config.input.iter().any(|i| i.name == io.name))
+        .find(|io| {
+            !hidden_in.contains(&io.name) && !config.input.iter().any(|i| i.name == io.name)
+        })
     {
         return Err(Error::Load(format!(
             "input: the graph's input '{}' is not in config.pbtxt",

@@ -130,7 +130,13 @@ impl WorkerService {
         let asked: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         let classes = classify::asked(&req.outputs)?;
         let mut outputs = model
-            .infer(&req.inputs, &req.raw_input_contents, &asked, deadline)
+            .infer(
+                &req.inputs,
+                &req.raw_input_contents,
+                &asked,
+                &req.parameters,
+                deadline,
+            )
             .await?;
         if !classes.is_empty() {
             let batched = model.signature.max_batch_size > 0;

@@ -31,7 +31,7 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("batch_output", Refused, "ragged batching changes the outputs"),
     ("optimization", Warned, "execution accelerators (TensorRT, OpenVINO), graph level, CUDA graphs, pinned memory: speed only"),
     ("dynamic_batching", Honoured, "preferred sizes, queue delay, queue policy"),
-    ("sequence_batching", Refused, "stateful models would get each request alone and answer wrong"),
+    ("sequence_batching", Honoured, "`direct` and `oldest` (max_candidate_sequences, preferred_batch_size, max_queue_delay_microseconds, preserve_ordering), max_sequence_idle_microseconds, control_input (START, END, READY, CORRID), implicit `state` with `initial_state`; `iterative_sequence` is refused; `direct.minimum_slot_utilization`, `use_same_buffer_for_input_output` and `use_growable_memory` are ignored with a warning (speed only)"),
     ("ensemble_scheduling", Refused, "ensembles are not served"),
     ("instance_group", Honoured, "count, kind, gpus; `rate_limiter`, `host_policy`, `passive`, `secondary_devices` and `profile` are refused"),
     ("default_model_filename", Refused, "the model file is always model.onnx (refused unless it names that)"),
@@ -89,10 +89,6 @@ fn set_fields(c: &pb::ModelConfig) -> Vec<(&'static str, Set)> {
         ("batch_input", yes(!c.batch_input.is_empty())),
         ("batch_output", yes(!c.batch_output.is_empty())),
         ("optimization", yes(c.optimization.is_some())),
-        (
-            "sequence_batching",
-            yes(matches!(scheduling, Some(S::SequenceBatching(_)))),
-        ),
         (
             "ensemble_scheduling",
             yes(matches!(scheduling, Some(S::EnsembleScheduling(_)))),
@@ -194,7 +190,6 @@ mod tests {
     fn refused_fields_are_named_and_speed_hints_warned() {
         let cfg = |text: &str| crate::model_config::parse(text).unwrap();
         for (text, names) in [
-            ("sequence_batching {}", "sequence_batching"),
             ("ensemble_scheduling { step [] }", "ensemble_scheduling"),
             (
                 "instance_group [ { count: 1 rate_limiter { priority: 1 } } ]",
