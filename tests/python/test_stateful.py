@@ -1,0 +1,222 @@
+"""Stateful models (Triton's sequence_batching) on the worker: implicit state kept per
+sequence and batched across sequences, the control inputs, idle release, sequence slots
+and Triton's errors — with Triton's own client and small generated ONNX models."""
+import queue
+import sys
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import ROOT, Worker
+from test_placement import metric
+
+sys.path.append(str(ROOT / "bench"))
+from stateful_models import WIDTH, running_sums, write  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("stateful"))
+
+
+@pytest.fixture(scope="module")
+def worker(repo):
+    w = Worker("--model-repository", str(repo), "--intra-op-threads", "1")
+    yield w
+    assert w.stop() == 0
+
+
+def inp(x, name="INPUT"):
+    i = grpcclient.InferInput(name, list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+def stream_sequences(client, model, chunks):
+    """Sends every sequence's chunks on one stream, interleaved (step k of every sequence,
+    then step k+1), and returns each sequence's outputs in order."""
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        steps = max(len(c) for c in chunks.values())
+        sent = 0
+        for k in range(steps):
+            for seq, cs in chunks.items():
+                if k < len(cs):
+                    client.async_stream_infer(model, [inp(cs[k][None, :])], request_id=f"{seq}/{k}",
+                                              sequence_id=seq, sequence_start=k == 0,
+                                              sequence_end=k == len(cs) - 1)
+                    sent += 1
+        got = {seq: {} for seq in chunks}
+        for _ in range(sent):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            seq, k = result.get_response().id.split("/")
+            seq = int(seq) if seq.isdigit() else seq
+            got[seq][int(k)] = result.as_numpy("OUTPUT")[0]
+        return {seq: [outs[k] for k in sorted(outs)] for seq, outs in got.items()}
+    finally:
+        client.stop_stream()
+
+
+def check_sums(chunks, got):
+    for seq, cs in chunks.items():
+        np.testing.assert_allclose(np.stack(got[seq]), np.stack(running_sums(cs)), rtol=1e-5,
+                                   err_msg=f"sequence {seq}")
+
+
+def test_fifty_interleaved_sequences_keep_their_own_state(worker):
+    rng = np.random.RandomState(0)
+    chunks = {seq: [rng.rand(WIDTH).astype(np.float32) for _ in range(rng.randint(3, 9))]
+              for seq in range(1, 51)}
+    before = worker.client.get_inference_statistics("accumulate").model_stats[0]
+    got = stream_sequences(worker.client, "accumulate", chunks)
+    check_sums(chunks, got)
+    after = worker.client.get_inference_statistics("accumulate").model_stats[0]
+    requests = after.inference_count - before.inference_count
+    assert requests == sum(len(c) for c in chunks.values())
+    assert after.execution_count - before.execution_count < requests, "sequences batched together"
+    # Every sequence ended: no slot and no state held.
+    assert metric(worker, "infermesh_sequences_active", model="accumulate") == 0
+    assert metric(worker, "infermesh_sequences_state_bytes", model="accumulate") == 0
+    assert metric(worker, "infermesh_sequences_ended_total", model="accumulate", how="end") >= 50
+
+
+def test_direct_strategy_gives_the_same_answers(worker):
+    rng = np.random.RandomState(1)
+    chunks = {f"s-{n}": [rng.rand(WIDTH).astype(np.float32) for _ in range(5)] for n in range(12)}
+    check_sums(chunks, stream_sequences(worker.client, "accumulate_direct", chunks))
+
+
+def test_control_inputs_carry_start_end_ready_and_the_correlation_id(worker):
+    c = worker.client
+
+    def step(seq, x, **flags):
+        r = c.infer("controlled", [inp(np.array([[x]], np.float32))], sequence_id=seq, **flags)
+        return float(r.as_numpy("OUTPUT")[0, 0]), list(r.as_numpy("ECHO")[0])
+
+    assert step(77, 1.0, sequence_start=True) == (1.0, [1, 0, 1, 77])
+    assert step(77, 2.0) == (3.0, [0, 0, 1, 77])
+    assert step(77, 4.0, sequence_end=True) == (7.0, [0, 1, 1, 77])
+    # A one-request sequence: START and END together.
+    assert step(78, 5.0, sequence_start=True, sequence_end=True) == (5.0, [1, 1, 1, 78])
+    # A start for an id still active ends the old sequence early and starts afresh.
+    step(79, 10.0, sequence_start=True)
+    assert step(79, 1.0, sequence_start=True) == (1.0, [1, 0, 1, 79])
+    assert step(79, 1.0, sequence_end=True)[0] == 2.0
+    assert metric(worker, "infermesh_sequences_ended_total", model="controlled", how="restart") == 1
+    # The worker's inputs are not the client's: metadata shows only INPUT.
+    meta = c.get_model_metadata("controlled")
+    assert [i.name for i in meta.inputs] == ["INPUT"]
+    assert [o.name for o in meta.outputs] == ["OUTPUT", "ECHO"]
+
+
+def error_of(call):
+    with pytest.raises(InferenceServerException) as e:
+        call()
+    return e.value
+
+
+def test_triton_errors(worker):
+    c = worker.client
+    x = inp(np.ones((1, WIDTH), np.float32))
+    e = error_of(lambda: c.infer("accumulate", [x]))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "must specify a non-zero or non-empty correlation ID" in e.message()
+    e = error_of(lambda: c.infer("accumulate", [x], sequence_id=4242))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert ("inference request for sequence 4242 to model 'accumulate' must specify the START flag "
+            "on the first request of the sequence") in e.message()
+    two = inp(np.ones((2, WIDTH), np.float32))
+    e = error_of(lambda: c.infer("accumulate", [two], sequence_id=1, sequence_start=True))
+    assert "must specify batch-size 1" in e.message()
+    e = error_of(lambda: c.infer("accumulate", [x, inp(np.ones((1, WIDTH), np.float32), "STATE_IN")],
+                                 sequence_id=5, sequence_start=True))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "STATE_IN" in e.message()
+    one = inp(np.ones((1, 1), np.float32))
+    e = error_of(lambda: c.infer("controlled", [one], sequence_id="text", sequence_start=True))
+    assert "integer sequence ids" in e.message() and "CORRID" in e.message()
+    # An ended sequence is gone.
+    c.infer("accumulate", [x], sequence_id=6, sequence_start=True, sequence_end=True)
+    e = error_of(lambda: c.infer("accumulate", [x], sequence_id=6))
+    assert "must specify the START flag" in e.message()
+
+
+def wait_for(check, what, within=20.0):
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_an_idle_sequence_is_released_and_its_state_freed(tmp_path):
+    repo = write(tmp_path, idle_us=300_000)
+    w = Worker("--model-repository", str(repo))
+    try:
+        x = inp(np.ones((1, WIDTH), np.float32))
+        w.client.infer("accumulate", [x], sequence_id=1, sequence_start=True)
+        w.client.infer("accumulate", [x], sequence_id=2, sequence_start=True)
+        assert metric(w, "infermesh_sequences_active", model="accumulate") == 2
+        assert metric(w, "infermesh_sequences_state_bytes", model="accumulate") == 2 * WIDTH * 4
+        wait_for(lambda: metric(w, "infermesh_sequences_active", model="accumulate") == 0,
+                 "idle sequences released")
+        assert metric(w, "infermesh_sequences_state_bytes", model="accumulate") == 0
+        assert metric(w, "infermesh_sequences_ended_total", model="accumulate", how="idle") == 2
+        e = error_of(lambda: w.client.infer("accumulate", [x], sequence_id=1))
+        assert "must specify the START flag" in e.message()
+    finally:
+        assert w.stop() == 0
+
+
+def test_a_new_sequence_waits_for_a_slot_within_its_deadline(tmp_path):
+    # accumulate_direct: 8 slots (max_batch_size 8, one instance); one may wait.
+    repo = write(tmp_path)
+    w = Worker("--model-repository", str(repo), "--max-queue-size", "1")
+    c = w.client
+    x = inp(np.ones((1, WIDTH), np.float32))
+    try:
+        for seq in range(1, 9):
+            c.infer("accumulate_direct", [x], sequence_id=seq, sequence_start=True)
+        e = error_of(lambda: c.infer("accumulate_direct", [x], sequence_id=9, sequence_start=True,
+                                     client_timeout=0.3))
+        assert e.status() == "StatusCode.DEADLINE_EXCEEDED", e
+        # One waits (no deadline); a second waiter is refused; an end lets the first in.
+        waiting = queue.Queue()
+        c2 = grpcclient.InferenceServerClient(w.url)
+        c2.async_infer("accumulate_direct", [x], lambda result, error: waiting.put(error), sequence_id=10,
+                       sequence_start=True)
+        wait_for(lambda: metric(w, "infermesh_sequences_waiting", model="accumulate_direct") == 1,
+                 "the new sequence waits")
+        e = error_of(lambda: c.infer("accumulate_direct", [x], sequence_id=11, sequence_start=True))
+        assert e.status() == "StatusCode.RESOURCE_EXHAUSTED" and "sequence slots" in e.message()
+        assert waiting.empty()
+        c.infer("accumulate_direct", [x], sequence_id=1, sequence_end=True)
+        assert waiting.get(timeout=30) is None
+        r = c.infer("accumulate_direct", [x], sequence_id=10)
+        np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [2.0] * WIDTH)
+        c2.close()
+    finally:
+        assert w.stop() == 0
+
+
+def test_configs_that_cannot_be_honoured_are_refused_by_name(tmp_path):
+    from stateful_models import accumulate_config, accumulate_graph, _save
+    cases = {
+        "iterative": ("oldest { max_candidate_sequences: 4 }\n  iterative_sequence: true",
+                      "sequence_batching.iterative_sequence"),
+        "nostate": ("direct { }\n  control_input [ { name: \"NOPE\" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] } ]",
+                    "control_input[0] 'NOPE'"),
+    }
+    for name, (strategy, field) in cases.items():
+        _save(accumulate_graph(), tmp_path / name / "1" / "model.onnx")
+        (tmp_path / name / "config.pbtxt").write_text(accumulate_config(name, strategy, 1_000_000))
+    w = Worker("--model-repository", str(tmp_path), "--allow-empty-repository")
+    try:
+        index = {m.name: m.reason for m in w.client.get_model_repository_index().models}
+        for name, (_, field) in cases.items():
+            assert field in index[name], (name, index[name])
+    finally:
+        assert w.stop() == 0
