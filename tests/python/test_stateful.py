@@ -10,7 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Worker
+from conftest import ROOT, Gateway, Worker
+from test_gateway_placement import score
 from test_placement import metric
 
 sys.path.append(str(ROOT / "bench"))
@@ -220,3 +221,90 @@ def test_configs_that_cannot_be_honoured_are_refused_by_name(tmp_path):
             assert field in index[name], (name, index[name])
     finally:
         assert w.stop() == 0
+
+
+@pytest.fixture
+def fleet3(tmp_path):
+    repo = write(tmp_path)
+    (repo / "digits").symlink_to(ROOT / "models" / "digits")
+    workers = [Worker("--model-repository", str(repo), "--intra-op-threads", "1") for _ in range(3)]
+    gateway = Gateway(*workers)
+    yield gateway, workers
+    gateway.stop()
+    for w in workers:
+        if w.proc.poll() is None:
+            assert w.stop() == 0
+
+
+def holder(workers, seq):
+    return max(workers, key=lambda w: (score(f"accumulate\x00i:{seq}", w.url), w.url))
+
+
+def count(w, model):
+    return w.client.get_inference_statistics(model).model_stats[0].inference_count
+
+
+def test_through_the_gateway_each_sequence_stays_on_one_worker(fleet3):
+    gateway, workers = fleet3
+    rng = np.random.RandomState(2)
+    chunks = {seq: [rng.rand(WIDTH).astype(np.float32) for _ in range(rng.randint(2, 7))]
+              for seq in range(1, 31)}
+    answers = queue.Queue()
+    client = grpcclient.InferenceServerClient(gateway.url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    digits = grpcclient.InferInput("input", [1, 64], "FP32")
+    digits.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    try:
+        sent = 0
+        for k in range(max(len(c) for c in chunks.values())):
+            for seq, cs in chunks.items():
+                if k < len(cs):
+                    client.async_stream_infer("accumulate", [inp(cs[k][None, :])], request_id=f"{seq}/{k}",
+                                              sequence_id=seq, sequence_start=k == 0,
+                                              sequence_end=k == len(cs) - 1)
+                    # A stateless message between the sequence's messages, on the same stream.
+                    client.async_stream_infer("digits", [digits], request_id="-")
+                    sent += 2
+        got = {seq: {} for seq in chunks}
+        for _ in range(sent):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            rid = result.get_response().id
+            if rid != "-":
+                seq, k = rid.split("/")
+                got[int(seq)][int(k)] = result.as_numpy("OUTPUT")[0]
+    finally:
+        client.stop_stream()
+        client.close()
+    check_sums(chunks, {seq: [outs[k] for k in sorted(outs)] for seq, outs in got.items()})
+    # Each worker ran exactly the requests of the sequences ranked to it.
+    for w in workers:
+        mine = sum(len(cs) for seq, cs in chunks.items() if holder(workers, seq) is w)
+        assert count(w, "accumulate") == mine, (w.url, count(w, "accumulate"), mine)
+    assert all(count(w, "accumulate") > 0 for w in workers), "sequences spread over all three"
+    spread = [count(w, "digits") for w in workers]
+    assert sum(spread) == sent // 2 and sum(1 for n in spread if n > 0) >= 2, spread
+
+
+def test_a_killed_worker_loses_only_its_sequences(fleet3):
+    gateway, workers = fleet3
+    c = gateway.client
+    one = np.ones((1, WIDTH), np.float32)
+    seqs = list(range(200, 230))
+    for seq in seqs:
+        c.infer("accumulate", [inp(one)], sequence_id=seq, sequence_start=True)
+    victim = holder(workers, seqs[0])
+    victim.proc.kill()
+    victim.proc.wait(timeout=30)
+    lost = [s for s in seqs if holder(workers, s) is victim]
+    for seq in seqs:
+        if seq in lost:
+            e = error_of(lambda: c.infer("accumulate", [inp(one)], sequence_id=seq))
+            assert e.status() == "StatusCode.ABORTED" and "state is lost" in e.message(), e
+        else:
+            r = c.infer("accumulate", [inp(one)], sequence_id=seq, sequence_end=True)
+            np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [2.0] * WIDTH)
+    # New sequences, the lost ids included, start on the workers that are there.
+    for seq in lost[:3] + [300, 301]:
+        r = c.infer("accumulate", [inp(one)], sequence_id=seq, sequence_start=True, sequence_end=True)
+        np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [1.0] * WIDTH)
