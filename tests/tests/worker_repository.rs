@@ -460,7 +460,10 @@ async fn a_bad_update_never_takes_the_serving_version_down() {
 #[tokio::test]
 async fn config_fields_that_would_change_answers_are_refused_by_name() {
     let repo = Repo::new()
-        .identity("seq", &identity_config("sequence_batching {}", "[ 4 ]"))
+        .identity(
+            "seq",
+            &identity_config("sequence_batching { iterative_sequence: true }", "[ 4 ]"),
+        )
         .identity(
             "limited",
             &identity_config(
@@ -476,7 +479,7 @@ async fn config_fields_that_would_change_answers_are_refused_by_name() {
     let seq = row("seq");
     assert_eq!(seq.2, "UNAVAILABLE");
     assert!(
-        seq.3.contains("sequence_batching: not supported"),
+        seq.3.contains("sequence_batching.iterative_sequence: not supported"),
         "{seq:?}"
     );
     let limited = row("limited");

@@ -240,13 +240,19 @@ mod tests {
         drop(a2);
         waiting.await.unwrap();
         drop(b1);
-        assert!(gates.0.lock().unwrap().is_empty(), "no gate outlives its tickets");
+        assert!(
+            gates.0.lock().unwrap().is_empty(),
+            "no gate outlives its tickets"
+        );
         // A ticket cancelled before its turn lets the next one through in order.
         let first = gates.ticket("m", "i:1");
         let cancelled = gates.ticket("m", "i:1");
         let mut third = gates.ticket("m", "i:1");
         drop(cancelled);
-        assert!(third.turn().now_or_never().is_none(), "not before the first");
+        assert!(
+            third.turn().now_or_never().is_none(),
+            "not before the first"
+        );
         drop(first);
         third.turn().await;
         drop(third);

@@ -14,8 +14,8 @@ use std::{
     time::Duration,
 };
 
-use infermesh_core::{reason, text::clip, Reason};
 pub use infermesh_core::sequence::Sequence;
+use infermesh_core::{reason, text::clip, Reason};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 

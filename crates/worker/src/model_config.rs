@@ -371,9 +371,7 @@ pub fn complete(
     if let Some(missing) = graph
         .inputs
         .iter()
-        .find(|io| {
-            !hidden_in.contains(&io.name) && !config.input.iter().any(|i| i.name == io.name)
-        })
+        .find(|io| !hidden_in.contains(&io.name) && !config.input.iter().any(|i| i.name == io.name))
     {
         return Err(Error::Load(format!(
             "input: the graph's input '{}' is not in config.pbtxt",

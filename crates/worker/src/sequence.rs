@@ -187,11 +187,7 @@ fn not_started(model: &str, seq: &Sequence) -> Error {
 impl Inner {
     /// The sequence's entry: for a start, a new one (or the active one of that id, which
     /// then starts over once its requests before this one are done, as in Triton).
-    async fn entry(
-        &self,
-        seq: &Sequence,
-        deadline: Option<Instant>,
-    ) -> Result<Arc<Entry>, Error> {
+    async fn entry(&self, seq: &Sequence, deadline: Option<Instant>) -> Result<Arc<Entry>, Error> {
         let now = Instant::now();
         let found = {
             let table = self.table.lock().expect("sequence table");
@@ -308,7 +304,11 @@ impl Inner {
     }
 
     fn initial(&self) -> Vec<Tensor> {
-        self.policy.states.iter().map(|s| s.initial.clone()).collect()
+        self.policy
+            .states
+            .iter()
+            .map(|s| s.initial.clone())
+            .collect()
     }
 
     /// The control tensors for this request of `seq`.

@@ -148,12 +148,16 @@ impl Policy {
             us => Duration::from_micros(us),
         };
         let input = |field: &str, name: &str| {
-            graph.inputs.iter().find(|io| io.name == name).ok_or_else(|| {
-                err(format!(
-                    "{field}: the graph has no input '{name}' (it has: {})",
-                    names(&graph.inputs)
-                ))
-            })
+            graph
+                .inputs
+                .iter()
+                .find(|io| io.name == name)
+                .ok_or_else(|| {
+                    err(format!(
+                        "{field}: the graph has no input '{name}' (it has: {})",
+                        names(&graph.inputs)
+                    ))
+                })
         };
         let mut controls = Vec::new();
         for (i, ci) in sb.control_input.iter().enumerate() {
@@ -325,7 +329,10 @@ fn state_of(
     }
     let graph_dims = if batched { &io.dims[1..] } else { &io.dims[..] };
     let fits = s.dims.len() == graph_dims.len()
-        && s.dims.iter().zip(graph_dims).all(|(&c, &g)| g < 0 || c < 0 || c == g);
+        && s.dims
+            .iter()
+            .zip(graph_dims)
+            .all(|(&c, &g)| g < 0 || c < 0 || c == g);
     if !fits {
         return Err(format!(
             "{field}.dims: {:?} do not match the graph's input '{}' {graph_dims:?}",
@@ -416,11 +423,7 @@ fn initial(
             }
             bytes.into()
         }
-        _ => {
-            return Err(format!(
-                "{field}: expected zero_data: true or a data_file"
-            ))
-        }
+        _ => return Err(format!("{field}: expected zero_data: true or a data_file")),
     };
     Ok((init.dims.clone(), data))
 }
