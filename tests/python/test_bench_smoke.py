@@ -106,3 +106,18 @@ def test_the_placement_benchmark_serves_every_trace():
         assert 0 <= float(r[2]) <= 1 and 0 < float(r[3]) <= 1, r  # hit rate, Belady's
         assert int(r[12]) == 0, r  # failed
     assert "errors:" not in run.stdout, run.stdout
+
+
+def test_sequences_bench_runs_both_strategies_on_both_paths():
+    """bench/sequences.py, short: four rows (worker and gateway × oldest and direct),
+    perf_analyzer's sequences served without an error."""
+    cmd = [sys.executable, str(ROOT / "bench/sequences.py"), "--bin-dir", str(pathlib.Path(binary("infermesh")).parent),
+           "--sequences", "16", "--length", "5", "--window-ms", "500"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in run.stdout.splitlines()
+            if line.startswith("| worker") or line.startswith("| gateway")]
+    assert [(r[0], r[1]) for r in rows] == [("worker", "oldest"), ("worker", "direct"),
+                                            ("gateway", "oldest"), ("gateway", "direct")], run.stdout
+    for r in rows:
+        assert float(r[2]) > 0 and int(r[-1]) == 0, r

@@ -191,13 +191,20 @@ def test_a_new_sequence_waits_for_a_slot_within_its_deadline(tmp_path):
                        sequence_start=True)
         wait_for(lambda: metric(w, "infermesh_sequences_waiting", model="accumulate_direct") == 1,
                  "the new sequence waits")
+        # Its next request queues behind its start (Triton's backlog), not refused.
+        follow = queue.Queue()
+        c2.async_infer("accumulate_direct", [x], lambda result, error: follow.put((result, error)),
+                       sequence_id=10)
         e = error_of(lambda: c.infer("accumulate_direct", [x], sequence_id=11, sequence_start=True))
         assert e.status() == "StatusCode.RESOURCE_EXHAUSTED" and "sequence slots" in e.message()
-        assert waiting.empty()
+        assert waiting.empty() and follow.empty()
         c.infer("accumulate_direct", [x], sequence_id=1, sequence_end=True)
         assert waiting.get(timeout=30) is None
+        result, error = follow.get(timeout=30)
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("OUTPUT")[0], [2.0] * WIDTH)
         r = c.infer("accumulate_direct", [x], sequence_id=10)
-        np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [2.0] * WIDTH)
+        np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [3.0] * WIDTH)
         c2.close()
     finally:
         assert w.stop() == 0

@@ -79,6 +79,7 @@ async fn metadata_and_config_describe_the_graph() {
             "classification",
             "model_configuration",
             "model_repository",
+            "sequence",
             "statistics"
         ]
     );

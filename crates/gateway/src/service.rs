@@ -34,6 +34,7 @@ const EXTENSIONS: &[&str] = &[
     "classification",
     "model_configuration",
     "model_repository",
+    "sequence",
     "statistics",
 ];
 

@@ -50,12 +50,15 @@ struct Inner {
 }
 
 struct Entry {
-    /// None once the sequence ended or was released; locked while a request runs, so a
-    /// sequence's requests run one at a time.
-    live: tokio::sync::Mutex<Option<Live>>,
+    /// None before its start has a slot, and once the sequence ended or was released;
+    /// locked while a request runs (or its start waits for a slot), so a sequence's
+    /// requests run one at a time, in the order they came.
+    live: Arc<tokio::sync::Mutex<Option<Live>>>,
     /// When its last request arrived (Triton's idle clock).
     last: Mutex<Instant>,
 }
+
+type Turn = tokio::sync::OwnedMutexGuard<Option<Live>>;
 
 /// An active sequence: its slot and its state.
 struct Live {
@@ -144,10 +147,12 @@ impl Sequences {
             )));
         }
         let controls = inner.controls(&seq)?;
-        let entry = inner.entry(&seq, deadline).await?;
-        let mut live = entry.live.lock().await;
+        let (entry, mut live) = inner.enter(&seq).await?;
         if seq.start {
-            inner.begin(&mut live, &seq, deadline).await?;
+            if let Err(e) = inner.begin(&mut live, &seq, deadline).await {
+                inner.end(&seq.key, &entry, &mut live, "end");
+                return Err(e);
+            }
         }
         let Some(held) = live.as_mut() else {
             return Err(not_started(model, &seq));
@@ -185,33 +190,36 @@ fn not_started(model: &str, seq: &Sequence) -> Error {
 }
 
 impl Inner {
-    /// The sequence's entry: for a start, a new one (or the active one of that id, which
-    /// then starts over once its requests before this one are done, as in Triton).
-    async fn entry(&self, seq: &Sequence, deadline: Option<Instant>) -> Result<Arc<Entry>, Error> {
+    /// The sequence's entry, locked: its turn. A start of an unknown id makes the entry
+    /// at once, before it has a slot, so the sequence's next requests queue behind it
+    /// (Triton's backlog) rather than being refused.
+    async fn enter(&self, seq: &Sequence) -> Result<(Arc<Entry>, Turn), Error> {
         let now = Instant::now();
-        let found = {
-            let table = self.table.lock().expect("sequence table");
-            table.get(&seq.key).cloned()
-        };
-        if let Some(entry) = &found {
+        let found = self.table.lock().expect("sequence table").get(&seq.key).cloned();
+        if let Some(entry) = found {
             *entry.last.lock().expect("idle clock") = now;
+            let turn = entry.live.clone().lock_owned().await;
+            return Ok((entry, turn));
         }
-        match (found, seq.start) {
-            (Some(entry), _) => Ok(entry),
-            (None, false) => Err(not_started(&self.model, seq)),
-            (None, true) => {
-                let live = self.admit(seq, deadline).await?;
-                let entry = Arc::new(Entry {
-                    live: tokio::sync::Mutex::new(Some(live)),
-                    last: Mutex::new(now),
-                });
-                self.table
-                    .lock()
-                    .expect("sequence table")
-                    .insert(seq.key.clone(), entry.clone());
-                Ok(entry)
-            }
+        if !seq.start {
+            return Err(not_started(&self.model, seq));
         }
+        let entry = Arc::new(Entry {
+            live: Default::default(),
+            last: Mutex::new(now),
+        });
+        let turn = entry
+            .live
+            .clone()
+            .try_lock_owned()
+            .expect("a new entry is not locked");
+        // Another start of the same id in between: this one replaces it in the table
+        // (that one runs its request and is forgotten).
+        self.table
+            .lock()
+            .expect("sequence table")
+            .insert(seq.key.clone(), entry.clone());
+        Ok((entry, turn))
     }
 
     /// A start on an entry: its state set to the initial one. An entry still active is a

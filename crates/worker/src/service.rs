@@ -28,6 +28,7 @@ const EXTENSIONS: &[&str] = &[
     "classification",
     "model_configuration",
     "model_repository",
+    "sequence",
     "statistics",
 ];
 
