@@ -315,3 +315,23 @@ def test_a_killed_worker_loses_only_its_sequences(fleet3):
     for seq in lost[:3] + [300, 301]:
         r = c.infer("accumulate", [inp(one)], sequence_id=seq, sequence_start=True, sequence_end=True)
         np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [1.0] * WIDTH)
+
+
+def test_rest_requests_carry_sequences_too(worker):
+    import tritonclient.http as httpclient
+    c = httpclient.InferenceServerClient(worker.http_url)
+    try:
+        outs = []
+        for n, (start, end) in enumerate([(True, False), (False, False), (False, True)]):
+            x = httpclient.InferInput("INPUT", [1, WIDTH], "FP32")
+            x.set_data_from_numpy(np.full((1, WIDTH), n + 1, np.float32))
+            r = c.infer("accumulate", [x], sequence_id="rest-1", sequence_start=start, sequence_end=end)
+            outs.append(float(r.as_numpy("OUTPUT")[0, 0]))
+        assert outs == [1.0, 3.0, 6.0]
+        x = httpclient.InferInput("INPUT", [1, WIDTH], "FP32")
+        x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("accumulate", [x], sequence_id=31337)
+        assert "must specify the START flag" in str(e.value)
+    finally:
+        c.close()

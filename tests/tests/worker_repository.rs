@@ -479,7 +479,8 @@ async fn config_fields_that_would_change_answers_are_refused_by_name() {
     let seq = row("seq");
     assert_eq!(seq.2, "UNAVAILABLE");
     assert!(
-        seq.3.contains("sequence_batching.iterative_sequence: not supported"),
+        seq.3
+            .contains("sequence_batching.iterative_sequence: not supported"),
         "{seq:?}"
     );
     let limited = row("limited");

@@ -147,7 +147,7 @@ impl Sequences {
             )));
         }
         let controls = inner.controls(&seq)?;
-        let (entry, mut live) = inner.enter(&seq).await?;
+        let (entry, mut live) = inner.enter(&seq, deadline).await?;
         if seq.start {
             if let Err(e) = inner.begin(&mut live, &seq, deadline).await {
                 inner.end(&seq.key, &entry, &mut live, "end");
@@ -193,12 +193,32 @@ impl Inner {
     /// The sequence's entry, locked: its turn. A start of an unknown id makes the entry
     /// at once, before it has a slot, so the sequence's next requests queue behind it
     /// (Triton's backlog) rather than being refused.
-    async fn enter(&self, seq: &Sequence) -> Result<(Arc<Entry>, Turn), Error> {
+    async fn enter(
+        &self,
+        seq: &Sequence,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<Entry>, Turn), Error> {
         let now = Instant::now();
-        let found = self.table.lock().expect("sequence table").get(&seq.key).cloned();
+        let found = self
+            .table
+            .lock()
+            .expect("sequence table")
+            .get(&seq.key)
+            .cloned();
         if let Some(entry) = found {
             *entry.last.lock().expect("idle clock") = now;
-            let turn = entry.live.clone().lock_owned().await;
+            // Behind the sequence's earlier requests, within this one's deadline.
+            let turn = entry.live.clone().lock_owned();
+            let turn = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), turn).await.map_err(|_| {
+                    RequestError::DeadlineExceeded(format!(
+                        "model '{}': the deadline passed while sequence {}'s earlier requests ran; this one was not run",
+                        self.model,
+                        seq.shown()
+                    ))
+                })?,
+                None => turn.await,
+            };
             return Ok((entry, turn));
         }
         if !seq.start {
