@@ -427,3 +427,120 @@ fn initial(
     };
     Ok((init.dims.clone(), data))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(name: &str, datatype: DataType, dims: &[i64]) -> IoSpec {
+        IoSpec {
+            name: name.into(),
+            datatype,
+            dims: dims.to_vec(),
+        }
+    }
+
+    fn graph() -> GraphSpec {
+        GraphSpec {
+            inputs: vec![
+                io("INPUT", DataType::F32, &[-1, 4]),
+                io("STATE_IN", DataType::F32, &[-1, 4]),
+                io("START", DataType::I32, &[-1, 1]),
+                io("CORRID", DataType::U64, &[-1, 1]),
+            ],
+            outputs: vec![
+                io("OUTPUT", DataType::F32, &[-1, 4]),
+                io("STATE_OUT", DataType::F32, &[-1, 4]),
+            ],
+        }
+    }
+
+    fn policy(sequence_batching: &str) -> Result<Option<Policy>, String> {
+        let config = crate::model_config::parse(&format!(
+            "max_batch_size: 8\nsequence_batching {{ {sequence_batching} }}"
+        ))
+        .unwrap();
+        Policy::of(&config, &graph(), 2, 1024, Path::new("/nonexistent")).map_err(|e| e.to_string())
+    }
+
+    const STATE: &str = "state [ { input_name: \"STATE_IN\" output_name: \"STATE_OUT\" data_type: TYPE_FP32 dims: [ 4 ] } ]";
+
+    #[test]
+    fn slots_and_batching_follow_the_strategy() {
+        let direct = policy(STATE).unwrap().unwrap();
+        assert!(!direct.oldest);
+        assert_eq!(
+            direct.slots, 16,
+            "max_batch_size per instance, two instances"
+        );
+        assert_eq!(direct.idle, DEFAULT_IDLE);
+        let oldest = policy(&format!(
+            "oldest {{ max_candidate_sequences: 40 preferred_batch_size: [ 4, 99 ] max_queue_delay_microseconds: 300 }} max_sequence_idle_microseconds: 2000 {STATE}"
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(oldest.oldest);
+        assert_eq!(oldest.slots, 80);
+        assert_eq!(oldest.idle, Duration::from_millis(2));
+        let batch = oldest.batch.unwrap();
+        assert_eq!(
+            batch.preferred,
+            vec![4],
+            "sizes above max_batch_size dropped"
+        );
+        assert_eq!(batch.max_queue_delay, Duration::from_micros(300));
+        let state = &oldest.states[0];
+        assert_eq!(state.initial.shape, vec![1, 4]);
+        // The worker's bound caps the slots.
+        let config = crate::model_config::parse(&format!(
+            "max_batch_size: 8\nsequence_batching {{ oldest {{ max_candidate_sequences: 500 }} {STATE} }}"
+        ))
+        .unwrap();
+        let capped = Policy::of(&config, &graph(), 1, 100, Path::new("/x"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(capped.slots, 100);
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_naming_the_field() {
+        for (text, want) in [
+            ("iterative_sequence: true", "sequence_batching.iterative_sequence"),
+            (
+                "control_input [ { name: \"START\" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ]",
+                "control_input[0] 'START': the control is FP32 but the graph's input is INT32",
+            ),
+            (
+                "control_input [ { name: \"START\" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0 ] } ] } ]",
+                "expected two values (false, true), found 1",
+            ),
+            (
+                "control_input [ { name: \"CORRID\" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_FP32 } ] } ]",
+                "control_input[0] 'CORRID'.data_type",
+            ),
+            (
+                "control_input [ { name: \"INPUT\" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] } ]",
+                "expected the graph's input to hold one value per request",
+            ),
+            (
+                "state [ { input_name: \"STATE_IN\" output_name: \"NOPE\" data_type: TYPE_FP32 dims: [ 4 ] } ]",
+                "state[0].output_name: the graph has no output 'NOPE'",
+            ),
+            (
+                "state [ { input_name: \"STATE_IN\" output_name: \"STATE_OUT\" data_type: TYPE_FP32 dims: [ 5 ] } ]",
+                "state[0].dims: [5] do not match",
+            ),
+            (
+                "state [ { input_name: \"STATE_IN\" output_name: \"STATE_OUT\" data_type: TYPE_FP32 dims: [ -1 ] } ]",
+                "give initial_state with fixed dims",
+            ),
+            (
+                "state [ { input_name: \"STATE_IN\" output_name: \"STATE_OUT\" data_type: TYPE_FP32 dims: [ 4 ] initial_state [ { data_type: TYPE_FP32 dims: [ 4 ] data_file: \"../x\" } ] } ]",
+                "expected a file name in the model's initial_state/ directory",
+            ),
+        ] {
+            let err = policy(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}
