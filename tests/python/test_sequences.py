@@ -29,19 +29,26 @@ def digits_input():
     return i
 
 
-def holder(workers, seq):
-    return max(workers, key=lambda w: (score(f"digits\x00i:{seq}", w.url), w.url))
+def holder(workers, seq, model="digits"):
+    """The worker rendezvous ranking puts `model`'s sequence `seq` on, as every gateway does."""
+    return max(workers, key=lambda w: (score(f"{model}\x00i:{seq}", w.url), w.url))
 
 
-@pytest.fixture
-def fleet3():
-    workers = [Worker("--intra-op-threads", "1") for _ in range(3)]
+def three_workers_and_a_gateway(*worker_args):
+    """A gateway in front of three workers (a generator for fixtures); a worker a test
+    killed is not stopped again."""
+    workers = [Worker("--intra-op-threads", "1", *worker_args) for _ in range(3)]
     gateway = Gateway(*workers)
     yield gateway, workers
     gateway.stop()
     for w in workers:
         if w.proc.poll() is None:
             assert w.stop() == 0
+
+
+@pytest.fixture
+def fleet3():
+    yield from three_workers_and_a_gateway()
 
 
 def test_each_sequence_stays_on_one_worker_and_sequences_spread(fleet3):

@@ -10,9 +10,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Gateway, Worker
-from test_gateway_placement import score
+import test_sequences as sequences
+from conftest import ROOT, Worker
 from test_placement import metric
+from test_sequences import three_workers_and_a_gateway
 
 sys.path.append(str(ROOT / "bench"))
 from stateful_models import WIDTH, running_sums, write  # noqa: E402
@@ -234,17 +235,11 @@ def test_configs_that_cannot_be_honoured_are_refused_by_name(tmp_path):
 def fleet3(tmp_path):
     repo = write(tmp_path)
     (repo / "digits").symlink_to(ROOT / "models" / "digits")
-    workers = [Worker("--model-repository", str(repo), "--intra-op-threads", "1") for _ in range(3)]
-    gateway = Gateway(*workers)
-    yield gateway, workers
-    gateway.stop()
-    for w in workers:
-        if w.proc.poll() is None:
-            assert w.stop() == 0
+    yield from three_workers_and_a_gateway("--model-repository", str(repo))
 
 
 def holder(workers, seq):
-    return max(workers, key=lambda w: (score(f"accumulate\x00i:{seq}", w.url), w.url))
+    return sequences.holder(workers, seq, "accumulate")
 
 
 def count(w, model):
