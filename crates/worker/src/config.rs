@@ -129,8 +129,8 @@ pub struct WorkerConfig {
     /// `oldest`) up to this bound. A new sequence beyond them waits for one to end, within
     /// its deadline; beyond max_queue_size waiting it gets RESOURCE_EXHAUSTED
     /// (sequence-slots-full).
-    #[arg(long, env = "INFERMESH_MAX_SEQUENCES", default_value_t = 1024)]
-    pub max_sequences: usize,
+    #[arg(long, env = "INFERMESH_MAX_SEQUENCE_SLOTS", default_value_t = 1024)]
+    pub max_sequence_slots: usize,
 
     #[command(flatten)]
     pub server: ServerArgs,

@@ -115,7 +115,7 @@ pub async fn run(
             .then_some(config.default_queue_timeout),
         metrics: metrics.clone(),
         budget: budget.clone(),
-        max_sequences: config.max_sequences,
+        max_sequence_slots: config.max_sequence_slots,
     };
     let placement = placement_of(&config, &metrics)?;
     let control = Arc::new(Control::new(

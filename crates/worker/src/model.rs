@@ -65,8 +65,8 @@ pub struct Defaults {
     pub cache: bool,
     /// The worker's byte budget, which sequences' state counts against.
     pub budget: infermesh_core::admission::ByteBudget,
-    /// `--max-sequences`: sequence slots per stateful model at most.
-    pub max_sequences: usize,
+    /// `--max-sequence-slots`: sequence slots per stateful model at most.
+    pub max_sequence_slots: usize,
 }
 
 /// One model version to load.
@@ -211,7 +211,7 @@ impl Model {
             &config,
             &graph,
             providers.len(),
-            opts.defaults.max_sequences,
+            opts.defaults.max_sequence_slots,
             model_dir,
         )?
         .map(|policy| {

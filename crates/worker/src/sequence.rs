@@ -114,8 +114,9 @@ impl Sequences {
         &self.inner.policy
     }
 
-    /// Sequences active now.
-    pub fn active(&self) -> usize {
+    /// Sequence ids the table holds (active, or starts waiting for a slot).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.inner.table.lock().expect("sequence table").len()
     }
 
@@ -154,9 +155,12 @@ impl Sequences {
                 return Err(e);
             }
         }
-        let Some(held) = live.as_mut() else {
+        if live.is_none() {
+            // Its start never got a slot (cancelled, or refused): forgotten.
+            inner.end(&seq.key, &entry, &mut live, "end");
             return Err(not_started(model, &seq));
-        };
+        }
+        let held = live.as_mut().expect("checked above");
         let mut all = inputs;
         all.extend(controls);
         all.extend(held.states.iter().cloned());
@@ -301,8 +305,15 @@ impl Inner {
         deadline: Option<Instant>,
     ) -> Result<OwnedSemaphorePermit, Error> {
         let slots = self.policy.slots;
-        if self.waiting.inc() as usize >= self.backlog {
-            self.waiting.dec();
+        // Counted while it waits, a cancelled wait included.
+        struct Waiting(Gauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        let waiting = Waiting(self.waiting.clone());
+        if waiting.0.inc() as usize >= self.backlog {
             return Err(RequestError::ResourceExhausted(format!(
                 "model '{}': all {slots} sequence slots are taken and {} new sequences already wait for one (max_queue_size); sequence {} was not started",
                 self.model,
@@ -318,7 +329,7 @@ impl Inner {
             Some(d) => tokio::time::timeout_at(d.into(), acquire).await.ok(),
             None => Some(acquire.await),
         };
-        self.waiting.dec();
+        drop(waiting);
         match got {
             Some(slot) => Ok(slot.expect("slots never closed")),
             None => Err(RequestError::DeadlineExceeded(format!(
@@ -433,7 +444,7 @@ impl Inner {
     }
 
     /// Releases sequences idle longer than `max_sequence_idle_microseconds` (not one with
-    /// a request running).
+    /// a request running), and forgets starts that never got a slot.
     fn reap(&self) {
         let now = Instant::now();
         let idle = self.policy.idle;
@@ -442,16 +453,18 @@ impl Inner {
             .lock()
             .expect("sequence table")
             .retain(|_, entry| {
+                let Ok(mut live) = entry.live.try_lock() else {
+                    return true; // a request runs, or a start waits for a slot
+                };
+                if live.is_none() {
+                    return false; // a start that never got its slot (cancelled)
+                }
                 let last = *entry.last.lock().expect("idle clock");
                 if now.duration_since(last) < idle {
                     return true;
                 }
-                let Ok(mut live) = entry.live.try_lock() else {
-                    return true;
-                };
-                if live.take().is_some() {
-                    released += 1;
-                }
+                live.take();
+                released += 1;
                 false
             });
         for _ in 0..released {
@@ -519,4 +532,117 @@ fn corrid(model: &str, c: &policy::Control, id: &Id) -> Result<TensorData, Error
         _ => return Ok(TensorData::Strings(vec![Bytes::from(n.to_string())])),
     };
     Ok(TensorData::Fixed(bytes.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    /// One state value; the "model" adds 1 to it.
+    fn sequences(slots: usize, backlog: usize) -> (Sequences, SequenceMetrics) {
+        let state = policy::State {
+            input: "S_IN".into(),
+            output: "S_OUT".into(),
+            datatype: DataType::F32,
+            initial: Tensor {
+                name: "S_IN".into(),
+                datatype: DataType::F32,
+                shape: vec![1, 1],
+                data: TensorData::Fixed(Bytes::from(0f32.to_le_bytes().to_vec())),
+            },
+        };
+        let policy = Policy {
+            oldest: true,
+            slots,
+            idle: Duration::from_secs(60),
+            batch: None,
+            controls: vec![],
+            states: vec![state],
+            batched: true,
+        };
+        let metrics = SequenceMetrics::default();
+        let s = Sequences::new("m", 1, policy, backlog, ByteBudget::new(0), metrics.clone());
+        (s, metrics)
+    }
+
+    async fn step(s: &Sequences, n: u64, start: bool, end: bool) -> Result<f32, Error> {
+        let seq = Sequence {
+            id: Id::Int(n),
+            key: format!("i:{n}"),
+            start,
+            end,
+        };
+        let outs = s
+            .run(
+                Some(seq),
+                1,
+                None,
+                vec![],
+                vec!["S_OUT".into()],
+                |inputs, _| async move {
+                    let TensorData::Fixed(b) = &inputs[0].data else {
+                        unreachable!()
+                    };
+                    let v = f32::from_le_bytes(b[..4].try_into().unwrap()) + 1.0;
+                    Ok(vec![Tensor {
+                        name: "S_OUT".into(),
+                        datatype: DataType::F32,
+                        shape: vec![1, 1],
+                        data: TensorData::Fixed(Bytes::from(v.to_le_bytes().to_vec())),
+                    }])
+                },
+            )
+            .await?;
+        let TensorData::Fixed(b) = &outs[0].data else {
+            unreachable!()
+        };
+        Ok(f32::from_le_bytes(b[..4].try_into().unwrap()))
+    }
+
+    fn gauge(f: &prometheus_client::metrics::family::Family<ModelLabels, Gauge>) -> i64 {
+        f.get_or_create(&ModelLabels {
+            model: "m".into(),
+            version: "1".into(),
+        })
+        .get()
+    }
+
+    #[tokio::test]
+    async fn state_carries_over_and_a_cancelled_wait_gives_its_place_back() {
+        let (s, metrics) = sequences(1, 1);
+        assert_eq!(step(&s, 1, true, false).await.unwrap(), 1.0);
+        assert_eq!(step(&s, 1, false, false).await.unwrap(), 2.0);
+        assert_eq!(gauge(&metrics.state_bytes), 4);
+        // The one slot is taken: a new sequence waits; cancelled (dropped), it leaves the
+        // backlog, so the next one may wait in its place rather than being refused.
+        assert!(step(&s, 2, true, false).now_or_never().is_none());
+        assert_eq!(gauge(&metrics.waiting), 0);
+        let mut third = Box::pin(step(&s, 3, true, false));
+        assert!((&mut third).now_or_never().is_none(), "waits, not refused");
+        let refused = step(&s, 4, true, false)
+            .now_or_never()
+            .unwrap()
+            .unwrap_err();
+        assert!(refused.to_string().contains("sequence slots"), "{refused}");
+        // The first ends: the waiting one gets its slot, with fresh state.
+        assert_eq!(step(&s, 1, false, true).await.unwrap(), 3.0);
+        assert_eq!(third.await.unwrap(), 1.0);
+        assert_eq!(gauge(&metrics.active), 1);
+        assert_eq!(gauge(&metrics.state_bytes), 4);
+        // The cancelled start left nothing behind: its id is not a sequence, and the
+        // reaper forgets its entry.
+        let err = step(&s, 2, false, false).await.unwrap_err();
+        assert!(
+            err.to_string().contains("must specify the START flag"),
+            "{err}"
+        );
+        assert!(step(&s, 5, true, false).now_or_never().is_none());
+        s.inner.reap();
+        assert_eq!(s.tracked(), 1, "only the running sequence is kept");
+        drop(s);
+        assert_eq!(gauge(&metrics.active), 0);
+        assert_eq!(gauge(&metrics.state_bytes), 0);
+    }
 }

@@ -25,7 +25,7 @@ pub struct Policy {
     /// `oldest`; else `direct` (Triton's default).
     pub oldest: bool,
     /// Sequences active at once: `direct`, max_batch_size × instances; `oldest`,
-    /// max_candidate_sequences. Bounded by the worker's `--max-sequences`.
+    /// max_candidate_sequences. Bounded by the worker's `--max-sequence-slots`.
     pub slots: usize,
     /// An active sequence with no request for this long is released.
     pub idle: Duration,
@@ -77,12 +77,12 @@ impl Policy {
     }
 
     /// The policy of a config with `sequence_batching`, or None. `graph` is what the
-    /// engine declares; `instances` how many run; `max_sequences` the worker's bound.
+    /// engine declares; `instances` how many run; `max_sequence_slots` the worker's bound.
     pub fn of(
         config: &pb::ModelConfig,
         graph: &GraphSpec,
         instances: usize,
-        max_sequences: usize,
+        max_sequence_slots: usize,
         model_dir: &Path,
     ) -> Result<Option<Policy>, Error> {
         let Some(sb) = of_config(config) else {
@@ -190,7 +190,7 @@ impl Policy {
         }
         Ok(Some(Policy {
             oldest,
-            slots: slots.min(max_sequences.max(1)),
+            slots: slots.min(max_sequence_slots.max(1)),
             idle,
             batch,
             controls,
