@@ -71,22 +71,25 @@ pub fn of(parameters: &Parameters) -> Result<Option<Sequence>, Error> {
             ))
         }
     };
-    let flag = |name: &str| {
-        matches!(
-            parameters
-                .get(name)
-                .and_then(|p| p.parameter_choice.as_ref()),
-            Some(ParameterChoice::BoolParam(true))
-        )
+    let flag = |name: &str| match parameters
+        .get(name)
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => Ok(false),
+        Some(ParameterChoice::BoolParam(b)) => Ok(*b),
+        Some(_) => Err(Error::InvalidArgument(format!(
+            "parameter '{name}': expected a bool"
+        ))),
     };
+    let (start, end) = (flag("sequence_start")?, flag("sequence_end")?);
     Ok(id.map(|id| Sequence {
         key: match &id {
             Id::Int(n) => format!("i:{n}"),
             Id::Text(s) => format!("s:{s}"),
         },
         id,
-        start: flag("sequence_start"),
-        end: flag("sequence_end"),
+        start,
+        end,
     }))
 }
 
@@ -210,6 +213,19 @@ mod tests {
         assert!(of(&Parameters::new()).unwrap().is_none());
         let err = of(&params(ParameterChoice::BoolParam(true), true, false)).unwrap_err();
         assert!(err.to_string().contains("sequence_id"), "{err:?}");
+        let mut odd = params(ParameterChoice::Int64Param(3), true, false);
+        odd.insert(
+            "sequence_end".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(1)),
+            },
+        );
+        let err = of(&odd).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("parameter 'sequence_end': expected a bool"),
+            "{err:?}"
+        );
         let err = of(&params(ParameterChoice::Int64Param(-3), true, false)).unwrap_err();
         assert!(err.to_string().contains("found -3"), "{err:?}");
         let long = "x".repeat(MAX_ID_BYTES + 1);
