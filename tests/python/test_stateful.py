@@ -330,3 +330,40 @@ def test_rest_requests_carry_sequences_too(worker):
         assert "must specify the START flag" in str(e.value)
     finally:
         c.close()
+
+
+def test_placement_does_not_evict_a_model_with_open_sequences(tmp_path):
+    from placement import matmul_model
+    repo = write(tmp_path)
+    for name in ("a", "b"):
+        matmul_model(repo / name / "1" / "model.onnx", 1024)  # 4 MiB each
+
+    def placed(capacity):
+        return Worker("--model-repository", str(repo), "--model-control-mode", "placement",
+                      "--model-memory-bytes", str(capacity), "--model-min-idle", "0s")
+
+    w = placed(1 << 30)
+    try:
+        w.client.load_model("accumulate")
+        w.client.load_model("a")
+        first = metric(w, "infermesh_model_memory_bytes", model="accumulate")
+        size = metric(w, "infermesh_model_memory_bytes", model="a")
+    finally:
+        assert w.stop() == 0
+    w = placed(int(first + 1.5 * size))  # the stateful model and one more
+    c = w.client
+    x = inp(np.ones((1, WIDTH), np.float32))
+    try:
+        c.load_model("accumulate")
+        c.infer("accumulate", [x], sequence_id=1, sequence_start=True)
+        c.load_model("a")
+        c.load_model("b")  # accumulate is the least recently used, but a sequence is open
+        ready = {m.name: m.state for m in c.get_model_repository_index().models}
+        assert (ready["accumulate"], ready["a"], ready["b"]) == ("READY", "UNAVAILABLE", "READY"), ready
+        r = c.infer("accumulate", [x], sequence_id=1, sequence_end=True)
+        np.testing.assert_allclose(r.as_numpy("OUTPUT")[0], [2.0] * WIDTH)
+        c.load_model("a")  # no sequence open now: accumulate may go
+        ready = {m.name: m.state for m in c.get_model_repository_index().models}
+        assert ready["a"] == "READY" and "UNAVAILABLE" in (ready["accumulate"], ready["b"]), ready
+    finally:
+        assert w.stop() == 0

@@ -115,8 +115,7 @@ impl Sequences {
     }
 
     /// Sequence ids the table holds (active, or starts waiting for a slot).
-    #[cfg(test)]
-    fn tracked(&self) -> usize {
+    pub fn open(&self) -> usize {
         self.inner.table.lock().expect("sequence table").len()
     }
 
@@ -640,7 +639,7 @@ mod tests {
         );
         assert!(step(&s, 5, true, false).now_or_never().is_none());
         s.inner.reap();
-        assert_eq!(s.tracked(), 1, "only the running sequence is kept");
+        assert_eq!(s.open(), 1, "only the running sequence is kept");
         drop(s);
         assert_eq!(gauge(&metrics.active), 0);
         assert_eq!(gauge(&metrics.state_bytes), 0);

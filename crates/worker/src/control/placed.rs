@@ -129,7 +129,9 @@ impl Control {
                 age: m.usage.age(),
             });
             r.bytes += bytes;
-            r.in_flight += m.usage.in_flight();
+            // An open sequence's state lives in the loaded model: it is not evicted under
+            // it (an idle sequence is released after max_sequence_idle_microseconds).
+            r.in_flight += m.usage.in_flight() + m.sequences.as_ref().map_or(0, |s| s.open());
             r.idle = r.idle.min(m.usage.idle());
             r.age = r.age.min(m.usage.age());
         }
