@@ -4,6 +4,7 @@ a platform team checks by hand: probes, security context, grace periods consiste
 the binaries' shutdown flags, and that every INFERMESH_ variable is a real flag."""
 import re
 import shutil
+import sys
 import subprocess
 import time
 
@@ -157,6 +158,17 @@ def test_dashboard_and_alerts_use_metrics_that_exist(mesh, tmp_path):
     finally:
         placed.stop()
         placing.stop()
+    # The sequence series: a worker with a stateful model after one sequence start.
+    sys.path.append(str(ROOT / "bench"))
+    from stateful_models import write
+    stateful = Worker("--model-repository", str(write(tmp_path / "stateful")))
+    try:
+        x = grpcclient.InferInput("INPUT", [1, 4], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 4), np.float32))
+        stateful.client.infer("accumulate", [x], sequence_id=1, sequence_start=True)
+        exposed |= exposed_names(stateful.metrics_url)
+    finally:
+        stateful.stop()
     dashboard = _json.loads((ROOT / "deploy/monitoring/dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     rules = yaml.safe_load((ROOT / "deploy/monitoring/alerts.yaml").read_text())
