@@ -4,6 +4,7 @@ tests and bench/sequences.sh.
 - `accumulate` (oldest) and `accumulate_direct` (direct): OUTPUT = INPUT + state, and
   the new state is OUTPUT: a running sum over the sequence, kept by the worker (implicit
   state STATE_IN -> STATE_OUT, initial zeros).
+- `accumulate_unbatched`: the same with max_batch_size 0 (no batch dim anywhere).
 - `controlled` (direct): the same running sum, restarted where the START control is 1,
   and ECHO = [START, END, READY, CORRID] as floats, so a test sees every control the
   worker fed.
@@ -23,9 +24,10 @@ def _save(graph, path: pathlib.Path) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-def accumulate_graph():
+def accumulate_graph(batched: bool = True):
     from onnx import TensorProto, helper
-    f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", WIDTH])  # noqa: E731
+    dims = ["N", WIDTH] if batched else [WIDTH]
+    f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)  # noqa: E731
     return helper.make_graph(
         [helper.make_node("Add", ["INPUT", "STATE_IN"], ["OUTPUT"]),
          helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"])],
@@ -102,6 +104,10 @@ def write(root: pathlib.Path, idle_us: int = 5_000_000) -> pathlib.Path:
     for name, strategy in (("accumulate", OLDEST), ("accumulate_direct", DIRECT)):
         _save(accumulate_graph(), root / name / "1" / "model.onnx")
         (root / name / "config.pbtxt").write_text(accumulate_config(name, strategy, idle_us))
+    # max_batch_size 0: the model sees one request's tensors, no batch dim.
+    _save(accumulate_graph(batched=False), root / "accumulate_unbatched" / "1" / "model.onnx")
+    (root / "accumulate_unbatched" / "config.pbtxt").write_text(
+        accumulate_config("accumulate_unbatched", DIRECT, idle_us, max_batch=0))
     _save(controlled_graph(), root / "controlled" / "1" / "model.onnx")
     (root / "controlled" / "config.pbtxt").write_text(controlled_config(idle_us))
     return root

@@ -93,6 +93,16 @@ def test_direct_strategy_gives_the_same_answers(worker):
     check_sums(chunks, stream_sequences(worker.client, "accumulate_direct", chunks))
 
 
+def test_a_model_without_a_batch_dim_keeps_state_too(worker):
+    outs = []
+    for n, (start, end) in enumerate([(True, False), (False, False), (False, True)]):
+        x = np.full(WIDTH, n + 1, np.float32)
+        r = worker.client.infer("accumulate_unbatched", [inp(x)], sequence_id=900,
+                                sequence_start=start, sequence_end=end)
+        outs.append(r.as_numpy("OUTPUT").tolist())
+    assert outs == [[1.0] * WIDTH, [3.0] * WIDTH, [6.0] * WIDTH]
+
+
 def test_control_inputs_carry_start_end_ready_and_the_correlation_id(worker):
     c = worker.client
 
