@@ -165,7 +165,7 @@ def wait_for(check, what, within=20.0):
 
 
 def test_an_idle_sequence_is_released_and_its_state_freed(tmp_path):
-    repo = write(tmp_path, idle_us=300_000)
+    repo = write(tmp_path, idle_us=2_000_000)  # long enough that the checks below come first
     w = Worker("--model-repository", str(repo))
     try:
         x = inp(np.ones((1, WIDTH), np.float32))
