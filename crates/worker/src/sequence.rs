@@ -474,8 +474,15 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let open = self.table.get_mut().expect("sequence table").len();
-        for _ in 0..open {
+        // No request runs now (each holds the model), so every entry can be looked at.
+        let active = self
+            .table
+            .get_mut()
+            .expect("sequence table")
+            .values()
+            .filter(|e| e.live.try_lock().is_ok_and(|live| live.is_some()))
+            .count();
+        for _ in 0..active {
             self.ended("unload");
         }
     }
@@ -643,5 +650,11 @@ mod tests {
         drop(s);
         assert_eq!(gauge(&metrics.active), 0);
         assert_eq!(gauge(&metrics.state_bytes), 0);
+        let unloaded = metrics.ended.get_or_create(&metrics::EndLabels {
+            model: "m".into(),
+            version: "1".into(),
+            how: "unload".into(),
+        });
+        assert_eq!(unloaded.get(), 1, "the one active sequence");
     }
 }
