@@ -31,7 +31,7 @@ pub const POLICY: &[(&str, Handling, &str)] = &[
     ("batch_output", Refused, "ragged batching changes the outputs"),
     ("optimization", Warned, "execution accelerators (TensorRT, OpenVINO), graph level, CUDA graphs, pinned memory: speed only"),
     ("dynamic_batching", Honoured, "preferred sizes, queue delay, queue policy"),
-    ("sequence_batching", Honoured, "`direct` and `oldest` (max_candidate_sequences, preferred_batch_size, max_queue_delay_microseconds, preserve_ordering), max_sequence_idle_microseconds, control_input (START, END, READY, CORRID), implicit `state` with `initial_state`; `iterative_sequence` is refused; `direct.minimum_slot_utilization`, `use_same_buffer_for_input_output` and `use_growable_memory` are ignored with a warning (speed only)"),
+    ("sequence_batching", Honoured, "`direct` and `oldest` (max_candidate_sequences, preferred_batch_size, max_queue_delay_microseconds, preserve_ordering), max_sequence_idle_microseconds, control_input (START, END, READY, CORRID), implicit `state` with `initial_state`; `iterative_sequence` is refused; `direct.max_queue_delay_microseconds` applies, as in Triton, only with `minimum_slot_utilization` > 0, whose fraction is not read (one warning: speed only); `use_same_buffer_for_input_output` and `use_growable_memory` are ignored with a warning (speed only)"),
     ("ensemble_scheduling", Refused, "ensembles are not served"),
     ("instance_group", Honoured, "count, kind, gpus; `rate_limiter`, `host_policy`, `passive`, `secondary_devices` and `profile` are refused"),
     ("default_model_filename", Refused, "the model file is always model.onnx (refused unless it names that)"),

@@ -125,10 +125,19 @@ impl Policy {
                 )
             }
             Some(StrategyChoice::Direct(d)) => {
-                if d.minimum_slot_utilization > 0.0 {
-                    tracing::warn!(model = %config.name, "sequence_batching.direct.minimum_slot_utilization is ignored (how long a batch waits for company: speed only)");
+                // As in Triton, direct waits for company only with a utilization target;
+                // the target itself is not read (a batch waits up to the delay for a full
+                // one), which changes only speed.
+                let wait = d.minimum_slot_utilization > 0.0;
+                if wait {
+                    tracing::warn!(model = %config.name, "sequence_batching.direct.minimum_slot_utilization: a batch waits up to max_queue_delay_microseconds for a full one; the fraction itself is not read (speed only)");
                 }
-                (false, max_batch, d.max_queue_delay_microseconds, Vec::new())
+                let delay = if wait {
+                    d.max_queue_delay_microseconds
+                } else {
+                    0
+                };
+                (false, max_batch, delay, Vec::new())
             }
             None => (false, max_batch, 0, Vec::new()),
         };
@@ -469,6 +478,25 @@ mod tests {
     fn slots_and_batching_follow_the_strategy() {
         let direct = policy(STATE).unwrap().unwrap();
         assert!(!direct.oldest);
+        let waits = |text: &str| {
+            policy(text)
+                .unwrap()
+                .unwrap()
+                .batch
+                .unwrap()
+                .max_queue_delay
+        };
+        assert_eq!(
+            waits(&format!(
+                "direct {{ max_queue_delay_microseconds: 700 }} {STATE}"
+            )),
+            Duration::ZERO,
+            "no utilization target: no wait"
+        );
+        assert_eq!(
+            waits(&format!("direct {{ max_queue_delay_microseconds: 700 minimum_slot_utilization: 0.5 }} {STATE}")),
+            Duration::from_micros(700)
+        );
         assert_eq!(
             direct.slots, 16,
             "max_batch_size per instance, two instances"
