@@ -221,7 +221,7 @@ impl Model {
                 policy,
                 capacity,
                 opts.defaults.budget.clone(),
-                opts.defaults.metrics.sequences.clone(),
+                &opts.defaults.metrics.sequences,
             )
         });
         let batching = match &sequences {

@@ -28,8 +28,9 @@ use infermesh_proto::model_sequence_batching::control::Kind;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use self::metrics::{How, ModelSequenceMetrics};
 pub use self::{metrics::SequenceMetrics, policy::Policy};
-use crate::{metrics::ModelLabels, Error};
+use crate::Error;
 
 /// The sequences of one loaded model version.
 pub struct Sequences {
@@ -44,9 +45,7 @@ struct Inner {
     /// New sequences that may wait for a slot at once.
     backlog: usize,
     budget: ByteBudget,
-    metrics: SequenceMetrics,
-    labels: ModelLabels,
-    waiting: Gauge,
+    metrics: ModelSequenceMetrics,
 }
 
 struct Entry {
@@ -88,23 +87,16 @@ impl Sequences {
         policy: Policy,
         backlog: usize,
         budget: ByteBudget,
-        metrics: SequenceMetrics,
+        metrics: &SequenceMetrics,
     ) -> Self {
-        let labels = ModelLabels {
-            model: model.into(),
-            version: version.to_string(),
-        };
-        let waiting = metrics.waiting.get_or_create(&labels).clone();
         let inner = Arc::new(Inner {
             model: model.into(),
             slots: Arc::new(Semaphore::new(policy.slots)),
-            waiting,
             policy,
             table: Mutex::default(),
             backlog,
             budget,
-            metrics,
-            labels,
+            metrics: metrics.of(model, version),
         });
         tokio::runtime::Handle::current().spawn(reap(Arc::downgrade(&inner)));
         Self { inner }
@@ -150,13 +142,13 @@ impl Sequences {
         let (entry, mut live) = inner.enter(&seq, deadline).await?;
         if seq.start {
             if let Err(e) = inner.begin(&mut live, &seq, deadline).await {
-                inner.end(&seq.key, &entry, &mut live, "end");
+                inner.end(&seq.key, &entry, &mut live);
                 return Err(e);
             }
         }
         if live.is_none() {
             // Its start never got a slot (cancelled, or refused): forgotten.
-            inner.end(&seq.key, &entry, &mut live, "end");
+            inner.end(&seq.key, &entry, &mut live);
             return Err(not_started(model, &seq));
         }
         let held = live.as_mut().expect("checked above");
@@ -175,7 +167,7 @@ impl Sequences {
             Ok(outs)
         });
         if seq.end {
-            inner.end(&seq.key, &entry, &mut live, "end");
+            inner.end(&seq.key, &entry, &mut live);
         }
         result
     }
@@ -258,7 +250,7 @@ impl Inner {
             Some(held) if !held.used => {}
             Some(held) => {
                 tracing::warn!(model = %self.model, sequence = %seq.shown(), "sequence_start for a sequence that did not end: the previous sequence is ended early");
-                self.ended("restart");
+                self.metrics.ended(How::Restart);
                 self.replace(held, self.initial())?;
                 held.used = false;
             }
@@ -284,8 +276,10 @@ impl Inner {
             ))
             .because(Reason::OverBudget)
         })?;
-        let active = self.metrics.active.get_or_create(&self.labels).clone();
-        let gauge = self.metrics.state_bytes.get_or_create(&self.labels).clone();
+        let (active, gauge) = (
+            self.metrics.active.clone(),
+            self.metrics.state_bytes.clone(),
+        );
         active.inc();
         gauge.inc_by(bytes as i64);
         Ok(Live {
@@ -311,7 +305,7 @@ impl Inner {
                 self.0.dec();
             }
         }
-        let waiting = Waiting(self.waiting.clone());
+        let waiting = Waiting(self.metrics.waiting.clone());
         if waiting.0.inc() as usize >= self.backlog {
             return Err(RequestError::ResourceExhausted(format!(
                 "model '{}': all {slots} sequence slots are taken and {} new sequences already wait for one (max_queue_size); sequence {} was not started",
@@ -421,25 +415,14 @@ impl Inner {
     }
 
     /// The sequence is over: its slot and state freed, its id forgotten.
-    fn end(&self, key: &str, entry: &Arc<Entry>, live: &mut Option<Live>, how: &str) {
+    fn end(&self, key: &str, entry: &Arc<Entry>, live: &mut Option<Live>) {
         if live.take().is_some() {
-            self.ended(how);
+            self.metrics.ended(How::End);
         }
         let mut table = self.table.lock().expect("sequence table");
         if table.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             table.remove(key);
         }
-    }
-
-    fn ended(&self, how: &str) {
-        self.metrics
-            .ended
-            .get_or_create(&metrics::EndLabels {
-                model: self.labels.model.clone(),
-                version: self.labels.version.clone(),
-                how: how.into(),
-            })
-            .inc();
     }
 
     /// Releases sequences idle longer than `max_sequence_idle_microseconds` (not one with
@@ -467,7 +450,7 @@ impl Inner {
                 false
             });
         for _ in 0..released {
-            self.ended("idle");
+            self.metrics.ended(How::Idle);
         }
     }
 }
@@ -483,7 +466,7 @@ impl Drop for Inner {
             .filter(|e| e.live.try_lock().is_ok_and(|live| live.is_some()))
             .count();
         for _ in 0..active {
-            self.ended("unload");
+            self.metrics.ended(How::Unload);
         }
     }
 }
@@ -569,7 +552,7 @@ mod tests {
             batched: true,
         };
         let metrics = SequenceMetrics::default();
-        let s = Sequences::new("m", 1, policy, backlog, ByteBudget::new(0), metrics.clone());
+        let s = Sequences::new("m", 1, policy, backlog, ByteBudget::new(0), &metrics);
         (s, metrics)
     }
 
@@ -607,8 +590,10 @@ mod tests {
         Ok(f32::from_le_bytes(b[..4].try_into().unwrap()))
     }
 
-    fn gauge(f: &prometheus_client::metrics::family::Family<ModelLabels, Gauge>) -> i64 {
-        f.get_or_create(&ModelLabels {
+    fn gauge(
+        f: &prometheus_client::metrics::family::Family<crate::metrics::ModelLabels, Gauge>,
+    ) -> i64 {
+        f.get_or_create(&crate::metrics::ModelLabels {
             model: "m".into(),
             version: "1".into(),
         })

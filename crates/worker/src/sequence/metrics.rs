@@ -52,4 +52,62 @@ impl SequenceMetrics {
         );
         m
     }
+
+    /// One model version's series, resolved once at its load.
+    pub fn of(&self, model: &str, version: i64) -> ModelSequenceMetrics {
+        let labels = ModelLabels {
+            model: model.into(),
+            version: version.to_string(),
+        };
+        let ended = |how: How| {
+            self.ended
+                .get_or_create(&EndLabels {
+                    model: labels.model.clone(),
+                    version: labels.version.clone(),
+                    how: how.as_str().into(),
+                })
+                .clone()
+        };
+        ModelSequenceMetrics {
+            active: self.active.get_or_create(&labels).clone(),
+            state_bytes: self.state_bytes.get_or_create(&labels).clone(),
+            waiting: self.waiting.get_or_create(&labels).clone(),
+            ended: [How::End, How::Idle, How::Restart, How::Unload].map(ended),
+        }
+    }
+}
+
+/// How a sequence ended (the `how` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum How {
+    End = 0,
+    Idle = 1,
+    Restart = 2,
+    Unload = 3,
+}
+
+impl How {
+    fn as_str(self) -> &'static str {
+        match self {
+            How::End => "end",
+            How::Idle => "idle",
+            How::Restart => "restart",
+            How::Unload => "unload",
+        }
+    }
+}
+
+/// A model version's sequence series.
+#[derive(Clone, Debug)]
+pub struct ModelSequenceMetrics {
+    pub active: Gauge,
+    pub state_bytes: Gauge,
+    pub waiting: Gauge,
+    ended: [Counter; 4],
+}
+
+impl ModelSequenceMetrics {
+    pub fn ended(&self, how: How) {
+        self.ended[how as usize].inc();
+    }
 }
