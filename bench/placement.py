@@ -120,11 +120,15 @@ def listening(procs, name: str, timeout: float = 60) -> tuple[str, str]:
         time.sleep(0.05)
 
 
+# Every server on loopback, on ports it picks (read back with `listening`).
+SERVER_FLAGS = ["--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-address", "127.0.0.1",
+                "--metrics-port", "0", "--health-port", "0", "--allow-http", "false", "--shutdown-grace", "0s",
+                "--log-format", "json"]
+
+
 def start_fleet(bin_dir, procs, repo, workers, extra_worker, gateways=2):
     """Workers and gateways on loopback; returns (worker (grpc, metrics)), gateway (grpc, metrics))."""
-    common = ["--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-address", "127.0.0.1",
-              "--metrics-port", "0", "--health-port", "0", "--allow-http", "false", "--shutdown-grace", "0s",
-              "--log-format", "json"]
+    common = SERVER_FLAGS
     for n in range(workers):
         procs.start(f"worker{n}", [str(bin_dir / "infermesh-worker"), "--model-repository", str(repo), *common,
                                    "--intra-op-threads", "1", *extra_worker])

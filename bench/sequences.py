@@ -13,16 +13,14 @@ import sys
 import tempfile
 
 import harness as h
-from placement import listening, metric
+from placement import SERVER_FLAGS, listening, metric
 from stateful_models import write
 
 ROOT = h.ROOT
 
 
 def start(bin_dir, procs, repo, gateway: bool):
-    common = ["--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-address", "127.0.0.1",
-              "--metrics-port", "0", "--health-port", "0", "--allow-http", "false", "--shutdown-grace", "0s",
-              "--log-format", "json"]
+    common = SERVER_FLAGS
     w = procs.start("worker", [str(bin_dir / "infermesh-worker"), "--model-repository", str(repo), *common])
     wurl, wmetrics = listening(procs, "worker")
     pids = {"worker": [w.pid]}

@@ -64,6 +64,14 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
+def wait_for(what, check, timeout=60):
+    """Polls `check` until it holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.05)
+
+
 def Worker(*extra: str, env=None) -> Server:
     return Server([binary("infermesh-worker"), "--model-repository", str(MODELS), *extra], env)
 

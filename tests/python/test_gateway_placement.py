@@ -8,14 +8,13 @@ import concurrent.futures
 import signal
 import subprocess
 import threading
-import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Gateway, Worker, binary
+from conftest import Gateway, Worker, binary, wait_for
 from test_placement import matmul_model, metric
 
 MiB = 1 << 20
@@ -196,13 +195,6 @@ def test_a_catalog_larger_than_the_fleet_is_served_whole_under_zipf_traffic(repo
     finally:
         for s in [gateway, *workers]:
             assert s.stop() == 0
-
-
-def wait_for(what, check, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        time.sleep(0.1)
 
 
 def test_min_copies_are_loaded_ahead_of_traffic_and_never_evicted(repo, tmp_path):

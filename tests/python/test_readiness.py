@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import MODELS, Gateway, Worker, binary
+from conftest import MODELS, Gateway, Worker, binary, wait_for
 
 
 def test_a_missing_repository_stops_the_worker_with_the_reason(tmp_path):
@@ -81,13 +81,6 @@ def health(url, service=""):
 
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def wait_for(what, check):
-    deadline = time.monotonic() + 30
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def started(*flags):

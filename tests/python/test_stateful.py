@@ -3,7 +3,6 @@ sequence and batched across sequences, the control inputs, idle release, sequenc
 and Triton's errors — with Triton's own client and small generated ONNX models."""
 import queue
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 import test_sequences as sequences
-from conftest import ROOT, Worker
+from conftest import ROOT, Worker, wait_for
 from test_placement import metric
 from test_sequences import three_workers_and_a_gateway
 
@@ -157,13 +156,6 @@ def test_triton_errors(worker):
     assert "must specify the START flag" in e.message()
 
 
-def wait_for(check, what, within=20.0):
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def test_an_idle_sequence_is_released_and_its_state_freed(tmp_path):
     repo = write(tmp_path, idle_us=2_000_000)  # long enough that the checks below come first
     w = Worker("--model-repository", str(repo))
@@ -173,8 +165,8 @@ def test_an_idle_sequence_is_released_and_its_state_freed(tmp_path):
         w.client.infer("accumulate", [x], sequence_id=2, sequence_start=True)
         assert metric(w, "infermesh_sequences_active", model="accumulate") == 2
         assert metric(w, "infermesh_sequences_state_bytes", model="accumulate") == 2 * WIDTH * 4
-        wait_for(lambda: metric(w, "infermesh_sequences_active", model="accumulate") == 0,
-                 "idle sequences released")
+        wait_for("idle sequences released",
+                 lambda: metric(w, "infermesh_sequences_active", model="accumulate") == 0)
         assert metric(w, "infermesh_sequences_state_bytes", model="accumulate") == 0
         assert metric(w, "infermesh_sequences_ended_total", model="accumulate", how="idle") == 2
         e = error_of(lambda: w.client.infer("accumulate", [x], sequence_id=1))
@@ -200,8 +192,8 @@ def test_a_new_sequence_waits_for_a_slot_within_its_deadline(tmp_path):
         c2 = grpcclient.InferenceServerClient(w.url)
         c2.async_infer("accumulate_direct", [x], lambda result, error: waiting.put(error), sequence_id=10,
                        sequence_start=True)
-        wait_for(lambda: metric(w, "infermesh_sequences_waiting", model="accumulate_direct") == 1,
-                 "the new sequence waits")
+        wait_for("the new sequence waits",
+                 lambda: metric(w, "infermesh_sequences_waiting", model="accumulate_direct") == 1)
         # Its next request queues behind its start (Triton's backlog), not refused.
         follow = queue.Queue()
         c2.async_infer("accumulate_direct", [x], lambda result, error: follow.put((result, error)),

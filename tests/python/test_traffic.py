@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Gateway, Server, Worker, binary
+from conftest import Gateway, Server, Worker, binary, wait_for
 from test_metrics import scrape, total
 
 IDENTITY = ('backend: "identity"\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
@@ -46,13 +46,6 @@ def routes_json(gateway):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def wait_for(what, check, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
